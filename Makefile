@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create (or reuse) the virtual environment in $(VENV) and install what is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first: this pinned CPU wheel is available locally; an unpinned `torch` pulls GBs of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.robust_cert-installed
+
+.PHONY: venv demo test lint unit clean help
+
+help:
+	@echo "make demo   train two digits CNNs, register them in a local sqlite MLflow store, certify both"
+	@echo "make test   lint (ruff) and run the test suite (starts a real mlflow server on 127.0.0.1)"
+	@echo "make clean  remove the virtual environment and demo output"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)" || { \
+	  echo "note: $(TORCH_SPEC) is not available here; installing the newest torch instead"; \
+	  $(PIP) install --quiet torch; }
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/robust-cert demo --workdir demo_out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check robust_cert tests examples bench
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

@@ -1,0 +1,63 @@
+"""Clean accuracy (Family A): the fraction of evaluation points the model classifies correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from robust_cert.data import EvalSet
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    batches,
+)
+from robust_cert.models.base import Classifier
+
+
+class AccuracyConfig(MetricConfig):
+    """Clean accuracy has no parameters."""
+
+
+class Accuracy(Metric):
+    """Top-1 accuracy on the evaluation set.
+
+    Kind: statistical. The points are treated as i.i.d. draws from the deployment distribution;
+    k correct of n gives an exact Clopper–Pearson interval for the true accuracy. Per-class
+    recall is recorded as a diagnostic with the same kind of interval.
+
+    Example::
+
+        Accuracy(AccuracyConfig()).run(model, data, ctx).proportions[0].estimate
+    """
+
+    name = "accuracy"
+    kind = "statistical"
+    quantity = "accuracy"
+    higher_is_better = True
+    description = "P[argmax f(x) = y] over the evaluation set"
+    Config = AccuracyConfig
+
+    def selectors(self):
+        return [{}]
+
+    def cost(self, n_points: int) -> int:
+        return n_points
+
+    def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        preds = torch.empty(len(data), dtype=torch.long)
+        for sl, x, _ in batches(data, ctx.batch_size, ctx.device):
+            preds[sl] = model.logits(x).argmax(1).cpu()
+            ctx.advance(sl.stop - sl.start)
+        correct = (preds == data.y).numpy()
+        per_class = {}
+        for c in range(model.num_classes):
+            mask = data.y.numpy() == c
+            per_class[str(c)] = {"k": int(correct[mask].sum()), "n": int(mask.sum())}
+        return self.result(
+            [Proportion({}, int(correct.sum()), len(data))],
+            per_point={"correct": correct, "prediction": preds.numpy().astype(np.int64)},
+            diagnostics={"per_class_recall": per_class},
+        )

@@ -1,0 +1,168 @@
+"""The small interface every metric family implements, and the results they return.
+
+A metric turns (model, data) into :class:`Proportion` counts — k of n i.i.d. trials — plus
+per-point arrays. Counts add and per-point arrays concatenate, so results computed on shards
+of the data merge into the result on the whole (see :meth:`MetricResult.merge`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from robust_cert.data import EvalSet
+from robust_cert.models.base import Classifier
+
+#: What kind of number a metric produces, as the report labels it.
+KINDS = ("certified", "statistical", "empirical", "estimate")
+
+
+class MetricConfig(BaseModel):
+    """Base for a metric's policy parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def params_match(selector: dict, params: dict) -> bool:
+    """True when two parameter dicts name the same proportion (floats compared to 1e-9)."""
+    if selector.keys() != params.keys():
+        return False
+    for key, a in selector.items():
+        b = params[key]
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+@dataclass
+class Proportion:
+    """k successes in n i.i.d. trials for the parameter values in ``params``."""
+
+    params: dict[str, Any]
+    k: int
+    n: int
+
+    @property
+    def estimate(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+
+@dataclass
+class MetricResult:
+    """What one metric produced. ``per_point`` arrays have one row per evaluated point."""
+
+    metric: str
+    kind: str
+    quantity: str
+    higher_is_better: bool
+    description: str
+    config: dict[str, Any]
+    proportions: list[Proportion]
+    per_point: dict[str, np.ndarray] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"  # "ok" | "not_applicable"
+    reason: str = ""
+
+    def find(self, params: dict) -> Proportion | None:
+        return next((p for p in self.proportions if params_match(p.params, params)), None)
+
+    def merge(self, other: MetricResult) -> MetricResult:
+        """Combine the results of two disjoint shards of the same evaluation."""
+        if other.metric != self.metric or len(other.proportions) != len(self.proportions):
+            raise ValueError(f"cannot merge results of {self.metric} and {other.metric}")
+        props = []
+        for a, b in zip(self.proportions, other.proportions, strict=True):
+            if not params_match(a.params, b.params):
+                raise ValueError(f"cannot merge {a.params} with {b.params}")
+            props.append(Proportion(a.params, a.k + b.k, a.n + b.n))
+        per_point = {k: np.concatenate([v, other.per_point[k]]) for k, v in self.per_point.items()}
+        return MetricResult(
+            self.metric, self.kind, self.quantity, self.higher_is_better, self.description,
+            self.config, props, per_point, {**self.diagnostics, **other.diagnostics},
+            self.status, self.reason,
+        )
+
+
+@dataclass
+class RunContext:
+    """What the engine hands a metric: device, batch size, seeded generators, progress."""
+
+    device: torch.device
+    batch_size: int
+    seed: int
+    advance: Callable[[int], None] = lambda n: None
+
+    def generator(self, label: str) -> torch.Generator:
+        """A generator seeded from (seed, label): metrics draw independently of their order."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(_derive_seed(self.seed, label))
+        return g
+
+    def seed_global(self, label: str) -> None:
+        """Seed torch's global RNG for libraries that draw from it (torchattacks)."""
+        torch.manual_seed(_derive_seed(self.seed, label))
+
+
+def _derive_seed(seed: int, label: str) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{label}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Metric(ABC):
+    """One metric family. Subclasses set the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    quantity: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    needs_gradients: ClassVar[bool] = False
+    description: ClassVar[str]
+    Config: ClassVar[type[MetricConfig]]
+
+    def __init__(self, config: MetricConfig):
+        self.config = config
+
+    @abstractmethod
+    def selectors(self) -> list[dict[str, Any]]:
+        """Parameter dicts of the proportions :meth:`run` will produce (for requirements)."""
+
+    @abstractmethod
+    def cost(self, n_points: int) -> int:
+        """Units of work :meth:`run` reports through ``ctx.advance`` (for the progress bar)."""
+
+    @abstractmethod
+    def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        """Evaluate on the device; report progress through ``ctx.advance``."""
+
+    def result(self, proportions, per_point=None, diagnostics=None, **kw) -> MetricResult:
+        return MetricResult(
+            metric=self.name,
+            kind=self.kind,
+            quantity=self.quantity,
+            higher_is_better=self.higher_is_better,
+            description=self.description,
+            config=self.config.model_dump(mode="json"),
+            proportions=list(proportions),
+            per_point=per_point or {},
+            diagnostics=diagnostics or {},
+            **kw,
+        )
+
+
+def batches(data: EvalSet, batch_size: int, device: torch.device):
+    """Yield (index slice, x, y) batches of the evaluation set on ``device``."""
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, min(start + batch_size, len(data)))
+        yield sl, data.x[sl].to(device), data.y[sl].to(device)

@@ -1,0 +1,66 @@
+"""The one interface every model format implements: a batched classifier returning logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from robust_cert.errors import ModelError
+
+
+@dataclass
+class Classifier:
+    """A classifier under certification.
+
+    ``forward`` maps a float32 batch of shape ``(N, *input_shape)`` on ``device`` to logits
+    ``(N, num_classes)``. ``differentiable`` says whether input gradients flow through it
+    (PyTorch yes, ONNX no); gradient metrics ask for :meth:`attack_module` and get a clear
+    "not applicable" when it is false.
+    """
+
+    forward: object  # Callable[[Tensor], Tensor]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    sha256: str
+    format: str  # "pytorch-module" | "pytorch-pickle" | "pytorch-pt2" | "onnx"
+    differentiable: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    name: str = "model"
+    version: str | None = None
+    uri: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch already on ``self.device``; checks the output shape once per call."""
+        out = self.forward(x)
+        if not isinstance(out, torch.Tensor) or out.shape != (x.shape[0], self.num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(
+                f"model output has shape {got}; expected (batch, classes) = "
+                f"({x.shape[0]}, {self.num_classes})"
+            )
+        return out.float()
+
+    def attack_module(self) -> nn.Module:
+        """An ``nn.Module`` view for gradient-based attacks (torchattacks).
+
+        The wrapped callable is not registered as a submodule, so ``.eval()`` on the view never
+        reaches a torch.export GraphModule (whose ``eval()`` raises). A zero-size parameter pins
+        the device, which torchattacks reads from ``next(model.parameters())``.
+        """
+        if not self.differentiable:
+            raise ModelError(f"{self.format} model has no input gradients")
+        return _AttackView(self.forward, self.device)
+
+
+class _AttackView(nn.Module):
+    def __init__(self, fn, device: torch.device):
+        super().__init__()
+        object.__setattr__(self, "_fn", fn)
+        self._device_anchor = nn.Parameter(torch.zeros(0, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)

@@ -1,0 +1,177 @@
+"""Certification policy: which metrics to run and which requirements a model must meet.
+
+A policy is YAML validated against a schema. Its canonical hash covers the validated content
+with defaults filled in, so two files that mean the same policy hash the same.
+
+Example::
+
+    name: digits-production
+    confidence: 0.95            # family-wise, across all requirements (Holm)
+    metrics:
+      accuracy: {}
+      robust_accuracy: {eps: [0.05, 0.1], attacks: [fgsm, pgd]}
+    requirements:
+      - {metric: accuracy, at_least: 0.90}
+      - {metric: robust_accuracy, eps: 0.1, at_least: 0.50}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from robust_cert.errors import PolicyError
+from robust_cert.metrics import REGISTRY, Metric
+from robust_cert.metrics.base import params_match
+
+ParamValue = float | int | str | bool
+
+
+class Requirement(BaseModel):
+    """One acceptance criterion: a metric's proportion at given parameters vs a threshold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+    at_least: float | None = Field(default=None, ge=0, le=1)
+    at_most: float | None = Field(default=None, ge=0, le=1)
+    id: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_params(cls, v: Any):
+        """Accept parameters inline (``{metric: m, eps: 0.1, at_least: .5}``)."""
+        if not isinstance(v, dict):
+            return v
+        known = {"metric", "params", "at_least", "at_most", "id"}
+        inline = {k: x for k, x in v.items() if k not in known}
+        if not inline:
+            return v
+        out = {k: x for k, x in v.items() if k in known}
+        out["params"] = {**inline, **(v.get("params") or {})}
+        return out
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError("give exactly one of at_least / at_most")
+        if not self.id:
+            args = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+            object.__setattr__(self, "id", f"{self.metric}[{args}]" if args else self.metric)
+        return self
+
+    @property
+    def threshold(self) -> float:
+        return self.at_least if self.at_least is not None else self.at_most
+
+    @property
+    def direction(self) -> str:
+        return "at_least" if self.at_least is not None else "at_most"
+
+
+class Policy(BaseModel):
+    """A validated policy. Build with :func:`load_policy` or :meth:`from_dict`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    version: str = "1"
+    description: str = ""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0,
+                              description="family-wise confidence across all requirements")
+    input_range: tuple[float, float] = (0.0, 1.0)
+    batch_size: int = Field(default=256, ge=1, le=1_000_000)
+    metrics: dict[str, dict[str, Any]] = Field(min_length=1)
+    requirements: list[Requirement] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.input_range
+        if not lo < hi:
+            raise ValueError(f"input_range [{lo}, {hi}] is empty")
+        unknown = sorted(set(self.metrics) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(sorted(REGISTRY))}")
+        configs = {}
+        for name, raw in self.metrics.items():
+            try:
+                cfg = REGISTRY[name].Config.model_validate(raw or {})
+            except ValidationError as exc:
+                raise PolicyError(_format(exc, prefix=f"metrics.{name}")) from None
+            configs[name] = cfg.model_dump(mode="json")
+        object.__setattr__(self, "metrics", configs)
+        ids = set()
+        for i, req in enumerate(self.requirements):
+            where = f"requirements[{i}]"
+            if req.metric not in self.metrics:
+                raise PolicyError(f"{where}.metric: {req.metric!r} is not among the policy's "
+                                  f"metrics ({', '.join(self.metrics)})")
+            selectors = self.metric(req.metric).selectors()
+            if not any(params_match(s, req.params) for s in selectors):
+                raise PolicyError(
+                    f"{where}: {req.metric} produces no result for parameters {req.params}; "
+                    f"available: {', '.join(json.dumps(s) for s in selectors)}"
+                )
+            if req.id in ids:
+                raise PolicyError(f"{where}.id: duplicate requirement id {req.id!r}")
+            ids.add(req.id)
+        return self
+
+    def metric(self, name: str) -> Metric:
+        """A configured metric instance of the policy."""
+        cls = REGISTRY[name]
+        return cls(cls.Config.model_validate(self.metrics[name]))
+
+    def canonical(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the canonical JSON of the validated policy (defaults filled in)."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str = "policy") -> Policy:
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{source}: a policy must be a mapping, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: {exc}") from None
+        except ValidationError as exc:
+            raise PolicyError(f"{source}: {_format(exc)}") from None
+
+
+def load_policy(policy: str | Path | dict | Policy) -> Policy:
+    """Load a policy from a YAML path, a dict, or return a Policy unchanged."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        return Policy.from_dict(policy)
+    path = Path(policy)
+    if not path.is_file():
+        raise PolicyError(f"policy file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+    return Policy.from_dict(raw, source=str(path))
+
+
+def _format(exc: ValidationError, prefix: str = "") -> str:
+    """First validation error as 'dotted.key: why'."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+    key = ".".join(p for p in (prefix, loc) if p) or "policy"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    n = len(exc.errors())
+    return f"{key}: {msg}" + (f" (and {n - 1} more error{'s' * (n > 2)})" if n > 1 else "")
