@@ -47,7 +47,8 @@ def test_demo_certifies_two_versions(demo, client):
         report = workdir / "reports" / f"{MODEL}-v{v}" / "report.html"
         assert report.is_file()
         html = report.read_text()
-        assert MODEL in html and ("PASS" in html or "FAIL" in html or "INCONCLUSIVE" in html)
+        assert MODEL in html
+        assert any(word in html for word in ("PASS", "FAIL", "INCONCLUSIVE"))
 
 
 def test_certification_run_is_logged(demo, client):
@@ -58,7 +59,8 @@ def test_certification_run_is_logged(demo, client):
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"certificate.json", "report.html", "per_point.npz"} <= artifacts
     local = client.download_artifacts(run.info.run_id, "certificate.json")
-    cert = json.loads(open(local).read())
+    with open(local) as f:
+        cert = json.load(f)
     assert cert["certificate"]["verdict"] == "PASS"
     assert cert["digest"] == mv.tags["robust_cert.certificate_digest"]
     assert cert["certificate"]["model"]["version"] == "2"
@@ -175,7 +177,8 @@ def test_certify_by_alias_and_exit_codes(demo, client, tmp_path, capsys):
     code = main(["certify", f"models:/{MODEL}@candidate", "--policy", str(DIGITS_POLICY),
                  "--tracking-uri", demo[0], "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
-    assert code == 0 and "PASS" in out
+    assert code == 0
+    assert "PASS" in out
     cert = json.loads((tmp_path / "certificate.json").read_text())
     assert cert["certificate"]["model"]["version"] == "2"  # alias resolved to the version
     code = main(["certify", f"models:/{MODEL}/1", "--policy", str(DIGITS_POLICY),

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -20,10 +18,8 @@ STYLESHEET = "report.css"
 def templates_dir() -> Path:
     """Where the templates are: inside the installed wheel (``robust_cert/templates``), or the
     repository's top-level ``templates/`` in an editable checkout."""
-    candidates = []
-    with contextlib.suppress(ModuleNotFoundError, TypeError):
-        candidates.append(Path(str(resources.files("robust_cert.templates"))))
-    candidates.append(Path(__file__).resolve().parents[2] / "templates")
+    package = Path(__file__).resolve().parents[1]
+    candidates = [package / "templates", package.parent / "templates"]
     for path in candidates:
         if (path / TEMPLATE).is_file():
             return path
