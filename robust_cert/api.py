@@ -13,7 +13,7 @@ from torch import nn
 from robust_cert import engine, verdict
 from robust_cert.certificate import SCHEMA, Certificate, library_versions, result_to_dict
 from robust_cert.data import EvalSet, check_fits, load_data
-from robust_cert.errors import ModelError
+from robust_cert.errors import DataError, ModelError
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
 from robust_cert.models.torch import from_module
@@ -36,9 +36,10 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     device: str | torch.device | None = None,
 ) -> Classifier:
-    """A Classifier from an ``nn.Module`` (``input_shape`` required) or an MLflow model URI
-    (``models:/name/version``, ``models:/name@alias``, ``runs:/…``; MLflow is imported only
-    then). A Classifier is returned unchanged."""
+    """A Classifier from an ``nn.Module`` (``input_shape`` required), an ``.onnx`` file path
+    (onnxruntime, no gradients) or an MLflow model URI (``models:/name/version``,
+    ``models:/name@alias``, ``runs:/…``; MLflow is imported only then). A Classifier is
+    returned unchanged."""
     if isinstance(model, Classifier):
         return model
     dev = engine.select_device(device)
@@ -48,11 +49,17 @@ def load_model(
         return from_module(model, tuple(input_shape), device=dev)
     if isinstance(model, (str, Path)):
         uri = str(model)
+        is_uri = uri.startswith(("models:/", "runs:/")) or "://" in uri
+        if uri.lower().endswith(".onnx") and not is_uri:
+            from robust_cert.models.onnx import from_onnx
+
+            return from_onnx(uri, device=dev, name=Path(uri).stem, input_shape=input_shape)
         if uri.startswith(("models:/", "runs:/", "m-")) or "://" in uri:
             from robust_cert.mlflow_plugin.models import load_mlflow_model
 
             return load_mlflow_model(uri, device=dev)
-        raise ModelError(f"cannot load model {uri!r}: give an nn.Module or a models:/ URI")
+        raise ModelError(f"cannot load model {uri!r}: give an nn.Module, an .onnx path "
+                         "or a models:/ URI")
     raise ModelError(f"unsupported model of type {type(model).__name__}")
 
 
@@ -80,7 +87,13 @@ def certify(
     if tuple(evalset.input_range) != tuple(pol.input_range):
         log.info("data input range %s differs from the policy's %s; using the data's",
                  evalset.input_range, pol.input_range)
-    clf = load_model(model, input_shape=evalset.input_shape, device=device)
+    try:
+        clf = load_model(model, input_shape=evalset.input_shape, device=device)
+    except ModelError as exc:
+        if not isinstance(model, nn.Module):
+            raise
+        raise DataError(f"the model does not accept data samples of shape "
+                        f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
     deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
     if not deterministic:

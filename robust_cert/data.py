@@ -65,7 +65,7 @@ def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
 def digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 bundled 8×8 digits, scaled to [0, 1], shape (N, 1, 8, 8).
 
-    A fixed permutation holds out 20% as ``test`` (360 images); ``train`` is the rest.
+    A fixed permutation holds out 20% as ``test`` (359 images); ``train`` is the rest.
     """
     if split not in ("test", "train"):
         raise DataError(f"unknown digits split {split!r}; use 'test' or 'train'")

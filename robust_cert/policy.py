@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,18 @@ class Policy(BaseModel):
                 raise PolicyError(f"{where}.metric: {req.metric!r} is not among the policy's "
                                   f"metrics ({', '.join(self.metrics)})")
             selectors = self.metric(req.metric).selectors()
-            if not any(params_match(s, req.params) for s in selectors):
+            match = next((s for s in selectors if params_match(s, req.params)), None)
+            if match is None:
                 raise PolicyError(
                     f"{where}: {req.metric} produces no result for parameters {req.params}; "
                     f"available: {', '.join(json.dumps(s) for s in selectors)}"
                 )
+            if json.dumps(match) != json.dumps(req.params):  # canonical values: eps 1 -> 1.0
+                auto = not req.model_fields_set & {"id"}
+                req = Requirement.model_validate({
+                    "metric": req.metric, "params": match, "at_least": req.at_least,
+                    "at_most": req.at_most, **({} if auto else {"id": req.id})})
+                self.requirements[i] = req
             if req.id in ids:
                 raise PolicyError(f"{where}.id: duplicate requirement id {req.id!r}")
             ids.add(req.id)
@@ -149,6 +157,17 @@ class Policy(BaseModel):
             raise PolicyError(f"{source}: {_format(exc)}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``1e-3`` (YAML 1.1 needs a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_policy(policy: str | Path | dict | Policy) -> Policy:
     """Load a policy from a YAML path, a dict, or return a Policy unchanged."""
     if isinstance(policy, Policy):
@@ -159,7 +178,7 @@ def load_policy(policy: str | Path | dict | Policy) -> Policy:
     if not path.is_file():
         raise PolicyError(f"policy file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{path}: not valid YAML: {exc}") from None
     return Policy.from_dict(raw, source=str(path))
@@ -169,9 +188,10 @@ def _format(exc: ValidationError, prefix: str = "") -> str:
     """First validation error as 'dotted.key: why'."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
-    key = ".".join(p for p in (prefix, loc) if p) or "policy"
+    key = ".".join(p for p in (prefix, loc) if p)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     n = len(exc.errors())
-    return f"{key}: {msg}" + (f" (and {n - 1} more error{'s' * (n > 2)})" if n > 1 else "")
+    more = f" (and {n - 1} more error{'s' * (n > 2)})" if n > 1 else ""
+    return (f"{key}: {msg}" if key else msg) + more

@@ -39,7 +39,11 @@ class RequirementOutcome:
     reason: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: the CI as a list, as it reads back from the certificate."""
+        out = asdict(self)
+        if out["ci"] is not None:
+            out["ci"] = list(out["ci"])
+        return out
 
 
 def _counts(req: Requirement, results: dict[str, MetricResult]):
@@ -68,15 +72,23 @@ def decide(
         alt = "greater" if req.direction == "at_least" else "less"
         pvals.append(stats.binom_test_pvalue(prop.k, prop.n, req.threshold, alt))
     holm = stats.holm(pvals, alpha)
+    # Step-down stops at the first non-rejected rank; every later hypothesis is effectively
+    # tested at that rank's level, so report that level (and the bound at it).
+    levels = list(holm.levels)
+    blocked = [j for j in range(len(pvals)) if not holm.rejected[j]]
+    if blocked:
+        stop = min(blocked, key=lambda j: (pvals[j], j))
+        for j in blocked:
+            levels[j] = min(levels[j], holm.levels[stop])
 
     outcomes = []
     for i, (req, (prop, why)) in enumerate(zip(policy.requirements, found, strict=True)):
         if prop is None:
             outcomes.append(RequirementOutcome(
                 req.id, req.metric, dict(req.params), req.direction, req.threshold,
-                None, None, None, None, None, None, holm.levels[i], None, INCONCLUSIVE, why))
+                None, None, None, None, None, None, levels[i], None, INCONCLUSIVE, why))
             continue
-        level = holm.levels[i]
+        level = levels[i]
         lower, upper = stats.clopper_pearson(prop.k, prop.n, 1 - level, "lower")[0], \
             stats.clopper_pearson(prop.k, prop.n, 1 - level, "upper")[1]
         at_least = req.direction == "at_least"

@@ -340,6 +340,22 @@ def test_merge_of_shards_equals_whole() -> None:
         assert merged.config == full.config
 
 
+def test_merge_of_shards_combines_diagnostics() -> None:
+    """'Results computed on shards of the data merge into the result on the whole': the
+    diagnostics too (per-class counts and attack counts add up, the worst excess is the max)."""
+    x, y = _linear_points(n=150, seed=7)
+    clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))
+    whole = robust_cert.load_data((x, y), input_range=WIDE)
+    first = robust_cert.load_data((x[:61], y[:61]), input_range=WIDE)
+    second = robust_cert.load_data((x[61:], y[61:]), input_range=WIDE)
+    metrics = [Accuracy(AccuracyConfig()),
+               RobustAccuracy(RobustAccuracyConfig(eps=list(EPS), attacks=["fgsm"]))]
+    for metric in metrics:
+        full = metric.run(clf, whole, _ctx(32))
+        merged = metric.run(clf, first, _ctx(32)).merge(metric.run(clf, second, _ctx(32)))
+        assert merged.diagnostics == full.diagnostics
+
+
 def test_merge_refuses_different_metrics() -> None:
     x, y = _linear_points(n=20, seed=8)
     clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))

@@ -368,3 +368,18 @@ def test_yaml_scientific_notation_is_a_number(tmp_path: Path) -> None:
     assert pol.requirements[1].params == {"eps": 0.1}
     assert pol.requirements[1].threshold == 0.001
     assert pol.sha256 == load_policy(dec).sha256
+
+
+def test_integer_and_float_radii_mean_the_same_policy() -> None:
+    """'Two files that mean the same policy hash the same': eps 1 and eps 1.0 are one radius."""
+
+    def pol(eps):
+        return Policy.from_dict({
+            "name": "t",
+            "metrics": {"robust_accuracy": {"eps": [0, 1]}},
+            "requirements": [{"metric": "robust_accuracy", "eps": eps, "at_least": 0.5}],
+        })
+
+    assert pol(1).metrics == pol(1.0).metrics
+    assert pol(1).sha256 == pol(1.0).sha256
+    assert pol(0).sha256 == pol(0.0).sha256

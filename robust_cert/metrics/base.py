@@ -88,9 +88,26 @@ class MetricResult:
         per_point = {k: np.concatenate([v, other.per_point[k]]) for k, v in self.per_point.items()}
         return MetricResult(
             self.metric, self.kind, self.quantity, self.higher_is_better, self.description,
-            self.config, props, per_point, {**self.diagnostics, **other.diagnostics},
+            self.config, props, per_point, _merge_diag(self.diagnostics, other.diagnostics),
             self.status, self.reason,
         )
+
+
+def _merge_diag(a, b):
+    """Diagnostics of two shards: counts (int) add, worst cases (float) take the max, flags
+    (bool) must all hold, dicts and equal-length lists merge item by item, equal values stay."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merge_diag(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return max(a, b)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [_merge_diag(x, y) for x, y in zip(a, b, strict=True)]
+    return a if a == b else [a, b]
 
 
 @dataclass
