@@ -17,6 +17,7 @@ from robust_cert.models.torch import from_module
 
 log = logging.getLogger(__name__)
 
+_DOWNLOAD_META = "registered_model_meta"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -24,11 +25,13 @@ def artifacts_sha256(root: str | Path) -> str:
     """SHA-256 over every file under ``root``: relative path and content, in path order.
 
     Identifies the model artifacts exactly as stored; any changed, added or removed file
-    changes it.
+    changes it. ``registered_model_meta`` is skipped: MLflow's client writes it while
+    downloading a ``models:/`` URI (it names the registered version), it is not stored.
     """
     root = Path(root)
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file() and p.name != _DOWNLOAD_META)
+    for path in sorted(files):
         rel = path.relative_to(root).as_posix()
         h.update(f"{rel}\n{path.stat().st_size}\n".encode())
         with path.open("rb") as f:
@@ -72,10 +75,11 @@ def resolve_version(client, uri: str):
 
 
 def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classifier:
-    """Download a registered PyTorch model version, hash its artifacts and wrap it.
+    """Download a registered PyTorch or ONNX model version, hash its artifacts and wrap it.
 
     Supports both save formats of ``mlflow.pytorch``: pickle (``data/model.pth``) and pt2
-    (``data/model.pt2``, a torch.export program that stays on the device it was saved on).
+    (``data/model.pt2``, a torch.export program that stays on the device it was saved on),
+    and the ``onnx`` flavor (used when there is no pytorch flavor; no input gradients).
     """
     import mlflow
     from mlflow.models import Model
@@ -96,9 +100,11 @@ def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classif
             meta = Model.load(local)
         except Exception as exc:
             raise ModelError(f"{mv.name} v{mv.version}: no readable MLmodel file ({exc})") from None
+        if "pytorch" not in meta.flavors and "onnx" in meta.flavors:
+            return _load_onnx_flavor(local, meta, mv, sha, device)
         if "pytorch" not in meta.flavors:
-            raise ModelError(f"{mv.name} v{mv.version} has flavors "
-                             f"{', '.join(meta.flavors)}; robust_cert loads the pytorch flavor")
+            raise ModelError(f"{mv.name} v{mv.version} has flavors {', '.join(meta.flavors)}; "
+                             "robust_cert loads the pytorch and onnx flavors")
         input_shape = _input_shape(meta, mv)
         data_dir = Path(local) / meta.flavors["pytorch"].get("model_data", "data")
         fmt = "pytorch-pt2" if (data_dir / "model.pt2").exists() else "pytorch-pickle"
@@ -120,6 +126,32 @@ def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classif
     clf.version = str(mv.version)
     clf.uri = f"models:/{mv.name}/{mv.version}"
     clf.extra = {"source": mv.source, "run_id": mv.run_id or None,
+                 "model_id": logged_model_id(mv)}
+    return clf
+
+
+def _load_onnx_flavor(local: str, meta, mv, sha: str, device: torch.device) -> Classifier:
+    """The ``onnx`` flavor: the graph file is ``flavors.onnx.data`` (weights may lie beside it,
+    which onnxruntime reads while ``local`` still exists). The per-sample shape comes from the
+    signature when it fixes every dimension, else from the graph itself."""
+    from robust_cert.models.onnx import from_onnx
+
+    shape = None
+    if meta.signature is not None and meta.signature.inputs is not None:
+        try:
+            shape = _input_shape(meta, mv)
+        except ModelError:  # a column signature: the graph decides
+            shape = None
+        if shape is not None and not all(d > 0 for d in shape):
+            shape = None  # variable dimensions in the signature: the graph decides
+    path = Path(local) / meta.flavors["onnx"].get("data", "model.onnx")
+    try:
+        clf = from_onnx(path, device=device, sha256=sha, name=mv.name, input_shape=shape)
+    except ModelError as exc:
+        raise ModelError(f"{mv.name} v{mv.version} (onnx flavor): {exc}") from None
+    clf.version = str(mv.version)
+    clf.uri = f"models:/{mv.name}/{mv.version}"
+    clf.extra = {**clf.extra, "source": mv.source, "run_id": mv.run_id or None,
                  "model_id": logged_model_id(mv)}
     return clf
 

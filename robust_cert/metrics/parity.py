@@ -1,0 +1,129 @@
+"""Deployment parity: does the certified model predict what a reference model predicts?
+
+The typical use is an exported ONNX graph (what ships) against the PyTorch model it came from
+(what was trained and attacked): gradient metrics cannot run on the graph, so the certificate
+carries over their results only as far as the two models agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from robust_cert.data import EvalSet
+from robust_cert.errors import ModelError
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    batches,
+)
+from robust_cert.models.base import Classifier
+
+
+class ParityConfig(MetricConfig):
+    """Parameters of :class:`Parity`."""
+
+    reference: str = Field(
+        min_length=1,
+        description="the reference model: an .onnx path or a models:/ URI (relative paths are "
+        "read from the working directory)",
+    )
+    eps: list[float] = Field(
+        default=[],
+        description="L∞ radii at which agreement is also measured on uniformly perturbed inputs",
+    )
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, (int, float)) else v
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, v):
+        bad = [e for e in v if not e > 0]
+        if bad:
+            raise ValueError(f"ε must be > 0, got {bad[0]} (clean agreement is always measured)")
+        return sorted(set(float(e) for e in v))
+
+
+class Parity(Metric):
+    """Argmax agreement between the model and a reference model, on clean and perturbed data.
+
+    Proportions: ``{}`` is the clean agreement — k points of n where both models predict the
+    same class; for each ``eps`` in the config, ``{"eps": ε}`` is the agreement on x + δ with
+    one δ ~ U(B∞(ε)) per point (clipped to the input range; both models see the same input).
+    The noise is drawn from the run's seeded generator, so a seed fixes the result.
+
+    Kind: statistical. The points are i.i.d. draws, so the exact Clopper–Pearson interval
+    covers the probability that the two models agree on a fresh point (or noisy point).
+    Agreement is about predictions, not labels: a wrong prediction both models share counts
+    as agreement.
+
+    Args (policy ``metrics.parity``):
+        reference: an ``.onnx`` path or ``models:/NAME/VERSION`` (``@ALIAS``) URI, loaded
+            through :func:`robust_cert.load_model` when the metric runs.
+        eps: radius or list of radii (default none: clean agreement only).
+
+    A policy requirement then reads ``{metric: parity, at_least: 0.999}`` (clean) or
+    ``{metric: parity, eps: 0.05, at_least: 0.99}``.
+
+    Diagnostics: the reference's identity (format, sha256, uri) and the largest absolute
+    logit difference on clean and on each perturbed set; per-point arrays hold the agreement
+    and each point's largest |Δ logit|.
+    """
+
+    name = "parity"
+    kind = "statistical"
+    quantity = "argmax agreement"
+    higher_is_better = True
+    description = "P[argmax f(x') = argmax g(x')] for the reference g, x' = x or clip(x+δ)"
+    Config = ParityConfig
+
+    def selectors(self):
+        return [{}] + [{"eps": e} for e in self.config.eps]
+
+    def cost(self, n_points: int) -> int:
+        return n_points * (1 + len(self.config.eps))
+
+    def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        from robust_cert.api import load_model  # the API imports the metrics: no cycle
+
+        cfg = self.config
+        try:
+            ref = load_model(cfg.reference, input_shape=data.input_shape, device=ctx.device)
+        except ModelError as exc:
+            raise ModelError(f"parity reference: {exc}") from None
+        if ref.num_classes != model.num_classes or ref.input_shape != model.input_shape:
+            raise ModelError(
+                f"parity reference {cfg.reference} has input {ref.input_shape} and "
+                f"{ref.num_classes} classes; the model has {model.input_shape} and "
+                f"{model.num_classes}")
+        lo, hi = data.input_range
+        props, per_point, max_diff = [], {}, {}
+        for eps in [0.0, *cfg.eps]:
+            g = ctx.generator(f"{self.name}/{eps!r}") if eps else None
+            agree = np.zeros(len(data), dtype=bool)
+            diff = np.zeros(len(data), dtype=np.float32)
+            for sl, x, _ in batches(data, ctx.batch_size, torch.device("cpu")):
+                if g is not None:
+                    x = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * eps).clamp_(lo, hi)
+                a = model.logits(x.to(model.device)).cpu()
+                b = ref.logits(x.to(ref.device)).cpu()
+                agree[sl] = (a.argmax(1) == b.argmax(1)).numpy()
+                diff[sl] = (a - b).abs().amax(1).numpy()
+                ctx.advance(sl.stop - sl.start)
+            suffix = f"@{eps:g}" if eps else ""
+            props.append(Proportion({"eps": eps} if eps else {}, int(agree.sum()), len(data)))
+            per_point[f"agree{suffix}"] = agree
+            per_point[f"max_abs_logit_diff{suffix}"] = diff
+            max_diff["clean" if not eps else f"eps={eps:g}"] = float(diff.max(initial=0.0))
+        return self.result(props, per_point=per_point, diagnostics={
+            "reference": {"name": ref.name, "format": ref.format, "sha256": ref.sha256,
+                          "uri": ref.uri or cfg.reference},
+            "max_abs_logit_diff": max_diff,
+        })

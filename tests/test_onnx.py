@@ -1,0 +1,407 @@
+"""ONNX models: onnxruntime parity with PyTorch, fixed batch sizes, certification without
+gradients, the parity metric, the MLflow onnx flavor, and clear errors for bad graphs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import robust_cert
+from robust_cert.data import digits_split
+from robust_cert.errors import ModelError, PolicyError
+from robust_cert.models.onnx import from_onnx
+
+CPU = torch.device("cpu")
+
+
+def export(model: torch.nn.Module, path, *, batch: int | None = None) -> str:
+    """Export with the TorchScript exporter (no onnxscript needed); ``batch=None``: dynamic."""
+    example = torch.zeros(batch or 2, 1, 8, 8)
+    dynamic = None if batch else {"x": {0: "batch"}, "logits": {0: "batch"}}
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes=dynamic)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(digits_model, onnx_dir) -> str:
+    return export(digits_model, onnx_dir / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    x, y = digits_split("test")
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def tiny_model(*, inputs=(("x", TensorProto.FLOAT, [None, 4]),), out_shape=(None, 4),
+               opset: int = 17) -> onnx.ModelProto:
+    """A one-node graph (Identity, or Add over two inputs) declared with the given types."""
+    ins = [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs]
+    node = (helper.make_node("Add", [i.name for i in ins], ["y"]) if len(ins) == 2
+            else helper.make_node("Identity", [ins[0].name], ["y"]))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))
+    graph = helper.make_graph([node], "tiny", ins, [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+# --- loading and running -------------------------------------------------------------------
+
+
+def test_logits_match_torch(digits_model, digits_onnx, digits_test):
+    x, _ = digits_test
+    clf = from_onnx(digits_onnx, device=CPU)
+    assert clf.format == "onnx"
+    assert clf.differentiable is False
+    assert clf.input_shape == (1, 8, 8)
+    assert clf.num_classes == 10
+    assert clf.extra["opset"] == 17
+    with open(digits_onnx, "rb") as f:
+        assert clf.sha256 == hashlib.sha256(f.read()).hexdigest()
+    with torch.no_grad():
+        expected = digits_model(x)
+    got = clf.logits(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+    # split into chunks of at most max_batch rows: the same logits
+    small = from_onnx(digits_onnx, device=CPU, max_batch=50)
+    assert torch.equal(small.logits(x), got)
+    assert small.logits(x[:0]).shape == (0, 10)
+
+
+def test_bytes_and_modelproto_load(digits_onnx, digits_test):
+    x, _ = digits_test
+    with open(digits_onnx, "rb") as f:
+        data = f.read()
+    by_path = from_onnx(digits_onnx, device=CPU)
+    by_bytes = from_onnx(data, device=CPU, name="b")
+    by_proto = from_onnx(onnx.load(digits_onnx), device=CPU, sha256="given")
+    assert by_bytes.sha256 == by_path.sha256
+    assert by_bytes.name == "b"
+    assert by_proto.sha256 == "given"
+    assert torch.equal(by_bytes.logits(x[:20]), by_path.logits(x[:20]))
+    assert torch.equal(by_proto.logits(x[:20]), by_path.logits(x[:20]))
+
+
+def test_external_weights_are_hashed(digits_onnx, digits_test, tmp_path):
+    """Weights saved beside the graph (as mlflow.onnx does) are found and part of the hash."""
+    path = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(digits_onnx), str(path), save_as_external_data=True,
+              location="ext.weights", size_threshold=0)
+    clf = from_onnx(path, device=CPU)
+    x = digits_test[0][:20]
+    assert torch.equal(clf.logits(x), from_onnx(digits_onnx, device=CPU).logits(x))
+    weights = tmp_path / "ext.weights"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert from_onnx(path, device=CPU).sha256 != clf.sha256
+
+
+def test_fixed_batch_of_one_runs_any_batch(digits_model, onnx_dir, digits_test):
+    x = digits_test[0][:37]
+    path = export(digits_model, onnx_dir / "batch1.onnx", batch=1)
+    clf = from_onnx(path, device=CPU)
+    assert clf.forward.batch_dim == 1
+    dynamic = from_onnx(export(digits_model, onnx_dir / "dyn.onnx"), device=CPU)
+    got = clf.logits(x)
+    assert got.shape == (37, 10)
+    assert torch.allclose(got, dynamic.logits(x), atol=1e-6, rtol=0)
+
+
+def test_fixed_batch_pads_the_last_chunk(digits_model, onnx_dir, digits_test):
+    x = digits_test[0][:37]
+    clf = from_onnx(export(digits_model, onnx_dir / "batch8.onnx", batch=8), device=CPU)
+    assert clf.forward.batch_dim == 8
+    with torch.no_grad():
+        expected = digits_model(x)
+    assert torch.allclose(clf.logits(x), expected, atol=1e-4, rtol=0)
+
+
+def test_load_model_dispatches_onnx_paths(digits_onnx):
+    clf = robust_cert.load_model(digits_onnx, device="cpu")
+    assert clf.format == "onnx"
+    assert clf.name == "digits"
+    with pytest.raises(ModelError, match="an .onnx path"):
+        robust_cert.load_model("no/such/thing.pt", device="cpu")
+
+
+# --- certification without gradients -------------------------------------------------------
+
+
+def _policy(**extra_metrics) -> dict:
+    return {
+        "name": "onnx-test",
+        "confidence": 0.95,
+        "metrics": {
+            "accuracy": {},
+            "robust_accuracy": {"eps": [0.1], "attacks": ["fgsm"]},
+            "probabilistic_robustness": {"eps": 0.1, "samples": 400},
+            **extra_metrics,
+        },
+        "requirements": [
+            {"metric": "accuracy", "at_least": 0.8},
+            {"metric": "robust_accuracy", "eps": 0.1, "at_least": 0.1},
+            {"metric": "probabilistic_robustness", "eps": 0.1, "at_most": 0.2},
+        ],
+    }
+
+
+def _values(cert, metric: str) -> list[tuple]:
+    res = next(r for r in cert.results if r["metric"] == metric)
+    return [(v["params"], v["k"], v["n"]) for v in res["values"]]
+
+
+def test_certify_onnx_matches_torch_without_gradients(digits_model, digits_onnx):
+    cert = robust_cert.certify(digits_onnx, "digits", _policy(), seed=7, progress=False)
+    torch_policy = _policy()
+    del torch_policy["metrics"]["robust_accuracy"]
+    torch_policy["requirements"].pop(1)
+    ref = robust_cert.certify(digits_model, "digits", torch_policy, seed=7, progress=False)
+
+    assert cert.body["model"]["format"] == "onnx"
+    assert cert.body["model"]["gradients"] is False
+    assert cert.body["model"]["opset"] == 17
+    robust = next(r for r in cert.results if r["metric"] == "robust_accuracy")
+    assert robust["status"] == "not_applicable"
+    assert "gradients" in robust["reason"]
+    for metric in ("accuracy", "probabilistic_robustness"):
+        assert _values(cert, metric) == _values(ref, metric)
+    outcomes = {o["metric"]: o for o in cert.requirements}
+    assert outcomes["robust_accuracy"]["verdict"] == "INCONCLUSIVE"
+    assert "gradients" in outcomes["robust_accuracy"]["reason"]
+    assert outcomes["accuracy"]["verdict"] == "PASS"
+    assert cert.verdict == "INCONCLUSIVE"
+
+
+# --- the parity metric ---------------------------------------------------------------------
+
+
+def _parity_policy(reference: str, *, eps=None) -> dict:
+    metrics = {"parity": {"reference": reference} | ({"eps": eps} if eps else {})}
+    reqs = [{"metric": "parity", "at_least": 0.999}]
+    if eps:
+        reqs.append({"metric": "parity", "eps": eps, "at_least": 0.99})
+    return {"name": "parity", "metrics": metrics, "requirements": reqs}
+
+
+def test_parity_of_torch_and_its_onnx_export(digits_model, digits_onnx):
+    cert = robust_cert.certify(digits_model, "digits", _parity_policy(digits_onnx, eps=0.05),
+                               seed=1, progress=False)
+    res = next(r for r in cert.results if r["metric"] == "parity")
+    assert res["status"] == "ok"
+    for v in res["values"]:
+        assert v["k"] == v["n"] == len(cert.per_point["parity/agree"]) > 300
+    assert {tuple(v["params"].items()) for v in res["values"]} == {(), (("eps", 0.05),)}
+    diag = res["diagnostics"]
+    assert diag["reference"]["format"] == "onnx"
+    assert diag["max_abs_logit_diff"]["clean"] < 1e-4
+    assert diag["max_abs_logit_diff"]["eps=0.05"] < 1e-4
+    assert cert.per_point["parity/agree"].all()
+    assert cert.per_point["parity/agree@0.05"].all()
+    # no requirement is refuted by perfect agreement (~360 points cannot demonstrate 0.999)
+    assert {o["verdict"] for o in cert.requirements} <= {"PASS", "INCONCLUSIVE"}
+
+
+def test_parity_of_two_identical_onnx_files_is_exact(digits_model, digits_onnx, onnx_dir):
+    twin = export(digits_model, onnx_dir / "twin.onnx")
+    cert = robust_cert.certify(digits_onnx, "digits", _parity_policy(twin), progress=False)
+    res = next(r for r in cert.results if r["metric"] == "parity")
+    assert res["values"][0]["k"] == res["values"][0]["n"]
+    assert res["diagnostics"]["max_abs_logit_diff"] == {"clean": 0.0}
+
+
+def test_parity_with_a_different_model_fails(digits_onnx, onnx_dir):
+    from robust_cert.digits_cnn import train_digits_cnn
+
+    other = export(train_digits_cnn(epochs=1), onnx_dir / "other.onnx")
+    cert = robust_cert.certify(digits_onnx, "digits", _parity_policy(other, eps=0.05),
+                               progress=False)
+    res = next(r for r in cert.results if r["metric"] == "parity")
+    clean = res["values"][0]
+    assert clean["k"] < clean["n"]
+    assert res["diagnostics"]["max_abs_logit_diff"]["clean"] > 0.1
+    verdicts = {o["id"]: o["verdict"] for o in cert.requirements}
+    assert verdicts["parity"] in ("FAIL", "INCONCLUSIVE")
+    assert cert.verdict in ("FAIL", "INCONCLUSIVE")
+
+
+def test_parity_policy_validation(digits_onnx):
+    with pytest.raises(PolicyError, match="reference"):
+        robust_cert.Policy.from_dict({"name": "p", "metrics": {"parity": {}},
+                                      "requirements": [{"metric": "parity", "at_least": 0.9}]})
+    with pytest.raises(PolicyError, match="ε must be > 0"):
+        robust_cert.Policy.from_dict(_parity_policy(digits_onnx, eps=-0.1))
+    with pytest.raises(PolicyError, match="no result for parameters"):
+        robust_cert.Policy.from_dict({
+            "name": "p", "metrics": {"parity": {"reference": digits_onnx}},
+            "requirements": [{"metric": "parity", "eps": 0.1, "at_least": 0.9}]})
+
+
+def test_parity_reference_that_does_not_fit(digits_onnx, tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "flat", [x], [y])
+    flat = tmp_path / "flat.onnx"  # a "64-class" model on the right inputs
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(flat))
+    with pytest.raises(ModelError, match="64 classes; the model has"):
+        robust_cert.certify(digits_onnx, "digits", _parity_policy(str(flat)), progress=False)
+    with pytest.raises(ModelError, match="parity reference: ONNX model file not found"):
+        robust_cert.certify(digits_onnx, "digits", _parity_policy(str(tmp_path / "no.onnx")),
+                            progress=False)
+
+
+# --- MLflow onnx flavor --------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    """A sqlite tracking + registry store in tmp_path; the previous tracking URI comes back."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous = utils._tracking_uri  # None unless some code called set_tracking_uri
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # monkeypatch restores the variable
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_mlflow_onnx_flavor(digits_model, digits_onnx, digits_test, local_mlflow, tmp_path):
+    import mlflow
+    from mlflow.models import infer_signature
+
+    x = digits_test[0]
+    with torch.no_grad():
+        expected = digits_model(x)
+    signature = infer_signature(x[:2].numpy(), expected[:2].numpy())
+    exp_id = mlflow.create_experiment("onnx", artifact_location=(tmp_path / "a").as_uri())
+    with mlflow.start_run(experiment_id=exp_id):
+        mlflow.onnx.log_model(onnx.load(digits_onnx), name="model", signature=signature,
+                              registered_model_name="digits-onnx",
+                              onnx_execution_providers=["CPUExecutionProvider"])
+    clf = robust_cert.load_model("models:/digits-onnx/1", device="cpu")
+    assert clf.format == "onnx"
+    assert clf.differentiable is False
+    assert clf.version == "1"
+    assert clf.uri == "models:/digits-onnx/1"
+    assert clf.input_shape == (1, 8, 8)
+    assert clf.extra["opset"] == 17
+    assert clf.extra["run_id"]
+    assert torch.allclose(clf.logits(x), expected, atol=1e-4, rtol=0)
+    # the registered version can be the parity reference of the live module
+    cert = robust_cert.certify(digits_model, "digits", _parity_policy("models:/digits-onnx/1"),
+                               progress=False)
+    res = next(r for r in cert.results if r["metric"] == "parity")
+    assert res["values"][0]["k"] == res["values"][0]["n"]
+    assert res["diagnostics"]["reference"]["uri"] == "models:/digits-onnx/1"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_text_file_is_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("these are my notes, not a model\n")
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        from_onnx(path, device=CPU)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="ONNX model file not found"):
+        from_onnx(tmp_path / "absent.onnx", device=CPU)
+    with pytest.raises(ModelError, match="not found"):
+        robust_cert.load_model(str(tmp_path / "absent.onnx"), device="cpu")
+
+
+def test_two_inputs():
+    model = tiny_model(inputs=(("a", TensorProto.FLOAT, [None, 4]),
+                               ("b", TensorProto.FLOAT, [None, 4])))
+    with pytest.raises(ModelError, match=r"2 inputs \(a, b\).*exactly one"):
+        from_onnx(model, device=CPU)
+
+
+def test_integer_input():
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+                              "cast", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=r"tensor\(int64\); a float tensor is needed"):
+        from_onnx(model, device=CPU)
+
+
+def test_three_dimensional_output():
+    model = tiny_model(inputs=(("x", TensorProto.FLOAT, [None, 2, 3]),), out_shape=(None, 2, 3))
+    with pytest.raises(ModelError, match=r"shape \(\?, 2, 3\); expected \(batch, classes\), 2-D"):
+        from_onnx(model, device=CPU)
+
+
+def test_opset_onnxruntime_cannot_run():
+    with pytest.raises(ModelError, match="cannot run opset 99"):
+        from_onnx(tiny_model(opset=99), device=CPU)
+
+
+def test_ir_version_onnxruntime_cannot_run():
+    model = tiny_model()
+    model.ir_version = 99
+    with pytest.raises(ModelError, match="IR version"):
+        from_onnx(model, device=CPU)
+
+
+def test_symbolic_sample_dims_need_input_shape():
+    model = tiny_model(inputs=(("x", TensorProto.FLOAT, [None, "features"]),),
+                       out_shape=(None, "features"))
+    with pytest.raises(ModelError, match="pass input_shape"):
+        from_onnx(model, device=CPU)
+    clf = from_onnx(model, device=CPU, input_shape=(3,))
+    assert clf.input_shape == (3,)
+    assert clf.num_classes == 3
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert torch.equal(clf.logits(x), x)
+    with pytest.raises(ModelError, match="does not fit"):
+        from_onnx(tiny_model(), device=CPU, input_shape=(5,))
+
+
+def test_single_logit_is_not_a_classifier():
+    model = tiny_model(inputs=(("x", TensorProto.FLOAT, [None, 1]),), out_shape=(None, 1))
+    with pytest.raises(ModelError, match="at least 2 logits"):
+        from_onnx(model, device=CPU)
+
+
+def test_bad_arguments():
+    with pytest.raises(ModelError, match="expected an .onnx path"):
+        from_onnx(42, device=CPU)
+    with pytest.raises(ModelError, match="max_batch"):
+        from_onnx(tiny_model(), device=CPU, max_batch=0)
+
+
+def test_gradient_view_refused(digits_onnx):
+    clf = from_onnx(digits_onnx, device=CPU)
+    with pytest.raises(ModelError, match="no input gradients"):
+        clf.attack_module()
+    assert np.isfinite(clf.logits(torch.zeros(3, 1, 8, 8)).numpy()).all()
+
+
+def test_cuda_request_without_cuda_provider_runs_on_cpu(digits_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    clf = from_onnx(digits_onnx, device=torch.device("cuda"))
+    assert clf.device == CPU
+    assert clf.extra["providers"] == ["CPUExecutionProvider"]
