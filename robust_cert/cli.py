@@ -1,6 +1,7 @@
 """robust-cert: certify registered models, render reports, run the demo.
 
 Exit codes: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 2 error (bad input, unreachable server, ...).
+verify: 0 verified, 1 not verified. promote: 0 promoted, 1 refused by the registry.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="directory for report.html and certificate.json "
                         "(default: robust_cert_reports/NAME-vVERSION)")
+    _common(p)
+
+    p = sub.add_parser(
+        "verify", help="check a certificate's signature, or a registered version's",
+        description="Verify certificate.json (digest and signature) or models:/NAME/VERSION "
+                    "(the signed tag names the version and its artifacts still match). Needs "
+                    "the signing key ($ROBUST_CERT_SIGNING_KEY or $ROBUST_CERT_SIGNING_KEY_FILE).")
+    p.add_argument("target", help="certificate.json or models:/NAME/VERSION")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+
+    p = sub.add_parser(
+        "promote", help="certify a version if needed, then ask the server to set an alias",
+        description="If the version has no certificate the key verifies, certify it with "
+                    "--policy; then request the alias. The server's gate decides.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="version number")
+    p.add_argument("--alias", default="production", help="alias to set (default: production)")
+    p.add_argument("--policy", default=None, help="policy YAML, used if certification is needed")
+    p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    p.add_argument("--out", default=None, help="report directory if certification runs")
     _common(p)
 
     p = sub.add_parser("policy", help="validate a policy file and print its canonical hash")
@@ -110,7 +132,7 @@ def _dispatch(args, argv) -> int:
         cert = Certificate.load(args.certificate)
         print(write_report(cert, args.out))
         return 0
-    if args.threads is not None:
+    if getattr(args, "threads", None) is not None:
         os.environ["ROBUST_CERT_THREADS"] = str(args.threads)
     if args.command == "certify":
         from robust_cert.mlflow_plugin.tracking import certify_version
@@ -123,7 +145,75 @@ def _dispatch(args, argv) -> int:
         return EXIT[res.certificate.verdict]
     if args.command == "demo":
         return _demo(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "promote":
+        return _promote(args, command_line)
     raise AssertionError(args.command)
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from robust_cert.mlflow_plugin.tracking import check_server
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    check_server(mlflow.get_tracking_uri())
+    return MlflowClient()
+
+
+def _verify(args) -> int:
+    from robust_cert.signing import Keyring
+
+    keyring = Keyring.from_env()
+    if args.target.startswith("models:/"):
+        from robust_cert.mlflow_plugin.models import parse_model_uri
+        from robust_cert.mlflow_plugin.promotion import verify_version
+
+        name, version, alias = parse_model_uri(args.target)
+        client = _client(args.tracking_uri)
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        res = verify_version(client, name, str(version), keyring)
+    else:
+        from robust_cert.certificate import Certificate
+        from robust_cert.mlflow_plugin.promotion import verify_certificate_file
+
+        res = verify_certificate_file(Certificate.load(args.target), keyring)
+    print(f"{args.target}: {'VERIFIED' if res.ok else 'NOT VERIFIED'}: {res.message}")
+    return 0 if res.ok else 1
+
+
+def _promote(args, command_line: str) -> int:
+    from robust_cert.errors import PolicyError
+    from robust_cert.mlflow_plugin.promotion import (
+        PromotionRefused,
+        has_current_certificate,
+        request_alias,
+    )
+    from robust_cert.mlflow_plugin.tracking import certify_version, signing_keyring
+
+    client = _client(args.tracking_uri)
+    keyring = signing_keyring()
+    if not has_current_certificate(client, args.name, args.version, keyring):
+        if not args.policy:
+            raise PolicyError(f"{args.name} v{args.version} has no current certificate; pass "
+                              "--policy to certify it before promotion")
+        res = certify_version(
+            f"models:/{args.name}/{args.version}", args.policy, args.data, out_dir=args.out,
+            device=args.device, seed=args.seed, threads=args.threads,
+            progress=not args.no_progress, command=command_line)
+        _print_certification(f"models:/{args.name}/{args.version}", res)
+    try:
+        request_alias(client, args.name, args.version, args.alias)
+    except PromotionRefused as exc:
+        print(f"refused by the registry: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name} v{args.version} is now @{args.alias}")
+    return 0
 
 
 def _print_certification(label: str, res) -> None:

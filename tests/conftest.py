@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ torch.set_num_threads(1)
 os.environ.setdefault("ROBUST_CERT_THREADS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+#: The certifier's key in the tests; the shared server's gate verifies with the same key.
+SIGNING_KEY = "test-signing-key-0123456789abcdef"
+os.environ["ROBUST_CERT_SIGNING_KEY"] = SIGNING_KEY
+#: Policies the test server's gate allows for production.
+ALLOWED_POLICIES = "digits-production"
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_POLICY = REPO / "examples" / "policies" / "digits.yaml"
@@ -29,6 +35,12 @@ def digits_model():
     return train_digits_cnn(epochs=15, seed=0)
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    root: Path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,13 +49,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its URL."""
+    """A real `mlflow server` on 127.0.0.1, sqlite store, registry behind the robust_cert gate.
+
+    Yields an object with ``url`` and ``root`` (where the store and artifacts live)."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "MLFLOW_DISABLE_TELEMETRY": "true", "ROBUST_CERT_SIGNING_KEY": SIGNING_KEY,
+           "ROBUST_CERT_ALLOWED_POLICIES": ALLOWED_POLICIES}
+    db = root / "mlflow.db"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
+           "--registry-store-uri", f"robustcert+sqlite:///{db}",
            "--artifacts-destination", str(root / "artifacts")]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -62,9 +79,42 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
         time.sleep(0.5)
-    yield url
+    yield Server(url, root)
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def demo(mlflow_server, tmp_path_factory):
+    """`robust-cert demo` run once against the server: (url, workdir, exit code).
+
+    Version 1 of digits-cnn fails the digits policy, version 2 passes with a signed certificate.
+    """
+    from robust_cert.cli import main
+
+    workdir = tmp_path_factory.mktemp("demo") / "out"
+    code = main(["demo", "--workdir", str(workdir), "--tracking-uri", mlflow_server.url,
+                 "--no-progress"])
+    return mlflow_server.url, workdir, code
+
+
+@pytest.fixture(scope="session")
+def client(demo):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=demo[0], registry_uri=demo[0])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_uris():
+    """Each test starts with no process-wide tracking/registry URI set by an earlier test
+    (mlflow.set_tracking_uri / set_registry_uri are global)."""
+    yield
+    import mlflow.tracking._model_registry.utils as registry
+    import mlflow.tracking._tracking_service.utils as tracking
+
+    tracking._tracking_uri = None
+    registry._registry_uri = None

@@ -14,22 +14,6 @@ pytestmark = pytest.mark.integration
 MODEL = "digits-cnn"
 
 
-@pytest.fixture(scope="module")
-def demo(mlflow_server, tmp_path_factory):
-    """Run `robust-cert demo` against the server once; return (server url, workdir, exit code)."""
-    workdir = tmp_path_factory.mktemp("demo") / "out"
-    code = main(["demo", "--workdir", str(workdir), "--tracking-uri", mlflow_server,
-                 "--no-progress"])
-    return mlflow_server, workdir, code
-
-
-@pytest.fixture(scope="module")
-def client(demo):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=demo[0], registry_uri=demo[0])
-
-
 def _robust_cert_tags(mv) -> dict:
     return {k: v for k, v in mv.tags.items() if k.startswith("robust_cert.")}
 

@@ -7,7 +7,9 @@ and set last, so a crash at any point leaves no PASS behind.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ from robust_cert.certificate import Certificate
 from robust_cert.data import load_data
 from robust_cert.engine import select_device
 from robust_cert.errors import TrackingError
+from robust_cert.mlflow_plugin.gate import CERT_TAG
 from robust_cert.mlflow_plugin.models import load_mlflow_model
 from robust_cert.policy import load_policy
 from robust_cert.report import write_report
+from robust_cert.signing import KEY_ENV, KEY_FILE_ENV, Keyring, sign_claim
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ def certify_version(
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     check_server(mlflow.get_tracking_uri())
+    keyring = signing_keyring()
     client = MlflowClient()
     pol = load_policy(policy)
     evalset = load_data(data, input_range=pol.input_range)
@@ -113,23 +118,48 @@ def certify_version(
     cert = certify(clf, evalset, pol, seed=seed, threads=threads, progress=progress,
                    command=command)
     out = Path(out_dir or Path("robust_cert_reports") / f"{clf.name}-v{clf.version}")
-    return _record(client, clf, evalset, cert, out)
+    return _record(client, clf, evalset, cert, out, keyring)
 
 
-def _record(client, clf, evalset, cert: Certificate, out: Path) -> Certification:
+def signing_keyring() -> Keyring | None:
+    """The certifier's keys, or None (with a warning) when no key is configured at all."""
+    if not (os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV)):
+        log.warning("no signing key (%s / %s): the certificate is unsigned and the registry "
+                    "gate will refuse to promote this version", KEY_ENV, KEY_FILE_ENV)
+        return None
+    return Keyring.from_env()
+
+
+def claim_for(cert: Certificate, name: str, version: str, run_id: str) -> dict:
+    """What the signature covers: the identity of the model, policy, verdict and run."""
+    body = cert.body
+    return {
+        "model": name, "version": version, "model_sha256": body["model"]["sha256"],
+        "policy": body["policy"]["name"], "policy_sha256": body["policy"]["sha256"],
+        "verdict": cert.verdict, "run_id": run_id, "issued_at": body["issued_at"],
+        "certificate_digest": cert.digest,
+    }
+
+
+def _record(client, clf, evalset, cert: Certificate, out: Path,
+            keyring: Keyring | None) -> Certification:
     import mlflow
 
     model_id = clf.extra.get("model_id")
     experiment_id = _experiment_for(client, model_id)
-    report_path = write_report(cert, out)
-    cert_path = cert.save(out / "certificate.json")
+    run = client.create_run(experiment_id, run_name=f"certify {clf.name} v{clf.version}",
+                            tags={"robust_cert.model": clf.name,
+                                  "robust_cert.version": str(clf.version),
+                                  "robust_cert.verdict": cert.verdict})
+    run_id = run.info.run_id
+    tag_value = None
+    if keyring is not None:
+        tag_value = sign_claim(claim_for(cert, clf.name, str(clf.version), run_id), keyring)
+        cert.signature = json.loads(tag_value)
     with tempfile.TemporaryDirectory(prefix="robust_cert_run_") as tmp:
-        run = client.create_run(experiment_id, run_name=f"certify {clf.name} v{clf.version}",
-                                tags={"robust_cert.model": clf.name,
-                                      "robust_cert.version": str(clf.version),
-                                      "robust_cert.verdict": cert.verdict})
-        run_id = run.info.run_id
         try:
+            report_path = write_report(cert, out)
+            cert_path = cert.save(out / "certificate.json")
             with mlflow.start_run(run_id=run_id):
                 body = cert.body
                 mlflow.log_params({
@@ -153,7 +183,7 @@ def _record(client, clf, evalset, cert: Certificate, out: Path) -> Certification
         except Exception as exc:
             client.set_terminated(run_id, "FAILED")
             raise TrackingError(f"logging the certification run failed: {exc}") from None
-        _tag_version(client, clf, cert, run_id)
+        _tag_version(client, clf, cert, run_id, tag_value)
     return Certification(cert, run_id, experiment_id, out, report_path, cert_path)
 
 
@@ -168,12 +198,13 @@ def _experiment_for(client, model_id: str | None) -> str:
     return exp.experiment_id if exp else client.create_experiment(DEFAULT_EXPERIMENT)
 
 
-def _tag_version(client, clf, cert: Certificate, run_id: str) -> None:
+def _tag_version(client, clf, cert: Certificate, run_id: str, signed: str | None) -> None:
     name, version = clf.name, str(clf.version)
-    try:
-        client.delete_model_version_tag(name, version, STATUS_TAG)
-    except Exception:
-        pass  # no previous status
+    for stale in (STATUS_TAG, CERT_TAG):
+        try:
+            client.delete_model_version_tag(name, version, stale)
+        except Exception:
+            pass  # nothing to remove
     tags = {
         "robust_cert.run_id": run_id,
         "robust_cert.policy": cert.body["policy"]["name"],
@@ -187,4 +218,6 @@ def _tag_version(client, clf, cert: Certificate, run_id: str) -> None:
             tags[f"robust_cert.metric.{key}"] = f"{req['estimate']:.4f}"
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if signed is not None:
+        client.set_model_version_tag(name, version, CERT_TAG, signed)
     client.set_model_version_tag(name, version, STATUS_TAG, STATUS[cert.verdict])
