@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.fernet import Fernet
 
 torch.set_num_threads(1)
 os.environ.setdefault("ROBUST_CERT_THREADS", "1")
@@ -56,7 +57,12 @@ def mlflow_server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_DISABLE_TELEMETRY": "true", "ROBUST_CERT_SIGNING_KEY": SIGNING_KEY,
-           "ROBUST_CERT_ALLOWED_POLICIES": ALLOWED_POLICIES}
+           "ROBUST_CERT_ALLOWED_POLICIES": ALLOWED_POLICIES,
+           # webhooks to a receiver on loopback (tests/test_webhooks.py)
+           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_CACHE_TTL": "0",  # see a webhook created mid-session at once
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}
     db = root / "mlflow.db"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
