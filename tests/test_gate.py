@@ -179,3 +179,23 @@ def test_promote_and_verify_commands(demo, client, tmp_path, capsys):
         assert code == 1
         assert "champion" not in aliases
         assert "refused by the registry" in capsys.readouterr().err
+
+
+def test_gated_server_refuses_to_start_without_signing_key(tmp_path):
+    """`mlflow server` with the gate and no key exits at start, naming the setting."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import _free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUST_CERT_SIGNING")}
+    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    db = tmp_path / "m.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+         "--port", str(_free_port()), "--workers", "1", "--backend-store-uri",
+         f"sqlite:///{db}", "--registry-store-uri", f"robustcert+sqlite:///{db}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ROBUST_CERT_SIGNING_KEY" in proc.stderr + proc.stdout

@@ -54,6 +54,7 @@ def _denied(message: str):
 def _store_class():
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
+    from robust_cert.errors import RobustCertError
     from robust_cert.signing import Keyring, SignatureError, verify_claim
 
     class GatedRegistryStore(SqlAlchemyStore):
@@ -62,8 +63,13 @@ def _store_class():
         def __init__(self, store_uri, tracking_uri=None):
             if not store_uri.startswith(SCHEME_PREFIX):
                 raise ValueError(f"registry store URI must start with {SCHEME_PREFIX}")
-            # refuse to start without a key: a gate that cannot verify would refuse everything
-            self.keyring = Keyring.from_env()
+            # without a key nothing can be verified: refuse every registry request, with a
+            # 4xx (a 5xx would make clients retry for minutes) naming the setting
+            try:
+                self.keyring = Keyring.from_env()
+            except RobustCertError as exc:
+                raise _denied(f"the registry is not configured: {exc}; set it in the MLflow "
+                              "server's environment and restart") from None
             self.protected = {a.lower() for a in _setting_list(
                 "ROBUST_CERT_PROTECTED_ALIASES", DEFAULT_PROTECTED)}
             self.allowed_policies = set(_setting_list("ROBUST_CERT_ALLOWED_POLICIES", ()))

@@ -1,0 +1,91 @@
+"""Paired version comparison: known answers, and `robust-cert compare` on the demo versions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from robust_cert.cli import main
+from robust_cert.comparison import BETTER, SAME, WORSE, compare
+from robust_cert.errors import RobustCertError
+
+
+def _pair(n, a_only, b_only, both=0):
+    a = np.zeros(n, bool)
+    b = np.zeros(n, bool)
+    a[:a_only] = True
+    b[a_only:a_only + b_only] = True
+    a[a_only + b_only:a_only + b_only + both] = True
+    b[a_only + b_only:a_only + b_only + both] = True
+    return a, b
+
+
+def test_mcnemar_and_delta_known_answers():
+    a, b = _pair(200, a_only=3, b_only=17, both=150)
+    (q,) = compare({"accuracy": (a, True)}, {"accuracy": (b, True)}, confidence=0.95)
+    assert (q.a_only, q.b_only) == (3, 17)
+    assert q.p_value == pytest.approx(st.binomtest(3, 20, 0.5).pvalue)
+    assert q.delta == pytest.approx((17 - 3) / 200)
+    ci = st.binomtest(17, 20).proportion_ci(0.95, method="exact")
+    assert q.delta_ci == pytest.approx((20 / 200 * (2 * ci.low - 1), 20 / 200 * (2 * ci.high - 1)))
+    assert q.delta_ci[0] <= q.delta <= q.delta_ci[1]
+    assert q.verdict == BETTER
+    (r,) = compare({"accuracy": (b, True)}, {"accuracy": (a, True)})
+    assert r.verdict == WORSE
+    assert r.delta == pytest.approx(-q.delta)
+
+
+def test_failure_rates_are_lower_is_better():
+    a_good, b_good = _pair(300, a_only=0, b_only=25, both=250)  # B fails less often
+    (q,) = compare({"p": (a_good, False, None)}, {"p": (b_good, False, None)})
+    assert q.rate_b < q.rate_a
+    assert q.delta < 0
+    assert q.delta_ci[1] < 0
+    assert q.verdict == BETTER
+
+
+def test_holm_across_quantities_and_no_difference():
+    a, b = _pair(100, a_only=2, b_only=9)  # p ≈ 0.065 alone: not significant
+    same_a, same_b = _pair(100, 0, 0, both=90)
+    out = {q.key: q for q in compare({"x": (a, True), "y": (same_a, True)},
+                                     {"x": (b, True), "y": (same_b, True)})}
+    assert out["x"].verdict == SAME
+    assert out["y"].verdict == SAME
+    assert out["y"].delta_ci == (0.0, 0.0)
+    assert out["x"].adjusted_p_value >= out["x"].p_value
+
+
+def test_mismatched_shapes_are_an_error():
+    with pytest.raises(RobustCertError, match="different numbers of points"):
+        compare({"a": (np.ones(3, bool), True)}, {"a": (np.ones(4, bool), True)})
+
+
+@pytest.mark.integration
+def test_compare_command_on_demo_versions(demo, client, tmp_path, capsys):
+    code = main(["compare", "digits-cnn", "--versions", "1", "2", "--baseline", "1",
+                 "--tracking-uri", demo[0], "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "robust_accuracy.eps_0.1" in out
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    (c,) = report["comparisons"]
+    q = {x["key"]: x for x in c["quantities"]}
+    assert q["robust_accuracy.eps_0.1"]["verdict"] == BETTER  # adversarial training helped
+    assert q["robust_accuracy.eps_0.1"]["delta"] > 0.15
+    run = client.get_run(report["run_id"])
+    assert run.data.metrics["delta.v2.robust_accuracy.eps_0.1"] == pytest.approx(
+        q["robust_accuracy.eps_0.1"]["delta"])
+
+
+@pytest.mark.integration
+def test_compare_refuses_an_uncertified_version(demo, client, capsys):
+    mv = client.get_model_version("digits-cnn", "1")
+    new = client.create_model_version("digits-cnn", mv.source, mv.run_id,
+                                      model_id=mv.source.removeprefix("models:/"))
+    capsys.readouterr()
+    assert main(["compare", "digits-cnn", "--versions", "1", new.version,
+                 "--tracking-uri", demo[0]]) == 2
+    assert "has not been certified" in capsys.readouterr().err
