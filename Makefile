@@ -12,13 +12,14 @@ STAMP := $(VENV)/.robust_cert-installed
 .PHONY: venv demo test lint unit clean help
 
 help:
-	@echo "make demo   train two digits CNNs, register them in a local sqlite MLflow store, certify both"
+	@echo "make demo   train two digits CNNs (+ an ONNX export), register them in a local sqlite MLflow store, certify them"
 	@echo "make test   lint (ruff) and run the test suite (starts a real mlflow server on 127.0.0.1)"
 	@echo "make clean  remove the virtual environment and demo output"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/system-packages
+	bash .ci/system-packages  # apt-get as root (WeasyPrint's libraries, poppler, chromium), else prints the command
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" || { \

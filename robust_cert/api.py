@@ -17,6 +17,7 @@ from robust_cert.errors import DataError, ModelError
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
 from robust_cert.models.torch import from_module
+from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
 from robust_cert.policy import Policy, load_policy
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,25 @@ def certify(
     threads: int | None = None,
     progress: bool = True,
     command: str | None = None,
+    gradient_twin=None,
+    twin_tolerance: float = DEFAULT_TWIN_TOLERANCE,
 ) -> Certificate:
     """Run ``policy``'s metric suite on ``model`` and ``data`` and decide every requirement.
 
-    ``model``: an ``nn.Module``, a ``models:/`` URI, or a loaded Classifier. ``data``: ``"digits"``,
-    an ``.npz`` path, ``(x, y)`` arrays/tensors, or an EvalSet. ``policy``: YAML path, dict, or
-    Policy. Returns an unsigned Certificate; nothing is written anywhere. The verdict's
-    family-wise error is at most 1 − policy.confidence (see :mod:`robust_cert.verdict`).
+    ``model``: an ``nn.Module``, an ``.onnx`` path, a ``models:/`` URI, or a loaded Classifier.
+    ``data``: ``"digits"``, an ``.npz`` path, ``(x, y)`` arrays/tensors, or an EvalSet.
+    ``policy``: YAML path, dict, or Policy. Returns an unsigned Certificate; nothing is written
+    anywhere. The verdict's family-wise error is at most 1 − policy.confidence (see
+    :mod:`robust_cert.verdict`).
+
+    ``gradient_twin`` (anything :func:`load_model` accepts) is a differentiable model for a
+    model without gradients (ONNX), typically the PyTorch model it was exported from. Before
+    anything runs it must predict the same class on every evaluation point with max |Δ logit|
+    ≤ ``twin_tolerance`` (default 1e-3), else ModelError names the disagreement. Gradient
+    metrics then craft attacks on the twin and judge them on the deployed model; every other
+    prediction stays on the model. The certificate's ``model.gradient_twin`` records it. A
+    parity metric with ``reference: twin`` compares with it. A differentiable model keeps its
+    own gradients; its twin then serves only as that parity reference.
     """
     pol: Policy = load_policy(policy)
     n_threads = engine.configure_threads(threads)
@@ -95,20 +108,35 @@ def certify(
         raise DataError(f"the model does not accept data samples of shape "
                         f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
+    twin, twin_record = None, None
+    if gradient_twin is not None:
+        try:
+            twin = load_model(gradient_twin, input_shape=evalset.input_shape, device=device)
+        except ModelError as exc:
+            raise ModelError(f"gradient twin: {exc}") from None
+        if not clf.differentiable:
+            clf, twin_record = with_gradient_twin(clf, twin, evalset.x, tolerance=twin_tolerance,
+                                                  batch_size=pol.batch_size)
+        else:
+            log.info("the model has its own input gradients; the gradient twin serves only as "
+                     "a parity reference")
     deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
     if not deterministic:
         log.warning("the model's outputs differ between two forward passes on the same input: "
                     "it is random at evaluation time, so sampling-based guarantees describe a "
                     "random classifier")
-    results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress)
+    results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
+                               gradient_twin=twin)
     overall, outcomes = verdict.decide(pol, results)
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
-                              threads=n_threads, deterministic=deterministic, command=command)
+                              threads=n_threads, deterministic=deterministic, command=command,
+                              twin=twin_record)
 
 
 def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
                        results: dict[str, MetricResult], overall: str, outcomes, *, seed: int,
-                       threads: int, deterministic: bool, command: str | None) -> Certificate:
+                       threads: int, deterministic: bool, command: str | None,
+                       twin: dict | None = None) -> Certificate:
     body = {
         "schema": SCHEMA,
         "issued_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -122,6 +150,7 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
             "num_classes": clf.num_classes,
             "input_shape": list(clf.input_shape),
             "gradients": clf.differentiable,
+            "gradient_twin": twin,
             **clf.extra,
         },
         "data": evalset.describe(clf.num_classes),

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robust_cert.data import EvalSet
-from robust_cert.errors import RobustCertError
+from robust_cert.errors import ModelError, RobustCertError
 from robust_cert.metrics.base import MetricResult, RunContext
 from robust_cert.models.base import Classifier
 from robust_cert.policy import Policy
@@ -59,14 +59,21 @@ def run_suite(
     *,
     seed: int = 0,
     progress: bool = True,
+    gradient_twin: Classifier | None = None,
 ) -> dict[str, MetricResult]:
     """Run every metric of ``policy`` in order; return results keyed by metric name.
 
     Metrics that need input gradients on a model without them are recorded as not
     applicable, never silently dropped. Each metric draws from generators seeded by
     (seed, metric), so the same seed gives the same results whatever the metric order.
+    ``gradient_twin`` reaches metrics as ``ctx.gradient_twin`` (parity's reference ``twin``);
+    a metric that needs it when none is given is an error before anything runs.
     """
     metrics = [policy.metric(name) for name in policy.metrics]
+    needs = [m.name for m in metrics if m.uses_twin]
+    if needs and gradient_twin is None:
+        raise ModelError(f"{', '.join(needs)}: reference 'twin' needs a gradient twin, but "
+                         "none was given (pass gradient_twin=, or --gradient-twin on the CLI)")
     total = sum(m.cost(len(data)) for m in metrics)
     results: dict[str, MetricResult] = {}
     with tqdm(total=total, disable=not progress, unit="pt", dynamic_ncols=True,
@@ -80,7 +87,7 @@ def run_suite(
                 bar.update(metric.cost(len(data)))
                 continue
             ctx = RunContext(device=model.device, batch_size=policy.batch_size, seed=seed,
-                             advance=bar.update)
+                             advance=bar.update, gradient_twin=gradient_twin)
             log.info("running %s", metric.name)
             results[metric.name] = metric.run(model, data, ctx)
     return results

@@ -97,7 +97,8 @@ def mlflow_server(tmp_path_factory):
 def demo(mlflow_server, tmp_path_factory):
     """`robust-cert demo` run once against the server: (url, workdir, exit code).
 
-    Version 1 of digits-cnn fails the digits policy, version 2 passes with a signed certificate.
+    Version 1 of digits-cnn fails the digits policy, version 2 passes with a signed certificate;
+    version 3 (version 2 exported to ONNX, version 2 as gradient twin) passes digits-onnx.yaml.
     """
     from robust_cert.cli import main
 

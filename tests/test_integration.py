@@ -35,6 +35,22 @@ def test_demo_certifies_two_versions(demo, client):
         assert any(word in html for word in ("PASS", "FAIL", "INCONCLUSIVE"))
 
 
+def test_demo_certifies_the_onnx_export_with_its_twin(demo, client):
+    """Version 3 is version 2 exported to ONNX, certified with version 2 as gradient twin."""
+    _, workdir, _ = demo
+    v2, v3 = client.get_model_version(MODEL, "2"), client.get_model_version(MODEL, "3")
+    assert v3.tags["robust_cert.status"] == "passed"
+    assert v3.tags["robust_cert.policy"] == "digits-production-onnx"
+    key = "robust_cert.metric.robust_accuracy.eps_0.1"
+    assert v3.tags[key] == v2.tags[key]  # same attacks (twin), same predictions (parity)
+    assert float(v3.tags["robust_cert.metric.parity"]) == 1.0
+    cert = json.loads((workdir / "reports" / f"{MODEL}-v3" / "certificate.json").read_text())
+    model = cert["certificate"]["model"]
+    assert model["format"] == "onnx"
+    assert model["gradient_twin"]["uri"] == f"models:/{MODEL}/2"
+    assert model["gradient_twin"]["agreement"] == "359/359"
+
+
 def test_certification_run_is_logged(demo, client):
     mv = client.get_model_version(MODEL, "2")
     run = client.get_run(mv.tags["robust_cert.run_id"])

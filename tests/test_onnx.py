@@ -1,5 +1,6 @@
 """ONNX models: onnxruntime parity with PyTorch, fixed batch sizes, certification without
-gradients, the parity metric, the MLflow onnx flavor, and clear errors for bad graphs."""
+gradients and with a gradient twin, the parity metric, the MLflow onnx flavor and the CLI,
+and clear errors for bad graphs."""
 
 from __future__ import annotations
 
@@ -171,6 +172,7 @@ def test_certify_onnx_matches_torch_without_gradients(digits_model, digits_onnx)
 
     assert cert.body["model"]["format"] == "onnx"
     assert cert.body["model"]["gradients"] is False
+    assert cert.body["model"]["gradient_twin"] is None
     assert cert.body["model"]["opset"] == 17
     robust = next(r for r in cert.results if r["metric"] == "robust_accuracy")
     assert robust["status"] == "not_applicable"
@@ -182,6 +184,137 @@ def test_certify_onnx_matches_torch_without_gradients(digits_model, digits_onnx)
     assert "gradients" in outcomes["robust_accuracy"]["reason"]
     assert outcomes["accuracy"]["verdict"] == "PASS"
     assert cert.verdict == "INCONCLUSIVE"
+
+
+# --- the gradient twin ---------------------------------------------------------------------
+
+
+def test_twin_gives_gradient_metrics_to_onnx(digits_model, digits_onnx):
+    """Attacks crafted on the PyTorch twin, judged on the graph: the same per-point results as
+    the PyTorch model alone (the models agree on every point, attacks are seeded the same)."""
+    from robust_cert.models.torch import state_sha256
+
+    policy = _policy()
+    cert = robust_cert.certify(digits_onnx, "digits", policy, seed=7, progress=False,
+                               gradient_twin=digits_model)
+    ref = robust_cert.certify(digits_model, "digits", policy, seed=7, progress=False)
+
+    robust = next(r for r in cert.results if r["metric"] == "robust_accuracy")
+    assert robust["status"] == "ok"
+    assert "transfer from the PyTorch twin" in robust["description"]
+    assert robust["diagnostics"]["attack_source"].startswith("transfer from the PyTorch twin")
+    ref_robust = next(r for r in ref.results if r["metric"] == "robust_accuracy")
+    assert ref_robust["diagnostics"]["attack_source"] == "white-box on the model"
+    assert np.array_equal(cert.per_point["robust_accuracy/robust"],
+                          ref.per_point["robust_accuracy/robust"])
+    for metric in ("accuracy", "robust_accuracy", "probabilistic_robustness"):
+        assert _values(cert, metric) == _values(ref, metric)
+    assert cert.verdict == ref.verdict
+    model = cert.body["model"]
+    assert model["format"] == "onnx"  # the graph is what was certified
+    assert model["gradients"] is True
+    twin = model["gradient_twin"]
+    assert twin["format"] == "pytorch-module"
+    assert twin["sha256"] == state_sha256(digits_model)
+    assert twin["uri"] is None
+    assert twin["agreement"] == "359/359"
+    assert 0 <= twin["max_abs_logit_diff"] < 1e-4
+    assert twin["tolerance"] == 1e-3
+    assert ref.body["model"]["gradient_twin"] is None
+
+
+def test_twin_keeps_predictions_on_the_deployed_model(digits_model, digits_onnx, digits_test):
+    from robust_cert.models.twin import with_gradient_twin
+
+    x = digits_test[0]
+    deployed = from_onnx(digits_onnx, device=CPU)
+    twin = robust_cert.load_model(digits_model, input_shape=(1, 8, 8), device="cpu")
+    clf, record = with_gradient_twin(deployed, twin, x)
+    assert clf.forward is deployed.forward
+    assert torch.equal(clf.logits(x), deployed.logits(x))
+    assert (clf.format, clf.sha256, clf.differentiable) == ("onnx", deployed.sha256, True)
+    assert deployed.differentiable is False  # the original is left as it was
+    view = clf.attack_module()
+    u = x[:5].clone().requires_grad_(True)
+    view(u).sum().backward()
+    w = x[:5].clone().requires_grad_(True)
+    digits_model(w).sum().backward()
+    digits_model.zero_grad(set_to_none=True)  # the session's model is shared
+    assert torch.equal(u.grad, w.grad)  # the twin's own gradients
+    assert u.grad.abs().sum() > 0
+    assert record["agreement"] == f"{len(x)}/{len(x)}"
+
+
+def test_twin_that_disagrees_is_refused(digits_model, digits_onnx, monkeypatch):
+    from robust_cert import engine
+    from robust_cert.digits_cnn import train_digits_cnn
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a metric ran with a refused twin")
+
+    monkeypatch.setattr(engine, "run_suite", must_not_run)
+    other = train_digits_cnn(epochs=1)
+    with pytest.raises(ModelError, match=r"gradient twin .* does not match the model on the "
+                       r"evaluation data: [1-9]\d* of 359 points predict another class, "
+                       r"max \|Δ logit\| [0-9.e+-]+ \(tolerance 0.001\)"):
+        robust_cert.certify(digits_onnx, "digits", _policy(), progress=False,
+                            gradient_twin=other)
+    # the right twin, but a tolerance below the export's float error: refused too
+    with pytest.raises(ModelError, match=r"0 of 359 points predict another class, .* "
+                                         r"\(tolerance 1e-12\)"):
+        robust_cert.certify(digits_onnx, "digits", _policy(), progress=False,
+                            gradient_twin=digits_model, twin_tolerance=1e-12)
+    with pytest.raises(ModelError, match=r"twin_tolerance must be a finite number >= 0"):
+        robust_cert.certify(digits_onnx, "digits", _policy(), progress=False,
+                            gradient_twin=digits_model, twin_tolerance=-1)
+    with pytest.raises(ModelError, match=r"gradient twin .*\(onnx\) has no input gradients"):
+        robust_cert.certify(digits_onnx, "digits", _policy(), progress=False,
+                            gradient_twin=digits_onnx)
+    with pytest.raises(ModelError, match=r"^gradient twin: ONNX model file not found"):
+        robust_cert.certify(digits_onnx, "digits", _policy(), progress=False,
+                            gradient_twin="no/such/twin.onnx")
+
+
+def test_parity_with_the_twin(digits_model, digits_onnx):
+    policy = _policy(parity={"reference": "twin", "eps": 0.05})
+    policy["requirements"].append({"metric": "parity", "at_least": 0.9})
+    cert = robust_cert.certify(digits_onnx, "digits", policy, seed=2, progress=False,
+                               gradient_twin=digits_model)
+    res = next(r for r in cert.results if r["metric"] == "parity")
+    assert [(v["k"], v["n"]) for v in res["values"]] == [(359, 359), (359, 359)]
+    assert res["diagnostics"]["reference"]["format"] == "pytorch-module"
+    assert res["diagnostics"]["reference"]["uri"] == "twin"
+    assert res["diagnostics"]["max_abs_logit_diff"]["clean"] == pytest.approx(
+        cert.body["model"]["gradient_twin"]["max_abs_logit_diff"])
+    assert {o["metric"]: o["verdict"] for o in cert.requirements}["parity"] == "PASS"
+    # a PyTorch model keeps its own gradients; an ONNX twin is then only the parity reference
+    torch_cert = robust_cert.certify(digits_model, "digits", _parity_policy("twin"),
+                                     progress=False, gradient_twin=digits_onnx)
+    assert torch_cert.body["model"]["gradient_twin"] is None
+    res = next(r for r in torch_cert.results if r["metric"] == "parity")
+    assert res["values"][0]["k"] == res["values"][0]["n"]
+    assert res["diagnostics"]["reference"]["format"] == "onnx"
+
+
+def test_parity_with_the_twin_needs_a_twin(digits_onnx, monkeypatch):
+    from robust_cert.metrics import parity
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a metric ran")
+
+    monkeypatch.setattr(parity.Parity, "run", must_not_run)
+    with pytest.raises(ModelError, match="parity: reference 'twin' needs a gradient twin, but "
+                                         "none was given"):
+        robust_cert.certify(digits_onnx, "digits", _parity_policy("twin"), progress=False)
+
+
+def test_cli_certify_has_gradient_twin(capsys):
+    from robust_cert.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["certify", "--help"])
+    assert exit_info.value.code == 0
+    assert "--gradient-twin models:/NAME/VERSION" in capsys.readouterr().out
 
 
 # --- the parity metric ---------------------------------------------------------------------
@@ -309,6 +442,55 @@ def test_mlflow_onnx_flavor(digits_model, digits_onnx, digits_test, local_mlflow
     res = next(r for r in cert.results if r["metric"] == "parity")
     assert res["values"][0]["k"] == res["values"][0]["n"]
     assert res["diagnostics"]["reference"]["uri"] == "models:/digits-onnx/1"
+
+
+def test_cli_certifies_onnx_version_with_its_torch_twin(digits_model, digits_onnx, digits_test,
+                                                       local_mlflow, tmp_path, capsys):
+    """`robust-cert certify models:/…onnx… --gradient-twin models:/…torch…`, end to end."""
+    import json
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from robust_cert.cli import main
+
+    x = digits_test[0][:4]
+    with torch.no_grad():
+        signature = infer_signature(x.numpy(), digits_model(x).numpy())
+    exp_id = mlflow.create_experiment("twin", artifact_location=(tmp_path / "a").as_uri())
+    with mlflow.start_run(experiment_id=exp_id):
+        mlflow.pytorch.log_model(digits_model, name="torch", input_example=x.numpy(),
+                                 serialization_format="pickle", pip_requirements=["torch"],
+                                 registered_model_name="digits-twin")
+        mlflow.onnx.log_model(onnx.load(digits_onnx), name="onnx", signature=signature,
+                              registered_model_name="digits-twin",
+                              onnx_execution_providers=["CPUExecutionProvider"])
+    policy = tmp_path / "p.yaml"
+    policy.write_text("name: onnx-twin\nmetrics:\n  accuracy: {}\n"
+                      "  robust_accuracy: {eps: 0.1, attacks: [fgsm]}\n"
+                      "  parity: {reference: twin}\n"
+                      "requirements:\n  - {metric: accuracy, at_least: 0.8}\n"
+                      "  - {metric: parity, at_least: 0.9}\n")
+    capsys.readouterr()
+    code = main(["certify", "models:/digits-twin/2", "--policy", str(policy), "--tracking-uri",
+                 local_mlflow, "--gradient-twin", "models:/digits-twin/1", "--out",
+                 str(tmp_path / "out"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    body = json.loads((tmp_path / "out" / "certificate.json").read_text())["certificate"]
+    assert body["model"]["format"] == "onnx"
+    twin = body["model"]["gradient_twin"]
+    assert (twin["uri"], twin["format"], twin["agreement"]) == (
+        "models:/digits-twin/1", "pytorch-pickle", "359/359")
+    robust = next(r for r in body["results"] if r["metric"] == "robust_accuracy")
+    assert robust["status"] == "ok"
+    # a twin that is not there: one-line error, nothing certified
+    code = main(["certify", "models:/digits-twin/2", "--policy", str(policy), "--tracking-uri",
+                 local_mlflow, "--gradient-twin", "models:/digits-twin/9", "--out",
+                 str(tmp_path / "out9"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "gradient twin: registered model 'digits-twin' has no version 9" in err
+    assert not (tmp_path / "out9").exists()
 
 
 # --- bad input -----------------------------------------------------------------------------

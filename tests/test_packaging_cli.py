@@ -10,8 +10,11 @@ import zipfile
 import pytest
 
 import robust_cert
+from robust_cert.certificate import Certificate
 from robust_cert.cli import build_parser, main
+from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 from robust_cert.report import render_html, templates_dir
+from robust_cert.signing import Keyring
 from tests.conftest import DIGITS_POLICY, REPO
 
 
@@ -65,7 +68,10 @@ def test_report_rerenders_from_certificate(digits_model, tmp_path, capsys):
     path = cert.save(tmp_path / "certificate.json")
     assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
     html = (tmp_path / "r" / "report.html").read_text()
-    assert html == render_html(cert)
+    # the command checks the signature (this certificate is unsigned: NOT VERIFIED banner)
+    check = verify_certificate_file(Certificate.load(path), Keyring.from_env())
+    assert html == render_html(cert, verification=check)
+    assert 'id="not-verified"' in html
     assert 'id="verdict">PASS<' in html
     # a tampered certificate is refused with a one-line error, and no report is written
     raw = json.loads(path.read_text())

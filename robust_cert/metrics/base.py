@@ -112,12 +112,17 @@ def _merge_diag(a, b):
 
 @dataclass
 class RunContext:
-    """What the engine hands a metric: device, batch size, seeded generators, progress."""
+    """What the engine hands a metric: device, batch size, seeded generators, progress.
+
+    ``gradient_twin`` is the gradient twin given to :func:`robust_cert.certify` (a loaded,
+    differentiable Classifier), or None; a metric whose ``uses_twin`` is true reads it.
+    """
 
     device: torch.device
     batch_size: int
     seed: int
     advance: Callable[[int], None] = lambda n: None
+    gradient_twin: Classifier | None = None
 
     def generator(self, label: str) -> torch.Generator:
         """A generator seeded from (seed, label): metrics draw independently of their order."""
@@ -145,6 +150,8 @@ class Metric(ABC):
     quantity: ClassVar[str]
     higher_is_better: ClassVar[bool]
     needs_gradients: ClassVar[bool] = False
+    #: True when :meth:`run` needs ``ctx.gradient_twin`` (checked before any metric runs).
+    uses_twin: bool = False
     description: ClassVar[str]
     Config: ClassVar[type[MetricConfig]]
 

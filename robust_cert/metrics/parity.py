@@ -23,14 +23,17 @@ from robust_cert.metrics.base import (
 )
 from robust_cert.models.base import Classifier
 
+#: The ``reference`` value naming the gradient twin given to certify.
+TWIN = "twin"
+
 
 class ParityConfig(MetricConfig):
     """Parameters of :class:`Parity`."""
 
     reference: str = Field(
         min_length=1,
-        description="the reference model: an .onnx path or a models:/ URI (relative paths are "
-        "read from the working directory)",
+        description="the reference model: an .onnx path, a models:/ URI (relative paths are "
+        "read from the working directory), or 'twin': the gradient twin given to certify",
     )
     eps: list[float] = Field(
         default=[],
@@ -66,7 +69,11 @@ class Parity(Metric):
 
     Args (policy ``metrics.parity``):
         reference: an ``.onnx`` path or ``models:/NAME/VERSION`` (``@ALIAS``) URI, loaded
-            through :func:`robust_cert.load_model` when the metric runs.
+            through :func:`robust_cert.load_model` when the metric runs; or ``twin``: the
+            gradient twin given to :func:`robust_cert.certify` (``ctx.gradient_twin``), so the
+            policy states how closely the deployed graph must follow the model whose
+            gradients crafted its attacks. ``twin`` without a twin is an error before any
+            metric runs.
         eps: radius or list of radii (default none: clean agreement only).
 
     A policy requirement then reads ``{metric: parity, at_least: 0.999}`` (clean) or
@@ -84,6 +91,10 @@ class Parity(Metric):
     description = "P[argmax f(x') = argmax g(x')] for the reference g, x' = x or clip(x+δ)"
     Config = ParityConfig
 
+    @property
+    def uses_twin(self) -> bool:
+        return self.config.reference == TWIN
+
     def selectors(self):
         return [{}] + [{"eps": e} for e in self.config.eps]
 
@@ -94,10 +105,15 @@ class Parity(Metric):
         from robust_cert.api import load_model  # the API imports the metrics: no cycle
 
         cfg = self.config
-        try:
-            ref = load_model(cfg.reference, input_shape=data.input_shape, device=ctx.device)
-        except ModelError as exc:
-            raise ModelError(f"parity reference: {exc}") from None
+        if cfg.reference == TWIN:
+            ref = ctx.gradient_twin
+            if ref is None:
+                raise ModelError("parity reference 'twin': no gradient twin was given")
+        else:
+            try:
+                ref = load_model(cfg.reference, input_shape=data.input_shape, device=ctx.device)
+            except ModelError as exc:
+                raise ModelError(f"parity reference: {exc}") from None
         if ref.num_classes != model.num_classes or ref.input_shape != model.input_shape:
             raise ModelError(
                 f"parity reference {cfg.reference} has input {ref.input_shape} and "

@@ -94,6 +94,7 @@ def certify_version(
     threads: int | None = None,
     progress: bool = True,
     command: str | None = None,
+    gradient_twin: str | None = None,
 ) -> Certification:
     """Certify the version ``uri`` names against ``policy`` and log it to MLflow.
 
@@ -102,6 +103,10 @@ def certify_version(
     and a named dataset, logs the certificate, report and per-point results as artifacts,
     and sets the version's ``robust_cert.*`` tags. Raises before writing anything if the
     model, data, policy or server is bad.
+
+    ``gradient_twin`` (e.g. ``models:/NAME/2``, the PyTorch version an ONNX version was
+    exported from) is passed to :func:`robust_cert.certify`: a twin that disagrees with the
+    model on the data is refused before anything is written.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -116,7 +121,7 @@ def certify_version(
     evalset = load_data(data, input_range=pol.input_range)
     clf = load_mlflow_model(uri, device=select_device(device), client=client)
     cert = certify(clf, evalset, pol, seed=seed, threads=threads, progress=progress,
-                   command=command)
+                   command=command, gradient_twin=gradient_twin)
     out = Path(out_dir or Path("robust_cert_reports") / f"{clf.name}-v{clf.version}")
     return _record(client, clf, evalset, cert, out, keyring)
 
@@ -158,7 +163,8 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
         cert.signature = json.loads(tag_value)
     with tempfile.TemporaryDirectory(prefix="robust_cert_run_") as tmp:
         try:
-            report_path = write_report(cert, out)
+            report = write_report(cert, out, data=evalset)
+            report_path = report.html
             cert_path = cert.save(out / "certificate.json")
             with mlflow.start_run(run_id=run_id):
                 body = cert.body
@@ -179,6 +185,8 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
                 mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
                 mlflow.log_artifact(str(cert_path))
                 mlflow.log_artifact(str(report_path))
+                if report.pdf is not None:
+                    mlflow.log_artifact(str(report.pdf))
                 mlflow.log_artifact(str(cert.save_per_point(Path(tmp) / "per_point.npz")))
         except Exception as exc:
             client.set_terminated(run_id, "FAILED")

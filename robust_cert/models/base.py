@@ -15,9 +15,16 @@ class Classifier:
     """A classifier under certification.
 
     ``forward`` maps a float32 batch of shape ``(N, *input_shape)`` on ``device`` to logits
-    ``(N, num_classes)``. ``differentiable`` says whether input gradients flow through it
-    (PyTorch yes, ONNX no); gradient metrics ask for :meth:`attack_module` and get a clear
+    ``(N, num_classes)``. ``differentiable`` says whether gradient metrics can run on it
+    (PyTorch yes, ONNX no); they ask for :meth:`attack_module` and the engine reports them as
     "not applicable" when it is false.
+
+    ``gradient_forward``, when set, is a differentiable twin of ``forward`` (e.g. the PyTorch
+    model an ONNX graph was exported from, validated for logit parity by
+    :func:`robust_cert.models.twin.with_gradient_twin`): :meth:`attack_module` differentiates
+    through it, while :meth:`logits` — every prediction that is judged — stays on ``forward``,
+    the deployed artifact. Attacks are then crafted on the twin and judged on the deployed
+    model (transfer from the twin), and ``differentiable`` is true.
     """
 
     forward: object  # Callable[[Tensor], Tensor]
@@ -31,6 +38,7 @@ class Classifier:
     version: str | None = None
     uri: str | None = None
     extra: dict = field(default_factory=dict)
+    gradient_forward: object | None = None  # Callable[[Tensor], Tensor] with input gradients
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +53,8 @@ class Classifier:
         return out.float()
 
     def attack_module(self) -> nn.Module:
-        """An ``nn.Module`` view for gradient-based attacks (torchattacks).
+        """An ``nn.Module`` view for gradient-based attacks (torchattacks): of
+        ``gradient_forward`` when set, else of ``forward``.
 
         The wrapped callable is not registered as a submodule, so ``.eval()`` on the view never
         reaches a torch.export GraphModule (whose ``eval()`` raises). A zero-size parameter pins
@@ -53,7 +62,7 @@ class Classifier:
         """
         if not self.differentiable:
             raise ModelError(f"{self.format} model has no input gradients")
-        return _AttackView(self.forward, self.device)
+        return _AttackView(self.gradient_forward or self.forward, self.device)
 
 
 class _AttackView(nn.Module):

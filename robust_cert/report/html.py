@@ -1,18 +1,37 @@
-"""Render a certificate as a self-contained HTML report (jinja2 templates in ``templates/``)."""
+"""Render a certificate as one self-contained HTML document (jinja2 templates in ``templates/``).
+
+The same HTML is the browser report and the source of the PDF (print rules in the stylesheet),
+so the two never disagree. Everything shown comes from the certificate; the run's in-memory
+per-point arrays and evaluation inputs add figures when present, and a report re-rendered
+from the certificate JSON leaves those figures out and says so.
+"""
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Protocol
 
 import jinja2
+from markupsafe import Markup
 
 from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError
+from robust_cert.metrics import REGISTRY
+from robust_cert.report.charts import ChartInputs, charts_for, omitted_for
+from robust_cert.report.threats import threat_model
 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
+
+
+class SignatureCheck(Protocol):
+    """The outcome of checking a certificate's signature, e.g. what
+    :func:`robust_cert.mlflow_plugin.promotion.verify_certificate_file` returns."""
+
+    ok: bool
+    message: str
 
 
 def templates_dir() -> Path:
@@ -29,6 +48,17 @@ def templates_dir() -> Path:
     )
 
 
+def _css_string(value: Any) -> Markup:
+    """A quoted CSS string for ``content:`` in the stylesheet: every character that is not
+    plainly safe is a hex escape (six digits and the space that ends it), so no model name
+    can end the string or the ``<style>``."""
+    out = []
+    for ch in str(value).replace("\n", " "):
+        out.append(ch if ch.isalnum() and ch.isascii() or ch in " .,:;-_/()[]@#=+"
+                   else f"\\{ord(ch):06x} ")
+    return Markup('"' + "".join(out) + '"')
+
+
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -41,29 +71,76 @@ def _environment() -> jinja2.Environment:
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.2f}%"
     env.filters["num"] = lambda v, d=4: "–" if v is None else f"{v:.{d}g}"
     env.filters["params"] = lambda p: ", ".join(f"{k}={v}" for k, v in p.items()) or "–"
-    env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True)
+    env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True,
+                                                        ensure_ascii=False)
+    env.filters["css_string"] = _css_string
     return env
 
 
-def render_html(cert: Certificate) -> str:
-    """The report for ``cert`` as one HTML document with its stylesheet inlined."""
-    css = (templates_dir() / STYLESHEET).read_text(encoding="utf-8")
+def not_verified_reason(cert: Certificate, verification: SignatureCheck | None) -> str | None:
+    """Why the report must carry the NOT VERIFIED banner, or None: the signature check
+    failed, or the certificate carries no signature at all."""
+    if verification is not None and not verification.ok:
+        return verification.message
+    if cert.signature is None:
+        return "the certificate is unsigned"
+    return None
+
+
+def _chart_inputs(cert: Certificate, data) -> ChartInputs:
+    x = y = None
+    if data is not None:
+        if data.sha256 != cert.body["data"]["sha256"]:
+            raise RobustCertError(
+                f"the data given to the report ({data.name}, sha256 {data.sha256[:12]}…) is "
+                f"not the certified data (sha256 {cert.body['data']['sha256'][:12]}…)")
+        x, y = data.x.detach().cpu().numpy(), data.y.detach().cpu().numpy()
+    return ChartInputs(cert.body, dict(cert.per_point), x, y)
+
+
+def _context(cert: Certificate, verification: SignatureCheck | None, data) -> dict:
     body = cert.body
+    inputs = _chart_inputs(cert, data)
+    results = body["results"]
+    ran = [r for r in results if r["status"] == "ok"]
+    sections = [{"result": r, "charts": charts_for(r["metric"], inputs),
+                 "omitted": omitted_for(r["metric"], inputs),
+                 "requirements": [q for q in body["requirements"] if q["metric"] == r["metric"]]}
+                for r in ran]
+    counts = body["data"].get("class_counts") or []
+    total = sum(counts) or 1
+    verdicts = [q["verdict"] for q in body["requirements"]]
+    shown = {"name", "version", "uri", "format", "sha256", "num_classes", "input_shape",
+             "gradients", "run_id", "opset"}
+    return {
+        "c": body,
+        "digest": cert.digest,
+        "signature": cert.signature,
+        "report_id": cert.digest[:12],
+        "not_verified": not_verified_reason(cert, verification),
+        "verification": verification,
+        "threats": threat_model(results),
+        "sections": sections,
+        "not_run": [r for r in results if r["status"] != "ok"],
+        "untested": sorted(set(REGISTRY) - {r["metric"] for r in results}),
+        "kinds": sorted({r["kind"] for r in ran}),
+        "class_balance": [(i, n, n / total) for i, n in enumerate(counts)],
+        "model_extra": {k: v for k, v in sorted(body["model"].items())
+                        if k not in shown and v not in (None, "", {}, [])},
+        "tally": {v: verdicts.count(v) for v in ("PASS", "FAIL", "INCONCLUSIVE")},
+    }
+
+
+def render_html(cert: Certificate, *, verification: SignatureCheck | None = None,
+                data=None) -> str:
+    """The report for ``cert`` as one HTML document with its stylesheet and charts inlined.
+
+    ``verification``: the outcome of checking the signature (anything with ``ok`` and
+    ``message``); a failed check, or an unsigned certificate, puts a NOT VERIFIED banner on
+    the report. None means the signature was not checked and the report says so.
+    ``data``: the certified EvalSet (its SHA-256 must match), for the figures that show test
+    points; with the certificate's in-memory ``per_point`` arrays.
+    """
+    css = (templates_dir() / STYLESHEET).read_text(encoding="utf-8")
     return _environment().get_template(TEMPLATE).render(
-        c=body, digest=cert.digest, signature=cert.signature, css=css,
-        report_id=cert.digest[:12],
-    )
-
-
-def write_report(cert: Certificate, out_dir: str | Path) -> Path:
-    """Write ``report.html`` into ``out_dir`` (created if needed); return its path."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "report.html"
-        tmp = path.with_suffix(".html.partial")
-        tmp.write_text(render_html(cert), encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        raise RobustCertError(f"cannot write the report into {out}: {exc.strerror}") from None
-    return path
+        css=Markup(css), **_context(cert, verification, data))

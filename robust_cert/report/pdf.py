@@ -1,0 +1,89 @@
+"""The PDF report: the HTML report printed by WeasyPrint as PDF/A-3b, certificate attached.
+
+Why WeasyPrint: it lays out grid, flex, inline SVG, repeated table headers and "Page X of Y"
+footers, embeds the fonts, writes PDF/A-3b with attachments, and gives the same bytes for
+the same input, so a PDF's hash identifies the certificate it was made from. It needs the
+pango and harfbuzz-subset system libraries; without them ``import weasyprint`` raises
+OSError rather than ImportError, so both mean "unavailable".
+
+Modes: ``required`` (a compliance run must not silently lose its deliverable: fail, naming
+the install command), ``auto`` (warn and go on without a PDF), ``off``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timezone
+
+from robust_cert.certificate import Certificate
+from robust_cert.errors import RobustCertError
+
+PDF_MODES = ("required", "auto", "off")
+#: The Debian/Ubuntu packages WeasyPrint loads at import, and the fonts the report names.
+SYSTEM_PACKAGES = "libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core"
+ATTACHMENT_NAME = "certificate.json"
+
+log = logging.getLogger(__name__)
+
+
+class PdfUnavailable(RobustCertError):
+    """The PDF engine or its system libraries are missing; the message says how to install."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in PDF_MODES:
+        raise RobustCertError(f"unknown PDF mode {mode!r}: use one of {', '.join(PDF_MODES)}")
+    return mode
+
+
+def pdf_engine():
+    """The imported ``weasyprint`` module, or PdfUnavailable with the exact install command."""
+    try:
+        import weasyprint
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PdfUnavailable(
+            f"PDF engine WeasyPrint cannot load its system libraries ({first}); install them "
+            f"with: sudo apt-get install -y {SYSTEM_PACKAGES}") from None
+    except ImportError as exc:
+        raise PdfUnavailable(
+            f"PDF engine WeasyPrint is not installed ({exc}); install it with: "
+            f"{sys.executable} -m pip install weasyprint") from None
+    return weasyprint
+
+
+def _issued(cert: Certificate) -> datetime:
+    """The certificate's issue time: the PDF's only date, so rendering twice gives one hash."""
+    try:
+        issued = datetime.fromisoformat(cert.body["issued_at"])
+    except (KeyError, TypeError, ValueError):
+        return datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return issued.astimezone(timezone.utc) if issued.tzinfo else issued
+
+
+def render_pdf(html: str, cert: Certificate) -> bytes:
+    """``html`` (the report of ``cert``) as PDF/A-3b bytes with the certificate JSON attached.
+
+    Deterministic: the document dates are the certificate's issue time (from the HTML's
+    ``dcterms.created`` and the attachment's dates), the file identifier is a hash of the
+    content, and the fonts are the system's DejaVu fonts subset the same way each time.
+    Raises PdfUnavailable when WeasyPrint cannot be imported.
+    """
+    weasyprint = pdf_engine()
+    issued = _issued(cert)
+    attachment = weasyprint.Attachment(
+        string=cert.to_json(), name=ATTACHMENT_NAME, relationship="Source",
+        description=f"robust_cert certificate {cert.digest} (canonical JSON)",
+        created=issued, modified=issued)
+    # Its progress lines and notes on CSS it ignores (screen-only rules) are not the user's.
+    loggers = [logging.getLogger(name) for name in ("weasyprint", "weasyprint.progress")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        return weasyprint.HTML(string=html, base_url=None).write_pdf(
+            pdf_variant="pdf/a-3b", attachments=[attachment])
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
