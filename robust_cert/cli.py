@@ -289,8 +289,8 @@ def _compare(args) -> int:
             print(f"  {q.key:<36} {q.rate_a:.4f} -> {q.rate_b:.4f}  "
                   f"delta {q.delta:+.4f} [{q.delta_ci[0]:+.4f}, {q.delta_ci[1]:+.4f}]  "
                   f"p={q.p_value:.3g}  {q.verdict}")
-    print(f"\ncomparison: {report.path}" + (f"  (mlflow run {report.run_id})"
-                                             if report.run_id else ""))
+    print(f"\ncomparison: {report.html_path}, {report.path}"
+          + (f"  (mlflow run {report.run_id})" if report.run_id else ""))
     return 0
 
 

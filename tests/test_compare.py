@@ -78,6 +78,16 @@ def test_compare_command_on_demo_versions(demo, client, tmp_path, capsys):
     run = client.get_run(report["run_id"])
     assert run.data.metrics["delta.v2.robust_accuracy.eps_0.1"] == pytest.approx(
         q["robust_accuracy.eps_0.1"]["delta"])
+    assert {"comparison.json", "comparison.html"} <= {
+        a.path for a in client.list_artifacts(report["run_id"])}
+    # the comparison report as a browser shows it
+    from tests.test_report import _dom
+
+    dom = _dom(tmp_path / "comparison.html", tmp_path)
+    assert dom["model-name"] == "digits-cnn"
+    section = dom["v2-vs-v1"]
+    assert "robust_accuracy.eps_0.1" in section
+    assert BETTER in section
 
 
 @pytest.mark.integration

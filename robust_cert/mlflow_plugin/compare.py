@@ -12,6 +12,7 @@ import numpy as np
 from robust_cert.certificate import Certificate
 from robust_cert.comparison import QuantityComparison, compare, paired_outcomes
 from robust_cert.errors import RobustCertError
+from robust_cert.report.comparison import write_comparison_html
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ComparisonReport:
     comparisons: list[VersionComparison]
     run_id: str | None = None
     path: Path | None = None
+    html_path: Path | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +101,7 @@ def compare_versions(client, name: str, versions: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     report.path = out / "comparison.json"
     report.path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    report.html_path = write_comparison_html(report.to_dict(), out)
     if log_run:
         experiment_id = client.get_run(base_run).info.experiment_id
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare {name}",
@@ -111,7 +114,9 @@ def compare_versions(client, name: str, versions: list[str] | None = None,
                     metrics[f"delta.v{c.candidate}.{q.key}"] = q.delta
                     metrics[f"mcnemar_p.v{c.candidate}.{q.key}"] = q.p_value
             mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(report.path))
             report.run_id = run.info.run_id
-        report.path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+            report.path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+            report.html_path = write_comparison_html(report.to_dict(), out)
+            mlflow.log_artifact(str(report.path))
+            mlflow.log_artifact(str(report.html_path))
     return report
