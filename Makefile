@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/robust-cert demo --workdir demo_out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check robust_cert tests examples
+	$(VENV)/bin/ruff check robust_cert tests examples bench
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"

@@ -8,9 +8,54 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from robust_cert import stats
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
 from robust_cert.models.base import Classifier
+
+#: Failure-rate bands in the style of IEC 61508 (per demand), most lenient first.
+IEC_BANDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+
+
+def draws_to_demonstrate(k: int, n: int, band: float, confidence: float) -> int:
+    """Smallest N ≥ n such that k failures in N draws (no failure after the first n) give a
+    one-sided Clopper–Pearson upper bound ≤ ``band`` at ``confidence``. With k = 0 this is
+    :func:`robust_cert.stats.zero_failure_sample_size`."""
+    if k == 0:
+        return max(n, stats.zero_failure_sample_size(band, confidence))
+
+    def ok(total: int) -> bool:
+        return stats.clopper_pearson(k, total, confidence, "upper")[1] <= band
+
+    lo, hi = max(n, k), max(n, k, 1)
+    while not ok(hi):
+        lo, hi = hi, hi * 2
+    while lo < hi:  # smallest ok in [lo, hi]
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def failure_rate_bands(k: int, n: int, confidence: float, bands=IEC_BANDS) -> dict:
+    """Which failure-rate bands k failures in n i.i.d. draws demonstrate at ``confidence``.
+
+    A band b is demonstrated when the one-sided Clopper–Pearson upper bound on the failure rate
+    is ≤ b (then P(demonstrating b | true rate > b) ≤ 1 − confidence). ``next_band`` is the
+    most lenient band not yet demonstrated; ``more_failure_free_draws`` how many further
+    draws, all failure-free, would demonstrate it.
+    """
+    upper = stats.clopper_pearson(k, n, confidence, "upper")[1]
+    shown = [b for b in bands if upper <= b]
+    rest = [b for b in bands if upper > b]
+    nxt = rest[0] if rest else None
+    more = None if nxt is None else draws_to_demonstrate(k, n, nxt, confidence) - n
+    return {"upper_bound": float(upper), "demonstrated": [float(b) for b in shown],
+            "best_band": float(min(shown)) if shown else None,
+            "next_band": None if nxt is None else float(nxt),
+            "more_failure_free_draws": None if more is None else int(more)}
 
 
 class ProbabilisticRobustnessConfig(MetricConfig):
@@ -50,6 +95,11 @@ class ProbabilisticRobustness(Metric):
     1 − α over the draws the true failure rate lies below the one-sided Clopper–Pearson upper
     bound at level α. With zero failures, n ≥ ln(α)/ln(1 − p) pairs demonstrate p_fail ≤ p.
 
+    ``diagnostics.bands`` reports, per radius, which IEC 61508-style failure-rate bands
+    (1e-1 … 1e-5) the draws demonstrate at the policy's confidence (one-sided CP upper bound
+    ≤ band; each radius on its own, not Holm-adjusted) and how many more failure-free draws
+    would demonstrate the next band (:func:`failure_rate_bands`).
+
     Kind: statistical. The population is the evaluation set's empirical distribution × the
     noise; it speaks for deployment data only as far as the evaluation set is a sample of it.
 
@@ -81,6 +131,7 @@ class ProbabilisticRobustness(Metric):
         lo, hi = data.input_range
         n_data, m = len(data), cfg.samples
         props, per_point, reference = [], {}, None
+        bands = {}
         if cfg.failure == "prediction_changed":
             reference = torch.cat([
                 model.logits(data.x[s:s + ctx.batch_size].to(ctx.device)).argmax(1).cpu()
@@ -100,6 +151,8 @@ class ProbabilisticRobustness(Metric):
                 fail[s:s + len(bi)] = (pred != target).numpy()
                 ctx.advance(len(bi))
             props.append(Proportion({"eps": eps}, int(fail.sum()), m))
+            bands[f"{eps:g}"] = failure_rate_bands(int(fail.sum()), m, ctx.confidence)
             per_point[f"failed@{eps:g}"] = fail
             per_point[f"index@{eps:g}"] = idx.numpy()
-        return self.result(props, per_point=per_point)
+        diagnostics = {"bands": {"confidence": float(ctx.confidence), "by_eps": bands}}
+        return self.result(props, per_point=per_point, diagnostics=diagnostics)

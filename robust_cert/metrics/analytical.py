@@ -1,0 +1,370 @@
+"""Analytical estimators of local robustness to Gaussian noise (Han, Srinivas & Lakkaraju;
+Family E): p_σ(x) from a local linear model and a multivariate normal CDF."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+from scipy import stats as _st
+from scipy.stats import qmc
+
+from robust_cert import stats
+from robust_cert.data import EvalSet
+from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.models.base import Classifier
+
+Estimator = Literal["taylor", "mmse", "mvs", "mmse_mvs", "softmax"]
+RIDGE = 1e-5  # added to the correlation matrix, as in Han et al.
+
+
+# --------------------------------------------------------------------------- MVN CDF
+
+
+def mvn_cdf(upper: torch.Tensor, corr: torch.Tensor, points: int = 1024, shifts: int = 8,
+            seed: int = 0, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(Z ≤ upper) for Z ~ N(0, corr), batched over many integrals at once, on their device.
+
+    ``upper`` (P, k), ``corr`` (P, k, k) positive definite. Genz's separation of variables
+    (variables reordered by increasing upper limit, Cholesky factor L) turns each integral into
+    an expectation over the unit cube [0, 1]^{k−1}; it is evaluated with ``shifts``
+    independently scrambled Sobol sets of ``points / shifts`` points each, shared by all
+    integrals. Returns (estimate, standard error over the shifts), both (P,) float64.
+    k = 1 is exact: Φ(upper / √corr).
+    """
+    upper = upper.to(torch.float64)
+    corr = corr.to(torch.float64)
+    p, k = upper.shape
+    if k == 1:
+        est = torch.special.ndtr(upper[:, 0] / corr[:, 0, 0].sqrt())
+        return est, torch.zeros_like(est)
+    per = max(1, points // shifts)
+    w = np.stack([qmc.Sobol(d=k - 1, scramble=True, seed=seed + s).random(per)
+                  for s in range(shifts)])  # (shifts, per, k-1)
+    w = torch.from_numpy(w.reshape(shifts * per, k - 1)).to(upper.device)
+    order = upper.argsort(dim=1)
+    b = upper.gather(1, order)
+    s_perm = corr.gather(1, order[:, :, None].expand(p, k, k))
+    s_perm = s_perm.gather(2, order[:, None, :].expand(p, k, k))
+    chol = torch.linalg.cholesky(s_perm)
+    tiny = 1e-300
+    est = torch.empty(p, dtype=torch.float64, device=upper.device)
+    err = torch.empty_like(est)
+    for c in range(0, p, chunk):
+        L, bb = chol[c:c + chunk], b[c:c + chunk]
+        n = L.shape[0]
+        e = torch.special.ndtr(bb[:, :1] / L[:, :1, 0]).expand(n, w.shape[0])
+        f = e.clone()
+        ys = torch.zeros((n, w.shape[0], k - 1), dtype=torch.float64, device=upper.device)
+        for i in range(1, k):
+            u = (w[None, :, i - 1] * e).clamp(tiny, 1 - 1e-16)
+            ys[:, :, i - 1] = torch.special.ndtri(u)
+            shift = (ys[:, :, :i] * L[:, None, i, :i]).sum(-1)
+            e = torch.special.ndtr((bb[:, i:i + 1] - shift) / L[:, i:i + 1, i])
+            f = f * e
+        by_shift = f.view(n, shifts, per).mean(2)
+        est[c:c + n] = by_shift.mean(1)
+        err[c:c + n] = by_shift.std(1) / math.sqrt(shifts) if shifts > 1 else 0.0
+    return est, err
+
+
+def mvn_cdf_scipy(upper: np.ndarray, corr: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Reference path: scipy's ``multivariate_normal.cdf`` (Genz), one integral at a time."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(upper))
+    for i, (b, s) in enumerate(zip(upper, corr, strict=True)):
+        if len(b) == 1:
+            out[i] = _st.norm.cdf(b[0] / math.sqrt(s[0, 0]))
+        else:
+            out[i] = _st.multivariate_normal(mean=np.zeros(len(b)), cov=s).cdf(b, rng=rng)
+    return out
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def logits_and_jacobian(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P, C) and input Jacobians (P, C, d) of a batch, with torch.func.
+
+    Per-sample Jacobians from one batched forward: jacrev of x ↦ Σ_batch f(x) (the samples
+    are independent in eval mode), its C vector-Jacobian products vmapped.
+    """
+    x = x.detach()
+
+    def summed(z):
+        out = fn(z)
+        return out.sum(0), out
+
+    jac, out = torch.func.jacrev(summed, has_aux=True)(x)  # jac: (C, P, *shape)
+    return out.detach(), jac.detach().flatten(2).transpose(0, 1)
+
+
+def margins(logits: torch.Tensor, jac: torch.Tensor, target: torch.Tensor, sigma: float):
+    """z_i = g_i / (σ‖∇g_i‖) and the correlation Σ_ij = cos(∇g_i, ∇g_j) + ridge·I, with
+    g_i = f_t − f_i over the C − 1 classes i ≠ t (float64)."""
+    p, c = logits.shape
+    logits, jac = logits.to(torch.float64), jac.to(torch.float64)
+    keep = torch.ones(p, c, dtype=torch.bool, device=logits.device)
+    keep[torch.arange(p), target] = False
+    others = keep.nonzero()[:, 1].view(p, c - 1)
+    g = logits.gather(1, target[:, None]) - logits.gather(1, others)
+    jt = jac[torch.arange(p), target][:, None]
+    grad = jt - jac.gather(1, others[:, :, None].expand(p, c - 1, jac.shape[2]))
+    norm = grad.norm(dim=2).clamp_min(1e-30)
+    z = g / (sigma * norm)
+    unit = grad / norm[:, :, None]
+    corr = unit @ unit.transpose(1, 2) + RIDGE * torch.eye(c - 1, dtype=torch.float64,
+                                                           device=logits.device)
+    return z, corr
+
+
+def mvs(z: torch.Tensor) -> torch.Tensor:
+    """Multivariate-sigmoid approximation of the MVN CDF: 1 / (1 + Σ_i exp(−z_i))."""
+    return torch.sigmoid(-torch.logsumexp(-z, dim=1))
+
+
+def monte_carlo_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, sigma: float,
+                  draws: int, generator: torch.Generator, max_forward_images: int = 4096):
+    """Counts k of draws where argmax f(x + ε) = t, ε ~ N(0, σ²I), batched over points."""
+    k = np.zeros(len(x), dtype=np.int64)
+    block = min(draws, max_forward_images)
+    per = max(1, max_forward_images // block)
+    for s in range(0, len(x), per):
+        xs, ts = x[s:s + per], target[s:s + per]
+        done = 0
+        while done < draws:
+            b = min(block, draws - done)
+            noise = torch.randn((len(xs), b, *xs.shape[1:]), generator=generator) * sigma
+            pred = model.logits((xs[:, None] + noise).flatten(0, 1).to(model.device))
+            k[s:s + len(xs)] += (pred.argmax(1).cpu().view(len(xs), b) == ts[:, None]).sum(1)\
+                .numpy()
+            done += b
+    return k
+
+
+class AnalyticalConfig(MetricConfig):
+    """Parameters of :class:`AnalyticalRobustness`."""
+
+    sigma: float = Field(gt=0, description="σ of the Gaussian noise N(0, σ²I)")
+    estimators: list[Estimator] = Field(
+        default=["taylor", "mmse", "mvs", "softmax"], min_length=1)
+    primary: Estimator = Field(default="mmse", validate_default=True,
+                               description="the estimator ranked and reported")
+    mmse_samples: int = Field(default=16, ge=1, le=100_000, description="noisy copies (mmse, "
+                              "softmax)")
+    qmc_points: int = Field(default=1024, ge=8, le=1_000_000, description="QMC points per CDF")
+    thresholds: list[float] = Field(default=[0.5, 0.9], min_length=1,
+                                    description="τ: proportions of points with p_σ ≥ τ")
+    validate_points: int = Field(default=32, ge=0, le=1_000_000,
+                                 description="points compared with Monte Carlo (0: none)")
+    validate_draws: int = Field(default=2000, ge=1, le=10_000_000)
+    confidence: float = Field(default=0.95, gt=0, lt=1,
+                              description="for the validation CP intervals and class-mean CIs")
+    top_k: int = Field(default=10, ge=0, le=100_000, description="most vulnerable points listed")
+    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
+
+    @field_validator("estimators")
+    @classmethod
+    def _unique(cls, v):
+        return list(dict.fromkeys(v))
+
+    @field_validator("primary")
+    @classmethod
+    def _primary_is_computed(cls, v, info: ValidationInfo):
+        est = info.data.get("estimators")
+        if est is not None and v not in est:
+            raise ValueError(f"primary {v!r} is not among estimators {est}")
+        return v
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, (int, float)) else v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, v):
+        bad = [t for t in v if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1], got {bad[0]}")
+        return sorted(set(float(t) for t in v))
+
+
+class AnalyticalRobustness(Metric):
+    """Estimates of p_σ(x) = P_{ε~N(0,σ²I)}[argmax f(x+ε) = t], t = argmax f(x) (Han et al.).
+
+    With g_i = f_t − f_i (i ≠ t), z_i = g_i/(σ‖∇g_i‖), Σ_ij = cos(∇g_i, ∇g_j) + 1e-5·I:
+
+    - ``taylor``: Φ_{C−1}(z; 0, Σ), the MVN CDF of the local linear model (exact for affine f);
+    - ``mmse``: the same with f and ∇f averaged over ``mmse_samples`` noisy copies x + ε;
+    - ``mvs`` / ``mmse_mvs``: Φ_{C−1} replaced by 1/(1 + Σ_i exp(−z_i));
+    - ``softmax``: the softmax probability of t averaged over the noisy copies.
+
+    Jacobians come from torch.func (one batched forward, vmapped vector-Jacobian products);
+    the MVN CDFs of all points are integrated at once on the device by randomized
+    quasi-Monte Carlo (Genz separation of variables, scrambled Sobol points;
+    :func:`mvn_cdf`), whose standard error is in ``diagnostics.qmc_std_error_max``.
+
+    Guarantee: none — kind "estimate". The estimators are exact only for affine models; their
+    error on this model is *measured* on ``validate_points`` points against
+    ``validate_draws``-draw Monte Carlo (counts with exact CP intervals at ``confidence``):
+    ``diagnostics.validation[estimator]`` holds the MAE, the largest error and how many
+    estimates fall inside the CP interval. The proportions (fraction of points with estimated
+    p_σ ≥ τ, selector ``{"tau": τ}``) carry CIs over the sampling of points only, not the
+    estimator's error: a requirement on them gates on an estimate, so the example policies
+    never gate on this metric (use ``local_probabilistic_robustness`` for a tested claim).
+
+    Also reported: the most noise-vulnerable points (lowest p_σ; per_point ``rank``, 0 first)
+    and the robustness bias: the mean p_σ per true class with Hoeffding CIs at
+    ``confidence`` (distribution-free for values in [0, 1]) and the largest gap between classes.
+
+    Args (policy ``metrics.analytical_robustness``): sigma (required, > 0), estimators
+    (taylor, mmse, mvs, softmax), primary (mmse), mmse_samples (16), qmc_points (1024),
+    thresholds ([0.5, 0.9]), validate_points (32), validate_draws (2000), confidence (0.95),
+    top_k (10), max_forward_images (4096). Needs input gradients, except with only softmax.
+
+    Example::
+
+        res = AnalyticalRobustness(AnalyticalConfig(sigma=0.1)).run(model, data, ctx)
+        res.per_point["p_mmse"]; res.diagnostics["validation"]["mmse"]["mae"]
+    """
+
+    name = "analytical_robustness"
+    kind = "estimate"
+    quantity = "fraction of points with estimated p_σ ≥ τ"
+    higher_is_better = True
+    description = "estimated P_ε[argmax f(x+ε) = argmax f(x)], ε ~ N(0, σ²I) (Han et al.)"
+    needs_gradients = True
+    Config = AnalyticalConfig
+
+    def __init__(self, config: AnalyticalConfig):
+        super().__init__(config)
+        self.needs_gradients = config.estimators != ["softmax"]
+
+    def selectors(self):
+        return [{"tau": t} for t in self.config.thresholds]
+
+    def cost(self, n_points: int) -> int:
+        return n_points
+
+    def estimate(self, model: Classifier, x: torch.Tensor, generator: torch.Generator,
+                 seed: int = 0) -> tuple[torch.Tensor, dict[str, np.ndarray], float]:
+        """(prediction t, {estimator: p_σ estimates}, largest QMC standard error) for a batch."""
+        cfg = self.config
+        want = set(cfg.estimators)
+        dev = model.device
+        x = x.to(dev)
+        out: dict[str, np.ndarray] = {}
+        qmc_err = 0.0
+        if want & {"taylor", "mvs"}:
+            logits, jac = logits_and_jacobian(model.attack_module(), x)
+        if not want & {"taylor", "mvs"} or model.gradient_forward is not None:
+            logits = model.logits(x)  # t is the deployed model's prediction
+        target = logits.argmax(1)
+        if want & {"taylor", "mvs"}:
+            z, corr = margins(logits, jac, target, cfg.sigma)
+            if "taylor" in want:
+                p, e = mvn_cdf(z, corr, cfg.qmc_points, seed=seed)
+                out["taylor"], qmc_err = p.cpu().numpy(), float(e.max())
+            if "mvs" in want:
+                out["mvs"] = mvs(z).cpu().numpy()
+        if want & {"mmse", "mmse_mvs", "softmax"}:
+            n = cfg.mmse_samples
+            noise = torch.randn((len(x), n, *x.shape[1:]), generator=generator) * cfg.sigma
+            xn = (x[:, None] + noise.to(dev)).flatten(0, 1)
+            if want & {"mmse", "mmse_mvs"}:
+                nl, nj = logits_and_jacobian(model.attack_module(), xn)
+                ml = nl.view(len(x), n, -1).mean(1)
+                mj = nj.view(len(x), n, *nj.shape[1:]).mean(1)
+                z, corr = margins(ml, mj, target, cfg.sigma)
+                if "mmse" in want:
+                    p, e = mvn_cdf(z, corr, cfg.qmc_points, seed=seed)
+                    out["mmse"], qmc_err = p.cpu().numpy(), max(qmc_err, float(e.max()))
+                if "mmse_mvs" in want:
+                    out["mmse_mvs"] = mvs(z).cpu().numpy()
+            else:
+                nl = model.logits(xn)
+            if "softmax" in want:
+                sm = nl.view(len(x), n, -1).softmax(2).mean(1)
+                out["softmax"] = sm.gather(1, target[:, None])[:, 0].double().cpu().numpy()
+        return target.cpu(), out, qmc_err
+
+    def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        cfg = self.config
+        m = len(data)
+        g = ctx.generator(f"{self.name}/{cfg.sigma!r}")
+        qmc_seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+        target = torch.empty(m, dtype=torch.long)
+        est = {e: np.empty(m) for e in cfg.estimators}
+        qmc_err = 0.0
+        step = max(1, min(ctx.batch_size, cfg.max_forward_images // max(1, cfg.mmse_samples)))
+        for s in range(0, m, step):
+            sl = slice(s, min(s + step, m))
+            t, out, e = self.estimate(model, data.x[sl], g, seed=qmc_seed)
+            target[sl] = t
+            for k, v in out.items():
+                est[k][sl] = v
+            qmc_err = max(qmc_err, e)
+            ctx.advance(sl.stop - sl.start)
+        est = {k: np.clip(v, 0.0, 1.0) for k, v in est.items()}
+        primary = est[cfg.primary]
+        rank = np.empty(m, dtype=np.int64)
+        order = np.argsort(primary, kind="stable")
+        rank[order] = np.arange(m)
+
+        diagnostics = {
+            "guarantee": "none: estimates; error measured against Monte Carlo in 'validation'",
+            "primary": cfg.primary,
+            "qmc_std_error_max": float(qmc_err),
+            "most_vulnerable": [int(i) for i in order[:cfg.top_k]],
+            "robustness_bias": _bias(primary, data.y.numpy(), cfg.confidence),
+        }
+        if cfg.validate_points:
+            diagnostics["validation"] = self._validate(model, data, target, est, ctx)
+        props = [Proportion({"tau": t}, int((primary >= t).sum()), m) for t in cfg.thresholds]
+        per_point = {f"p_{k}": v for k, v in est.items()}
+        per_point.update(prediction=target.numpy(), rank=rank)
+        return self.result(props, per_point=per_point, diagnostics=diagnostics)
+
+    def _validate(self, model, data, target, est, ctx) -> dict:
+        """Monte Carlo on a random subset: counts, CP intervals, and each estimator's error."""
+        cfg = self.config
+        g = ctx.generator(f"{self.name}/validation/{cfg.sigma!r}")
+        n_val = min(cfg.validate_points, len(data))
+        idx = torch.randperm(len(data), generator=g)[:n_val].sort().values
+        k = monte_carlo_p(model, data.x[idx], target[idx], cfg.sigma, cfg.validate_draws, g,
+                          cfg.max_forward_images)
+        p_mc = k / cfg.validate_draws
+        ci = np.array([stats.clopper_pearson(int(a), cfg.validate_draws, cfg.confidence)
+                       for a in k])
+        out: dict = {"points": int(n_val), "draws": int(cfg.validate_draws),
+                     "indices": [int(i) for i in idx]}
+        for name, v in est.items():
+            sub = v[idx.numpy()]
+            err = np.abs(sub - p_mc)
+            out[name] = {
+                "mae": float(err.mean()),
+                "max_abs_error": float(err.max()),
+                "inside_cp_interval": int(((sub >= ci[:, 0]) & (sub <= ci[:, 1])).sum()),
+            }
+        return out
+
+
+def _bias(p: np.ndarray, y: np.ndarray, confidence: float) -> dict:
+    """Per-class mean p_σ with two-sided Hoeffding intervals, and the largest gap."""
+    per_class = {}
+    alpha = 1 - confidence
+    for c in np.unique(y):
+        v = p[y == c]
+        half = math.sqrt(math.log(2 / alpha) / (2 * len(v)))
+        mean = float(v.mean())
+        per_class[str(int(c))] = {"n": int(len(v)), "mean": mean,
+                                  "ci": [max(0.0, mean - half), min(1.0, mean + half)]}
+    means = {c: d["mean"] for c, d in per_class.items()}
+    lo, hi = min(means, key=means.get), max(means, key=means.get)
+    return {"per_class": per_class, "largest_gap": float(means[hi] - means[lo]),
+            "least_robust_class": lo, "most_robust_class": hi,
+            "ci_method": "Hoeffding (two-sided)"}
