@@ -87,7 +87,8 @@ def run_suite(
                 bar.update(metric.cost(len(data)))
                 continue
             ctx = RunContext(device=model.device, batch_size=policy.batch_size, seed=seed,
-                             advance=bar.update, gradient_twin=gradient_twin)
+                             advance=bar.update, gradient_twin=gradient_twin,
+                             confidence=policy.confidence)
             log.info("running %s", metric.name)
             results[metric.name] = metric.run(model, data, ctx)
     return results

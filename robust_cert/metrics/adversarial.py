@@ -1,37 +1,81 @@
-"""Robust accuracy under white-box attacks (Family B), per-point worst case over the attacks."""
+"""Robust accuracy under adversarial attacks (Family B), per-point worst case over the attacks.
+
+One algorithm: run every configured torchattacks attack on the points that are still
+classified correctly, for each ε, and count the points that survive all of them. Sanity checks
+in the style of AutoAttack are recorded with the result (see :class:`RobustAccuracy`).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from robust_cert.data import EvalSet
+from robust_cert.errors import ModelError
 from robust_cert.metrics.base import (
     Metric,
     MetricConfig,
     MetricResult,
     Proportion,
     RunContext,
+    _derive_seed,
     batches,
 )
 from robust_cert.models.base import Classifier
 
-ATTACKS = ("fgsm", "pgd")
+log = logging.getLogger(__name__)
+
+#: Attack name -> the norms it supports. White-box attacks need input gradients; ``square``
+#: only queries the model's outputs (black box).
+ATTACKS: dict[str, tuple[str, ...]] = {
+    "fgsm": ("linf",),
+    "pgd": ("linf", "l2"),
+    "apgd_ce": ("linf", "l2"),
+    "apgd_t": ("linf", "l2"),
+    "fab": ("linf", "l2"),
+    "square": ("linf", "l2"),
+    "autoattack": ("linf", "l2"),
+}
+BLACK_BOX = ("square",)
+#: Attacks built on a targeted DLR loss over the 3rd and 4th largest logits need 4 classes.
+MIN_CLASSES = {"apgd_t": 4, "autoattack": 4}
+#: What replaces AutoAttack-standard on a model with fewer than 4 classes.
+AUTOATTACK_FALLBACK = ("apgd_ce", "square")
+#: Points whose input gradient is exactly zero above this fraction raise the gradient flag.
+ZERO_GRADIENT_LIMIT = 0.05
+#: Square breaking more than this fraction of the attacked (point, ε) pairs that every
+#: white-box attack missed raises the gradient-masking flag (one stray point does not).
+SQUARE_ONLY_LIMIT = 0.01
+#: How a result crafted on a gradient twin (and judged on the deployed model) is labelled.
+TRANSFER = ("transfer from the PyTorch twin: attacks crafted on the twin's gradients, "
+            "judged on the deployed model")
 
 
 class RobustAccuracyConfig(MetricConfig):
     """Parameters of :class:`RobustAccuracy` (ε in the data's own units)."""
 
-    eps: list[float] = Field(min_length=1, description="L∞ radii; 0 is allowed (sanity check)")
-    attacks: list[Literal["fgsm", "pgd"]] = Field(default=["fgsm", "pgd"], min_length=1)
-    norm: Literal["linf"] = "linf"
-    steps: int = Field(default=10, ge=1, le=10_000, description="PGD iterations")
+    eps: list[float] = Field(min_length=1, description="radii; 0 is allowed (sanity check)")
+    attacks: list[str] = Field(default=["fgsm", "pgd"], min_length=1)
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(default=10, ge=1, le=10_000, description="PGD/APGD/FAB iterations")
     step_size: float | None = Field(default=None, gt=0, description="PGD step; 2.5·ε/steps")
     random_start: bool = True
+    square_queries: int = Field(default=1000, ge=1, le=100_000,
+                                description="query budget of the Square attack")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_attacks(cls, data):
+        """Without ``attacks``: FGSM + PGD for L∞, PGD for L2 (FGSM is L∞ only)."""
+        if isinstance(data, dict) and data.get("attacks") is None:
+            data = {**data, "attacks": ["pgd"] if data.get("norm") == "l2" else ["fgsm", "pgd"]}
+        return data
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -41,45 +85,139 @@ class RobustAccuracyConfig(MetricConfig):
     @field_validator("eps")
     @classmethod
     def _non_negative(cls, v):
-        bad = [e for e in v if not e >= 0]
+        bad = [e for e in v if not (e >= 0 and math.isfinite(e))]
         if bad:
-            raise ValueError(f"ε must be >= 0, got {bad[0]}")
+            raise ValueError(f"ε must be >= 0 and finite, got {bad[0]}")
         return sorted(set(float(e) for e in v))
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _known_attacks(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        out = []
+        for a in v:
+            name = str(a).strip().lower().replace("-", "_")
+            if name not in ATTACKS:
+                raise ValueError(f"unknown attack {a!r}; valid attacks: {', '.join(ATTACKS)}")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @model_validator(mode="after")
+    def _norm_supported(self):
+        for a in self.attacks:
+            if self.norm not in ATTACKS[a]:
+                raise ValueError(f"attack {a!r} does not support norm {self.norm!r} "
+                                 f"(it supports: {', '.join(ATTACKS[a])})")
+        return self
 
 
 class _UnitRangeView(nn.Module):
-    """Presents a model on inputs in [lo, hi] as one on [0, 1], the range torchattacks expects."""
+    """Presents a model on inputs in [lo, hi] of shape ``shape`` as one on [0, 1] images.
 
-    def __init__(self, inner: nn.Module, lo: float, hi: float):
+    torchattacks wants NCHW input in [0, 1]; inputs of any other rank (tabular (N, d) rows)
+    are presented as (N, 1, 1, d + 1) and reshaped back before the model sees them. The extra
+    last column is ignored by the model: torchattacks' Square never places a window on the
+    last column (``random_int(0, w - s)`` excludes its upper end), so without it the last
+    feature of a row could never be searched.
+    """
+
+    def __init__(self, inner: nn.Module, lo: float, hi: float, shape: tuple[int, ...]):
         super().__init__()
-        self.inner, self.lo, self.scale = inner, lo, hi - lo
+        self.inner, self.lo, self.scale, self.shape = inner, lo, hi - lo, tuple(shape)
+        #: When a list, the gradient of the next backward pass through the view (the attack's
+        #: first gradient, at its starting point) is appended to it: a free gradient probe.
+        self.probe: list[torch.Tensor] | None = None
+
+    def to_attack(self, x: torch.Tensor) -> torch.Tensor:
+        u = x if self.lo == 0.0 and self.scale == 1.0 else (x - self.lo) / self.scale
+        if u.ndim == 4:
+            return u
+        flat = u.reshape(u.shape[0], 1, 1, -1)
+        return torch.cat([flat, torch.zeros_like(flat[..., :1])], dim=-1)
+
+    def to_data(self, u: torch.Tensor) -> torch.Tensor:
+        if len(self.shape) != 3:
+            u = u[..., :-1].reshape(u.shape[0], *self.shape)
+        if self.lo == 0.0 and self.scale == 1.0:
+            return u
+        return self.lo + self.scale * u
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.lo + self.scale * u)
+        if self.probe is not None and u.requires_grad:
+            probe, self.probe = self.probe, None
+            u.register_hook(lambda grad: probe.append(grad.detach()))
+        return self.inner(self.to_data(u))
+
+
+def _norms(d: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = d.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def _project(adv: torch.Tensor, u: torch.Tensor, eps01: float, norm: str) -> torch.Tensor:
+    """Project ``adv`` onto the ε-ball around ``u`` and the unit box (soundness guard)."""
+    d = adv - u
+    if norm == "linf":
+        d = d.clamp(-eps01, eps01)
+    else:
+        n = _norms(d, "l2").clamp_min(1e-30)
+        d = d * (eps01 / n).clamp(max=1.0).view(-1, *([1] * (d.ndim - 1)))
+    return (u + d).clamp(0.0, 1.0)
 
 
 class RobustAccuracy(Metric):
     """Robust accuracy at each ε: the fraction of points classified correctly at x and under
-    every configured attack within the L∞ ball of radius ε (clipped to the input range).
+    every configured attack within the ε-ball (L∞ or L2, clipped to the input range).
 
     Kind: empirical. An attack that fails to find an adversarial example proves nothing, so
     this is an **upper bound** on the true robust accuracy; its Clopper–Pearson interval covers
-    the sampling of test points only, not the attack's misses.
+    the sampling of test points only, not the attack's misses. The values over ε are the
+    robustness curve.
+
+    On a model without gradients that has a validated gradient twin (an ONNX graph and its
+    PyTorch source, see :func:`robust_cert.models.twin.with_gradient_twin`), the attacks are
+    crafted on the twin and judged on the deployed model: transfer from the PyTorch twin. The
+    result's description and ``diagnostics["attack_source"]`` say so; it is still an upper
+    bound.
 
     Args (policy ``metrics.robust_accuracy``):
         eps: list of radii in data units, e.g. ``[0.05, 0.1]``.
-        attacks: any of ``fgsm``, ``pgd`` (default both); a point counts as robust only if it
-            survives all of them (per-point worst case).
-        steps: PGD iterations (default 10). step_size: PGD step (default 2.5·ε/steps).
+        attacks: any of ``fgsm`` (L∞ only), ``pgd`` (L∞ or L2), ``apgd_ce``, ``apgd_t``,
+            ``fab``, ``square`` (black box), ``autoattack`` (AutoAttack-standard: APGD-CE,
+            APGD-T, FAB-T, Square); default ``[fgsm, pgd]`` (``[pgd]`` for L2). A point
+            counts as robust only if it survives all of them (per-point worst case).
+            White-box attacks run first and Square last, so the points Square alone breaks
+            are visible.
+        norm: ``linf`` (default) or ``l2``; an attack without that norm is a policy error.
+        steps: PGD/APGD/FAB iterations (default 10). step_size: PGD step (default 2.5·ε/steps).
         random_start: PGD starts uniformly in the ball (default true).
+        square_queries: Square's query budget (default 1,000).
+
+    Fallbacks: ``apgd_t`` needs at least 4 classes (an error otherwise). ``autoattack`` on a
+    model with fewer than 4 classes runs APGD-CE + Square instead; ``diagnostics["fallback"]``
+    records it. Tabular inputs (N, d) are presented to the attacks as (N, 1, 1, d + 1) images
+    (one ignored padding column, see :class:`_UnitRangeView`). Square and AutoAttack in L2
+    need images of at least 5×5 pixels (an error otherwise, e.g. for tabular inputs).
+
+    Sanity checks (``diagnostics["sanity"]``, each true when it passes, with a logged warning
+    when it fails): ``eps0_equals_clean`` (the attacked view of the model reproduces clean
+    predictions; checked when the view differs from the judged model — a gradient twin, a
+    rescaled input range or reshaped tabular input — and true by construction otherwise),
+    ``in_range_and_ball`` (attacks returned points in the input range and the ε-ball; points
+    outside are projected back before they are judged), ``gradients_nonzero`` (at most 5% of
+    the points the first white-box attack starts from have an exactly zero input gradient —
+    read from the attack's own first gradient, at no extra cost), ``square_not_better``
+    (Square broke at most 1% of the attacked (point, ε) pairs that every white-box attack
+    missed; more is a sign of gradient masking — ``square_only_breaks`` has the count).
+    Whether the model is random at evaluation time is checked once per certification
+    (``certificate.sanity.deterministic_forward``).
 
     Example::
 
-        RobustAccuracy(RobustAccuracyConfig(eps=[0.1])).run(model, data, ctx)
-
-    Sanity checks in ``diagnostics``: adversarial inputs stay in range and within ε
-    (``max_linf_excess``, ``range_violations``), and robust accuracy at ε = 0 equals clean
-    accuracy when 0 is configured.
+        RobustAccuracy(RobustAccuracyConfig(eps=[0.1], attacks=["pgd", "square"]))\\
+            .run(model, data, ctx)
     """
 
     name = "robust_accuracy"
@@ -87,7 +225,7 @@ class RobustAccuracy(Metric):
     quantity = "robust accuracy"
     higher_is_better = True
     needs_gradients = True
-    description = "P[f(x') = y for every attack's x' with ||x' - x||∞ <= ε] (upper bound)"
+    description = "P[f(x') = y for every attack's x' with ||x' - x|| <= ε] (upper bound)"
     Config = RobustAccuracyConfig
 
     def selectors(self):
@@ -96,52 +234,154 @@ class RobustAccuracy(Metric):
     def cost(self, n_points: int) -> int:
         return n_points * len(self.config.eps) * len(self.config.attacks)
 
-    def _attack(self, name: str, view: nn.Module, eps01: float):
+    def plan(self, num_classes: int) -> tuple[list[str], str | None]:
+        """The attacks to run in order (white box first, Square last) and the fallback note."""
+        attacks, note = [], None
+        for a in self.config.attacks:
+            if a == "autoattack" and num_classes < MIN_CLASSES[a]:
+                note = (f"AutoAttack-standard needs at least 4 classes (targeted DLR loss); "
+                        f"the model has {num_classes}: ran {' + '.join(AUTOATTACK_FALLBACK)} "
+                        "instead")
+                attacks += [b for b in AUTOATTACK_FALLBACK if b not in attacks]
+            elif a in MIN_CLASSES and num_classes < MIN_CLASSES[a]:
+                raise ModelError(f"attack {a} needs at least {MIN_CLASSES[a]} classes; the model "
+                                 f"has {num_classes}")
+            elif a not in attacks:
+                attacks.append(a)
+        attacks.sort(key=lambda a: a in BLACK_BOX)
+        return attacks, note
+
+    def _attack(self, name: str, view: nn.Module, eps01: float, seed: int, num_classes: int):
         import torchattacks
 
         cfg = self.config
+        tnorm = "Linf" if cfg.norm == "linf" else "L2"
         if name == "fgsm":
             return torchattacks.FGSM(view, eps=eps01)
-        step = (cfg.step_size / self._scale) if cfg.step_size else 2.5 * eps01 / cfg.steps
-        return torchattacks.PGD(view, eps=eps01, alpha=step, steps=cfg.steps,
-                                random_start=cfg.random_start)
+        if name == "pgd":
+            step = (cfg.step_size / self._scale) if cfg.step_size else 2.5 * eps01 / cfg.steps
+            cls = torchattacks.PGD if cfg.norm == "linf" else torchattacks.PGDL2
+            return cls(view, eps=eps01, alpha=step, steps=cfg.steps,
+                       random_start=cfg.random_start)
+        if name == "apgd_ce":
+            return torchattacks.APGD(view, norm=tnorm, eps=eps01, steps=cfg.steps, seed=seed,
+                                     loss="ce")
+        if name == "apgd_t":
+            return torchattacks.APGDT(view, norm=tnorm, eps=eps01, steps=cfg.steps, seed=seed,
+                                      n_classes=num_classes)
+        if name == "fab":
+            return torchattacks.FAB(view, norm=tnorm, eps=eps01, steps=cfg.steps, seed=seed,
+                                    n_classes=num_classes)
+        if name == "square":
+            return torchattacks.Square(view, norm=tnorm, eps=eps01, seed=seed,
+                                       n_queries=cfg.square_queries)
+        return torchattacks.AutoAttack(view, norm=tnorm, eps=eps01, version="standard",
+                                       n_classes=num_classes, seed=seed)
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
+        attacks, fallback = self.plan(model.num_classes)
         lo, hi = data.input_range
         self._scale = hi - lo
-        view = _UnitRangeView(model.attack_module(), lo, hi)
+        view = _UnitRangeView(model.attack_module(), lo, hi, data.input_shape)
+        small = [a for a in attacks if a in ("square", "autoattack")]
+        if cfg.norm == "l2" and small:
+            h, w = view.to_attack(data.x[:1]).shape[-2:]
+            if min(h, w) < 5:
+                raise ModelError(f"{small[0]} with norm l2 needs images of at least 5×5 pixels "
+                                 f"(torchattacks' Square L2 tiles the image in fifths); the "
+                                 f"inputs are presented as {h}×{w}: use norm linf or other "
+                                 "attacks")
         n, n_eps = len(data), len(cfg.eps)
         robust = np.zeros((n, n_eps), dtype=bool)
-        broken_by = {a: [0] * n_eps for a in cfg.attacks}
-        max_excess, range_violations = 0.0, 0
+        broken_by = {a: [0] * n_eps for a in attacks}
+        max_excess, out_of_bounds, zero_grad, probed, view_mismatch = 0.0, 0, 0, 0, 0
+        n_clean = 0
+        # the attacked view is the judged model itself: nothing to compare at ε = 0
+        identical = (model.gradient_forward is None and (lo, hi) == (0.0, 1.0)
+                     and len(data.input_shape) == 3)
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
-            u = (x - lo) / self._scale
+            u = view.to_attack(x)
             clean_ok = model.logits(x).argmax(1) == y
+            n_clean += int(clean_ok.sum())
+            if not identical:
+                with torch.no_grad():
+                    view_mismatch += int((view(u).argmax(1) == y).ne(clean_ok).sum())
+            first_white_box = True
             for j, eps in enumerate(cfg.eps):
                 alive = clean_ok.clone()
                 eps01 = eps / self._scale
-                for a in cfg.attacks:
+                for a in attacks:
                     idx = alive.nonzero().squeeze(1)
                     if idx.numel() and eps > 0:
-                        ctx.seed_global(f"{self.name}/{a}/{eps!r}/{sl.start}")
-                        adv = self._attack(a, view, eps01)(u[idx], y[idx])
-                        max_excess = max(max_excess, float((adv - u[idx]).abs().max() - eps01))
-                        range_violations += int(((adv < 0) | (adv > 1)).any(dim=tuple(
-                            range(1, adv.ndim))).sum())
-                        still = model.logits(lo + self._scale * adv).argmax(1) == y[idx]
+                        label = f"{self.name}/{a}/{eps!r}/{sl.start}"
+                        ctx.seed_global(label)
+                        atk = self._attack(a, view, eps01, _derive_seed(ctx.seed, label) % 2**31,
+                                           model.num_classes)
+                        ui = u[idx]
+                        grads: list[torch.Tensor] = []
+                        if first_white_box and a not in BLACK_BOX:
+                            view.probe, first_white_box = grads, False
+                        adv = atk(ui, y[idx]).detach()
+                        view.probe = None
+                        if grads and grads[0].shape[0] == idx.numel():
+                            zero_grad += int((grads[0].flatten(1).abs().amax(1) == 0).sum())
+                            probed += idx.numel()
+                        excess = _norms(adv - ui, cfg.norm) - eps01
+                        outside = (adv < 0).flatten(1).any(1) | (adv > 1).flatten(1).any(1)
+                        out_of_bounds += int((outside | (excess > 1e-6)).sum())
+                        max_excess = max(max_excess, float(excess.max()))
+                        adv = _project(adv, ui, eps01, cfg.norm)
+                        still = model.logits(view.to_data(adv)).argmax(1) == y[idx]
                         broken_by[a][j] += int((~still).sum())
                         alive[idx] = still
-                    ctx.advance(sl.stop - sl.start)
+                ctx.advance((sl.stop - sl.start) * len(cfg.attacks))  # as cost() counts
                 robust[sl, j] = alive.cpu().numpy()
-        clean_correct = robust[:, 0] if cfg.eps[0] == 0 else None
         props = [Proportion({"eps": e}, int(robust[:, j].sum()), n) for j, e in enumerate(cfg.eps)]
+        white = [a for a in attacks if a not in BLACK_BOX]
+        square_only = sum(broken_by["square"]) if "square" in attacks and white else 0
+        attacked = n_clean * sum(e > 0 for e in cfg.eps)
+        sanity = {
+            "eps0_equals_clean": view_mismatch == 0,
+            "in_range_and_ball": out_of_bounds == 0,
+            "gradients_nonzero": zero_grad <= ZERO_GRADIENT_LIMIT * probed,
+            "square_not_better": square_only <= SQUARE_ONLY_LIMIT * attacked,
+        }
         diagnostics = {
             "broken_by_attack": broken_by,
-            "max_linf_excess": max(0.0, max_excess * self._scale),
-            "range_violations": range_violations,
-            "attack_order": list(cfg.attacks),
+            f"max_{cfg.norm}_excess": max(0.0, max_excess * self._scale),
+            "range_violations": out_of_bounds,
+            "attack_order": attacks,
+            "norm": cfg.norm,
+            "zero_gradient_points": zero_grad,
+            "gradient_points_probed": probed,
+            "square_only_breaks": square_only,
+            "sanity": sanity,
         }
-        if clean_correct is not None:
-            diagnostics["eps0_equals_clean"] = True  # by construction: ε=0 runs no attack
-        return self.result(props, per_point={"robust": robust}, diagnostics=diagnostics)
+        if fallback:
+            diagnostics["fallback"] = fallback
+            log.warning("robust_accuracy: %s", fallback)
+        if cfg.eps[0] == 0:
+            diagnostics["eps0_equals_clean"] = sanity["eps0_equals_clean"]
+        _warn(sanity, zero_grad, probed, square_only)
+        transfer = model.gradient_forward is not None
+        diagnostics["attack_source"] = TRANSFER if transfer else "white-box on the model"
+        res = self.result(props, per_point={"robust": robust}, diagnostics=diagnostics)
+        if transfer:
+            res.description = f"{self.description}; {TRANSFER}"
+        return res
+
+
+def _warn(sanity: dict, zero_grad: int, n: int, square_only: int) -> None:
+    if not sanity["eps0_equals_clean"]:
+        log.warning("robust_accuracy: the attacked view of the model does not reproduce its "
+                    "clean predictions (ε = 0 differs from clean accuracy)")
+    if not sanity["in_range_and_ball"]:
+        log.warning("robust_accuracy: an attack returned inputs outside the input range or the "
+                    "ε-ball; they were projected back before judging")
+    if not sanity["gradients_nonzero"]:
+        log.warning("robust_accuracy: %d of %d points have an exactly zero input gradient: "
+                    "gradient attacks may be blind (gradient masking)", zero_grad, n)
+    if not sanity["square_not_better"]:
+        log.warning("robust_accuracy: the black-box Square attack broke %d points that every "
+                    "white-box attack missed: a sign of gradient masking", square_only)

@@ -123,6 +123,8 @@ class RunContext:
     seed: int
     advance: Callable[[int], None] = lambda n: None
     gradient_twin: Classifier | None = None
+    #: the policy's confidence, for statements a metric makes at it (failure-rate bands)
+    confidence: float = 0.95
 
     def generator(self, label: str) -> torch.Generator:
         """A generator seeded from (seed, label): metrics draw independently of their order."""

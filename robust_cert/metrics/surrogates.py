@@ -1,0 +1,118 @@
+"""Robustness surrogates (Jung et al.; Family G): input-Jacobian norm and loss curvature.
+
+One algorithm: per point, the Frobenius norm of the input Jacobian of the logits
+(``torch.func.jacrev`` under ``vmap``) and the top eigenvalue of the input Hessian of the
+cross-entropy loss by power iteration on Hessian-vector products (batched over points: the
+loss is a sum of per-point losses, so its Hessian is block-diagonal and one HVP serves all
+points). Trend indicators: reported, never gated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from robust_cert.data import EvalSet
+from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, RunContext, batches
+from robust_cert.models.base import Classifier
+
+
+class SurrogatesConfig(MetricConfig):
+    """Parameters of :class:`Surrogates`."""
+
+    power_iterations: int = Field(default=20, ge=1, le=10_000,
+                                  description="HVP power iterations per point")
+
+
+def _summary(v: np.ndarray) -> dict[str, float]:
+    return {"mean": float(v.mean()), "median": float(np.median(v)),
+            "p90": float(np.quantile(v, 0.9)), "max": float(v.max())}
+
+
+class Surrogates(Metric):
+    """Mean input-Jacobian Frobenius norm and top input-Hessian eigenvalue of the loss.
+
+    Per point (``per_point``): ``jacobian_fro`` = ‖∂f(x)/∂x‖_F (logits f, data units) and
+    ``hessian_top`` = the Rayleigh quotient vᵀHv of H = ∂²CE(f(x), y)/∂x² at the vector v that
+    power iteration converged to — the eigenvalue of largest magnitude (for ReLU networks H is
+    positive semi-definite almost everywhere, so it is the top eigenvalue). Power iteration
+    starts from a seeded random vector. ``diagnostics`` hold mean, median, 90th percentile and
+    max of both and ``hessian_converged`` (relative change of the last iteration < 1e-3).
+
+    Kind: estimate. No proportions: the metric is a trend indicator and cannot be a
+    requirement (``selectors()`` is empty). Known answers for a linear softmax model
+    f = Wx + b with cross-entropy: J = W at every x, H = Wᵀ(diag p − ppᵀ)W with p = softmax f.
+
+    Args (policy ``metrics.surrogates``):
+        power_iterations: HVP iterations per point (default 20).
+
+    Example::
+
+        Surrogates(SurrogatesConfig()).run(model, data, ctx).diagnostics["jacobian_fro"]
+    """
+
+    name = "surrogates"
+    kind = "estimate"
+    quantity = "Jacobian norm and loss curvature"
+    higher_is_better = False
+    needs_gradients = True
+    description = "mean ||∂f/∂x||_F and top eigenvalue of ∂²CE/∂x² (trend indicators)"
+    Config = SurrogatesConfig
+
+    def selectors(self):
+        return []
+
+    def cost(self, n_points: int) -> int:
+        return n_points
+
+    def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        fn = model.attack_module()
+        n = len(data)
+        jac = np.empty(n)
+        top = np.empty(n)
+        converged = 0
+        g = ctx.generator(f"{self.name}/power")
+        for sl, x, y in batches(data, ctx.batch_size, ctx.device):
+            jac[sl] = self._jacobian_norms(fn, x).cpu().numpy()
+            v = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+            lam, ok = self._top_eigenvalues(fn, x, y, v)
+            top[sl] = lam.cpu().numpy()
+            converged += int(ok.sum())
+            ctx.advance(sl.stop - sl.start)
+        return self.result(
+            [], per_point={"jacobian_fro": jac, "hessian_top": top},
+            diagnostics={"jacobian_fro": _summary(jac), "hessian_top": _summary(top),
+                         "hessian_converged": converged})
+
+    @staticmethod
+    def _jacobian_norms(fn, x: torch.Tensor) -> torch.Tensor:
+        def single(z):
+            return fn(z[None])[0]
+
+        with torch.enable_grad():
+            jac = torch.func.vmap(torch.func.jacrev(single))(x)
+        return jac.detach().flatten(1).double().norm(dim=1)
+
+    def _top_eigenvalues(self, fn, x, y, v):
+        def hvp(vec):
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_(True)
+                loss = F.cross_entropy(fn(xx), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xx, create_graph=True)
+                (hv,) = torch.autograd.grad(grad, xx, grad_outputs=vec)
+            return hv.detach()
+
+        dims = tuple(range(1, x.ndim))
+        lam = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        prev = lam.clone()
+        for _ in range(self.config.power_iterations):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (x.ndim - 1)))
+            hv = hvp(v)
+            prev, lam = lam, (hv * v).sum(dims).double()
+            v = hv
+            if not v.flatten(1).abs().amax(1).gt(0).any():
+                break
+        ok = (lam - prev).abs() <= 1e-3 * lam.abs().clamp_min(1e-12)
+        return lam, ok

@@ -1,0 +1,179 @@
+"""Known-answer tests of the maximum-safe-radius sandwich (Family F) on linear models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import robust_cert
+from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.safe_radius import (
+    NotBoundable,
+    SafeRadius,
+    SafeRadiusConfig,
+    lipschitz_bound,
+    reverse_weibull_location,
+)
+
+CPU = torch.device("cpu")
+W = np.array([1.0, -2.0, 0.5, 1.5])
+B = 0.3
+WIDE = (-50.0, 50.0)
+
+
+def _binary() -> nn.Linear:
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+        lin.weight[1] = torch.tensor(W, dtype=torch.float32)
+        lin.bias[1] = B
+    return lin
+
+
+def _run(model, x, y, seed=0, input_range=WIDE, **cfg):
+    data = robust_cert.load_data((x, y), input_range=input_range)
+    clf = robust_cert.load_model(model, input_shape=data.input_shape)
+    return SafeRadius(SafeRadiusConfig(**cfg)).run(clf, data,
+                                                   RunContext(CPU, batch_size=32, seed=seed))
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, size=(n, 4)).astype(np.float32)
+    g = x.astype(np.float64) @ W + B
+    return x, (g > 0).astype(np.int64), g
+
+
+DUAL = {"l2": float(np.linalg.norm(W)), "linf": float(np.abs(W).sum())}
+
+
+def _check_sandwich(res, expected, mask, norm, tol=2e-3):
+    lower = res.per_point[f"lower@{norm}"][mask]
+    upper = res.per_point[f"upper@{norm}"][mask]
+    clever = res.per_point[f"clever@{norm}"][mask]
+    np.testing.assert_allclose(lower, expected[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(clever, expected[mask], rtol=1e-5, atol=1e-6)
+    assert (upper >= expected[mask] * (1 - 1e-5) - 1e-6).all()  # a witness is never inside
+    np.testing.assert_allclose(upper, expected[mask], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
+    x, y, g = _data()
+    res = _run(_binary(), x, y, norms=[norm], radii=[0.1, 0.3], clever_radius=100.0,
+               clever_samples=20, bisection_steps=20, max_radius=5.0)
+    expected = np.abs(g) / DUAL[norm]
+    _check_sandwich(res, expected, np.ones(len(x), bool), norm)
+    for r in (0.1, 0.3):
+        assert res.find({"norm": norm, "radius": r}).k == int((expected > r).sum())
+    assert res.diagnostics[norm]["sandwich_violations"] == 0
+    assert res.kind == "certified"
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_uncertainty_radius_of_a_linear_binary_model(norm) -> None:
+    tau = 0.8
+    x, y, g = _data(seed=1)
+    res = _run(_binary(), x, y, property="uncertainty", tau=tau, norms=[norm],
+               clever_radius=100.0, clever_samples=20, bisection_steps=20, max_radius=5.0)
+    logit = math.log(tau / (1 - tau))
+    mask = np.abs(g) > logit + 1e-3
+    assert 0 < mask.sum() < len(x)
+    expected = (np.abs(g) - logit) / DUAL[norm]
+    _check_sandwich(res, expected, mask, norm)
+    np.testing.assert_array_equal(res.per_point["holds"], np.abs(g) >= logit)
+    assert (res.per_point[f"upper@{norm}"][~mask] < 1e-3).all()
+
+
+def test_reachability_radius_of_a_linear_binary_model() -> None:
+    x, y, g = _data(seed=2)
+    low, high = -1.0, 2.0
+    res = _run(_binary(), x, y, property="reachability", output=1, low=low, high=high,
+               norms=["l2"], clever_radius=100.0, clever_samples=20, bisection_steps=20,
+               max_radius=5.0)
+    inside = (g > low) & (g < high)
+    expected = np.minimum(g - low, high - g) / DUAL["l2"]
+    _check_sandwich(res, expected, inside, "l2")
+    np.testing.assert_array_equal(res.per_point["holds"], inside)
+
+
+def test_conv_power_iteration_matches_the_explicit_operator() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+    bound = lipschitz_bound(model, (2, 5, 5), power_iterations=300)
+    basis = torch.eye(50).view(50, 2, 5, 5)
+    with torch.no_grad():
+        mat = nn.functional.conv2d(basis, conv.weight, None, padding=1).flatten(1)  # (50, 75)
+    sigma = float(torch.linalg.matrix_norm(mat.double(), 2))
+    (layer,) = [entry for entry in bound.layers if entry["type"] == "Conv2d"]
+    assert layer["l2"] == pytest.approx(1.01 * sigma, rel=1e-4)
+    assert layer["linf"] == pytest.approx(float(conv.weight.detach().abs().flatten(1).sum(1).max()),
+                                          rel=1e-6)
+    assert bound.head is not None
+
+
+def test_sandwich_holds_on_a_small_cnn_and_is_seeded() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).eval()
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, size=(12, 1, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    kw = dict(norms=["l2", "linf"], radii=[0.0], clever_samples=10, clever_radius=0.5,
+              bisection_steps=8, input_range=(0.0, 1.0))
+    a = _run(model, x, y, seed=5, **kw)
+    b = _run(model, x, y, seed=5, **kw)
+    for nm in ("l2", "linf"):
+        lower, upper = a.per_point[f"lower@{nm}"], a.per_point[f"upper@{nm}"]
+        finite = np.isfinite(upper)
+        assert (lower[finite] <= upper[finite]).all()
+        assert (lower > 0).all()
+        assert a.diagnostics[nm]["sandwich_violations"] == 0
+        np.testing.assert_array_equal(a.per_point[f"clever@{nm}"], b.per_point[f"clever@{nm}"])
+    assert a.find({"norm": "l2", "radius": 0.0}).k == 12
+
+
+class _Square(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = _binary()
+
+    def forward(self, x):
+        return self.lin(x * x)
+
+
+def test_unboundable_layers_are_not_applicable() -> None:
+    with pytest.raises(NotBoundable, match="cannot bound"):
+        lipschitz_bound(_Square(), (4,))
+    x, y, _ = _data(n=8)
+    res = _run(_Square(), x, y, norms=["l2"], clever_samples=5, bisection_steps=3)
+    assert res.status == "ok"
+    assert res.diagnostics["lower_bound"].startswith("not applicable")
+    assert np.isnan(res.per_point["lower@l2"]).all()
+    assert np.isfinite(res.per_point["clever@l2"]).all()
+    gated = _run(_Square(), x, y, norms=["l2"], radii=[0.1], clever_samples=5,
+                 bisection_steps=3)
+    assert gated.status == "not_applicable"
+    assert "cannot bound" in gated.reason
+
+
+def test_weibull_location_and_config_errors() -> None:
+    assert reverse_weibull_location(np.full(10, 3.0)) == 3.0
+    rng = np.random.default_rng(4)
+    maxima = 5.0 - rng.weibull(2.0, size=50) * 0.5  # reverse Weibull with upper end 5
+    loc = reverse_weibull_location(maxima)
+    assert maxima.max() <= loc < 5.5
+    # maxima without a bounded tail: the fit runs away, the largest norm is used instead
+    flat = np.array([17.2, 18.6, 17.9, 18.1, 17.5, 18.3, 17.8, 18.0, 17.4, 18.2])
+    assert reverse_weibull_location(flat) <= flat.max() + 2 * np.ptp(flat)
+    with pytest.raises(ValueError, match="reachability needs low"):
+        SafeRadiusConfig(property="reachability")
+    with pytest.raises(ValueError, match="radii must be >= 0"):
+        SafeRadiusConfig(radii=[-1])
