@@ -148,7 +148,7 @@ def test_metric_certified_accuracy_curve() -> None:
 @pytest.mark.parametrize(("cfg", "key", "words"), [
     ({"sigma": 0.0}, "sigma", "greater than 0"),
     ({"sigma": 0.5, "alpha": 1.0}, "alpha", "less than 1"),
-    ({"sigma": 0.5, "radii": [-0.1]}, "radii", "≥ 0"),
+    ({"sigma": 0.5, "radii": [-0.1]}, "radii", ">= 0"),
     # Φ(3) = 0.99865: n ≥ ln(0.001) / ln(0.99865) = 5113.5
     ({"sigma": 0.25, "n": 100, "radii": [0.0, 0.75]}, "radii", "needs n ≥ 5114"),
 ])

@@ -8,7 +8,6 @@ in the style of AutoAttack are recorded with the result (see :class:`RobustAccur
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ from robust_cert.metrics.base import (
     RunContext,
     _derive_seed,
     batches,
+    value_list,
 )
 from robust_cert.models.base import Classifier
 
@@ -57,10 +57,13 @@ TRANSFER = ("transfer from the PyTorch twin: attacks crafted on the twin's gradi
             "judged on the deployed model")
 
 
+Radii = value_list("ε", low=0)
+
+
 class RobustAccuracyConfig(MetricConfig):
     """Parameters of :class:`RobustAccuracy` (ε in the data's own units)."""
 
-    eps: list[float] = Field(min_length=1, description="radii; 0 is allowed (sanity check)")
+    eps: Radii = Field(min_length=1, description="radii; 0 is allowed (sanity check)")
     attacks: list[str] = Field(default=["fgsm", "pgd"], min_length=1)
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(default=10, ge=1, le=10_000, description="PGD/APGD/FAB iterations")
@@ -76,19 +79,6 @@ class RobustAccuracyConfig(MetricConfig):
         if isinstance(data, dict) and data.get("attacks") is None:
             data = {**data, "attacks": ["pgd"] if data.get("norm") == "l2" else ["fgsm", "pgd"]}
         return data
-
-    @field_validator("eps", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("eps")
-    @classmethod
-    def _non_negative(cls, v):
-        bad = [e for e in v if not (e >= 0 and math.isfinite(e))]
-        if bad:
-            raise ValueError(f"ε must be >= 0 and finite, got {bad[0]}")
-        return sorted(set(float(e) for e in v))
 
     @field_validator("attacks", mode="before")
     @classmethod

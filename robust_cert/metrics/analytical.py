@@ -14,7 +14,14 @@ from scipy.stats import qmc
 
 from robust_cert import stats
 from robust_cert.data import EvalSet
-from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    value_list,
+)
 from robust_cert.models.base import Classifier
 
 Estimator = Literal["taylor", "mmse", "mvs", "mmse_mvs", "softmax"]
@@ -145,6 +152,9 @@ def monte_carlo_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, sigm
     return k
 
 
+Thresholds = value_list("thresholds", low=0, high=1, low_open=True)
+
+
 class AnalyticalConfig(MetricConfig):
     """Parameters of :class:`AnalyticalRobustness`."""
 
@@ -156,7 +166,7 @@ class AnalyticalConfig(MetricConfig):
     mmse_samples: int = Field(default=16, ge=1, le=100_000, description="noisy copies (mmse, "
                               "softmax)")
     qmc_points: int = Field(default=1024, ge=8, le=1_000_000, description="QMC points per CDF")
-    thresholds: list[float] = Field(default=[0.5, 0.9], min_length=1,
+    thresholds: Thresholds = Field(default=[0.5, 0.9], min_length=1,
                                     description="τ: proportions of points with p_σ ≥ τ")
     validate_points: int = Field(default=32, ge=0, le=1_000_000,
                                  description="points compared with Monte Carlo (0: none)")
@@ -178,19 +188,6 @@ class AnalyticalConfig(MetricConfig):
         if est is not None and v not in est:
             raise ValueError(f"primary {v!r} is not among estimators {est}")
         return v
-
-    @field_validator("thresholds", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("thresholds")
-    @classmethod
-    def _in_unit_interval(cls, v):
-        bad = [t for t in v if not 0 < t <= 1]
-        if bad:
-            raise ValueError(f"thresholds must be in (0, 1], got {bad[0]}")
-        return sorted(set(float(t) for t in v))
 
 
 class AnalyticalRobustness(Metric):

@@ -11,17 +11,51 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 from robust_cert.data import EvalSet
 from robust_cert.models.base import Classifier
 
 #: What kind of number a metric produces, as the report labels it.
 KINDS = ("certified", "statistical", "empirical", "estimate")
+
+
+def value_list(name: str, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False, hint: str = ""):
+    """A ``list[float]`` policy field that also accepts a single number, checks every value
+    is finite and in the interval, and stores them sorted without repeats (so the canonical
+    policy, and its hash, do not depend on how the list was written).
+
+    ``value_list("ε", low=0, low_open=True)`` gives "ε must be > 0, got -1.0" on bad input.
+    """
+    if low is not None and high is not None:
+        rule = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    elif low is not None:
+        rule = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rule = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        rule = "finite"
+
+    def ok(x: float) -> bool:
+        return (math.isfinite(x)
+                and (low is None or (x > low if low_open else x >= low))
+                and (high is None or (x < high if high_open else x <= high)))
+
+    def as_list(v):
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    def check(v: list[float]) -> list[float]:
+        bad = [x for x in v if not ok(x)]
+        if bad:
+            raise ValueError(f"{name} must be {rule}, got {bad[0]}{hint}")
+        return sorted(set(float(x) for x in v))
+
+    return Annotated[list[float], BeforeValidator(as_list), AfterValidator(check)]
 
 
 class MetricConfig(BaseModel):

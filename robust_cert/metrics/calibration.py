@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import (
@@ -20,8 +20,11 @@ from robust_cert.metrics.base import (
     Proportion,
     RunContext,
     batches,
+    value_list,
 )
 from robust_cert.models.base import Classifier
+
+Thresholds = value_list("confidence thresholds", low=0, high=1)
 
 
 class CalibrationConfig(MetricConfig):
@@ -31,22 +34,9 @@ class CalibrationConfig(MetricConfig):
     bootstrap: int = Field(default=1000, ge=10, le=100_000,
                            description="bootstrap resamples for the ECE interval")
     ci_level: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval level")
-    thresholds: list[float] = Field(
+    thresholds: Thresholds = Field(
         default_factory=list,
         description="confidence thresholds τ for selective risk P[wrong | max prob >= τ]")
-
-    @field_validator("thresholds", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("thresholds")
-    @classmethod
-    def _in_unit_interval(cls, v):
-        bad = [t for t in v if not 0 <= t <= 1]
-        if bad:
-            raise ValueError(f"confidence thresholds must be in [0, 1], got {bad[0]}")
-        return sorted(set(float(t) for t in v))
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:

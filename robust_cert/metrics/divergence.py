@@ -10,13 +10,12 @@ spanned by the ascent direction and a random direction.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import (
@@ -26,44 +25,27 @@ from robust_cert.metrics.base import (
     Proportion,
     RunContext,
     batches,
+    value_list,
 )
 from robust_cert.models.base import Classifier
+
+Radii = value_list("ε", low=0, low_open=True)
+KLThresholds = value_list("KL thresholds", low=0)
 
 
 class DivergenceConfig(MetricConfig):
     """Parameters of :class:`DivergenceBound` (ε in the data's own units)."""
 
-    eps: list[float] = Field(min_length=1, description="ball radii (> 0)")
+    eps: Radii = Field(min_length=1, description="ball radii (> 0)")
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(default=20, ge=1, le=10_000)
     step_size: float | None = Field(default=None, gt=0, description="default 2.5·ε/steps")
     restarts: int = Field(default=1, ge=0, le=100, description="extra random starts")
-    thresholds: list[float] = Field(
+    thresholds: KLThresholds = Field(
         default_factory=list, description="κ: proportion of points with ψ(x) ≤ κ (gateable)")
     surface_points: int = Field(default=4, ge=0, le=100,
                                 description="most vulnerable points to sample the surface of")
     surface_grid: int = Field(default=21, ge=3, le=201, description="G: a G×G grid")
-
-    @field_validator("eps", "thresholds", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("eps")
-    @classmethod
-    def _positive(cls, v):
-        bad = [e for e in v if not (e > 0 and math.isfinite(e))]
-        if bad:
-            raise ValueError(f"ε must be > 0, got {bad[0]}")
-        return sorted(set(float(e) for e in v))
-
-    @field_validator("thresholds")
-    @classmethod
-    def _non_negative(cls, v):
-        bad = [t for t in v if not t >= 0]
-        if bad:
-            raise ValueError(f"KL thresholds must be >= 0, got {bad[0]}")
-        return sorted(set(float(t) for t in v))
 
 
 def kl_softmax(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

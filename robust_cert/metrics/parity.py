@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from robust_cert.data import EvalSet
 from robust_cert.errors import ModelError
@@ -20,11 +20,15 @@ from robust_cert.metrics.base import (
     Proportion,
     RunContext,
     batches,
+    value_list,
 )
 from robust_cert.models.base import Classifier
 
 #: The ``reference`` value naming the gradient twin given to certify.
 TWIN = "twin"
+
+
+Radii = value_list("ε", low=0, low_open=True, hint=" (clean agreement is always measured)")
 
 
 class ParityConfig(MetricConfig):
@@ -35,23 +39,10 @@ class ParityConfig(MetricConfig):
         description="the reference model: an .onnx path, a models:/ URI (relative paths are "
         "read from the working directory), or 'twin': the gradient twin given to certify",
     )
-    eps: list[float] = Field(
+    eps: Radii = Field(
         default=[],
         description="L∞ radii at which agreement is also measured on uniformly perturbed inputs",
     )
-
-    @field_validator("eps", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("eps")
-    @classmethod
-    def _positive(cls, v):
-        bad = [e for e in v if not e > 0]
-        if bad:
-            raise ValueError(f"ε must be > 0, got {bad[0]} (clean agreement is always measured)")
-        return sorted(set(float(e) for e in v))
 
 
 class Parity(Metric):

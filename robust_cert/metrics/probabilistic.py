@@ -6,11 +6,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from robust_cert import stats
 from robust_cert.data import EvalSet
-from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    value_list,
+)
 from robust_cert.models.base import Classifier
 
 #: Failure-rate bands in the style of IEC 61508 (per demand), most lenient first.
@@ -58,10 +65,13 @@ def failure_rate_bands(k: int, n: int, confidence: float, bands=IEC_BANDS) -> di
             "more_failure_free_draws": None if more is None else int(more)}
 
 
+Radii = value_list("ε", low=0, low_open=True)
+
+
 class ProbabilisticRobustnessConfig(MetricConfig):
     """Parameters of :class:`ProbabilisticRobustness`."""
 
-    eps: list[float] = Field(min_length=1, description="L∞ radius of the uniform noise ball")
+    eps: Radii = Field(min_length=1, description="L∞ radius of the uniform noise ball")
     samples: int = Field(
         default=2995, ge=1, le=100_000_000,
         description="i.i.d. (x, δ) pairs; 2,995 failure-free pairs demonstrate ≤ 1e-3 at 95%",
@@ -71,19 +81,6 @@ class ProbabilisticRobustnessConfig(MetricConfig):
         default="misclassified",
         description="misclassified: f(x+δ) ≠ y; prediction_changed: f(x+δ) ≠ f(x)",
     )
-
-    @field_validator("eps", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("eps")
-    @classmethod
-    def _positive(cls, v):
-        bad = [e for e in v if not e > 0]
-        if bad:
-            raise ValueError(f"ε must be > 0, got {bad[0]}")
-        return sorted(set(float(e) for e in v))
 
 
 class ProbabilisticRobustness(Metric):

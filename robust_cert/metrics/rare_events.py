@@ -8,10 +8,17 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from robust_cert.data import EvalSet
-from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    value_list,
+)
 from robust_cert.metrics.local_probabilistic import draw_noise, reference_labels
 from robust_cert.models.base import Classifier
 
@@ -120,6 +127,9 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
     return log_p, levels, reached
 
 
+Probabilities = value_list("p_max", low=0, high=1, low_open=True, high_open=True)
+
+
 class RareEventConfig(MetricConfig):
     """Parameters of :class:`RareEventProbability`."""
 
@@ -134,23 +144,10 @@ class RareEventConfig(MetricConfig):
                                         "(8e-22 by default) is reported as not reached")
     runs: int = Field(default=4, ge=2, le=1000, description="independent runs (spread)")
     points: int | None = Field(default=None, ge=1, description="random subset of points")
-    p_max: list[float] = Field(default=[1e-6], min_length=1,
+    p_max: Probabilities = Field(default=[1e-6], min_length=1,
                                description="proportions of points with estimated p_fail ≤ p")
     failure: Literal["misclassified", "prediction_changed"] = "misclassified"
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
-
-    @field_validator("p_max", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("p_max")
-    @classmethod
-    def _in_unit_interval(cls, v):
-        bad = [p for p in v if not 0 < p < 1]
-        if bad:
-            raise ValueError(f"p_max must be in (0, 1), got {bad[0]}")
-        return sorted(set(float(p) for p in v))
 
     @model_validator(mode="after")
     def _scale_for_distribution(self):

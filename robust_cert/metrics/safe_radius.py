@@ -38,6 +38,7 @@ from robust_cert.metrics.base import (
     Proportion,
     RunContext,
     batches,
+    value_list,
 )
 from robust_cert.models.base import Classifier
 
@@ -46,12 +47,15 @@ log = logging.getLogger(__name__)
 Norm = Literal["l2", "linf"]
 
 
+Radii = value_list("radii", low=0)
+
+
 class SafeRadiusConfig(MetricConfig):
     """Parameters of :class:`SafeRadius` (radii in the data's own units)."""
 
     property: Literal["adversarial", "uncertainty", "reachability"] = "adversarial"
     norms: list[Norm] = Field(default=["l2", "linf"], min_length=1)
-    radii: list[float] = Field(default_factory=list,
+    radii: Radii = Field(default_factory=list,
                                description="radii r for the certified fraction (lower > r)")
     tau: float = Field(default=0.5, gt=0, lt=1, description="uncertainty: top-1 prob. ≥ τ")
     output: int = Field(default=0, ge=0, description="reachability: which logit")
@@ -71,19 +75,6 @@ class SafeRadiusConfig(MetricConfig):
     @classmethod
     def _unique(cls, v):
         return list(dict.fromkeys(v))
-
-    @field_validator("radii", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
-
-    @field_validator("radii")
-    @classmethod
-    def _non_negative(cls, v):
-        bad = [r for r in v if not (r >= 0 and math.isfinite(r))]
-        if bad:
-            raise ValueError(f"radii must be >= 0, got {bad[0]}")
-        return sorted(set(float(r) for r in v))
 
     @model_validator(mode="after")
     def _range(self):

@@ -10,7 +10,14 @@ from pydantic import Field, ValidationInfo, field_validator
 from scipy import stats as _st
 
 from robust_cert.data import EvalSet
-from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    value_list,
+)
 from robust_cert.models.base import Classifier
 
 ABSTAIN = -1
@@ -107,6 +114,9 @@ def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: flo
     return np.where(pval <= alpha, top.indices[:, 0].numpy(), ABSTAIN).astype(np.int64)
 
 
+Radii = value_list("radii", low=0)
+
+
 class SmoothingConfig(MetricConfig):
     """Parameters of :class:`RandomizedSmoothing` (validated in this order)."""
 
@@ -114,22 +124,14 @@ class SmoothingConfig(MetricConfig):
     n0: int = Field(default=100, ge=1, le=10_000_000, description="draws to select the class")
     n: int = Field(default=10_000, ge=1, le=100_000_000, description="draws to estimate p_A")
     alpha: float = Field(default=0.001, gt=0, lt=1, description="per-point failure probability")
-    radii: list[float] = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+    radii: Radii = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
                                description="radii of the certified-accuracy curve")
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
-
-    @field_validator("radii", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, (int, float)) else v
 
     @field_validator("radii")
     @classmethod
     def _reachable(cls, v: list[float], info: ValidationInfo):
-        bad = [r for r in v if not r >= 0]
-        if bad:
-            raise ValueError(f"radii must be ≥ 0, got {bad[0]}")
-        v = sorted(set(float(r) for r in v))
+        """Refuse radii no number of draws ``n`` could certify (v is sorted already)."""
         d = info.data
         if all(d.get(k) is not None for k in ("sigma", "n", "alpha")):
             need = smoothing_draws_needed(v[-1], d["sigma"], d["alpha"])
