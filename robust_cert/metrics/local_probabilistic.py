@@ -44,6 +44,18 @@ def draw_noise(x: torch.Tensor, draws: int, distribution: str, scale: float,
     raise ValueError(f"unknown distribution {distribution!r}")
 
 
+def noise_scale(distribution: str, eps: float | None, sigma: float | None) -> float:
+    """The scale a noise distribution takes: σ for ``gaussian``, ε for the balls. A config
+    that gives the other one, or neither, is an error naming what it needs."""
+    if distribution == "gaussian":
+        if sigma is None or eps is not None:
+            raise ValueError("distribution gaussian takes sigma (> 0) and no eps")
+        return sigma
+    if eps is None or sigma is not None:
+        raise ValueError(f"distribution {distribution} takes eps (> 0) and no sigma")
+    return eps
+
+
 def reference_labels(model: Classifier, data: EvalSet, ctx: RunContext, failure: str):
     """What a perturbed prediction is compared with: the label, or the clean prediction."""
     if failure == "misclassified":
@@ -106,16 +118,12 @@ class LocalProbabilisticConfig(MetricConfig):
 
     @model_validator(mode="after")
     def _scale_for_distribution(self):
-        if self.distribution == "gaussian":
-            if self.sigma is None or self.eps is not None:
-                raise ValueError("distribution gaussian takes sigma (> 0) and no eps")
-        elif self.eps is None or self.sigma is not None:
-            raise ValueError(f"distribution {self.distribution} takes eps (> 0) and no sigma")
+        noise_scale(self.distribution, self.eps, self.sigma)
         return self
 
     @property
     def scale(self) -> float:
-        return self.sigma if self.distribution == "gaussian" else self.eps
+        return noise_scale(self.distribution, self.eps, self.sigma)
 
     def sprt(self) -> SPRT:
         return SPRT(self.p0, self.p1, self.alpha, self.beta)

@@ -19,7 +19,7 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
-from robust_cert.metrics.local_probabilistic import draw_noise, reference_labels
+from robust_cert.metrics.local_probabilistic import draw_noise, noise_scale, reference_labels
 from robust_cert.models.base import Classifier
 
 
@@ -151,16 +151,12 @@ class RareEventConfig(MetricConfig):
 
     @model_validator(mode="after")
     def _scale_for_distribution(self):
-        if self.distribution == "gaussian":
-            if self.sigma is None or self.eps is not None:
-                raise ValueError("distribution gaussian takes sigma (> 0) and no eps")
-        elif self.eps is None or self.sigma is not None:
-            raise ValueError(f"distribution {self.distribution} takes eps (> 0) and no sigma")
+        noise_scale(self.distribution, self.eps, self.sigma)
         return self
 
     @property
     def scale(self) -> float:
-        return self.sigma if self.distribution == "gaussian" else self.eps
+        return noise_scale(self.distribution, self.eps, self.sigma)
 
 
 class RareEventProbability(Metric):
