@@ -9,11 +9,12 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.robust_cert-installed
 
-.PHONY: venv demo test lint unit clean help
+.PHONY: venv demo test lint unit bench clean help
 
 help:
 	@echo "make demo   train two digits CNNs (+ an ONNX export), register them in a local sqlite MLflow store, certify them"
 	@echo "make test   lint (ruff) and run the test suite (starts a real mlflow server on 127.0.0.1)"
+	@echo "make bench  benchmarks (bench/): costs as multiples of the measured ideal"
 	@echo "make clean  remove the virtual environment and demo output"
 
 venv: $(STAMP)
@@ -39,6 +40,10 @@ unit: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+bench: $(STAMP)  # speed targets as ratios against baselines measured in the same run
+	$(PY) bench/bench_probabilistic.py
+	$(PY) bench/bench_adversarial.py  # the ART comparison row needs adversarial-robustness-toolbox
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info
