@@ -24,11 +24,12 @@ from PIL import Image
 import robust_cert
 from robust_cert.certificate import Certificate
 from robust_cert.cli import main
-from robust_cert.data import load_data
+from robust_cert.data import digits_split, load_data
 from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 from robust_cert.mlflow_plugin.tracking import claim_for
 from robust_cert.report import PdfUnavailable, write_report
-from robust_cert.report.charts import ChartInputs, charts_for
+from robust_cert.report.charts import ChartInputs, charts_for, omitted_for
+from robust_cert.report.html import render_html
 from robust_cert.signing import Keyring, sign_claim
 
 POLICY = {
@@ -312,3 +313,129 @@ def test_charts_are_deterministic_svg(cert):
     assert first[0].startswith("<svg")
     assert "<dc:date>" not in first[0]
     assert charts_for("a_metric_without_charts", inputs) == []
+
+
+# --------------------------------------------------------------------------- the other families
+
+#: Small budgets: 40 digits, every family with a chart of its own beyond those of POLICY.
+CHART_POLICY = {
+    "name": "report-charts", "version": "1", "confidence": 0.95,
+    "metrics": {
+        "accuracy": {},
+        "robust_accuracy": {"eps": [0.05, 0.1], "attacks": ["fgsm"]},
+        "randomized_smoothing": {"sigma": 0.25, "n0": 10, "n": 100,
+                                 "radii": [0.0, 0.1, 0.2, 0.3]},
+        "analytical_robustness": {"sigma": 0.1, "estimators": ["mvs"], "primary": "mvs",
+                                  "validate_points": 0},
+        "safe_radius": {"norms": ["l2", "linf"], "clever_batches": 2, "clever_samples": 5,
+                        "bisection_steps": 3, "attack_steps": 5},
+        "divergence": {"eps": [0.1], "steps": 3, "restarts": 0, "surface_grid": 11},
+    },
+    "requirements": [{"metric": "randomized_smoothing", "radius": 0.1, "at_least": 0.5}],
+}
+#: The charts each family adds, by element id.
+NEW_CHARTS = {
+    "randomized_smoothing": ["chart-certified-accuracy"],
+    "analytical_robustness": ["chart-p-sigma"],
+    "safe_radius": ["chart-safe-radius-l2", "chart-safe-radius-linf"],
+    "divergence": ["chart-decision-surfaces"],
+}
+
+
+@pytest.fixture(scope="module")
+def digits40():
+    x, y = digits_split("test")
+    return load_data((x[:40], y[:40]))
+
+
+@pytest.fixture(scope="module")
+def charts_cert(digits_model, digits40):
+    return robust_cert.certify(digits_model, digits40, CHART_POLICY, progress=False)
+
+
+def _section(html: str, metric: str) -> str | None:
+    """The HTML of one metric's section, or None when the report has none."""
+    start = html.find(f'<section class="metric" id="metric-{metric}">')
+    return None if start < 0 else html[start:html.index("</section>", start)]
+
+
+def test_each_family_draws_its_charts_in_its_section(charts_cert, digits40, tmp_path):
+    html = render_html(charts_cert, data=digits40)
+    for metric, ids in NEW_CHARTS.items():
+        section = _section(html, metric)
+        assert section is not None, metric
+        for chart in ids:
+            assert f'<figure class="chart" id="{chart}">' in section, chart
+        assert section.count("<svg") == len(ids)
+    assert "per-point-note" not in html
+    # the vulnerable examples now show the adversarial input next to the clean one
+    examples = _section(html, "robust_accuracy")
+    assert 'id="chart-vulnerable-examples"' in examples
+    assert "the adversarial input that broke it" in examples
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    dom = _dom(page, tmp_path)
+    for chart in [c for ids in NEW_CHARTS.values() for c in ids]:
+        assert chart in dom, f"{chart} missing in Chromium's DOM"
+    img = _screenshot(page, tmp_path)
+    assert img.std() > 20, "the screenshot is blank"
+
+
+def test_adversarial_examples_are_kept_for_a_few_broken_points(charts_cert, digits40):
+    pp = charts_cert.per_point
+    index, adv = pp["robust_accuracy/example_index"], pp["robust_accuracy/example_adv"]
+    pred, eps = pp["robust_accuracy/example_pred"], pp["robust_accuracy/example_eps"]
+    assert 0 < len(index) <= 8
+    assert adv.shape == (len(index), *digits40.input_shape)
+    assert adv.dtype == np.float32
+    x, y = digits40.x.numpy()[index], digits40.y.numpy()[index]
+    assert (pred != y).all()  # each example broke its point
+    assert (np.abs(adv - x).reshape(len(index), -1).max(1) <= eps + 1e-6).all()
+    assert adv.min() >= 0
+    assert adv.max() <= 1
+    robust = pp["robust_accuracy/robust"]
+    first = np.array(CHART_POLICY["metrics"]["robust_accuracy"]["eps"])[
+        (~robust[index]).argmax(1)]
+    np.testing.assert_array_equal(eps, first)  # kept at the smallest ε that broke it
+    assert (np.diff(eps) >= 0).all()  # ordered by ε, then index
+    assert all(np.diff(index[eps == e]).min(initial=1) > 0 for e in set(eps))
+
+
+def test_families_that_did_not_run_draw_nothing(written):
+    html = written.html.read_text()
+    for metric, ids in NEW_CHARTS.items():
+        assert _section(html, metric) is None
+        for chart in ids:
+            assert f'id="{chart}"' not in html
+
+
+def test_rerendered_from_json_keeps_the_charts_the_json_allows(charts_cert):
+    """The certified-accuracy curve and the decision surfaces come from the certificate JSON;
+    the p_σ histogram and the safe-radius sandwich need the per-point arrays."""
+    again = Certificate.from_json(charts_cert.to_json())
+    html = render_html(again)
+    assert 'id="chart-certified-accuracy"' in _section(html, "randomized_smoothing")
+    assert 'id="chart-decision-surfaces"' in _section(html, "divergence")
+    for metric in ("analytical_robustness", "safe_radius"):
+        section = _section(html, metric)
+        assert "<svg" not in section
+        assert f'id="per-point-note-{metric}"' in section
+    assert 'id="per-point-note-robust_accuracy"' in html
+    # in memory without the evaluation inputs: only the pictures of test points are left out
+    inputs = ChartInputs(charts_cert.body, charts_cert.per_point)
+    assert omitted_for("robust_accuracy", inputs) == ["Most vulnerable test points"]
+    assert omitted_for("safe_radius", inputs) == omitted_for("analytical_robustness",
+                                                             inputs) == []
+    assert [c.id for c in charts_for("safe_radius", inputs)] == NEW_CHARTS["safe_radius"]
+
+
+@pytest.mark.parametrize("metric", [*NEW_CHARTS, "robust_accuracy"])
+def test_new_charts_are_deterministic_svg(charts_cert, digits40, metric):
+    x, y = digits40.x.numpy(), digits40.y.numpy()
+    inputs = ChartInputs(charts_cert.body, charts_cert.per_point, x, y)
+    first = [c.svg for c in charts_for(metric, inputs)]
+    with matplotlib.rc_context({"font.size": 20, "axes.grid": False, "image.cmap": "jet"}):
+        second = [c.svg for c in charts_for(metric, inputs)]
+    assert first
+    assert first == second
+    assert all(s.startswith("<svg") and "<dc:date>" not in s for s in first)

@@ -18,6 +18,7 @@ from torch import nn
 from robust_cert.data import EvalSet
 from robust_cert.errors import ModelError
 from robust_cert.metrics.base import (
+    MAX_EXAMPLES,
     Metric,
     MetricConfig,
     MetricResult,
@@ -172,6 +173,11 @@ class RobustAccuracy(Metric):
     result's description and ``diagnostics["attack_source"]`` say so; it is still an upper
     bound.
 
+    Per point: ``robust`` (points × ε). For reports, the first ``MAX_EXAMPLES`` (8) points
+    broken at the smallest ε (ties: lowest index) keep the adversarial input that broke them
+    there and the model's prediction on it: ``example_index``, ``example_eps``,
+    ``example_adv`` (k × input shape, float32), ``example_pred``.
+
     Args (policy ``metrics.robust_accuracy``):
         eps: list of radii in data units, e.g. ``[0.05, 0.1]``.
         attacks: any of ``fgsm`` (L∞ only), ``pgd`` (L∞ or L2), ``apgd_ce``, ``apgd_t``,
@@ -287,6 +293,9 @@ class RobustAccuracy(Metric):
         broken_by = {a: [0] * n_eps for a in attacks}
         max_excess, out_of_bounds, zero_grad, probed, view_mismatch = 0.0, 0, 0, 0, 0
         n_clean = 0
+        # the adversarial inputs of the first MAX_EXAMPLES points broken at the smallest ε
+        first_broken = np.full(n, -1, dtype=np.int64)
+        examples: list[tuple[int, int, np.ndarray, int]] = []
         # the attacked view is the judged model itself: nothing to compare at ε = 0
         identical = (model.gradient_forward is None and (lo, hi) == (0.0, 1.0)
                      and len(data.input_shape) == 3)
@@ -322,8 +331,12 @@ class RobustAccuracy(Metric):
                         out_of_bounds += int((outside | (excess > 1e-6)).sum())
                         max_excess = max(max_excess, float(excess.max()))
                         adv = _project(adv, ui, eps01, cfg.norm)
-                        still = model.logits(view.to_data(adv)).argmax(1) == y[idx]
+                        adv_x = view.to_data(adv)
+                        pred = model.logits(adv_x).argmax(1)
+                        still = pred == y[idx]
                         broken_by[a][j] += int((~still).sum())
+                        _keep_examples(examples, first_broken, sl.start + idx.cpu().numpy(), j,
+                                       ~still.cpu().numpy(), adv_x, pred)
                         alive[idx] = still
                 ctx.advance((sl.stop - sl.start) * len(cfg.attacks))  # as cost() counts
                 robust[sl, j] = alive.cpu().numpy()
@@ -356,10 +369,36 @@ class RobustAccuracy(Metric):
         _warn(sanity, zero_grad, probed, square_only)
         transfer = model.gradient_forward is not None
         diagnostics["attack_source"] = TRANSFER if transfer else "white-box on the model"
-        res = self.result(props, per_point={"robust": robust}, diagnostics=diagnostics)
+        examples.sort(key=lambda e: e[:2])
+        per_point = {
+            "robust": robust,
+            "example_index": np.array([e[1] for e in examples], dtype=np.int64),
+            "example_adv": np.array([e[2] for e in examples], dtype=np.float32).reshape(
+                len(examples), *data.input_shape),
+            "example_pred": np.array([e[3] for e in examples], dtype=np.int64),
+            "example_eps": np.array([cfg.eps[e[0]] for e in examples], dtype=np.float64),
+        }
+        res = self.result(props, per_point=per_point, diagnostics=diagnostics)
         if transfer:
             res.description = f"{self.description}; {TRANSFER}"
         return res
+
+
+def _keep_examples(examples: list, first_broken: np.ndarray, index: np.ndarray, j: int,
+                   broken: np.ndarray, adv_x: torch.Tensor, pred: torch.Tensor) -> None:
+    """Record the adversarial input and prediction of the points first broken at ε index j;
+    ``examples`` keeps (j, point, input, prediction) of the MAX_EXAMPLES points broken at the
+    smallest ε (ties: lowest index)."""
+    for i in np.flatnonzero(broken):
+        p = int(index[i])
+        if first_broken[p] >= 0:
+            continue
+        first_broken[p] = j
+        if len(examples) == MAX_EXAMPLES and (j, p) >= max(e[:2] for e in examples):
+            continue
+        examples.append((j, p, adv_x[i].detach().float().cpu().numpy(), int(pred[i])))
+        if len(examples) > MAX_EXAMPLES:
+            examples.remove(max(examples, key=lambda e: e[:2]))
 
 
 def _warn(sanity: dict, zero_grad: int, n: int, square_only: int) -> None:

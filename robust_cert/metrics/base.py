@@ -91,9 +91,19 @@ class Proportion:
         return self.k / self.n if self.n else float("nan")
 
 
+#: ``per_point`` arrays whose key starts with this hold a few chosen points, not one row per
+#: point: ``example_index`` (their indices in the evaluated data) and arrays aligned with it,
+#: at most :data:`MAX_EXAMPLES` of them, ordered by ``example_eps`` (when present) and index.
+EXAMPLE_PREFIX = "example_"
+MAX_EXAMPLES = 8
+
+
 @dataclass
 class MetricResult:
-    """What one metric produced. ``per_point`` arrays have one row per evaluated point."""
+    """What one metric produced. ``per_point`` arrays have one row per evaluated point, except
+    the ``example_*`` arrays (see :data:`EXAMPLE_PREFIX`): :meth:`merge` shifts the second
+    shard's ``example_index`` by the first shard's number of points and keeps the examples the
+    whole would have kept."""
 
     metric: str
     kind: str
@@ -107,6 +117,12 @@ class MetricResult:
     status: str = "ok"  # "ok" | "not_applicable"
     reason: str = ""
 
+    def points(self) -> int | None:
+        """The number of evaluated points: the length of the first per-point array that has
+        one row per point (not an ``example_*`` array); None when there is none."""
+        return next((len(v) for k, v in self.per_point.items()
+                     if not k.startswith(EXAMPLE_PREFIX)), None)
+
     def find(self, params: dict) -> Proportion | None:
         return next((p for p in self.proportions if params_match(p.params, params)), None)
 
@@ -119,7 +135,21 @@ class MetricResult:
             if not params_match(a.params, b.params):
                 raise ValueError(f"cannot merge {a.params} with {b.params}")
             props.append(Proportion(a.params, a.k + b.k, a.n + b.n))
-        per_point = {k: np.concatenate([v, other.per_point[k]]) for k, v in self.per_point.items()}
+        offset = self.points()
+        per_point = {}
+        for k, v in self.per_point.items():
+            w = other.per_point[k]
+            if k == "example_index":
+                if offset is None:
+                    raise ValueError(f"cannot merge {self.metric}'s examples: no per-point "
+                                     "array gives the shard's number of points")
+                w = w + offset
+            per_point[k] = np.concatenate([v, w])
+        if "example_index" in per_point:  # the whole's examples: the first MAX_EXAMPLES
+            eps = per_point.get("example_eps", np.zeros(len(per_point["example_index"])))
+            keep = np.lexsort((per_point["example_index"], eps))[:MAX_EXAMPLES]
+            per_point.update({k: v[keep] for k, v in per_point.items()
+                              if k.startswith(EXAMPLE_PREFIX)})
         return MetricResult(
             self.metric, self.kind, self.quantity, self.higher_is_better, self.description,
             self.config, props, per_point, _merge_diag(self.diagnostics, other.diagnostics),

@@ -4,8 +4,8 @@ Each chart function takes one metric's result from the certificate body and retu
 :class:`Chart`, or None when what it needs is absent. Some charts also need the run's
 in-memory per-point arrays (``Certificate.per_point``) and evaluation inputs: a report
 re-rendered from the certificate JSON alone has neither, so those charts are left out rather
-than drawn from guesses. :data:`CHARTS` maps a metric family to its chart functions; a new
-family (certified-accuracy curve, p_σ histogram, radius sandwich) slots in by adding its
+than drawn from guesses. :data:`CHARTS` maps a metric family to its chart functions (a
+function may return several charts, e.g. one per norm); a new family slots in by adding its
 functions there.
 
 Determinism: every chart is drawn under matplotlib's default style plus :data:`_RC` (never
@@ -27,6 +27,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from markupsafe import Markup
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
@@ -118,13 +119,13 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-def _eps_values(result: dict | None) -> np.ndarray | None:
+def _eps_values(result: dict | None, key: str = "eps") -> np.ndarray | None:
     """Rows (ε, estimate, CI low, CI high), sorted by ε, of the proportions indexed by ε
-    alone; None when there are none."""
+    (or by the parameter ``key``) alone; None when there are none."""
     if result is None:
         return None
-    rows = sorted((v["params"]["eps"], v["estimate"], *v["ci"]) for v in result["values"]
-                  if set(v["params"]) == {"eps"})
+    rows = sorted((v["params"][key], v["estimate"], *v["ci"]) for v in result["values"]
+                  if set(v["params"]) == {key})
     return np.array(rows, dtype=float) if rows else None
 
 
@@ -261,11 +262,12 @@ def failure_rate_curve(inp: ChartInputs) -> Chart | None:
         f"the required maxima. Random noise, not a worst-case adversary.")
 
 
-def _per_point(title: str):
-    """Mark a chart function that needs the run's per-point arrays and evaluation inputs, so a
-    report rendered without them can say which figure it leaves out."""
+def _per_point(title: str, *, inputs: bool = True):
+    """Mark a chart function that needs the run's per-point arrays (and, with ``inputs``, the
+    evaluation inputs), so a report rendered without them can say which figure it leaves out."""
     def mark(draw):
         draw.per_point_title = title
+        draw.needs_inputs = inputs
         return draw
     return mark
 
@@ -275,17 +277,18 @@ def vulnerable_examples(inp: ChartInputs) -> Chart | None:
     """The test points the attacks broke at the smallest radius, as images.
 
     Needs the run's per-point arrays (``robust_accuracy/robust``) and the evaluation inputs;
-    images only (inputs of shape H×W, or C×H×W with 1 or 3 channels). The certificate records which
-    radius broke each point and how often random noise made it fail, not the adversarial
-    input itself, so each panel shows the clean image with its label and prediction."""
+    images only (inputs of shape H×W, or C×H×W with 1 or 3 channels). Where the run kept the
+    adversarial inputs (``robust_accuracy/example_*``: up to 8 points), each of those points is
+    shown clean and perturbed with both predictions; otherwise (an older run) the clean image
+    with its label and prediction."""
     res = inp.result("robust_accuracy")
     robust = inp.per_point.get("robust_accuracy/robust")
     if res is None or robust is None or inp.x is None or inp.y is None:
         return None
     if not len(inp.x) == len(inp.y) == len(robust):
         return None
-    x = inp.x[:, None] if inp.x.ndim == 3 else inp.x  # H×W inputs: one channel
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
+    x = _as_images(inp.x)
+    if x is None:
         return None
     eps = np.array(sorted(res["config"]["eps"]), dtype=float)
     correct = inp.per_point.get("accuracy/correct")
@@ -295,6 +298,16 @@ def vulnerable_examples(inp: ChartInputs) -> Chart | None:
         return None
     broken = correct[:, None] & ~robust
     candidates = np.flatnonzero(broken.any(axis=1))
+    adv_of: dict[int, tuple[np.ndarray, int]] = {}
+    ex_index = inp.per_point.get("robust_accuracy/example_index")
+    ex_adv = inp.per_point.get("robust_accuracy/example_adv")
+    ex_pred = inp.per_point.get("robust_accuracy/example_pred")
+    if ex_index is not None and ex_adv is not None and ex_pred is not None and len(ex_index):
+        adv_images = _as_images(np.asarray(ex_adv))
+        if adv_images is not None and adv_images.shape[1:] == x.shape[1:]:
+            adv_of = {int(i): (a, int(q)) for i, a, q in
+                      zip(ex_index, adv_images, ex_pred, strict=True) if i < len(x)}
+            candidates = np.array(sorted(set(candidates.tolist()) & set(adv_of)), dtype=int)
     if not len(candidates):
         return None
     first = broken[candidates].argmax(axis=1)  # index of the smallest ε that broke it
@@ -304,35 +317,62 @@ def vulnerable_examples(inp: ChartInputs) -> Chart | None:
     chosen, first = candidates[order], first[order]
     prediction = inp.per_point.get("accuracy/prediction")
     lo, hi = inp.body["data"]["input_range"]
+    per = 2 if adv_of else 1  # panels per example: clean (and perturbed)
     cols = min(len(chosen), 4)
     rows = -(-len(chosen) // cols)
     with matplotlib.rc_context({"axes.grid": False}):
-        fig = Figure(figsize=(1.55 * cols, 2.0 * rows), layout="constrained")
+        fig = Figure(figsize=(1.55 * cols * per, 2.0 * rows), layout="constrained")
         for i, (idx, j) in enumerate(zip(chosen, first, strict=True)):
-            ax = fig.add_subplot(rows, cols, i + 1)
-            img = np.clip((x[idx] - lo) / (hi - lo), 0, 1)
-            if img.shape[0] == 1:
-                ax.imshow(img[0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.imshow(np.moveaxis(img, 0, -1), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_color("#999999")
+            ax = fig.add_subplot(rows, cols * per, per * i + 1)
             pred = f", pred {int(prediction[idx])}" if prediction is not None else ""
             noise = (f"\nnoise fails {int(noise_fail[idx])}/{int(noise_draws[idx])}"
                      if noise_draws[idx] else "")
-            ax.set_title(f"#{idx}: label {int(inp.y[idx])}{pred}\nbroken at ε={eps[j]:g}{noise}",
-                         fontsize=7.5, color=FAIL_COLOUR)
+            if adv_of:
+                _image(ax, x[idx], lo, hi, f"#{idx} clean\nlabel {int(inp.y[idx])}{pred}{noise}",
+                       "#333333")
+                adv, q = adv_of[int(idx)]
+                _image(fig.add_subplot(rows, cols * per, per * i + 2), adv, lo, hi,
+                       f"ε={eps[j]:g} attack\npred {q}", FAIL_COLOUR)
+            else:
+                _image(ax, x[idx], lo, hi,
+                       f"#{idx}: label {int(inp.y[idx])}{pred}\nbroken at ε={eps[j]:g}{noise}",
+                       FAIL_COLOUR)
+    if adv_of:
+        shown = (f"shown clean (with label and clean prediction) and next to it the adversarial "
+                 f"input that broke it at that radius, with the model's prediction on it. The "
+                 f"run keeps the adversarial inputs of the first {len(adv_of)} points broken at "
+                 f"the smallest radius")
+    else:
+        shown = ("shown clean with their label and clean prediction. This certificate keeps "
+                 "which radius broke each point, not the adversarial input")
     return Chart(
         "chart-vulnerable-examples", "Most vulnerable test points",
         to_svg(fig),
         f"The {len(chosen)} correctly classified test points that the attacks broke at the "
-        f"smallest radius (ties: most frequent failures under random noise), shown clean with "
-        f"their label and clean prediction. The certificate keeps which radius broke each "
-        f"point, not the adversarial input. Drawn from the certification run's per-point "
-        f"results; a report re-rendered from the certificate JSON leaves this figure out.")
+        f"smallest radius (ties: most frequent failures under random noise), {shown}. Drawn "
+        f"from the certification run's per-point results; a report re-rendered from the "
+        f"certificate JSON leaves this figure out.")
+
+
+def _as_images(x: np.ndarray) -> np.ndarray | None:
+    """Inputs as N×C×H×W images with 1 or 3 channels, or None when they are not images."""
+    x = x[:, None] if x.ndim == 3 else x  # H×W inputs: one channel
+    return x if x.ndim == 4 and x.shape[1] in (1, 3) else None
+
+
+def _image(ax, img: np.ndarray, lo: float, hi: float, title: str, colour: str) -> None:
+    """One C×H×W image in [lo, hi] on ``ax``, framed, without ticks."""
+    img = np.clip((img - lo) / (hi - lo), 0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(np.moveaxis(img, 0, -1), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color("#999999")
+    ax.set_title(title, fontsize=7.5, color=colour)
 
 
 def _noise_failures(inp: ChartInputs, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -347,11 +387,238 @@ def _noise_failures(inp: ChartInputs, n: int) -> tuple[np.ndarray, np.ndarray]:
     return fails, draws
 
 
+def certified_accuracy_curve(inp: ChartInputs) -> Chart | None:
+    """Certified accuracy of the smoothed classifier over the L2 radius, with its CI band."""
+    res = inp.result("randomized_smoothing")
+    rows = _eps_values(res, "radius")
+    if rows is None:
+        return None
+    r, est, lo, hi = rows.T
+    fig = _figure()
+    ax = fig.axes[0]
+    ax.fill_between(r, lo, hi, color=SERIES, alpha=0.18, linewidth=0, step="post" if
+                    len(r) == 1 else None, label=f"{_pct(inp.confidence)} CI (Clopper–Pearson)")
+    ax.plot(r, est, color=SERIES, marker="o", markersize=4, label="certified accuracy")
+    if len(r) == 1:
+        ax.errorbar(r, est, yerr=[est - lo, hi - est], color=SERIES, capsize=4, fmt="none")
+    for xv, yv in zip(r, est, strict=True):
+        ax.annotate(_pct(yv), (xv, yv), xytext=(0, 6), textcoords="offset points", fontsize=8,
+                    ha="center", color=SERIES)
+    _requirement_marks(ax, inp.requirements("randomized_smoothing"),
+                       x_of=lambda q: q["params"].get("radius"))
+    cfg, diag = res["config"], res["diagnostics"]
+    cap = diag.get("radius_cap")
+    right = max(r.max(), 0.1)
+    if cap is not None and cap <= right * 1.5:
+        ax.axvline(cap, color="#777777", linestyle=":", linewidth=1,
+                   label=f"largest certifiable radius {cap:.3g}")
+    ax.set_xlabel("L2 radius r (data units)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(-0.08 * right, right * 1.4)
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    return Chart(
+        "chart-certified-accuracy", "Certified accuracy of the smoothed classifier",
+        to_svg(fig),
+        f"Fraction of test points whose Gaussian-smoothed prediction (σ = {cfg.get('sigma')}) "
+        f"is correct and certified (CERTIFY, n = {cfg.get('n')} draws, α = {cfg.get('alpha')} "
+        f"per point) with an L2 radius of at least r; {diag.get('abstained', '?')} points "
+        f"abstained. The band is the two-sided {_pct(inp.confidence)} Clopper–Pearson interval "
+        f"over the sampling of test points (not Holm-adjusted). The certificate is about the "
+        f"smoothed classifier, not the base model.")
+
+
+@_per_point("Histogram of p_σ", inputs=False)
+def p_sigma_histogram(inp: ChartInputs) -> Chart | None:
+    """Estimated p_σ per test point (the primary estimator), with the thresholds τ."""
+    res = inp.result("analytical_robustness")
+    if res is None:
+        return None
+    primary = res["diagnostics"].get("primary") or res["config"].get("primary")
+    p = inp.per_point.get(f"analytical_robustness/p_{primary}")
+    if p is None or not len(p):
+        return None
+    p = np.clip(np.asarray(p, dtype=float), 0, 1)
+    fig = _figure(6.4, 2.8)
+    ax = fig.axes[0]
+    ax.hist(p, bins=np.linspace(0, 1, 21), color=SERIES, alpha=0.75, edgecolor="white",
+            linewidth=0.6)
+    for tau in res["config"].get("thresholds", []):
+        ax.axvline(tau, color="#555555", linestyle="--", linewidth=1)
+        ax.annotate(f"τ = {tau:g}: {_pct(float((p >= tau).mean()))} ≥ τ", (tau, 1),
+                    xycoords=("data", "axes fraction"), xytext=(-4, -4),
+                    textcoords="offset points", ha="right", va="top", fontsize=8,
+                    color="#555555")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"estimated p_σ ({primary})")
+    ax.set_ylabel("test points")
+    ax.grid(axis="x", visible=False)
+    sigma = res["config"].get("sigma")
+    return Chart(
+        "chart-p-sigma", "Estimated p_σ per test point",
+        to_svg(fig),
+        f"Histogram over the {len(p)} test points of the estimated probability p_σ that "
+        f"Gaussian noise (σ = {sigma}) leaves the prediction unchanged ({primary} estimator; "
+        f"an estimate with no guarantee: its measured error is in the diagnostics). The dashed "
+        f"lines are the thresholds τ of the reported proportions. Drawn from the certification "
+        f"run's per-point results; a report re-rendered from the certificate JSON leaves this "
+        f"figure out.")
+
+
+#: At most this many points in a safe-radius sandwich (evenly spaced in the sorted order).
+MAX_SANDWICH = 60
+_NORM_NAMES = {"l2": "L2", "linf": "L∞"}
+
+
+@_per_point("Safe-radius sandwich", inputs=False)
+def safe_radius_sandwich(inp: ChartInputs) -> list[Chart]:
+    """Per point: the sound lower bound, the CLEVER-style estimate and the witness (upper
+    bound) of the maximum safe radius, one chart per norm."""
+    res = inp.result("safe_radius")
+    holds = inp.per_point.get("safe_radius/holds")
+    if res is None or holds is None:
+        return []
+    prop = res["config"].get("property", res["diagnostics"].get("property", "adversarial"))
+    charts = []
+    for nm in res["config"].get("norms", []):
+        arrays = [inp.per_point.get(f"safe_radius/{k}@{nm}") for k in ("lower", "upper",
+                                                                      "clever")]
+        if any(a is None or len(a) != len(holds) for a in arrays):
+            continue
+        idx = np.flatnonzero(holds)
+        if not len(idx):
+            continue
+        lower, upper, clever = (np.asarray(a, dtype=float)[idx] for a in arrays)
+        key = np.where(np.isfinite(lower), lower, clever)
+        order = np.lexsort((idx, upper, key))
+        if len(order) > MAX_SANDWICH:  # evenly spaced, both ends included
+            order = order[np.unique(np.linspace(0, len(order) - 1, MAX_SANDWICH).round()
+                                    .astype(int))]
+        lower, upper, clever = lower[order], upper[order], clever[order]
+        xs = np.arange(len(order))
+        finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (lower, upper, clever)])
+        if not finite.size:
+            continue
+        floor, top = finite.min() / 2, finite.max() * 2
+        fig = _figure(6.4, 3.0)
+        ax = fig.axes[0]
+        ax.set_yscale("log")
+        up_shown = np.where(np.isfinite(upper), upper, top)
+        lo_shown = np.where(np.isfinite(lower) & (lower > 0), lower, floor)
+        ax.vlines(xs, lo_shown, up_shown, color="#bbbbbb", linewidth=1.2, zorder=1)
+        ok = np.isfinite(lower) & (lower > 0)
+        ax.scatter(xs[ok], lower[ok], marker="^", s=16, color=PASS_COLOUR, zorder=3,
+                   label="lower bound (certified)")
+        ok = np.isfinite(clever) & (clever > 0)
+        ax.scatter(xs[ok], clever[ok], marker="o", s=12, color=SERIES, zorder=3,
+                   label="estimate (CLEVER)")
+        ok = np.isfinite(upper) & (upper > 0)
+        ax.scatter(xs[ok], upper[ok], marker="v", s=16, color=FAIL_COLOUR, zorder=3,
+                   label="upper bound (witness)")
+        none = ~np.isfinite(upper)
+        if none.any():
+            ax.scatter(xs[none], np.full(none.sum(), top), marker="^", s=16,
+                       facecolors="none", edgecolors=FAIL_COLOUR, zorder=3,
+                       label="no witness found")
+        for r in res["config"].get("radii", []):
+            if r > 0:
+                ax.axhline(r, color="#555555", linestyle="--", linewidth=0.8)
+        ax.set_ylim(floor, top * 1.5)
+        ax.set_xlim(-1, len(xs))
+        ax.set_xlabel("test points where the property holds, sorted by lower bound")
+        ax.set_ylabel(f"{_NORM_NAMES.get(nm, nm)} radius (data units)")
+        ax.grid(axis="x", visible=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        sampled = (f" {len(order)} of the {len(idx)} points, evenly spaced in that order."
+                   if len(idx) > len(order) else "")
+        violations = res["diagnostics"].get(nm, {}).get("sandwich_violations", 0)
+        warn = (f" {violations} points have a lower bound above their witness: the Lipschitz "
+                f"bound is not sound for them." if violations else "")
+        charts.append(Chart(
+            f"chart-safe-radius-{nm}",
+            f"Safe-radius sandwich ({_NORM_NAMES.get(nm, nm)}, {prop})",
+            to_svg(fig),
+            f"For each test point where the {prop} property holds, the maximum safe "
+            f"{_NORM_NAMES.get(nm, nm)} radius lies between the sound Lipschitz lower bound "
+            f"(▲, certified) and the distance of the closest violation found (▼, a witness); "
+            f"● is the CLEVER-style estimate (no guarantee). Log scale; dashed lines are the "
+            f"radii of the reported proportions.{sampled}{warn} Drawn from the certification "
+            f"run's per-point results; a report re-rendered from the certificate JSON leaves "
+            f"this figure out."))
+    return charts
+
+
+def decision_surfaces(inp: ChartInputs) -> Chart | None:
+    """The margin around the most vulnerable points on a plane through each (divergence
+    metric's ``diagnostics.surface``), with the decision boundary at margin 0."""
+    res = inp.result("divergence")
+    surfaces = (res or {}).get("diagnostics", {}).get("surface") or []
+    surfaces = [s for s in surfaces if s.get("margin") and s.get("axis")][:MAX_EXAMPLES]
+    if not surfaces:
+        return None
+    eps = max(res["config"]["eps"])
+    norm = res["config"].get("norm", "linf")
+    cols = min(len(surfaces), 4)
+    rows = -(-len(surfaces) // cols)
+    low = min(float(np.min(s["margin"])) for s in surfaces)
+    high = max(float(np.max(s["margin"])) for s in surfaces)
+    # white at margin 0 whatever the range: blue above (unchanged), red below (changed)
+    span = max(abs(low), abs(high)) or 1.0
+    low, high = min(low, -0.1 * span), max(high, 0.1 * span)
+    norm_c = TwoSlopeNorm(0.0, low, high)
+    levels = np.r_[np.linspace(low, 0, 8)[:-1], np.linspace(0, high, 13)]
+    with matplotlib.rc_context({"axes.grid": False}):
+        fig = Figure(figsize=(1.75 * cols + 0.9, 1.9 * rows + 0.3), layout="constrained")
+        axes = [fig.add_subplot(rows, cols, i + 1) for i in range(len(surfaces))]
+        for ax, surf in zip(axes, surfaces, strict=True):
+            axis = np.asarray(surf["axis"], dtype=float)
+            margin = np.asarray(surf["margin"], dtype=float)  # [a (ascent), b (random)]
+            filled = ax.contourf(axis, axis, margin.T, levels=levels, cmap="RdBu",
+                                 norm=norm_c)
+            if margin.min() < 0 < margin.max():
+                ax.contour(axis, axis, margin.T, levels=[0.0], colors="black",
+                           linewidths=1.2)
+            if norm == "l2":
+                t = np.linspace(0, 2 * np.pi, 97)
+                ax.plot(eps * np.cos(t), eps * np.sin(t), color="#222222", linestyle=":",
+                        linewidth=0.9)
+            else:
+                ax.axvline(eps, color="#222222", linestyle=":", linewidth=0.9)
+                ax.axvline(-eps, color="#222222", linestyle=":", linewidth=0.9)
+            ax.plot([0], [0], marker="x", color="black", markersize=5)
+            ax.set_aspect("equal")
+            ax.tick_params(labelsize=6.5)
+            ax.set_title(f"#{surf['index']}: pred {surf['prediction']}\nKL {surf['kl']:.3g}",
+                         fontsize=7.5)
+        for ax in axes[-cols:]:
+            ax.set_xlabel("ascent direction", fontsize=7)
+        for ax in axes[::cols]:
+            ax.set_ylabel("random direction", fontsize=7)
+        bar = fig.colorbar(filled, ax=axes, shrink=0.8, ticks=[low, 0, high])
+        bar.ax.set_yticklabels([f"{low:.2g}", "0", f"{high:.2g}"], fontsize=7)
+        bar.set_label("margin f_t − max f_j", fontsize=7)
+    ball = ("the dotted circle is the ε-ball" if norm == "l2" else
+            "between the dotted lines the ascent direction alone stays in the L∞ ε-ball")
+    return Chart(
+        "chart-decision-surfaces", "Decision surface around the most vulnerable points",
+        to_svg(fig),
+        f"For the {len(surfaces)} test points with the largest KL divergence found at "
+        f"ε = {eps:g}: the margin of the predicted class (blue: still predicted, red: changed) "
+        f"on the plane x + a·u + b·v, u the ascent direction and v a random direction "
+        f"orthogonal to it, a, b ∈ [−2ε, 2ε] (clipped to the input range). The black line is the "
+        f"decision boundary (margin 0); × is the test point; {ball}. One plane through a "
+        f"high-dimensional input: an illustration, not a bound.")
+
+
 #: Chart functions per metric family, in the order the report shows them.
-CHARTS: dict[str, tuple[Callable[[ChartInputs], Chart | None], ...]] = {
+CHARTS: dict[str, tuple[Callable[[ChartInputs], Chart | list[Chart] | None], ...]] = {
     "accuracy": (per_class_recall,),
     "robust_accuracy": (robustness_curve, vulnerable_examples),
     "probabilistic_robustness": (failure_rate_curve,),
+    "randomized_smoothing": (certified_accuracy_curve,),
+    "analytical_robustness": (p_sigma_histogram,),
+    "safe_radius": (safe_radius_sandwich,),
+    "divergence": (decision_surfaces,),
 }
 
 
@@ -360,15 +627,16 @@ def charts_for(metric: str, inp: ChartInputs) -> list[Chart]:
     charts = []
     for draw in CHARTS.get(metric, ()):
         with _style():
-            chart = draw(inp)
-        if chart is not None:
-            charts.append(chart)
+            drawn = draw(inp)
+        if isinstance(drawn, Chart):
+            charts.append(drawn)
+        elif drawn:
+            charts.extend(drawn)
     return charts
 
 
 def omitted_for(metric: str, inp: ChartInputs) -> list[str]:
     """Titles of the family's figures that need per-point data this rendering lacks."""
-    if inp.per_point and inp.x is not None:
-        return []
     return [draw.per_point_title for draw in CHARTS.get(metric, ())
-            if hasattr(draw, "per_point_title")]
+            if hasattr(draw, "per_point_title")
+            and (not inp.per_point or draw.needs_inputs and inp.x is None)]
