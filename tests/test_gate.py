@@ -199,3 +199,47 @@ def test_gated_server_refuses_to_start_without_signing_key(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "ROBUST_CERT_SIGNING_KEY" in proc.stderr + proc.stdout
+
+
+def _certify(server: str, name: str, version: str, policy_text: str, tmp_path) -> int:
+    policy = tmp_path / f"policy-{abs(hash(policy_text))}.yaml"
+    policy.write_text(policy_text)
+    return main(["certify", f"models:/{name}/{version}", "--policy", str(policy),
+                 "--tracking-uri", server, "--out", str(tmp_path / "r"), "--no-progress"])
+
+
+EASY = ("name: digits-production\nmetrics: {accuracy: {}}\n"
+        "requirements: [{metric: accuracy, at_least: 0.1}]\n")
+STRICT = ("name: digits-production\nmetrics: {accuracy: {}}\n"
+          "requirements: [{metric: accuracy, at_least: 0.9999}]\n")
+
+
+def test_an_older_certificate_cannot_be_replayed(demo, client, tmp_path):
+    """A PASS superseded by a newer FAIL cannot be written back to take the alias."""
+    import time
+
+    version = _register(client, demo[0], "replay-target")
+    assert _certify(demo[0], "replay-target", version, EASY, tmp_path) == 0
+    old_pass = client.get_model_version("replay-target", version).tags[CERT_TAG]
+    time.sleep(1.1)  # issue times have one-second resolution
+    assert _certify(demo[0], "replay-target", version, STRICT, tmp_path) == 1
+    _refused(client.set_model_version_tag, "replay-target", version, CERT_TAG, old_pass,
+             match="older than the one issued")
+    _refused(client.set_registered_model_alias, "replay-target", "production", version,
+             match="did not pass")
+
+
+def test_a_removed_certificate_stays_revoked(demo, client, tmp_path):
+    import time
+
+    version = _register(client, demo[0], "revoke-target")
+    assert _certify(demo[0], "revoke-target", version, EASY, tmp_path) == 0
+    tag = client.get_model_version("revoke-target", version).tags[CERT_TAG]
+    client.delete_model_version_tag("revoke-target", version, CERT_TAG)
+    _refused(client.set_model_version_tag, "revoke-target", version, CERT_TAG, tag,
+             match="was revoked")
+    _refused(client.set_registered_model_alias, "revoke-target", "production", version,
+             match="no signed")
+    time.sleep(1.1)
+    assert _certify(demo[0], "revoke-target", version, EASY, tmp_path) == 0  # a new one works
+    client.set_registered_model_alias("revoke-target", "production", version)

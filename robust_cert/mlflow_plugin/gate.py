@@ -76,6 +76,7 @@ def _store_class():
             self.verify_artifacts = os.environ.get(
                 "ROBUST_CERT_VERIFY_ARTIFACTS", "true").lower() not in ("0", "false", "no")
             super().__init__(store_uri.removeprefix(SCHEME_PREFIX))
+            self.ledger = _Ledger(self.engine)
 
         # ---- checks -------------------------------------------------------------------
         def _is_prompt(self, name: str, version=None) -> bool:
@@ -100,6 +101,9 @@ def _store_class():
                 claim = verify_claim(value, self.keyring, name=name, version=str(version))
             except SignatureError as exc:
                 raise _denied(f"{action} refused: {exc}; {how}") from None
+            stale = self.ledger.why_stale(name, str(version), claim["issued_at"])
+            if stale:
+                raise _denied(f"{action} refused: {stale}; {how}")
             if claim["verdict"] != "PASS":
                 raise _denied(f"{action} refused: {name} v{version} did not pass certification "
                               f"(verdict {claim['verdict']} under policy {claim['policy']!r}); "
@@ -141,12 +145,30 @@ def _store_class():
                                                           archive_existing_versions)
 
         def set_model_version_tag(self, name, version, tag):
-            if tag.key == CERT_TAG:
-                try:
-                    verify_claim(tag.value, self.keyring, name=name, version=str(version))
-                except SignatureError as exc:
-                    raise _denied(f"certificate tag refused: {exc}") from None
-            return super().set_model_version_tag(name, version, tag)
+            if tag.key != CERT_TAG:
+                return super().set_model_version_tag(name, version, tag)
+            try:
+                claim = verify_claim(tag.value, self.keyring, name=name, version=str(version))
+            except SignatureError as exc:
+                raise _denied(f"certificate tag refused: {exc}") from None
+            stale = self.ledger.why_stale(name, str(version), claim["issued_at"])
+            if stale:  # a replayed older certificate (e.g. a PASS superseded by a FAIL)
+                raise _denied(f"certificate tag refused: {stale}")
+            out = super().set_model_version_tag(name, version, tag)
+            self.ledger.issued(name, str(version), claim["issued_at"])
+            return out
+
+        def delete_model_version_tag(self, name, version, key):
+            if key == CERT_TAG:  # removing a certificate revokes it for good
+                value = self.get_model_version(name, version).tags.get(CERT_TAG)
+                if value:
+                    try:
+                        claim = verify_claim(value, self.keyring)
+                    except SignatureError:
+                        claim = None
+                    if claim is not None:
+                        self.ledger.revoked(name, str(version), claim["issued_at"])
+            return super().delete_model_version_tag(name, version, key)
 
         def create_model_version(self, name, source, run_id=None, tags=None, *args, **kwargs):
             if any(t.key == CERT_TAG for t in tags or []):
@@ -155,6 +177,72 @@ def _store_class():
             return super().create_model_version(name, source, run_id, tags, *args, **kwargs)
 
     return GatedRegistryStore
+
+
+class _Ledger:
+    """Per version, the issue time of the newest certificate accepted and of the newest one
+    removed, in the registry's own database (table ``robust_cert_ledger``).
+
+    It stops replays: a certificate is a signed, self-contained claim, so without this a user
+    who kept an old PASS tag could write it back after a newer FAIL replaced it, or after it
+    was removed. Times are the certifier's (the claims' ``issued_at``), compared as ISO-8601
+    UTC strings, so the server's clock plays no part.
+    """
+
+    def __init__(self, engine):
+        from sqlalchemy import text
+
+        self.engine = engine
+        with engine.begin() as conn:
+            conn.execute(text(
+                "CREATE TABLE IF NOT EXISTS robust_cert_ledger ("
+                " name VARCHAR(256) NOT NULL, version VARCHAR(64) NOT NULL,"
+                " latest_issued VARCHAR(64), revoked_through VARCHAR(64),"
+                " PRIMARY KEY (name, version))"))
+
+    def _row(self, conn, name: str, version: str):
+        from sqlalchemy import text
+
+        return conn.execute(text(
+            "SELECT latest_issued, revoked_through FROM robust_cert_ledger "
+            "WHERE name = :n AND version = :v"), {"n": name, "v": version}).first()
+
+    def why_stale(self, name: str, version: str, issued_at: str) -> str | None:
+        """Why a claim issued at ``issued_at`` may no longer be used, or None."""
+        with self.engine.begin() as conn:
+            row = self._row(conn, name, version)
+        if row is None:
+            return None
+        latest, revoked = row
+        if latest and issued_at < latest:
+            return (f"this certificate (issued {issued_at}) is older than the one issued for "
+                    f"{name} v{version} at {latest}")
+        if revoked and issued_at <= revoked:
+            return (f"this certificate (issued {issued_at}) was revoked: the certificate of "
+                    f"{name} v{version} issued at {revoked} was removed")
+        return None
+
+    def _update(self, name: str, version: str, column: str, issued_at: str) -> None:
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            row = self._row(conn, name, version)
+            if row is None:
+                conn.execute(text(
+                    f"INSERT INTO robust_cert_ledger (name, version, {column}) "
+                    "VALUES (:n, :v, :t)"), {"n": name, "v": version, "t": issued_at})
+                return
+            current = row[0] if column == "latest_issued" else row[1]
+            if current is None or issued_at > current:
+                conn.execute(text(
+                    f"UPDATE robust_cert_ledger SET {column} = :t "
+                    "WHERE name = :n AND version = :v"), {"n": name, "v": version, "t": issued_at})
+
+    def issued(self, name: str, version: str, issued_at: str) -> None:
+        self._update(name, version, "latest_issued", issued_at)
+
+    def revoked(self, name: str, version: str, issued_at: str) -> None:
+        self._update(name, version, "revoked_through", issued_at)
 
 
 def _download(location: str, dst: str) -> str:

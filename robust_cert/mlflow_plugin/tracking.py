@@ -208,7 +208,9 @@ def _experiment_for(client, model_id: str | None) -> str:
 
 def _tag_version(client, clf, cert: Certificate, run_id: str, signed: str | None) -> None:
     name, version = clf.name, str(clf.version)
-    for stale in (STATUS_TAG, CERT_TAG):
+    # a new signed certificate replaces the old one (the gate refuses to take an older one
+    # back); an unsigned certification removes it, which revokes it
+    for stale in (STATUS_TAG,) if signed is not None else (STATUS_TAG, CERT_TAG):
         try:
             client.delete_model_version_tag(name, version, stale)
         except Exception:
