@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from harness import CPU, best_of, measure_model, print_table, row
 
 import robust_cert
 from robust_cert.digits_cnn import train_digits_cnn
@@ -35,48 +36,16 @@ from robust_cert.metrics.base import RunContext
 from robust_cert.metrics.corruptions import CORRUPTIONS, CorruptionAccuracy, CorruptionsConfig
 from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
 
-CPU = torch.device("cpu")
-ROWS: list[tuple[str, str, str, str]] = []
 CLEVER_POINTS = 20
 CLEVER_RADIUS = 2.0  # L2, data units (digits in [0, 1], 64 pixels)
 
 
-def row(name: str, value: str, target: str = "", met: bool | None = None) -> None:
-    ROWS.append((name, value, target, "" if met is None else ("yes" if met else "NO")))
-    print(f"  {name}: {value}", flush=True)
 
 
-def throughput(fn, batch: int, windows: int = 5, seconds: float = 0.2) -> float:
-    """Images/s of ``fn`` on ``batch`` images: the best of several short windows."""
-    fn()
-    best = 0.0
-    for _ in range(windows):
-        t, reps = time.perf_counter(), 0
-        while time.perf_counter() - t < seconds:
-            fn()
-            reps += 1
-        best = max(best, batch * reps / (time.perf_counter() - t))
-    return best
 
 
-def measure_model(model: torch.nn.Module) -> tuple[float, float]:
-    fwd = fb = 0.0
-    for batch in (256, 1024):
-        x = torch.rand(batch, 1, 8, 8)
-        with torch.no_grad():
-            fwd = max(fwd, throughput(lambda x=x: model(x), batch))
-        xg = torch.rand(batch, 1, 8, 8, requires_grad=True)
-        fb = max(fb, throughput(lambda xg=xg: torch.autograd.grad(model(xg).sum(), xg), batch))
-    return fwd, fb
 
 
-def best_of(fn, reps: int = 3) -> tuple[object, float]:
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return out, best
 
 
 def bench_clever(model, data, ideal) -> None:
@@ -183,7 +152,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = train_digits_cnn(epochs=15, seed=0)
     data = robust_cert.load_data("digits")
-    fwd, fb = measure_model(model)
+    fwd, fb, _ = measure_model(model, batches=(256, 1024))
     print(f"digits CNN, {len(data)} test points, 1 thread")
     row("forward throughput", f"{fwd:,.0f} img/s")
     row("forward-backward throughput", f"{fb:,.0f} img/s")
@@ -194,11 +163,8 @@ def main() -> None:
     bench_clever(model, data, ideal)
     bench_pgd(model, data)
     bench_corruptions(model, data, ideal)
-    width = max(len(r[0]) for r in ROWS)
-    print(f"\n{'measure':<{width}} | value | target | met")
-    for name, value, target, met in ROWS:
-        print(f"{name:<{width}} | {value} | {target} | {met}")
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(f"\nbench_adversarial: digits CNN, 1 thread, total {time.perf_counter() - t0:.0f} s\n")
+    print_table()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from harness import CPU, measure_model, print_table, row, timed
 from scipy import stats as st
 
 import robust_cert
@@ -47,48 +48,6 @@ from robust_cert.metrics.smoothing import (
     certify,
 )
 from robust_cert.stats import SPRT
-
-CPU = torch.device("cpu")
-ROWS: list[tuple[str, str, str, str]] = []
-
-
-def row(name: str, value: str, target: str = "", met: bool | None = None) -> None:
-    ROWS.append((name, value, target, "" if met is None else ("yes" if met else "NO")))
-    print(f"  {name}: {value}", flush=True)
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
-def throughput(fn, batch: int, windows: int = 6, seconds: float = 0.25) -> float:
-    """Images/s of ``fn`` on ``batch`` images: the best of several short windows, so that
-    load from other processes on a shared machine does not inflate the ideal time."""
-    fn()  # warm-up
-    best = 0.0
-    for _ in range(windows):
-        t, reps = time.perf_counter(), 0
-        while time.perf_counter() - t < seconds:
-            fn()
-            reps += 1
-        best = max(best, batch * reps / (time.perf_counter() - t))
-    return best
-
-
-def measure_model(model: torch.nn.Module) -> tuple[float, float, int]:
-    """Best forward and forward-backward throughput (images/s) over a few batch sizes."""
-    fwd, fb, best_batch = 0.0, 0.0, 256
-    for batch in (256, 512, 1024, 2048):
-        x = torch.rand(batch, 1, 8, 8)
-        with torch.no_grad():
-            f = throughput(lambda x=x: model(x), batch)
-        if f > fwd:
-            fwd, best_batch = f, batch
-        xg = torch.rand(batch, 1, 8, 8, requires_grad=True)
-        fb = max(fb, throughput(lambda xg=xg: torch.autograd.grad(model(xg).sum(), xg), batch))
-    return fwd, fb, best_batch
 
 
 def fixed_n_test(p0: float, p1: float, alpha: float, beta: float) -> tuple[int, int]:
@@ -256,11 +215,7 @@ def main() -> None:
 
     total = time.perf_counter() - t_start
     print(f"\nbench_probabilistic: digits CNN, 1 thread, total {total:.0f} s\n")
-    widths = [max(len(r[i]) for r in ROWS + [("measure", "value", "target", "met")])
-              for i in range(4)]
-    header = ("measure", "value", "target", "met")
-    for r in [header, tuple("-" * w for w in widths), *ROWS]:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print_table()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""What every benchmark in bench/ shares: timing, the model's measured throughput (the
+"ideal" every cost is expressed against), and the result table.
+
+A script imports it as ``from harness import ...``: ``python bench/<script>.py`` puts bench/ on
+the import path.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+CPU = torch.device("cpu")
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def row(name: str, value: str, target: str = "", met: bool | None = None) -> None:
+    """Record one line of the result table (and print it as it is measured)."""
+    ROWS.append((name, value, target, "" if met is None else ("yes" if met else "NO")))
+    print(f"  {name}: {value}", flush=True)
+
+
+def print_table() -> None:
+    header = ("measure", "value", "target", "met")
+    widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(4)]
+    for r in [header, tuple("-" * w for w in widths), *ROWS]:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def timed(fn):
+    """(fn(), seconds it took)."""
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def best_of(fn, reps: int = 3):
+    """(fn(), the fastest of ``reps`` runs in seconds)."""
+    best, out = float("inf"), None
+    for _ in range(reps):
+        out, t = timed(fn)
+        best = min(best, t)
+    return out, best
+
+
+def throughput(fn, batch: int, windows: int = 6, seconds: float = 0.25) -> float:
+    """Images/s of ``fn`` on ``batch`` images: the best of several short windows, so that
+    load from other processes on a shared machine does not inflate the ideal time."""
+    fn()  # warm-up
+    best = 0.0
+    for _ in range(windows):
+        t, reps = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds:
+            fn()
+            reps += 1
+        best = max(best, batch * reps / (time.perf_counter() - t))
+    return best
+
+
+def measure_model(model: torch.nn.Module, input_shape=(1, 8, 8),
+                  batches=(256, 512, 1024, 2048)) -> tuple[float, float, int]:
+    """Best forward and forward-backward (to the input) throughput in images/s over a few
+    batch sizes, and the batch size of the best forward throughput."""
+    fwd, fb, best_batch = 0.0, 0.0, batches[0]
+    for batch in batches:
+        x = torch.rand(batch, *input_shape)
+        with torch.no_grad():
+            f = throughput(lambda x=x: model(x), batch)
+        if f > fwd:
+            fwd, best_batch = f, batch
+        xg = torch.rand(batch, *input_shape, requires_grad=True)
+        fb = max(fb, throughput(lambda xg=xg: torch.autograd.grad(model(xg).sum(), xg), batch))
+    return fwd, fb, best_batch
