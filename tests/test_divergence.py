@@ -12,6 +12,7 @@ from torch import nn
 import robust_cert
 from robust_cert.metrics.base import RunContext
 from robust_cert.metrics.divergence import DivergenceBound, DivergenceConfig, kl_softmax
+from tests.linear_models import binary_linear
 
 CPU = torch.device("cpu")
 W = np.array([1.0, -2.0, 0.5, 1.5])
@@ -19,13 +20,7 @@ B = 0.3
 
 
 def _binary() -> nn.Linear:
-    lin = nn.Linear(4, 2)
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.bias.zero_()
-        lin.weight[1] = torch.tensor(W, dtype=torch.float32)
-        lin.bias[1] = B
-    return lin
+    return binary_linear(W, B)
 
 
 def _bern_kl(g: np.ndarray, h: np.ndarray) -> np.ndarray:

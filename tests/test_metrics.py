@@ -19,6 +19,7 @@ from robust_cert.metrics.probabilistic import (
     ProbabilisticRobustnessConfig,
 )
 from robust_cert.verdict import INCONCLUSIVE, PASS, decide
+from tests.linear_models import binary_linear
 
 CPU = torch.device("cpu")
 W = np.array([1.0, -2.0, 0.5, 1.5])  # ||w||_1 = 5
@@ -31,15 +32,7 @@ def _ctx(batch_size: int = 64, seed: int = 0) -> RunContext:
     return RunContext(device=CPU, batch_size=batch_size, seed=seed)
 
 
-def _binary_linear(w: np.ndarray, b: float) -> nn.Linear:
-    """f(x) = [0, w.x + b]: class 1 iff w.x + b > 0."""
-    lin = nn.Linear(len(w), 2)
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.bias.zero_()
-        lin.weight[1] = torch.tensor(w, dtype=torch.float32)
-        lin.bias[1] = b
-    return lin
+_binary_linear = binary_linear
 
 
 def _margin(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:

@@ -15,6 +15,7 @@ import robust_cert
 from robust_cert.metrics import REGISTRY
 from robust_cert.metrics.base import RunContext
 from robust_cert.metrics.rare_events import RareEventConfig, RareEventProbability, ams_log_p
+from tests.linear_models import binary_linear
 
 CPU = torch.device("cpu")
 D = 10
@@ -28,12 +29,7 @@ def _ctx(seed: int = 0) -> RunContext:
 
 def _model(w: np.ndarray = W) -> nn.Linear:
     """logits [0, w·x]: class 1 iff w·x > 0."""
-    lin = nn.Linear(len(w), 2)
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.bias.zero_()
-        lin.weight[1] = torch.tensor(w, dtype=torch.float32)
-    return lin
+    return binary_linear(w)
 
 
 def _run_spread(p: float, kill: float, particles: int) -> float:

@@ -18,6 +18,7 @@ from robust_cert.metrics.safe_radius import (
     lipschitz_bound,
     reverse_weibull_location,
 )
+from tests.linear_models import binary_linear
 
 CPU = torch.device("cpu")
 W = np.array([1.0, -2.0, 0.5, 1.5])
@@ -26,13 +27,7 @@ WIDE = (-50.0, 50.0)
 
 
 def _binary() -> nn.Linear:
-    lin = nn.Linear(4, 2)
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.bias.zero_()
-        lin.weight[1] = torch.tensor(W, dtype=torch.float32)
-        lin.bias[1] = B
-    return lin
+    return binary_linear(W, B)
 
 
 def _run(model, x, y, seed=0, input_range=WIDE, **cfg):

@@ -26,6 +26,7 @@ from robust_cert.metrics.smoothing import (
     smoothing_draws_needed,
 )
 from robust_cert.verdict import PASS
+from tests.linear_models import binary_linear
 
 CPU = torch.device("cpu")
 W = np.array([1.0, -2.0, 0.5, 1.5])
@@ -39,13 +40,7 @@ def _ctx(seed: int = 0, batch_size: int = 64) -> RunContext:
 
 
 def _binary_linear(w: np.ndarray = W, b: float = B) -> nn.Linear:
-    lin = nn.Linear(len(w), 2)
-    with torch.no_grad():
-        lin.weight.zero_()
-        lin.bias.zero_()
-        lin.weight[1] = torch.tensor(w, dtype=torch.float32)
-        lin.bias[1] = b
-    return lin
+    return binary_linear(w, b)
 
 
 def _points(n: int = 40, seed: int = 0):
