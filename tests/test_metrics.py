@@ -32,8 +32,6 @@ def _ctx(batch_size: int = 64, seed: int = 0) -> RunContext:
     return RunContext(device=CPU, batch_size=batch_size, seed=seed)
 
 
-_binary_linear = binary_linear
-
 
 def _margin(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
     return x.astype(np.float64) @ w + b
@@ -76,7 +74,7 @@ def _robust(model: nn.Module, data, eps, attacks=("fgsm",), batch_size: int = 64
 def test_fgsm_is_exact_on_a_linear_model() -> None:
     x, y = _linear_points()
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    res = _robust(_binary_linear(W, B), data, EPS)
+    res = _robust(binary_linear(W, B), data, EPS)
     robust = res.per_point["robust"]
     assert robust.shape == (len(x), len(EPS))
     for j, eps in enumerate(EPS):
@@ -98,22 +96,22 @@ def test_fgsm_is_exact_on_a_linear_model() -> None:
 def test_eps_zero_gives_clean_accuracy() -> None:
     x, y = _linear_points(n=120, seed=1)
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    res = _robust(_binary_linear(W, B), data, [0.0, 0.1], attacks=("fgsm", "pgd"))
+    res = _robust(binary_linear(W, B), data, [0.0, 0.1], attacks=("fgsm", "pgd"))
     clean_correct = (_margin(x, W, B) > 0).astype(np.int64) == y
     np.testing.assert_array_equal(res.per_point["robust"][:, 0], clean_correct)
     assert res.find({"eps": 0.0}).k == int(clean_correct.sum())
     assert res.diagnostics["eps0_equals_clean"] is True
     acc = Accuracy(AccuracyConfig()).run(
-        robust_cert.load_model(_binary_linear(W, B), input_shape=(4,)), data, _ctx())
+        robust_cert.load_model(binary_linear(W, B), input_shape=(4,)), data, _ctx())
     assert acc.proportions[0].k == res.find({"eps": 0.0}).k
 
 
 def test_pgd_never_beats_clean_and_never_breaks_provably_robust_points() -> None:
     x, y = _linear_points(n=150, seed=2)
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    pgd = _robust(_binary_linear(W, B), data, EPS, attacks=("pgd",), steps=10)
-    both = _robust(_binary_linear(W, B), data, EPS, attacks=("fgsm", "pgd"), steps=10)
-    fgsm = _robust(_binary_linear(W, B), data, EPS, attacks=("fgsm",))
+    pgd = _robust(binary_linear(W, B), data, EPS, attacks=("pgd",), steps=10)
+    both = _robust(binary_linear(W, B), data, EPS, attacks=("fgsm", "pgd"), steps=10)
+    fgsm = _robust(binary_linear(W, B), data, EPS, attacks=("fgsm",))
     clean_correct = (_margin(x, W, B) > 0).astype(np.int64) == y
     for j, eps in enumerate(EPS):
         r = pgd.per_point["robust"][:, j]
@@ -139,7 +137,7 @@ def test_attacks_stay_in_a_narrow_range() -> None:
     w, b = np.array([1.0, -1.0, 2.0, -0.5]), -0.6
     y = (_margin(x, w, b) > 0).astype(np.int64)
     data = robust_cert.load_data((x, y))
-    res = _robust(_binary_linear(w, b), data, [0.05, 0.3], attacks=("fgsm", "pgd"))
+    res = _robust(binary_linear(w, b), data, [0.05, 0.3], attacks=("fgsm", "pgd"))
     assert res.diagnostics["max_linf_excess"] <= 1e-6
     assert res.diagnostics["range_violations"] == 0
     # Clipping can only help the defender: the unclipped closed form is a lower bound.
@@ -156,8 +154,8 @@ def test_input_range_scaling_gives_same_results() -> None:
     # g(x) = w.(x' - 10) + b = w.x' + (b - 10 sum(w))
     b_shift = B - 10.0 * W.sum()
     for attacks in (("fgsm",), ("fgsm", "pgd")):
-        a = _robust(_binary_linear(W, B), data, EPS, attacks=attacks)
-        s = _robust(_binary_linear(W, b_shift), shifted, EPS, attacks=attacks)
+        a = _robust(binary_linear(W, B), data, EPS, attacks=attacks)
+        s = _robust(binary_linear(W, b_shift), shifted, EPS, attacks=attacks)
         np.testing.assert_array_equal(a.per_point["robust"], s.per_point["robust"])
         assert [p.k for p in a.proportions] == [p.k for p in s.proportions]
         assert s.diagnostics["max_linf_excess"] <= 1e-5  # in data units of a range 20 wide
@@ -204,7 +202,7 @@ def _prob_run(failure: str = "misclassified", samples: int = 20000, seed: int = 
               batch_size: int = 4096):
     x, y, _, _ = _prob_data()
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    clf = robust_cert.load_model(_binary_linear(np.array([PW]), PB), input_shape=(1,))
+    clf = robust_cert.load_model(binary_linear(np.array([PW]), PB), input_shape=(1,))
     metric = ProbabilisticRobustness(ProbabilisticRobustnessConfig(
         eps=PEPS, samples=samples, failure=failure))
     return metric.run(clf, data, _ctx(batch_size, seed))
@@ -273,7 +271,7 @@ def test_probabilistic_determinism() -> None:
 def test_probabilistic_several_radii() -> None:
     x, y, _, _ = _prob_data()
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    clf = robust_cert.load_model(_binary_linear(np.array([PW]), PB), input_shape=(1,))
+    clf = robust_cert.load_model(binary_linear(np.array([PW]), PB), input_shape=(1,))
     res = ProbabilisticRobustness(ProbabilisticRobustnessConfig(
         eps=[0.05, 0.5], samples=2000)).run(clf, data, _ctx(512))
     assert [p.params for p in res.proportions] == [{"eps": 0.05}, {"eps": 0.5}]
@@ -315,7 +313,7 @@ def test_accuracy_per_point_and_per_class() -> None:
 
 def test_merge_of_shards_equals_whole() -> None:
     x, y = _linear_points(n=150, seed=7)
-    clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))
+    clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
     whole = robust_cert.load_data((x, y), input_range=WIDE)
     first = robust_cert.load_data((x[:61], y[:61]), input_range=WIDE)
     second = robust_cert.load_data((x[61:], y[61:]), input_range=WIDE)
@@ -337,7 +335,7 @@ def test_merge_of_shards_combines_diagnostics() -> None:
     """'Results computed on shards of the data merge into the result on the whole': the
     diagnostics too (per-class counts and attack counts add up, the worst excess is the max)."""
     x, y = _linear_points(n=150, seed=7)
-    clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))
+    clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
     whole = robust_cert.load_data((x, y), input_range=WIDE)
     first = robust_cert.load_data((x[:61], y[:61]), input_range=WIDE)
     second = robust_cert.load_data((x[61:], y[61:]), input_range=WIDE)
@@ -351,7 +349,7 @@ def test_merge_of_shards_combines_diagnostics() -> None:
 
 def test_merge_refuses_different_metrics() -> None:
     x, y = _linear_points(n=20, seed=8)
-    clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))
+    clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
     data = robust_cert.load_data((x, y), input_range=WIDE)
     acc = Accuracy(AccuracyConfig()).run(clf, data, _ctx())
     rob = RobustAccuracy(RobustAccuracyConfig(eps=[0.1], attacks=["fgsm"])).run(clf, data, _ctx())
@@ -374,7 +372,7 @@ def test_non_differentiable_model_is_not_applicable() -> None:
     x, y = _linear_points(n=300, seed=9)
     y = (_margin(x, W, B) > 0).astype(np.int64)  # all correct
     data = robust_cert.load_data((x, y), input_range=WIDE)
-    clf = robust_cert.load_model(_binary_linear(W, B), input_shape=(4,))
+    clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
     frozen = dataclasses.replace(clf, differentiable=False, format="onnx")
     pol = robust_cert.load_policy(POLICY)
     results = engine.run_suite(frozen, data, pol, progress=False)
@@ -405,7 +403,7 @@ class _RandomModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.drop = nn.Dropout(0.5)
-        self.lin = _binary_linear(W, B)
+        self.lin = binary_linear(W, B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.drop.train()
@@ -420,5 +418,5 @@ def test_random_model_is_flagged() -> None:
     torch.manual_seed(0)
     cert = robust_cert.certify(_RandomModel(), data, pol, progress=False)
     assert cert.body["sanity"]["deterministic_forward"] is False
-    det = robust_cert.certify(_binary_linear(W, B), data, pol, progress=False)
+    det = robust_cert.certify(binary_linear(W, B), data, pol, progress=False)
     assert det.body["sanity"]["deterministic_forward"] is True
