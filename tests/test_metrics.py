@@ -311,17 +311,21 @@ def test_accuracy_per_point_and_per_class() -> None:
 # --------------------------------------------------------------------------- merge
 
 
-def test_merge_of_shards_equals_whole() -> None:
+def _whole_and_merged_shards():
+    """(result on 150 points, merge of results on 61 + 89) for accuracy and FGSM."""
     x, y = _linear_points(n=150, seed=7)
     clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
     whole = robust_cert.load_data((x, y), input_range=WIDE)
     first = robust_cert.load_data((x[:61], y[:61]), input_range=WIDE)
     second = robust_cert.load_data((x[61:], y[61:]), input_range=WIDE)
-    metrics = [Accuracy(AccuracyConfig()),
-               RobustAccuracy(RobustAccuracyConfig(eps=list(EPS), attacks=["fgsm"]))]
-    for metric in metrics:
+    for metric in (Accuracy(AccuracyConfig()),
+                   RobustAccuracy(RobustAccuracyConfig(eps=list(EPS), attacks=["fgsm"]))):
         full = metric.run(clf, whole, _ctx(32))
-        merged = metric.run(clf, first, _ctx(32)).merge(metric.run(clf, second, _ctx(32)))
+        yield full, metric.run(clf, first, _ctx(32)).merge(metric.run(clf, second, _ctx(32)))
+
+
+def test_merge_of_shards_equals_whole() -> None:
+    for full, merged in _whole_and_merged_shards():
         assert [(p.params, p.k, p.n) for p in merged.proportions] == \
             [(p.params, p.k, p.n) for p in full.proportions]
         assert merged.per_point.keys() == full.per_point.keys()
@@ -334,16 +338,7 @@ def test_merge_of_shards_equals_whole() -> None:
 def test_merge_of_shards_combines_diagnostics() -> None:
     """'Results computed on shards of the data merge into the result on the whole': the
     diagnostics too (per-class counts and attack counts add up, the worst excess is the max)."""
-    x, y = _linear_points(n=150, seed=7)
-    clf = robust_cert.load_model(binary_linear(W, B), input_shape=(4,))
-    whole = robust_cert.load_data((x, y), input_range=WIDE)
-    first = robust_cert.load_data((x[:61], y[:61]), input_range=WIDE)
-    second = robust_cert.load_data((x[61:], y[61:]), input_range=WIDE)
-    metrics = [Accuracy(AccuracyConfig()),
-               RobustAccuracy(RobustAccuracyConfig(eps=list(EPS), attacks=["fgsm"]))]
-    for metric in metrics:
-        full = metric.run(clf, whole, _ctx(32))
-        merged = metric.run(clf, first, _ctx(32)).merge(metric.run(clf, second, _ctx(32)))
+    for full, merged in _whole_and_merged_shards():
         assert merged.diagnostics == full.diagnostics
 
 
