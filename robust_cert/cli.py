@@ -226,16 +226,9 @@ def _dispatch(args, argv) -> int:
 
 
 def _client(tracking_uri: str | None):
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from robust_cert.mlflow_plugin.tracking import connect
 
-    from robust_cert.mlflow_plugin.tracking import check_server
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    check_server(mlflow.get_tracking_uri())
-    return MlflowClient()
+    return connect(tracking_uri)
 
 
 def _serve(args) -> int:

@@ -74,6 +74,17 @@ def resolve_version(client, uri: str):
                             f"{type(exc).__name__}: {exc}") from None
 
 
+def download_version(name: str, version, dst: str) -> str:
+    """Download a registered version's model artifacts into ``dst``; return the local path."""
+    import mlflow
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                   dst_path=dst)
+    except Exception as exc:
+        raise ModelError(f"cannot download the artifacts of {name} v{version}: {exc}") from None
+
+
 def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classifier:
     """Download a registered PyTorch or ONNX model version, hash its artifacts and wrap it.
 
@@ -89,12 +100,7 @@ def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classif
     client = client or MlflowClient()
     mv = resolve_version(client, uri)
     with tempfile.TemporaryDirectory(prefix="robust_cert_model_") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp)
-        except Exception as exc:
-            raise ModelError(f"cannot download the artifacts of {mv.name} v{mv.version}: "
-                             f"{exc}") from None
+        local = download_version(mv.name, mv.version, tmp)
         sha = artifacts_sha256(local)
         try:
             meta = Model.load(local)

@@ -40,7 +40,11 @@ def verify_version(client, name: str, version: str, keyring: Keyring,
                    *, check_artifacts: bool = True) -> Verification:
     """The version's certificate tag verifies, names it, and (by default) its model artifacts
     still hash to the certified SHA-256."""
-    from robust_cert.mlflow_plugin.models import artifacts_sha256, resolve_version
+    from robust_cert.mlflow_plugin.models import (
+        artifacts_sha256,
+        download_version,
+        resolve_version,
+    )
 
     mv = resolve_version(client, f"models:/{name}/{version}")
     value = mv.tags.get(CERT_TAG)
@@ -53,12 +57,8 @@ def verify_version(client, name: str, version: str, keyring: Keyring,
     if check_artifacts:
         import tempfile
 
-        import mlflow
-
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
-            if artifacts_sha256(local) != claim["model_sha256"]:
+            if artifacts_sha256(download_version(name, version, tmp)) != claim["model_sha256"]:
                 return Verification(False, "model artifacts no longer match the certified "
                                            "SHA-256", claim)
     return Verification(True, f"valid signature; verdict {claim['verdict']} under policy "

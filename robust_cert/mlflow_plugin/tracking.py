@@ -64,6 +64,19 @@ def summary_metrics(cert: Certificate) -> dict[str, float]:
     return out
 
 
+def connect(tracking_uri: str | None = None):
+    """An MlflowClient for ``tracking_uri`` (also the registry; default: MLflow's own
+    resolution), after checking that the server answers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    check_server(mlflow.get_tracking_uri())
+    return MlflowClient()
+
+
 def check_server(tracking_uri: str) -> None:
     """Fail fast (seconds, not the client's minutes of retries) when the server is down."""
     if not tracking_uri.startswith(("http://", "https://")):
@@ -108,15 +121,8 @@ def certify_version(
     exported from) is passed to :func:`robust_cert.certify`: a twin that disagrees with the
     model on the data is refused before anything is written.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    check_server(mlflow.get_tracking_uri())
+    client = connect(tracking_uri)
     keyring = signing_keyring()
-    client = MlflowClient()
     pol = load_policy(policy)
     evalset = load_data(data, input_range=pol.input_range)
     clf = load_mlflow_model(uri, device=select_device(device), client=client)
