@@ -45,6 +45,14 @@ def _created(name: str, version: str) -> dict:
                      "tags": {}, "description": None}}
 
 
+def _wait_for(condition, within_s: float, poll_s: float = 0.2) -> None:
+    """Poll ``condition`` (work happens in other threads/processes) until true or the time
+    is up; the assertions after it say what was expected."""
+    end = time.monotonic() + within_s
+    while not condition() and time.monotonic() < end:
+        time.sleep(poll_s)
+
+
 @pytest.fixture
 def receiver(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
@@ -170,12 +178,9 @@ def test_new_version_is_certified_automatically(mlflow_server, demo, client, rec
                 input_example=np.zeros((2, 1, 8, 8), "f4"), pip_requirements=["torch"],
                 registered_model_name="auto-certified")
         version = str(info.registered_model_version)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            tags = client.get_model_version("auto-certified", version).tags
-            if "robust_cert.status" in tags:
-                break
-            time.sleep(0.5)
+        _wait_for(lambda: "robust_cert.status" in
+                  client.get_model_version("auto-certified", version).tags, within_s=90)
+        tags = client.get_model_version("auto-certified", version).tags
         assert tags.get("robust_cert.status") == "passed", receiver.queue.jobs()
         client.set_registered_model_alias("auto-certified", "production", version)
         # a redelivered webhook does not certify twice
@@ -189,11 +194,11 @@ def test_new_version_is_certified_automatically(mlflow_server, demo, client, rec
         assert len(runs) == 1
         # an event for a model that no longer exists fails its job, never passes
         receiver.handle(*_delivery(_created("deleted-model", "1")))
-        deadline = time.time() + 30
-        while time.time() < deadline and receiver.queue.counts().get("queued"):
-            time.sleep(0.2)
-        time.sleep(0.5)
-        ghost = [j for j in receiver.queue.jobs() if j.name == "deleted-model"]
+        def ghost_jobs():
+            return [j for j in receiver.queue.jobs() if j.name == "deleted-model"]
+
+        _wait_for(lambda: ghost_jobs()[0].state in ("done", "failed"), within_s=30)
+        ghost = ghost_jobs()
         assert ghost[0].state == "failed"
         assert "deleted-model" in ghost[0].error
     finally:
