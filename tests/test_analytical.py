@@ -143,7 +143,10 @@ def test_metric_on_a_small_mlp() -> None:
         assert d["ci"][0] <= d["mean"] <= d["ci"][1]
         assert d["mean"] == pytest.approx(p[y == int(c)].mean())
     again = AnalyticalRobustness(cfg).run(clf, data, _ctx(batch_size=7))
-    np.testing.assert_allclose(again.per_point["p_taylor"], res.per_point["p_taylor"], atol=1e-12)
+    # another batch size may use other float32 kernels: logits and gradients then differ by a
+    # few ulp (relative ~1e-6), and p = Φ(z) moves by at most φ(z)·|z|·1e-6 <= 0.25e-6 per unit
+    # of relative error in z: far below 1e-5, while a real batching bug moves p by far more.
+    np.testing.assert_allclose(again.per_point["p_taylor"], res.per_point["p_taylor"], atol=1e-5)
 
 
 def test_softmax_only_needs_no_gradients() -> None:
