@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 
 import numpy as np
 import pytest
 
-from robust_cert.errors import RobustCertError
-from robust_cert.jobqueue import JobQueue
+from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.mlflow_plugin.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    Certified,
+    WebhookServer,
     expected_signature,
-    make_http_server,
     make_receiver,
     register_webhook,
     verify_delivery,
@@ -45,23 +48,87 @@ def _created(name: str, version: str) -> dict:
                      "tags": {}, "description": None}}
 
 
-def _wait_for(condition, within_s: float, poll_s: float = 0.2) -> None:
-    """Poll ``condition`` (work happens in other threads/processes) until true or the time
-    is up; the assertions after it say what was expected."""
+def _wait_for(condition, within_s: float, poll_s: float = 0.02):
+    """Poll ``condition`` (work happens in other threads/processes) until truthy or the time
+    is up; returns its last value (the assertions after it say what was expected)."""
     end = time.monotonic() + within_s
-    while not condition() and time.monotonic() < end:
+    while True:
+        value = condition()
+        if value or time.monotonic() > end:
+            return value
         time.sleep(poll_s)
 
 
+class FakeRegistry:
+    """The registry as the receiver sees it: (name, version) -> creation timestamp (ms).
+
+    ``down`` > 0: the next that many look-ups fail as if the tracking server were down."""
+
+    def __init__(self):
+        self.versions: dict[tuple[str, str], int] = {}
+        self.down = 0
+        self.lookups = 0
+        self.clock = 1_000  # creation timestamps, strictly increasing like the registry's
+
+    def create(self, name: str, version: str) -> int:
+        self.clock += 1
+        self.versions[(name, str(version))] = self.clock
+        return self.clock
+
+    def delete(self, name: str) -> None:
+        self.versions = {k: v for k, v in self.versions.items() if k[0] != name}
+
+    def lookup(self, name: str, version: str) -> int | None:
+        self.lookups += 1
+        if self.down > 0:
+            self.down -= 1
+            raise TrackingError("cannot reach the MLflow tracking server at http://x: down")
+        return self.versions.get((name, str(version)))
+
+
 @pytest.fixture
-def receiver(tmp_path, monkeypatch):
+def registry():
+    return FakeRegistry()
+
+
+@pytest.fixture
+def certified():
+    """The fake certification's effects: (name, version) of every certification, in order."""
+    return []
+
+
+@pytest.fixture
+def receiver(tmp_path, monkeypatch, registry, certified):
+    """A receiver on a sqlite queue whose registry and certification are fakes (fast)."""
     monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
     policy = tmp_path / "policy.yaml"
     policy.write_text(LENIENT)
+
+    def certify(job):
+        certified.append((job.name, job.version))
+        return Certified("PASS", f"run-{len(certified)}")
+
     rec = make_receiver(str(policy), tmp_path / "jobs.db", certify_on_alias="candidate",
-                        out_dir=tmp_path / "reports", backoff_s=0.01, max_attempts=2)
+                        out_dir=tmp_path / "reports", backoff_s=0.01, max_attempts=2,
+                        retry_base_s=0.2, retry_cap_s=0.4, lookup=registry.lookup,
+                        is_current=lambda name, version: (name, version) in certified,
+                        certify=certify)
     yield rec
     rec.queue.close()
+
+
+def _drain(rec, within_s: float = 10.0) -> None:
+    """Run due jobs until none is queued, running or due for retry (poll with a deadline)."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        if rec.work_once():
+            continue
+        counts = rec.queue.counts()
+        retrying = [j for j in rec.queue.jobs() if j.state == "failed" and j.retry_at]
+        if not counts.get("queued") and not counts.get("running") and not retrying:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"jobs still pending after {within_s} s: {rec.queue.jobs()}")
 
 
 def test_signature_and_timestamp_are_checked():
@@ -83,19 +150,46 @@ def test_signature_and_timestamp_are_checked():
     assert exc.value.status == 400
 
 
-def test_redelivery_is_idempotent_and_rejections_queue_nothing(receiver):
+def test_redelivery_is_idempotent_and_rejections_queue_nothing(receiver, registry):
+    registry.create("m", "3")
     headers, body = _delivery(_created("m", "3"))
     assert receiver.handle(headers, body) == (202, {"status": "queued", "model": "m",
                                                     "version": "3"})
     assert receiver.handle(headers, body)[1]["status"] == "duplicate"
-    # a new delivery of the same event (new id) is still one job per (version, policy)
+    # a new delivery of the same event (new id) is still one job per version identity
     assert receiver.handle(*_delivery(_created("m", "3")))[1]["status"] == "duplicate"
     assert receiver.handle(*_delivery(_created("m", "3"), secret="wrong"))[0] == 401
     assert receiver.handle(headers, b"{not json")[0] == 401  # body no longer matches
+    # another spelling of the same version is the same job; a non-version is refused
+    assert receiver.handle(*_delivery(_created("m", "03")))[1]["status"] == "duplicate"
+    assert receiver.handle(*_delivery(_created("m", "3x")))[0] == 400
+    # a version the registry does not have (deleted since) queues nothing
+    assert receiver.handle(*_delivery(_created("gone", "1")))[1]["reason"] == "no such version"
     assert len(receiver.queue.jobs()) == 1
 
 
-def test_which_events_become_jobs(receiver):
+def test_doctor_probe_models_are_never_certified(receiver, registry):
+    from robust_cert.mlflow_plugin.promotion import PROBE_PREFIX
+
+    registry.create(PROBE_PREFIX + "abc", "1")
+    status, payload = receiver.handle(*_delivery(_created(PROBE_PREFIX + "abc", "1")))
+    assert (status, payload["reason"]) == (200, "doctor probe")
+    assert receiver.queue.jobs() == []
+
+
+def test_registry_down_at_delivery_answers_503_so_mlflow_redelivers(receiver, registry):
+    registry.create("m", "1")
+    registry.down = 1
+    status, payload = receiver.handle(*_delivery(_created("m", "1")))
+    assert status == 503
+    assert "registry" in payload["error"]
+    assert receiver.queue.jobs() == []
+    assert receiver.handle(*_delivery(_created("m", "1")))[0] == 202
+
+
+def test_which_events_become_jobs(receiver, registry):
+    for v in ("4", "5", "6"):
+        registry.create("m", v)
     alias = {"entity": "model_version_alias", "action": "created", "timestamp": "now",
              "data": {"name": "m", "alias": "Candidate", "version": "4"}}
     assert receiver.handle(*_delivery(alias))[1]["status"] == "queued"
@@ -119,56 +213,357 @@ def test_refuses_to_start_without_secrets(tmp_path, monkeypatch):
         make_receiver(str(policy), tmp_path / "q.db")
 
 
-def test_a_crash_leaves_jobs_to_retry(tmp_path):
-    q = JobQueue(tmp_path / "q.db")
-    assert q.enqueue("m", "1", "p")
-    assert q.claim().state == "running"
-    q.close()  # the process dies mid-certification
-    q = JobQueue(tmp_path / "q.db")
-    assert q.recovered == 1
-    job = q.claim()
-    assert (job.name, job.version, job.attempts) == ("m", "1", 2)
-    q.close()
+# -- the four lost-work cases (before: never certified; after: certified) ------------------------
+
+def test_recreated_model_gets_its_new_v1_certified(receiver, registry, certified):
+    """Before: jobs keyed (name, version, policy) — the re-created model's v1 was `duplicate`."""
+    registry.create("m", "1")
+    assert receiver.handle(*_delivery(_created("m", "1")))[1]["status"] == "queued"
+    _drain(receiver)
+    registry.delete("m")
+    registry.create("m", "1")  # deleted and re-created: a new v1, a new creation time
+    certified.clear()  # the new v1 carries no certificate
+    assert receiver.handle(*_delivery(_created("m", "1")))[1]["status"] == "queued"
+    _drain(receiver)
+    assert certified == [("m", "1")]
+    assert [j.state for j in receiver.queue.jobs()] == ["done", "done"]
 
 
-def test_unreachable_tracking_server_retries_then_fails(receiver):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    receiver.tracking_uri = f"http://127.0.0.1:{port}"
+def test_job_for_a_version_recreated_meanwhile_is_not_run_on_the_new_one(receiver, registry,
+                                                                        certified):
+    registry.create("m", "1")
     receiver.handle(*_delivery(_created("m", "1")))
-    assert receiver.work_once()
+    registry.delete("m")
+    registry.create("m", "1")
+    _drain(receiver)
+    assert certified == []  # the old identity's job must not certify the new version
     (job,) = receiver.queue.jobs()
-    assert job.state == "queued"
-    assert "cannot reach" in job.error
-    time.sleep(0.05)
+    assert job.state == "failed"
+    assert "re-created" in job.error
+
+
+def test_on_demand_alias_recertifies_a_certified_version(receiver, registry, certified):
+    """Before: `--certify-on-alias` on an already-certified version answered `duplicate`."""
+    registry.create("m", "2")
+    receiver.handle(*_delivery(_created("m", "2")))
+    _drain(receiver)
+    alias = {"entity": "model_version_alias", "action": "created", "timestamp": "now",
+             "data": {"name": "m", "alias": "candidate", "version": "2"}}
+    status, payload = receiver.handle(*_delivery(alias))
+    assert (status, payload["status"]) == (202, "requeued")
+    _drain(receiver)
+    assert certified == [("m", "2"), ("m", "2")]  # certified again although it had one
+    # a plain redelivery of the created event still does nothing
+    assert receiver.handle(*_delivery(_created("m", "2")))[1]["status"] == "duplicate"
+    _drain(receiver)
+    assert len(certified) == 2
+
+
+def test_outage_longer_than_quick_retries_is_retried_later(receiver, registry, certified):
+    """Before: 4 quick attempts, then `failed` for good and redeliveries ignored. Now the
+    failed job comes back after a capped backoff, and a new delivery re-queues it at once."""
+    registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+    registry.down = 2  # longer than max_attempts=2 quick attempts
     assert receiver.work_once()
+    assert receiver.work_once() or _wait_for(receiver.work_once, within_s=5)
     (job,) = receiver.queue.jobs()
     assert job.state == "failed"
     assert "gave up after 2 attempts" in job.error
+    assert job.retry_at is not None
+    assert certified == []
+    _drain(receiver)  # the server is back: the retry certifies it
+    assert certified == [("m", "1")]
+    # a new delivery re-queues a failed job at once (no waiting for the backoff)
+    registry.create("m", "2")
+    receiver.handle(*_delivery(_created("m", "2")))
+    registry.down = 2
+    receiver.work_once()
+    _wait_for(receiver.work_once, within_s=5)
+    assert receiver.queue.jobs()[1].state == "failed"
+    assert receiver.handle(*_delivery(_created("m", "2")))[1]["status"] == "requeued"
+    assert receiver.work_once()
+    assert certified[-1] == ("m", "2")
+
+
+def test_backoff_is_exponential_and_capped(receiver, registry):
+    registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+    registry.down = 10**6  # down for good
+    delays = []
+    for _ in range(4):  # four rounds of 2 quick attempts
+        for _ in range(2):
+            assert _wait_for(receiver.work_once, within_s=5)
+        (job,) = receiver.queue.jobs()
+        assert job.state == "failed"
+        delays.append(job.retry_at - job.updated_at)  # set in one statement
+    # retry_base_s=0.2 doubling per failed round, capped at retry_cap_s=0.4
+    assert delays == pytest.approx([0.2, 0.4, 0.4, 0.4], abs=0.02)
+
+
+def test_already_certified_version_is_not_certified_again(receiver, registry, certified):
+    registry.create("m", "1")
+    certified.append(("m", "1"))  # e.g. `robust-cert certify` ran by hand
+    receiver.handle(*_delivery(_created("m", "1")))
+    _drain(receiver)
+    assert certified == [("m", "1")]
+    (job,) = receiver.queue.jobs()
+    assert (job.state, job.error) == ("done", "already carries a current certificate")
+
+
+def test_a_job_that_keeps_killing_its_workers_is_parked_with_backoff(tmp_path, monkeypatch,
+                                                                     registry, certified):
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    rec = make_receiver(str(policy), tmp_path / "jobs.db", lease_s=0.05, max_attempts=2,
+                        retry_base_s=30, lookup=registry.lookup,
+                        is_current=lambda n, v: False,
+                        certify=lambda job: certified.append(job.name))
+    try:
+        registry.create("m", "1")
+        rec.handle(*_delivery(_created("m", "1")))
+        for _ in range(2):  # two workers claim it and die (their leases run out)
+            assert rec.queue.claim("doomed")
+            assert _wait_for(lambda: rec.queue.jobs()[0].lease_until < time.time(), 5)
+        assert _wait_for(rec.work_once, within_s=5)
+        (job,) = rec.queue.jobs()
+        assert job.state == "failed"
+        assert "stopped mid-job" in job.error
+        assert job.retry_at - job.updated_at == pytest.approx(30, abs=0.1)
+        assert certified == []
+    finally:
+        rec.queue.close()
+
+
+# -- HTTP: uvicorn + Starlette -------------------------------------------------------------------
+
+@pytest.fixture
+def web(receiver):
+    server = WebhookServer(receiver, "127.0.0.1", 0, limit_concurrency=40, timeout_s=1.0,
+                           max_body=4096).start()
+    yield server
+    server.stop()
+
+
+def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes and read until the server closes or answers (within ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and b"content-length: 0" not in out.lower():
+                    head, _, rest = out.partition(b"\r\n\r\n")
+                    length = [ln for ln in head.lower().split(b"\r\n")
+                              if ln.startswith(b"content-length:")]
+                    if length and len(rest) >= int(length[0].split(b":")[1]):
+                        break
+        except TimeoutError:
+            return b"<timeout>" + out
+    return out
+
+
+def _post(port: int, headers: dict, body: bytes, timeout: float = 10.0) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/webhook", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_health_reveals_nothing(web, receiver, registry):
+    registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+    with urllib.request.urlopen(f"http://127.0.0.1:{web.port}/health", timeout=5) as r:
+        assert json.load(r) == {"status": "ok"}
+
+
+def test_webhook_over_http(web, registry):
+    registry.create("m", "1")
+    headers, body = _delivery(_created("m", "1"))
+    assert _post(web.port, headers, body) == (202, {"status": "queued", "model": "m",
+                                                     "version": "1"})
+    assert _post(web.port, headers, body + b" ")[0] == 401
+    assert _post(web.port, headers, b"x" * 5000)[0] == 413
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-1", b"1e3", b"99999999999999999999"])
+def test_bad_content_length_is_refused_without_holding_the_server(web, length):
+    t0 = time.monotonic()
+    answer = _raw(web.port, b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                  + length + b"\r\n\r\n{}")
+    assert time.monotonic() - t0 < 4
+    assert not answer.startswith(b"<timeout>"), answer
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] in (b"400", b"413"), answer
+    with urllib.request.urlopen(f"http://127.0.0.1:{web.port}/health", timeout=5) as r:
+        assert r.status == 200  # and the server still serves
+
+
+def test_idle_and_slow_connections_are_closed(web):
+    # nothing sent, headers trickled, body never completed: all end within ~timeout_s (1 s)
+    for data, expect in ((b"", b""), (b"POST /webhook HTTP/1.1\r\nHost: x\r\n", b""),
+                         (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                          b"\r\n\r\n{\"a\"", b"408")):
+        t0 = time.monotonic()
+        answer = _raw(web.port, data, timeout=8)
+        assert not answer.startswith(b"<timeout>"), (data, answer)
+        assert time.monotonic() - t0 < 6
+        if expect:
+            assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == expect, answer
+        else:
+            assert answer == b""
+
+
+def test_idle_connections_hold_no_threads_and_are_dropped(receiver):
+    """Before: 300 idle connections held 305 threads of the stdlib server, for ever."""
+    server = WebhookServer(receiver, "127.0.0.1", 0, limit_concurrency=400,
+                           timeout_s=4.0, backlog=512).start()
+    threads_before = threading.active_count()
+    t0 = time.monotonic()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(300)]
+    try:
+        held = _wait_for(lambda: len(server.server.server_state.connections) == 300, 10)
+        assert held or time.monotonic() - t0 > 4, "connections were not all accepted"
+        assert threading.active_count() < threads_before + 5  # the stdlib server: +300
+        # the server closes every one of them after timeout_s
+        closed = 0
+        for s in idle:
+            s.settimeout(10)
+            closed += s.recv(1) == b""
+        assert closed == 300
+        assert _wait_for(lambda: not server.server.server_state.connections, 5)
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_connections_are_bounded(receiver):
+    server = WebhookServer(receiver, "127.0.0.1", 0, limit_concurrency=4, timeout_s=5.0).start()
+    idle = []
+    try:
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        # the server has registered the idle connections once a 5th request is refused
+        assert _wait_for_status(server.port, 503)
+        for s in idle:
+            s.close()
+        assert _wait_for_status(server.port, 200)
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def _wait_for_status(port: int, status: int, within_s: float = 10.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                got = r.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        if got == status:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_burst_of_100_deliveries_from_25_clients(backend, tmp_path, monkeypatch, registry,
+                                                 request):
+    """100 signed deliveries (100 versions) from 25 concurrent clients, then the same 100
+    events redelivered: 200 answers, 100 jobs — none lost, none duplicated."""
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    if backend == "sqlite":
+        url = str(tmp_path / "jobs.db")
+    else:
+        url = request.getfixturevalue("postgres").create_database("burst")
+    rec = make_receiver(str(policy), url, lookup=registry.lookup,
+                        is_current=lambda n, v: False, certify=lambda job: None)
+    server = WebhookServer(rec, "127.0.0.1", 0, limit_concurrency=64).start()
+    events = [_created(f"burst-{i % 10}", str(i)) for i in range(1, 101)]
+    for e in events:
+        registry.create(e["data"]["name"], e["data"]["version"])
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client(batch):
+        for event in batch:
+            try:
+                status, payload = _post(server.port, *_delivery(event), timeout=30)
+                answer = (status, payload.get("status", payload.get("error", "")))
+            except OSError as exc:
+                answer = (0, f"{type(exc).__name__}: {exc}")
+            with lock:
+                results.append(answer)
+
+    try:
+        for round_ in ("first", "redelivered"):
+            results.clear()
+            threads = [threading.Thread(target=client, args=(events[i::25],))
+                       for i in range(25)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            elapsed = time.monotonic() - t0
+            expected = (202, "queued") if round_ == "first" else (200, "duplicate")
+            answered = sum(status != 0 for status, _ in results)
+            print(f"\nburst {backend} {round_}: {len(results)} sent, {answered} answered, "
+                  f"{sum(r == expected for r in results)} {expected[1]}, {elapsed:.2f} s")
+            assert len(results) == 100
+            assert results.count(expected) == 100, sorted(set(results))
+        jobs = rec.queue.jobs()
+        identities = {(j.name, j.version, j.version_created) for j in jobs}
+        print(f"burst {backend}: jobs {len(jobs)}, lost {100 - len(identities)}, "
+              f"duplicated {len(jobs) - len(identities)}")
+        assert len(jobs) == len(identities) == 100
+        assert identities == {(e["data"]["name"], e["data"]["version"],
+                               registry.versions[(e["data"]["name"], e["data"]["version"])])
+                              for e in events}
+    finally:
+        server.stop()
+        rec.queue.close()
+
+
+@pytest.fixture
+def real_receiver(tmp_path, monkeypatch, mlflow_server):
+    """A receiver as `robust-cert serve` builds it: real registry look-ups and certification."""
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    rec = make_receiver(str(policy), tmp_path / "jobs.db", tracking_uri=mlflow_server.url,
+                        out_dir=tmp_path / "reports", backoff_s=0.01, max_attempts=2)
+    yield rec
+    rec.stop()
+    rec.queue.close()
 
 
 @pytest.mark.integration
-def test_new_version_is_certified_automatically(mlflow_server, demo, client, receiver,
-                                                tmp_path):
+def test_new_version_is_certified_automatically(mlflow_server, demo, client, real_receiver):
     """Register a version → MLflow delivers the webhook → certified → alias allowed."""
     import mlflow
 
     from robust_cert.digits_cnn import train_digits_cnn
 
-    receiver.tracking_uri = mlflow_server.url
-    server = make_http_server(receiver, "127.0.0.1", 0)
-    threads = [threading.Thread(target=server.serve_forever, daemon=True),
-               threading.Thread(target=receiver.work_forever, kwargs={"poll_s": 0.1},
-                                daemon=True)]
-    for t in threads:
-        t.start()
+    receiver = real_receiver
+    server = WebhookServer(receiver, "127.0.0.1", 0).start()
+    worker = threading.Thread(target=receiver.work_forever, kwargs={"poll_s": 0.1},
+                              daemon=True)
+    worker.start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}"
+        url = f"http://127.0.0.1:{server.port}"
         with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-            assert json.load(r)["status"] == "ok"
+            assert json.load(r) == {"status": "ok"}
         mlflow.set_tracking_uri(mlflow_server.url)
         mlflow.set_registry_uri(mlflow_server.url)
         register_webhook(f"{url}/webhook", SECRET, certify_on_alias=None, name="rc-test")
@@ -179,29 +574,131 @@ def test_new_version_is_certified_automatically(mlflow_server, demo, client, rec
                 registered_model_name="auto-certified")
         version = str(info.registered_model_version)
         _wait_for(lambda: "robust_cert.status" in
-                  client.get_model_version("auto-certified", version).tags, within_s=90)
+                  client.get_model_version("auto-certified", version).tags, within_s=90,
+                  poll_s=0.2)
         tags = client.get_model_version("auto-certified", version).tags
         assert tags.get("robust_cert.status") == "passed", receiver.queue.jobs()
         client.set_registered_model_alias("auto-certified", "production", version)
         # a redelivered webhook does not certify twice
         status, payload = receiver.handle(*_delivery(_created("auto-certified", version)))
         assert payload["status"] == "duplicate"
-        time.sleep(0.5)
+        # ... nor does reconciliation: the version carries a current certificate
+        receiver.watch = ("auto-certified",)
+        assert receiver.reconcile_once()["current"] == 1
+        assert receiver.queue.counts() == {"done": 1}
         runs = client.search_runs(
-            [r.experiment_id for r in [client.get_run(tags["robust_cert.run_id"]).info]],
+            [client.get_run(tags["robust_cert.run_id"]).info.experiment_id],
             filter_string=f"tags.`robust_cert.model` = 'auto-certified' and "
                           f"tags.`robust_cert.version` = '{version}'")
         assert len(runs) == 1
-        # an event for a model that no longer exists fails its job, never passes
-        receiver.handle(*_delivery(_created("deleted-model", "1")))
-        def ghost_jobs():
-            return [j for j in receiver.queue.jobs() if j.name == "deleted-model"]
-
-        _wait_for(lambda: ghost_jobs()[0].state in ("done", "failed"), within_s=30)
-        ghost = ghost_jobs()
-        assert ghost[0].state == "failed"
-        assert "deleted-model" in ghost[0].error
+        # an event for a model that does not exist in the registry queues nothing
+        status, payload = receiver.handle(*_delivery(_created("deleted-model", "1")))
+        assert (status, payload.get("reason")) == (200, "no such version")
+        assert [j.name for j in receiver.queue.jobs()] == ["auto-certified"]
     finally:
         receiver.stop()
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        worker.join(30)
+
+
+@pytest.mark.integration
+def test_reconcile_certifies_what_the_webhooks_missed(mlflow_server, demo, client, tmp_path,
+                                                     monkeypatch):
+    """Versions created while no certifier listens (and a re-created model's new v1) are
+    found by the reconciliation pass against the real registry and certified once."""
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    certified: list[tuple[str, str]] = []
+
+    def certify(job):  # cheap stand-in; look-ups, listing and the certificate check are real
+        certified.append((job.name, job.version))
+        return Certified("PASS", None)
+
+    source = client.get_model_version("digits-cnn", "2").source  # models:/m-<logged model id>
+    model_id = source.removeprefix("models:/")
+    name = f"reconciled-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    client.create_model_version(name, source, model_id=model_id)  # v1: nobody is listening
+    client.create_model_version(name, source, model_id=model_id)  # v2
+    rec = make_receiver(str(policy), tmp_path / "jobs.db", tracking_uri=mlflow_server.url,
+                        watch=(name, "digits-cnn"), certify=certify, reconcile_every_s=3600)
+    try:
+        counts = rec.reconcile_once()
+        # digits-cnn's versions carry current certificates (the demo): nothing to do there
+        assert counts["queued"] == 2, counts
+        assert counts["current"] == counts["versions"] - 2
+        _wait_for(lambda: not rec.work_once() and not rec.queue.counts().get("queued"),
+                  within_s=60)
+        assert sorted(certified) == [(name, "1"), (name, "2")]
+        # a second pass within the period does not queue them again
+        assert rec.reconcile_once()["queued"] == 0
+        # deleted and re-created: its new v1 is a new identity, found by the next pass
+        client.delete_registered_model(name)
+        client.create_registered_model(name)
+        client.create_model_version(name, source, model_id=model_id)
+        assert rec.reconcile_once()["queued"] == 1
+        _wait_for(lambda: not rec.work_once() and not rec.queue.counts().get("queued"),
+                  within_s=60)
+        assert sorted(certified) == [(name, "1"), (name, "1"), (name, "2")]
+        assert rec.queue.counts() == {"done": 3}
+    finally:
+        rec.queue.close()
+
+
+def test_serve_refuses_bad_queue_urls_naming_the_problem(tmp_path, monkeypatch, capsys):
+    from robust_cert.cli import main
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for url, message in ((f"postgresql://u@127.0.0.1:{closed}/q",
+                          "cannot reach the PostgreSQL job queue at postgresql 127.0.0.1:"),
+                         ("postgresql://u@127.0.0.1:notaport/q", "port 'notaport'"),
+                         ("redis://x/0", "unsupported queue URL")):
+        code = main(["serve", "--policy", str(policy), "--queue-url", url,
+                     "--reconcile-every", "0"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert message in err
+
+
+def test_serve_command_starts_answers_and_stops(tmp_path):
+    """`robust-cert serve` as a user runs it: listens, /health answers, SIGINT ends it (0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ROBUST_CERT_WEBHOOK_SECRET": SECRET}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robust_cert.cli", "serve", "--policy", str(policy),
+         "--port", str(port), "--queue-url", f"sqlite:///{tmp_path}/jobs.db",
+         "--reconcile-every", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        def health():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    return json.load(r)
+            except OSError:
+                return None if proc.poll() is None else {"exited": proc.returncode}
+
+        assert _wait_for(health, within_s=60, poll_s=0.2) == {"status": "ok"}
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "listening on http://127.0.0.1:" in out
+    assert "queue sqlite " in out
