@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -13,13 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from robust_cert.signing import private_pem, public_pem
 
 torch.set_num_threads(1)
 os.environ.setdefault("ROBUST_CERT_THREADS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-#: The certifier's key in the tests; the shared server's gate verifies with the same key.
-SIGNING_KEY = "test-signing-key-0123456789abcdef"
+#: The certifier's Ed25519 private key in the tests (PEM, fixed so runs are comparable); the
+#: test servers' gates hold only its public half, PUBLIC_KEY (ROBUST_CERT_PUBLIC_KEYS).
+_TEST_KEY = Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"robust_cert test signing key").digest())
+SIGNING_KEY = private_pem(_TEST_KEY)
+PUBLIC_KEY = public_pem(_TEST_KEY.public_key())
 os.environ["ROBUST_CERT_SIGNING_KEY"] = SIGNING_KEY
 #: Policies the test server's gate allows for production.
 ALLOWED_POLICIES = "digits-production"
@@ -48,25 +56,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1, sqlite store, registry behind the robust_cert gate.
+def gate_env(**extra) -> dict:
+    """Environment of a gated test server: public key only (the private key is removed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUST_CERT_SIGNING_KEY")}
+    env.update({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "ROBUST_CERT_PUBLIC_KEYS": PUBLIC_KEY,
+                "ROBUST_CERT_ALLOWED_POLICIES": ALLOWED_POLICIES})
+    env.update(extra)
+    return env
 
-    Yields an object with ``url`` and ``root`` (where the store and artifacts live)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
+
+def start_mlflow_server(root: Path, backend: str, registry: str, env: dict):
+    """Start `mlflow server` (one worker) on a free loopback port; return (process, url) once
+    /health answers. Its output goes to root/server.log."""
     port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "ROBUST_CERT_SIGNING_KEY": SIGNING_KEY,
-           "ROBUST_CERT_ALLOWED_POLICIES": ALLOWED_POLICIES,
-           # webhooks to a receiver on loopback (tests/test_webhooks.py)
-           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           "MLFLOW_WEBHOOK_CACHE_TTL": "0",  # see a webhook created mid-session at once
-           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}
-    db = root / "mlflow.db"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
-           "--registry-store-uri", f"robustcert+sqlite:///{db}",
+           "--workers", "1", "--backend-store-uri", backend, "--registry-store-uri", registry,
            "--artifacts-destination", str(root / "artifacts")]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -78,19 +83,51 @@ def mlflow_server(tmp_path_factory):
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, url
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
         time.sleep(0.5)
-    yield Server(url, root)
+
+
+def stop_mlflow_server(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, sqlite store, registry behind the robust_cert gate.
+
+    Yields an object with ``url`` and ``root`` (where the store and artifacts live)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    env = gate_env(**{
+        # webhooks to a receiver on loopback (tests/test_webhooks.py)
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "0",  # see a webhook created mid-session at once
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()})
+    db = root / "mlflow.db"
+    proc, url = start_mlflow_server(root, f"sqlite:///{db}", f"robustcert+sqlite:///{db}", env)
+    yield Server(url, root)
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(postgres, tmp_path_factory):
+    """A second real `mlflow server` whose stores live in PostgreSQL (a database of the
+    session's `postgres` server), registry behind ``robustcert+postgresql://``. Same
+    settings (public key, allowed policies) as `mlflow_server`."""
+    root = tmp_path_factory.mktemp("pg_mlflow_server")
+    db = postgres.create_database("gate_battery")
+    proc, url = start_mlflow_server(root, db, "robustcert+" + db, gate_env())
+    yield Server(url, root)
+    stop_mlflow_server(proc)
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +162,22 @@ def _fresh_mlflow_uris():
 
     tracking._tracking_uri = None
     registry._registry_uri = None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (15, via initdb/pg_ctl) for the session, on 127.0.0.1.
+
+    Yields the URL of its default database, ``postgresql://postgres@127.0.0.1:PORT/postgres``
+    (a str); ``postgres.create_database(name)`` creates an empty database and returns its URL.
+    Skips, with the reason, only where PostgreSQL or the psycopg driver is not installed."""
+    from tests.postgres import PostgresServer, PostgresURL, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL tests need a local server: {reason}")
+    server = PostgresServer.start()
+    try:
+        yield PostgresURL(server)
+    finally:
+        server.stop()

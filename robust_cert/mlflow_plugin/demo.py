@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -59,11 +58,19 @@ def register(model, *, training: str, fmt: str, experiment_id: str) -> str:
     import mlflow
 
     x, _ = digits_split("train")
+    # version 1 is pickled on purpose (both loaders are exercised); MLflow's warning about
+    # pickle at save time is for the user's own models, not this demo's
+    mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
+    level = mlflow_pytorch_log.level
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"train {training}"):
         mlflow.log_params({"augmentation": training, "architecture": "DigitsCNN"})
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=x[:4], serialization_format=fmt,
-            registered_model_name=MODEL_NAME, pip_requirements=["torch"])
+        mlflow_pytorch_log.setLevel(logging.ERROR if fmt == "pickle" else level)
+        try:
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=x[:4], serialization_format=fmt,
+                registered_model_name=MODEL_NAME, pip_requirements=["torch"])
+        finally:
+            mlflow_pytorch_log.setLevel(level)
     return str(info.registered_model_version)
 
 
@@ -99,17 +106,31 @@ def register_onnx(model, *, source_version: str, experiment_id: str) -> str:
 
 
 def demo_signing_key(workdir: Path) -> Path | None:
-    """Without a configured signing key, make a throw-away one in the demo directory so the
-    demo's certificates are signed (and their reports verify); a real key always wins."""
-    from robust_cert.signing import KEY_ENV, KEY_FILE_ENV
+    """Without a configured signing key, make a throw-away Ed25519 key pair in the demo
+    directory so the demo's certificates are signed (and their reports verify): the private
+    key ``demo-signing.key`` (mode 0600, set as ``ROBUST_CERT_SIGNING_KEY_FILE``) and its
+    public half ``demo-public.pem`` (what a gated MLflow server would be given as
+    ``ROBUST_CERT_PUBLIC_KEYS``). A real key always wins."""
+    from robust_cert.signing import (
+        KEY_ENV,
+        KEY_FILE_ENV,
+        Keyring,
+        generate_private_key_pem,
+        public_pem,
+    )
 
     if os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV):
         return None
     path = workdir / "demo-signing.key"
-    path.write_text(secrets.token_hex(32) + "\n")
-    path.chmod(0o600)
+    pem = generate_private_key_pem()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pem)
+    keyring = Keyring.from_private_pem(pem)
+    (workdir / "demo-public.pem").write_text(public_pem(keyring.private.public_key()))
     os.environ[KEY_FILE_ENV] = str(path)
-    log.info("no signing key configured: the demo signs with %s", path)
+    log.info("no signing key configured: the demo signs with %s (key id %s)", path,
+             keyring.signing_kid)
     return path
 
 

@@ -6,17 +6,34 @@ Installed as the ``robustcert+sqlite://`` / ``robustcert+postgresql://`` schemes
     mlflow server --backend-store-uri sqlite:///mlflow.db \\
                   --registry-store-uri robustcert+sqlite:///mlflow.db
 
+Guarantees (every user-writable field — tags, descriptions, version strings, artifacts — is
+treated as attacker-controlled):
+
+- A protected alias or the Production stage is set only for a version whose certificate tag
+  verifies under one of the server's public keys, names this model and (canonical) version,
+  is a PASS under an allowed policy, is the certificate the ledger recorded as the version's
+  current one, and whose model artifacts still hash to the certified SHA-256 (always checked).
+- A certificate tag is accepted only if it verifies and is strictly newer than every
+  certificate accepted or removed for the version before (a per-version sequence in the
+  ledger): an older or equal claim, e.g. a PASS a later FAIL replaced in the same second, or
+  a removed one, cannot be written back. Removing the tag revokes it in the ledger first.
+- Versions are MLflow's canonical integers everywhere (``"01"`` and ``"1"`` are one version).
+- Prompts are exempt only when the registered model was *created* as a prompt (MLflow's
+  marker ``mlflow.prompt.is_prompt=true`` on the registered model), the version was created as
+  a prompt version (the marker on the version) and its source is an MLflow prompt placeholder.
+  The gate refuses to set or delete the marker afterwards, on registered models and versions
+  alike, so the marker is state the server fixed at creation, not a switch a user can flip.
+
 Refusals are ``PERMISSION_DENIED`` (HTTP 403: clients do not retry them) with a message
 saying what to do. Settings (environment of the server):
 
-- ``ROBUST_CERT_SIGNING_KEY`` / ``ROBUST_CERT_SIGNING_KEY_FILE``: required; the server refuses
-  to start without them (see :mod:`robust_cert.signing`).
+- ``ROBUST_CERT_PUBLIC_KEYS``: required, the certifier's public key(s) (see
+  :mod:`robust_cert.signing`); the server refuses registry requests without it. The server
+  never needs the private key.
 - ``ROBUST_CERT_PROTECTED_ALIASES``: comma-separated, case-insensitive (default
   ``production,champion``).
 - ``ROBUST_CERT_ALLOWED_POLICIES``: comma-separated policy names or SHA-256 hashes allowed
   for production (default: any policy).
-- ``ROBUST_CERT_VERIFY_ARTIFACTS``: ``true`` (default) re-hashes the model artifacts at
-  promotion and refuses when they no longer match the certificate.
 
 mlflow internals are imported inside functions and in the class factory: a store module that
 imports mlflow at its top can hit a circular import, which MLflow turns into a warning and an
@@ -28,13 +45,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 log = logging.getLogger(__name__)
 
 CERT_TAG = "robust_cert.certificate"
 PROMPT_TAG = "mlflow.prompt.is_prompt"
+#: MLflow's prompt source placeholders (the client's and the store's); MLflow's server refuses
+#: a prompt-marked version with any other source.
+PROMPT_SOURCES = frozenset({"dummy-source", "prompt-template"})
 SCHEME_PREFIX = "robustcert+"
 DEFAULT_PROTECTED = ("production", "champion")
+#: Removed setting: artifacts are always verified. Named so that a server that still sets it
+#: says so loudly at start.
+REMOVED_VERIFY_SWITCH = "ROBUST_CERT_VERIFY_ARTIFACTS"
 
 
 def _setting_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -51,11 +75,29 @@ def _denied(message: str):
     return MlflowException(f"robust_cert gate: {message}", error_code=PERMISSION_DENIED)
 
 
+def _version_number(version) -> int | None:
+    """The integer MLflow's SQL store itself takes from ``version`` (``int(version)``), or
+    None when MLflow would refuse it (the store then raises its own 400)."""
+    try:
+        number = int(str(version))
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
 def _store_class():
+    from mlflow.entities.model_registry.model_version_stages import get_canonical_stage
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
     from robust_cert.errors import RobustCertError
-    from robust_cert.signing import Keyring, SignatureError, verify_claim
+    from robust_cert.signing import (
+        KEY_ENV,
+        KEY_FILE_ENV,
+        Keyring,
+        SignatureError,
+        token_sha256,
+        verify_claim,
+    )
 
     class GatedRegistryStore(SqlAlchemyStore):
         """SqlAlchemyStore (webhooks included) plus the certification checks."""
@@ -66,46 +108,56 @@ def _store_class():
             # without a key nothing can be verified: refuse every registry request, with a
             # 4xx (a 5xx would make clients retry for minutes) naming the setting
             try:
-                self.keyring = Keyring.from_env()
+                self.keyring = Keyring.public_from_env()
             except RobustCertError as exc:
                 raise _denied(f"the registry is not configured: {exc}; set it in the MLflow "
                               "server's environment and restart") from None
+            if os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV):
+                log.warning("robust_cert gate: %s/%s is set in the MLflow server's environment; "
+                            "the gate uses only the public keys (%s) and the server should not "
+                            "hold the certifier's private key", KEY_ENV, KEY_FILE_ENV,
+                            ", ".join(sorted(self.keyring.public)))
+            if REMOVED_VERIFY_SWITCH in os.environ:
+                log.error("robust_cert gate: %s=%s is IGNORED: the setting was removed and the "
+                          "gate always re-hashes model artifacts at promotion; unset it",
+                          REMOVED_VERIFY_SWITCH, os.environ[REMOVED_VERIFY_SWITCH])
             self.protected = {a.lower() for a in _setting_list(
                 "ROBUST_CERT_PROTECTED_ALIASES", DEFAULT_PROTECTED)}
             self.allowed_policies = set(_setting_list("ROBUST_CERT_ALLOWED_POLICIES", ()))
-            self.verify_artifacts = os.environ.get(
-                "ROBUST_CERT_VERIFY_ARTIFACTS", "true").lower() not in ("0", "false", "no")
             super().__init__(store_uri.removeprefix(SCHEME_PREFIX))
-            self.ledger = _Ledger(self.engine)
+            self.ledger = Ledger(self.engine)
 
         # ---- checks -------------------------------------------------------------------
-        def _is_prompt(self, name: str, version=None) -> bool:
-            """Prompts share the alias API; MLflow tags the prompt (and its versions)."""
+        def _is_prompt(self, name: str, version) -> bool:
+            """A prompt version of a prompt: markers fixed at creation (see module doc)."""
             try:
-                tags = dict(self.get_registered_model(name).tags)
-                if version is not None:
-                    tags.update(self.get_model_version(name, version).tags)
+                rm = self.get_registered_model(name)
+                model_tags = getattr(rm, "_tags", None) or {}
+                mv = self.get_model_version(name, version)
             except Exception:
                 return False
-            return str(tags.get(PROMPT_TAG, "")).lower() == "true"
+            return (model_tags.get(PROMPT_TAG) == "true" and mv.tags.get(PROMPT_TAG) == "true"
+                    and mv.source in PROMPT_SOURCES)
 
-        def _require_certificate(self, name: str, version: str, action: str) -> None:
-            mv = self.get_model_version(name, version)
-            how = (f"certify it first: robust-cert promote {name} {version} (or robust-cert "
-                   f"certify models:/{name}/{version} --policy POLICY)")
+        def _require_certificate(self, name: str, version, action: str) -> None:
+            number = _version_number(version)
+            mv = self.get_model_version(name, version)  # MLflow's own error if absent
+            how = (f"certify it first: robust-cert promote {name} {number} (or robust-cert "
+                   f"certify models:/{name}/{number} --policy POLICY)")
             value = mv.tags.get(CERT_TAG)
             if not value:
-                raise _denied(f"{action} refused: {name} v{version} has no signed robust_cert "
+                raise _denied(f"{action} refused: {name} v{number} has no signed robust_cert "
                               f"certificate; {how}")
             try:
-                claim = verify_claim(value, self.keyring, name=name, version=str(version))
+                claim = verify_claim(value, self.keyring, name=name, version=number)
             except SignatureError as exc:
                 raise _denied(f"{action} refused: {exc}; {how}") from None
-            stale = self.ledger.why_stale(name, str(version), claim["issued_at"])
-            if stale:
-                raise _denied(f"{action} refused: {stale}; {how}")
+            if self.ledger.current(name, number) != token_sha256(value):
+                raise _denied(f"{action} refused: the certificate tag of {name} v{number} is not "
+                              "the one the registry recorded as current (it was revoked, "
+                              "superseded, or written around the gate); " + how)
             if claim["verdict"] != "PASS":
-                raise _denied(f"{action} refused: {name} v{version} did not pass certification "
+                raise _denied(f"{action} refused: {name} v{number} did not pass certification "
                               f"(verdict {claim['verdict']} under policy {claim['policy']!r}); "
                               "promote a version that passes")
             if self.allowed_policies and not (
@@ -113,11 +165,10 @@ def _store_class():
                 raise _denied(f"{action} refused: policy {claim['policy']!r} is not allowed for "
                               f"production (allowed: {', '.join(sorted(self.allowed_policies))}); "
                               "certify under an allowed policy")
-            if self.verify_artifacts:
-                actual = self._artifacts_sha256(mv)
-                if actual != claim["model_sha256"]:
-                    raise _denied(f"{action} refused: the model artifacts of {name} v{version} "
-                                  "no longer match the certified SHA-256; re-certify the version")
+            actual = self._artifacts_sha256(mv)
+            if actual != claim["model_sha256"]:
+                raise _denied(f"{action} refused: the model artifacts of {name} v{number} "
+                              "no longer match the certified SHA-256; re-certify the version")
 
         def _artifacts_sha256(self, mv) -> str:
             from robust_cert.mlflow_plugin.models import artifacts_sha256
@@ -133,42 +184,61 @@ def _store_class():
 
         # ---- gated operations ---------------------------------------------------------
         def set_registered_model_alias(self, name, alias, version):
-            if alias.lower() in self.protected and not self._is_prompt(name, version):
+            if str(alias).lower() in self.protected and not self._is_prompt(name, version):
                 self._require_certificate(name, version, f"setting alias {alias!r}")
             return super().set_registered_model_alias(name, alias, version)
 
         def transition_model_version_stage(self, name, version, stage,
                                            archive_existing_versions):
-            if str(stage).lower() == "production" and not self._is_prompt(name, version):
+            if (get_canonical_stage(str(stage)) == "Production"
+                    and not self._is_prompt(name, version)):
                 self._require_certificate(name, version, "transition to Production")
             return super().transition_model_version_stage(name, version, stage,
                                                           archive_existing_versions)
 
         def set_model_version_tag(self, name, version, tag):
+            if tag.key == PROMPT_TAG:
+                raise _denied(f"the prompt marker {PROMPT_TAG} is fixed when a version is "
+                              "created; it cannot be set afterwards")
             if tag.key != CERT_TAG:
                 return super().set_model_version_tag(name, version, tag)
+            number = _version_number(version)
+            if number is None:
+                return super().set_model_version_tag(name, version, tag)  # MLflow's 400
+            self.get_model_version(name, version)  # MLflow's 404 if the version is absent
             try:
-                claim = verify_claim(tag.value, self.keyring, name=name, version=str(version))
+                claim = verify_claim(tag.value, self.keyring, name=name, version=number)
             except SignatureError as exc:
                 raise _denied(f"certificate tag refused: {exc}") from None
-            stale = self.ledger.why_stale(name, str(version), claim["issued_at"])
-            if stale:  # a replayed older certificate (e.g. a PASS superseded by a FAIL)
-                raise _denied(f"certificate tag refused: {stale}")
-            out = super().set_model_version_tag(name, version, tag)
-            self.ledger.issued(name, str(version), claim["issued_at"])
-            return out
+            # the ledger first: if the tag write then fails, the ledger names a certificate
+            # the version does not carry, and promotion is refused (fails closed)
+            why = self.ledger.accept(name, number, claim["issued_us"], token_sha256(tag.value))
+            if why:  # a replayed older (or same-time) certificate
+                raise _denied(f"certificate tag refused: {why}")
+            return super().set_model_version_tag(name, version, tag)
 
         def delete_model_version_tag(self, name, version, key):
-            if key == CERT_TAG:  # removing a certificate revokes it for good
-                value = self.get_model_version(name, version).tags.get(CERT_TAG)
-                if value:
-                    try:
-                        claim = verify_claim(value, self.keyring)
-                    except SignatureError:
-                        claim = None
-                    if claim is not None:
-                        self.ledger.revoked(name, str(version), claim["issued_at"])
+            if key == PROMPT_TAG:
+                raise _denied(f"the prompt marker {PROMPT_TAG} is fixed when a version is "
+                              "created; it cannot be deleted")
+            number = _version_number(version)
+            if key == CERT_TAG and number is not None:
+                self.get_model_version(name, version)  # MLflow's 404 if the version is absent
+                self.ledger.revoke(name, number)  # removing a certificate revokes it for good
             return super().delete_model_version_tag(name, version, key)
+
+        def set_registered_model_tag(self, name, tag):
+            if tag.key == PROMPT_TAG:
+                raise _denied(f"the prompt marker {PROMPT_TAG} is fixed when the registered "
+                              "model is created (mlflow.genai.register_prompt); it cannot be "
+                              "set afterwards")
+            return super().set_registered_model_tag(name, tag)
+
+        def delete_registered_model_tag(self, name, key):
+            if key == PROMPT_TAG:
+                raise _denied(f"the prompt marker {PROMPT_TAG} is fixed when the registered "
+                              "model is created; it cannot be deleted")
+            return super().delete_registered_model_tag(name, key)
 
         def create_model_version(self, name, source, run_id=None, tags=None, *args, **kwargs):
             if any(t.key == CERT_TAG for t in tags or []):
@@ -179,14 +249,20 @@ def _store_class():
     return GatedRegistryStore
 
 
-class _Ledger:
-    """Per version, the issue time of the newest certificate accepted and of the newest one
-    removed, in the registry's own database (table ``robust_cert_ledger``).
+class Ledger:
+    """Per version (canonical integer), a strictly increasing sequence of certificate events,
+    in the registry's own database.
+
+    Table ``robust_cert_claims`` holds, per (name, version): ``seq`` (bumped by every
+    accepted or removed certificate), ``last_issued_us`` (the newest issue time, in the
+    certifier's microseconds, ever accepted) and ``current_sha256`` (SHA-256 of the one
+    certificate tag the version may be promoted with; NULL once removed). Table
+    ``robust_cert_claim_log`` keeps every event (accepted / removed) for audit.
 
     It stops replays: a certificate is a signed, self-contained claim, so without this a user
-    who kept an old PASS tag could write it back after a newer FAIL replaced it, or after it
-    was removed. Times are the certifier's (the claims' ``issued_at``), compared as ISO-8601
-    UTC strings, so the server's clock plays no part.
+    who kept an old PASS tag could write it back after a newer FAIL replaced it (even within
+    the same second), or after it was removed. Acceptance is one conditional UPDATE
+    (``last_issued_us < new``), atomic on sqlite and PostgreSQL alike.
     """
 
     def __init__(self, engine):
@@ -195,54 +271,87 @@ class _Ledger:
         self.engine = engine
         with engine.begin() as conn:
             conn.execute(text(
-                "CREATE TABLE IF NOT EXISTS robust_cert_ledger ("
-                " name VARCHAR(256) NOT NULL, version VARCHAR(64) NOT NULL,"
-                " latest_issued VARCHAR(64), revoked_through VARCHAR(64),"
-                " PRIMARY KEY (name, version))"))
+                "CREATE TABLE IF NOT EXISTS robust_cert_claims ("
+                " name VARCHAR(256) NOT NULL, version BIGINT NOT NULL,"
+                " seq BIGINT NOT NULL, last_issued_us BIGINT NOT NULL,"
+                " current_sha256 VARCHAR(64), PRIMARY KEY (name, version))"))
+            conn.execute(text(
+                "CREATE TABLE IF NOT EXISTS robust_cert_claim_log ("
+                " name VARCHAR(256) NOT NULL, version BIGINT NOT NULL, seq BIGINT NOT NULL,"
+                " event VARCHAR(16) NOT NULL, issued_us BIGINT, token_sha256 VARCHAR(64),"
+                " at_ms BIGINT NOT NULL, PRIMARY KEY (name, version, seq))"))
 
-    def _row(self, conn, name: str, version: str):
+    def _ensure(self, conn, name: str, version: int) -> None:
         from sqlalchemy import text
 
-        return conn.execute(text(
-            "SELECT latest_issued, revoked_through FROM robust_cert_ledger "
-            "WHERE name = :n AND version = :v"), {"n": name, "v": version}).first()
+        conn.execute(text(
+            "INSERT INTO robust_cert_claims (name, version, seq, last_issued_us, current_sha256)"
+            " VALUES (:n, :v, 0, 0, NULL) ON CONFLICT (name, version) DO NOTHING"),
+            {"n": name, "v": version})
 
-    def why_stale(self, name: str, version: str, issued_at: str) -> str | None:
-        """Why a claim issued at ``issued_at`` may no longer be used, or None."""
-        with self.engine.begin() as conn:
-            row = self._row(conn, name, version)
-        if row is None:
-            return None
-        latest, revoked = row
-        if latest and issued_at < latest:
-            return (f"this certificate (issued {issued_at}) is older than the one issued for "
-                    f"{name} v{version} at {latest}")
-        if revoked and issued_at <= revoked:
-            return (f"this certificate (issued {issued_at}) was revoked: the certificate of "
-                    f"{name} v{version} issued at {revoked} was removed")
-        return None
+    def _log(self, conn, name, version, event, issued_us, sha) -> int:
+        from sqlalchemy import text
 
-    def _update(self, name: str, version: str, column: str, issued_at: str) -> None:
+        seq = conn.execute(text(
+            "SELECT seq FROM robust_cert_claims WHERE name = :n AND version = :v"),
+            {"n": name, "v": version}).scalar_one()
+        conn.execute(text(
+            "INSERT INTO robust_cert_claim_log (name, version, seq, event, issued_us,"
+            " token_sha256, at_ms) VALUES (:n, :v, :s, :e, :i, :t, :a)"),
+            {"n": name, "v": version, "s": seq, "e": event, "i": issued_us, "t": sha,
+             "a": int(time.time() * 1000)})
+        return seq
+
+    def accept(self, name: str, version: int, issued_us: int, sha: str) -> str | None:
+        """Record ``sha`` as the version's current certificate if it was issued strictly
+        after every certificate accepted before; else return why not (nothing changes)."""
         from sqlalchemy import text
 
         with self.engine.begin() as conn:
-            row = self._row(conn, name, version)
-            if row is None:
-                conn.execute(text(
-                    f"INSERT INTO robust_cert_ledger (name, version, {column}) "
-                    "VALUES (:n, :v, :t)"), {"n": name, "v": version, "t": issued_at})
-                return
-            current = row[0] if column == "latest_issued" else row[1]
-            if current is None or issued_at > current:
-                conn.execute(text(
-                    f"UPDATE robust_cert_ledger SET {column} = :t "
-                    "WHERE name = :n AND version = :v"), {"n": name, "v": version, "t": issued_at})
+            self._ensure(conn, name, version)
+            done = conn.execute(text(
+                "UPDATE robust_cert_claims SET seq = seq + 1, last_issued_us = :i,"
+                " current_sha256 = :t WHERE name = :n AND version = :v AND last_issued_us < :i"),
+                {"n": name, "v": version, "i": issued_us, "t": sha}).rowcount
+            if done == 1:
+                self._log(conn, name, version, "accepted", issued_us, sha)
+                return None
+            last = conn.execute(text(
+                "SELECT last_issued_us FROM robust_cert_claims WHERE name = :n AND version = :v"),
+                {"n": name, "v": version}).scalar_one()
+        from robust_cert.signing import issued_at_text
 
-    def issued(self, name: str, version: str, issued_at: str) -> None:
-        self._update(name, version, "latest_issued", issued_at)
+        return (f"this certificate (issued {issued_at_text(issued_us)}) is not newer than one "
+                f"already accepted for {name} v{version} (issued {issued_at_text(last)}): an "
+                "older, replayed or removed certificate cannot be written back; re-certify")
 
-    def revoked(self, name: str, version: str, issued_at: str) -> None:
-        self._update(name, version, "revoked_through", issued_at)
+    def revoke(self, name: str, version: int) -> None:
+        """The version's certificate tag is being removed: nothing is current any more."""
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            self._ensure(conn, name, version)
+            conn.execute(text(
+                "UPDATE robust_cert_claims SET seq = seq + 1, current_sha256 = NULL"
+                " WHERE name = :n AND version = :v"), {"n": name, "v": version})
+            self._log(conn, name, version, "removed", None, None)
+
+    def current(self, name: str, version: int) -> str | None:
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            return conn.execute(text(
+                "SELECT current_sha256 FROM robust_cert_claims WHERE name = :n AND version = :v"),
+                {"n": name, "v": version}).scalar()
+
+    def events(self, name: str, version: int) -> list[tuple]:
+        """(seq, event, issued_us) of every recorded event, oldest first."""
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            return [tuple(r) for r in conn.execute(text(
+                "SELECT seq, event, issued_us FROM robust_cert_claim_log"
+                " WHERE name = :n AND version = :v ORDER BY seq"), {"n": name, "v": version})]
 
 
 def _download(location: str, dst: str) -> str:

@@ -1,0 +1,441 @@
+"""The bypass battery (issue 15), against a real gated `mlflow server` on sqlite and on
+PostgreSQL: every attempt through MlflowClient and raw REST must end in PERMISSION_DENIED
+(HTTP 403), never in an uncertified or failed version under a protected alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+
+from robust_cert.cli import main
+from robust_cert.mlflow_plugin.gate import CERT_TAG, PROMPT_TAG
+from robust_cert.signing import Keyring, generate_private_key_pem, sign_claim, verify_claim
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+EASY = ("name: digits-production\nmetrics: {accuracy: {}}\n"
+        "requirements: [{metric: accuracy, at_least: 0.1}]\n")
+STRICT = ("name: digits-production\nmetrics: {accuracy: {}}\n"
+          "requirements: [{metric: accuracy, at_least: 0.9999}]\n")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gated(request):
+    """(url, server root) of a gated server: the sqlite one, then the PostgreSQL one."""
+    server = request.getfixturevalue(
+        "mlflow_server" if request.param == "sqlite" else "pg_mlflow_server")
+    return server
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from robust_cert.digits_cnn import train_digits_cnn
+
+    return train_digits_cnn(epochs=2, seed=0)
+
+
+@pytest.fixture
+def client(gated):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(gated.url)
+    mlflow.set_registry_uri(gated.url)
+    return MlflowClient(tracking_uri=gated.url, registry_uri=gated.url)
+
+
+def _register(url: str, name: str, model) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            model, name="m", input_example=np.zeros((2, 1, 8, 8), "f4"),
+            serialization_format="pickle", registered_model_name=name,
+            pip_requirements=["torch"])
+    return str(info.registered_model_version)
+
+
+def _certify(url: str, name: str, version: str, policy_text: str, tmp_path: Path) -> int:
+    policy = tmp_path / f"policy-{abs(hash(policy_text))}.yaml"
+    policy.write_text(policy_text)
+    return main(["certify", f"models:/{name}/{version}", "--policy", str(policy),
+                 "--tracking-uri", url, "--out", str(tmp_path / f"r-{name}-{version}"),
+                 "--no-progress"])
+
+
+def _name(tag: str, gated) -> str:
+    return f"{tag}-{'pg' if 'pg_' in str(gated.root) else 'sq'}"
+
+
+def _refused(fn, *args, match: str = "robust_cert gate"):
+    with pytest.raises(MlflowException) as exc:
+        fn(*args)
+    assert exc.value.error_code == "PERMISSION_DENIED", exc.value.message
+    assert match in exc.value.message, exc.value.message
+    return exc.value.message
+
+
+def _rest(url: str, path: str, body: dict, method: str = "POST") -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _rest_refused(url: str, path: str, body: dict, method: str = "POST",
+                  match: str = "robust_cert gate") -> str:
+    code, doc = _rest(url, path, body, method)
+    assert code == 403, (code, doc)
+    assert doc["error_code"] == "PERMISSION_DENIED"
+    assert match in doc["message"], doc["message"]
+    return doc["message"]
+
+
+def _alias_refused(url: str, client, name: str, version: str, match: str) -> None:
+    _refused(client.set_registered_model_alias, name, "production", version, match=match)
+    _rest_refused(url, "registered-models/alias",
+                  {"name": name, "alias": "Production", "version": version}, match=match)
+    _rest_refused(url, "model-versions/transition-stage",
+                  {"name": name, "version": version, "stage": "production",
+                   "archive_existing_versions": False}, match=match)
+    aliases = client.get_registered_model(name).aliases
+    assert not {a.lower() for a in aliases} & {"production"}
+    assert client.get_model_version(name, version).current_stage != "Production"
+
+
+# ---- 1. the prompt exemption ---------------------------------------------------------------
+def test_prompt_marker_cannot_exempt_a_model_version(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("prompt-bypass", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, STRICT, tmp_path) == 1  # a FAIL
+    # the marker cannot be set on the version or on the registered model, nor deleted
+    _refused(client.set_model_version_tag, name, version, PROMPT_TAG, "true", match="fixed")
+    _rest_refused(url, "model-versions/set-tag",
+                  {"name": name, "version": version, "key": PROMPT_TAG, "value": "true"},
+                  match="fixed")
+    _refused(client.set_registered_model_tag, name, PROMPT_TAG, "true", match="fixed")
+    _rest_refused(url, "registered-models/set-tag",
+                  {"name": name, "key": PROMPT_TAG, "value": "true"}, match="fixed")
+    _rest_refused(url, "model-versions/delete-tag",
+                  {"name": name, "version": version, "key": PROMPT_TAG}, method="DELETE",
+                  match="fixed")
+    _alias_refused(url, client, name, version, "did not pass")
+
+
+def test_prompt_marker_given_at_creation_does_not_exempt_a_model(gated, client, small_model):
+    """A version created with the marker in a normal model, or a model version (real source)
+    in a prompt: neither is a prompt version of a prompt, so the gate still applies."""
+    import mlflow
+
+    url, name = gated.url, _name("prompt-created", gated)
+    version = _register(url, name, small_model)
+    src = client.get_model_version(name, version)
+
+    def create_tagged(model: str) -> str | None:  # MlflowClient refuses this; try raw REST
+        code, doc = _rest(url, "model-versions/create", {
+            "name": model, "source": src.source, "run_id": src.run_id,
+            "tags": [{"key": PROMPT_TAG, "value": "true"}]})
+        if code != 200:  # MLflow itself refuses a prompt marker on a model source
+            assert code in (400, 403), doc
+            return None
+        return doc["model_version"]["version"]
+
+    prompt = _name("a-prompt", gated)
+    mlflow.genai.register_prompt(name=prompt, template="Classify {{image}}")
+    for model in (name, prompt):
+        smuggled = create_tagged(model)
+        if smuggled is not None:
+            _alias_refused(url, client, model, smuggled, "no signed robust_cert certificate")
+
+
+def test_real_prompts_keep_their_aliases(gated, client):
+    import mlflow
+
+    url, name = gated.url, _name("real-prompt", gated)
+    prompt = mlflow.genai.register_prompt(name=name, template="Classify {{image}}")
+    mlflow.genai.set_prompt_alias(name, alias="production", version=prompt.version)
+    assert mlflow.genai.load_prompt(f"prompts:/{name}@production").version == prompt.version
+    # and its marker is just as fixed (MLflow may also hide prompts from this endpoint)
+    code, doc = _rest(url, "registered-models/delete-tag", {"name": name, "key": PROMPT_TAG},
+                      "DELETE")
+    assert code in (403, 404), doc
+    assert mlflow.genai.load_prompt(f"prompts:/{name}@production").version == prompt.version
+
+
+# ---- 2. same-second replay -------------------------------------------------------------------
+def test_same_second_replay_is_refused(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("replay", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, EASY, tmp_path) == 0
+    old_pass = client.get_model_version(name, version).tags[CERT_TAG]
+    # no sleep: the FAIL may be issued within the same second as the PASS
+    assert _certify(url, name, version, STRICT, tmp_path) == 1
+    new_fail = client.get_model_version(name, version).tags[CERT_TAG]
+    assert verify_claim(new_fail, Keyring.from_env(), name=name, version=version)["verdict"] \
+        == "FAIL"
+    _refused(client.set_model_version_tag, name, version, CERT_TAG, old_pass,
+             match="not newer")
+    _rest_refused(url, "model-versions/set-tag",
+                  {"name": name, "version": version, "key": CERT_TAG, "value": old_pass},
+                  match="not newer")
+    # the FAIL itself cannot be re-written either (equal is refused)
+    _refused(client.set_model_version_tag, name, version, CERT_TAG, new_fail, match="not newer")
+    _alias_refused(url, client, name, version, "did not pass")
+
+
+def test_removed_certificate_stays_revoked(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("revoked", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, EASY, tmp_path) == 0
+    token = client.get_model_version(name, version).tags[CERT_TAG]
+    client.delete_model_version_tag(name, version, CERT_TAG)
+    _refused(client.set_model_version_tag, name, version, CERT_TAG, token, match="not newer")
+    _alias_refused(url, client, name, version, "no signed")
+    assert _certify(url, name, version, EASY, tmp_path) == 0  # a new certificate works
+    client.set_registered_model_alias(name, "production", version)
+
+
+# ---- 3. version spelling ---------------------------------------------------------------------
+def test_version_spellings_are_one_version(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("spelling", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, EASY, tmp_path) == 0
+    token = client.get_model_version(name, version).tags[CERT_TAG]
+    # revoke under a non-canonical spelling: it revokes the version itself
+    code, doc = _rest(url, "model-versions/delete-tag",
+                      {"name": name, "version": f"0{version}", "key": CERT_TAG}, "DELETE")
+    assert code == 200, doc
+    for spelling in (version, f"0{version}", f"+{version}"):
+        _rest_refused(url, "model-versions/set-tag",
+                      {"name": name, "version": spelling, "key": CERT_TAG, "value": token},
+                      match="not newer")
+    _alias_refused(url, client, name, version, "no signed")
+    _rest_refused(url, "registered-models/alias",
+                  {"name": name, "alias": "production", "version": f"0{version}"},
+                  match="no signed")
+    # claims refuse non-canonical versions
+    with pytest.raises(ValueError, match="not canonical"):
+        sign_claim({**verify_claim(token, Keyring.from_env(), name=name, version=version),
+                    "version": f"0{version}"}, Keyring.from_env())
+
+
+# ---- forged, copied, foreign-key certificates ------------------------------------------------
+def test_forged_and_copied_certificates(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("forged", gated)
+    v1 = _register(url, name, small_model)
+    v2 = _register(url, name, small_model)
+    assert _certify(url, name, v2, EASY, tmp_path) == 0
+    token = client.get_model_version(name, v2).tags[CERT_TAG]
+    assert len(token) < 400, "the tag is a compact token"
+    # the signed manifest covers the certificate and the report files
+    report_dir = tmp_path / f"r-{name}-{v2}"
+    assert main(["verify", str(report_dir / "manifest.json")]) == 0
+    manifest = json.loads((report_dir / "manifest.json").read_text())["manifest"]
+    assert {"certificate.json", "report.html", "per_point.npz"} <= set(manifest["files"])
+    assert manifest["claim"] == token
+    (report_dir / "report.html").write_text("swapped")
+    assert main(["verify", str(report_dir / "manifest.json")]) == 1
+    _refused(client.set_model_version_tag, name, v1, CERT_TAG, token, match="does not verify")
+    claim = verify_claim(token, Keyring.from_env(), name=name, version=v2)
+    attacker = Keyring.from_private_pem(generate_private_key_pem())
+    forged = sign_claim({**claim, "version": int(v1)}, attacker)
+    _refused(client.set_model_version_tag, name, v1, CERT_TAG, forged, match="unknown key")
+    _rest_refused(url, "model-versions/set-tag",
+                  {"name": name, "version": v1, "key": CERT_TAG, "value": "not a token"},
+                  match="malformed")
+    altered = token.replace(";PASS;", ";FAIL;")
+    _refused(client.set_model_version_tag, name, v2, CERT_TAG, altered, match="does not verify")
+    _alias_refused(url, client, name, v1, "no signed")
+
+
+# ---- 4. crash between writes -----------------------------------------------------------------
+_KILLED_CERTIFY = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from mlflow.tracking import MlflowClient
+
+    marker, url, uri, policy, out = sys.argv[1:6]
+    real = MlflowClient.set_model_version_tag
+
+    def blocking(self, name, version, key, value):
+        if key == "robust_cert.policy":  # the first summary tag of the new certification
+            Path(marker).write_text("writing tags")
+            time.sleep(300)
+        return real(self, name, version, key, value)
+
+    MlflowClient.set_model_version_tag = blocking
+    from robust_cert.cli import main
+    sys.exit(main(["certify", uri, "--policy", policy, "--tracking-uri", url, "--out", out,
+                   "--no-progress"]))
+""")
+
+
+def test_killed_certification_leaves_no_pass(gated, client, small_model, tmp_path):
+    url, name = gated.url, _name("killed", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, EASY, tmp_path) == 0
+    client.set_registered_model_alias(name, "production", version)  # a PASS, promoted
+    client.delete_registered_model_alias(name, "production")
+    policy = tmp_path / "strict.yaml"
+    policy.write_text(STRICT)
+    marker, tmp = tmp_path / "marker", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CERTIFY, str(marker), url, f"models:/{name}/{version}",
+         str(policy), str(tmp_path / "out")], env=env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "the certification never reached the tags"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 2, out
+    assert "interrupted" in out
+    mv = client.get_model_version(name, version)
+    assert CERT_TAG not in mv.tags, "the previous PASS must be gone before the new run"
+    model_id = mv.source.removeprefix("models:/")
+    experiment = client.get_logged_model(model_id).experiment_id
+    killed = client.search_runs([experiment], f"tags.`robust_cert.model` = '{name}'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert killed.info.status == "KILLED"
+    assert not [p for p in tmp.iterdir() if p.name.startswith("robust_cert_")], \
+        "temporary folders left behind"
+    _alias_refused(url, client, name, version, "no signed")
+    assert main(["verify", f"models:/{name}/{version}", "--tracking-uri", url]) == 1
+    db = gated.root / "mlflow.db"
+    if db.exists():  # the sqlite server: the ledger recorded the removal, with its sequence
+        import sqlalchemy
+
+        from robust_cert.mlflow_plugin.gate import Ledger
+
+        events = Ledger(sqlalchemy.create_engine(f"sqlite:///{db}")).events(name, int(version))
+        assert [e[1] for e in events] == ["accepted", "removed"]
+        assert [e[0] for e in events] == [1, 2]
+
+
+# ---- 5. artifacts swapped after promotion: the verifying loader ------------------------------
+def test_load_verified_refuses_swapped_artifacts(gated, client, small_model, tmp_path):
+    import torch
+
+    import robust_cert
+    from robust_cert.mlflow_plugin.promotion import VerificationError
+
+    url, name = gated.url, _name("swapped", gated)
+    version = _register(url, name, small_model)
+    assert _certify(url, name, version, EASY, tmp_path) == 0
+    client.set_registered_model_alias(name, "production", version)
+    uri = f"models:/{name}@production"
+    model = robust_cert.load_verified(uri, tracking_uri=url, flavor="pytorch",
+                                      allowed_policies=["digits-production"],
+                                      map_location="cpu", weights_only=False)
+    assert isinstance(model, torch.nn.Module)
+    with pytest.raises(VerificationError, match="not allowed"):
+        robust_cert.load_verified(uri, tracking_uri=url, allowed_policies=["other"])
+    with pytest.raises(VerificationError, match="no policy allow-list"):
+        robust_cert.load_verified(uri, tracking_uri=url, allowed_policies=[])
+    # a user overwrites the promoted version's weights through the artifact store
+    model_id = client.get_model_version(name, version).source.removeprefix("models:/")
+    (weights,) = [p for p in (gated.root / "artifacts").rglob("model.pth")
+                  if model_id in str(p)]
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(VerificationError, match="do not match the certified SHA-256"):
+        robust_cert.load_verified(uri, tracking_uri=url, flavor="pytorch",
+                                  allowed_policies=["digits-production"])
+    assert main(["verify", uri, "--tracking-uri", url]) == 1
+
+
+def test_load_verified_refuses_failed_and_uncertified(gated, client, small_model, tmp_path):
+    import robust_cert
+    from robust_cert.mlflow_plugin.promotion import VerificationError
+
+    url, name = gated.url, _name("not-loadable", gated)
+    v1 = _register(url, name, small_model)
+    v2 = _register(url, name, small_model)
+    assert _certify(url, name, v2, STRICT, tmp_path) == 1
+    with pytest.raises(VerificationError, match="no signed"):
+        robust_cert.load_verified(f"models:/{name}/{v1}", tracking_uri=url,
+                                  allowed_policies=["digits-production"])
+    with pytest.raises(VerificationError, match="verdict FAIL"):
+        robust_cert.load_verified(f"models:/{name}/{v2}", tracking_uri=url,
+                                  allowed_policies=["digits-production"])
+
+
+# ---- 6. mis-deployment: doctor, and promote refuses an ungated registry ----------------------
+def test_doctor_says_gated(gated, capsys):
+    assert main(["doctor", gated.url]) == 0
+    out = capsys.readouterr().out
+    assert "GATED" in out
+    assert "NOT GATED" not in out
+    import mlflow
+
+    names = [m.name for m in mlflow.MlflowClient(gated.url, gated.url)
+             .search_registered_models("name LIKE 'robust-cert-doctor-probe-%'")]
+    assert names == [], "the probe was not cleaned up"
+
+
+def test_doctor_and_promote_on_an_ungated_store(small_model, tmp_path, capsys):
+    """A plain sqlite registry (what a second `mlflow server` without the gate serves)."""
+    import mlflow
+
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    exp = mlflow.create_experiment("plain", artifact_location=(tmp_path / "a").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+        info = mlflow.pytorch.log_model(
+            small_model, name="m", input_example=np.zeros((2, 1, 8, 8), "f4"),
+            serialization_format="pickle", registered_model_name="plain",
+            pip_requirements=["torch"])
+    version = str(info.registered_model_version)
+    assert main(["doctor", url]) == 1
+    assert "NOT GATED" in capsys.readouterr().out
+    policy = tmp_path / "strict.yaml"
+    policy.write_text(STRICT)
+    code = main(["promote", "plain", version, "--policy", str(policy), "--tracking-uri", url,
+                 "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "refusing to promote" in err
+    client = mlflow.MlflowClient(url, url)
+    assert "production" not in client.get_registered_model("plain").aliases
+    # with --no-gate-check: a loud warning, and still no FAILED version promoted
+    code = main(["promote", "plain", version, "--policy", str(policy), "--tracking-uri", url,
+                 "--out", str(tmp_path / "r2"), "--no-progress", "--no-gate-check"])
+    captured = capsys.readouterr()
+    assert "WARNING: --no-gate-check" in captured.err
+    assert code == 1
+    assert "not promoting" in captured.err
+    assert "now @production" not in captured.out
+    assert "production" not in client.get_registered_model("plain").aliases
+
+
+def test_promote_through_the_gate(gated, client, small_model, tmp_path, capsys):
+    url, name = gated.url, _name("promote", gated)
+    version = _register(url, name, small_model)
+    policy = tmp_path / "easy.yaml"
+    policy.write_text(EASY)
+    assert main(["promote", name, version, "--alias", "champion", "--policy", str(policy),
+                 "--tracking-uri", url, "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert "GATED" in capsys.readouterr().out
+    assert client.get_registered_model(name).aliases.get("champion") == version
