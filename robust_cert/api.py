@@ -13,10 +13,11 @@ from torch import nn
 from robust_cert import engine, verdict
 from robust_cert.certificate import SCHEMA, Certificate, library_versions, result_to_dict
 from robust_cert.data import EvalSet, check_fits, load_data
-from robust_cert.errors import DataError, ModelError
+from robust_cert.errors import DataError, ModelError, PolicyError
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
-from robust_cert.models.torch import from_module
+from robust_cert.models.diagnose import model_failures, model_parts
+from robust_cert.models.torch import from_module, preserved_modes
 from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
 from robust_cert.policy import Policy, load_policy
 
@@ -64,6 +65,20 @@ def load_model(
     raise ModelError(f"unsupported model of type {type(model).__name__}")
 
 
+def _restores_modes(fn):
+    """Run ``fn(model, …)`` and give an ``nn.Module`` model (and gradient twin) back in the
+    training mode it came in (every submodule's flag), also when certification raises."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with preserved_modes(model), preserved_modes(kwargs.get("gradient_twin")):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@_restores_modes
 def certify(
     model,
     data,
@@ -93,6 +108,17 @@ def certify(
     prediction stays on the model. The certificate's ``model.gradient_twin`` records it. A
     parity metric with ``reference: twin`` compares with it. A differentiable model keeps its
     own gradients; its twin then serves only as that parity reference.
+
+    Sanity checks decide (``certificate.sanity.checks``: each passed, failed or not run). A
+    model that is random at evaluation time makes every requirement INCONCLUSIVE unless the
+    policy declares ``model: {stochastic: true}``; then every forward pass is seeded from
+    ``seed`` (runs reproduce) and the guarantees are about the random classifier. A model
+    returning probabilities is refused (ModelError) unless the policy declares ``model:
+    {outputs: probabilities}``. A failed check of a metric (e.g. gradient masking under
+    attack) makes the requirements it undermines INCONCLUSIVE, unless compensated or waived
+    by the policy (``waive: [{check, reason}]``); see :func:`robust_cert.verdict.apply_sanity`.
+    An ``nn.Module`` is evaluated in eval mode and given back in its own training mode; its
+    parameters and buffers are not modified.
     """
     pol: Policy = load_policy(policy)
     n_threads = engine.configure_threads(threads)
@@ -108,6 +134,7 @@ def certify(
         raise DataError(f"the model does not accept data samples of shape "
                         f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
+    check_radii(pol, evalset)
     twin, twin_record = None, None
     if gradient_twin is not None:
         try:
@@ -120,22 +147,71 @@ def certify(
         else:
             log.info("the model has its own input gradients; the gradient twin serves only as "
                      "a parity reference")
-    deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
-    if not deterministic:
-        log.warning("the model's outputs differ between two forward passes on the same input: "
-                    "it is random at evaluation time, so sampling-based guarantees describe a "
-                    "random classifier")
+    with model_failures("the first forward passes", model_parts(clf, twin), pol.batch_size):
+        deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
+        clf = engine.check_outputs(clf, evalset, pol.batch_size, pol.model.outputs)
+    model_findings = {}
+    if pol.model.stochastic:
+        clf = engine.seeded_forwards(clf, seed)
+        log.info("the policy declares the model stochastic: every forward pass is seeded from "
+                 "the run's seed; guarantees are about the random classifier")
+    elif deterministic["state"] == verdict.FAILED:
+        model_findings["deterministic_forward"] = {
+            "detail": f"{deterministic['detail']}, and the policy does not declare it "
+                      "stochastic ('model: {stochastic: true}'), so its results are not "
+                      "reproducible",
+            "undermines": "all", "compensated_by": None}
+        log.warning("%s: every requirement is INCONCLUSIVE unless the policy declares "
+                    "'model: {stochastic: true}'", deterministic["detail"])
     results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
                                gradient_twin=twin)
     overall, outcomes = verdict.decide(pol, results)
+    overall, outcomes, checks = verdict.apply_sanity(pol, results, outcomes,
+                                                     model_findings=model_findings)
+    sanity = {
+        "deterministic_forward": deterministic["state"],
+        "deterministic_detail": deterministic["detail"],
+        "stochastic_declared": pol.model.stochastic,
+        "guarantee_for": ("the random classifier: every forward pass draws fresh randomness, "
+                          "seeded from the run's seed so the run reproduces")
+        if pol.model.stochastic else "the model as a deterministic function",
+        "outputs": pol.model.outputs,
+        "checks": checks,
+        "waived": [w.model_dump() for w in pol.waive],
+    }
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
-                              threads=n_threads, deterministic=deterministic, command=command,
+                              threads=n_threads, sanity=sanity, command=command,
                               twin=twin_record)
+
+
+def check_radii(pol: Policy, evalset: EvalSet) -> None:
+    """Refuse a perturbation radius larger than the input range itself: an L∞ ball wider than
+    the range (or an L2 ball wider than its diagonal) covers every valid input, so the
+    number measured would not be about robustness. Raises PolicyError naming the metric."""
+    lo, hi = evalset.input_range
+    width = float(hi) - float(lo)
+    dims = 1
+    for d in evalset.input_shape:
+        dims *= int(d)
+    for name in pol.metrics:
+        config = pol.metric(name).config
+        eps = getattr(config, "eps", None)
+        if eps is None:
+            continue
+        norm = str(getattr(config, "norm", None) or getattr(config, "distribution", "linf"))
+        l2 = "l2" in norm
+        limit = width * dims ** 0.5 if l2 else width
+        for e in (eps if isinstance(eps, (list, tuple)) else [eps]):
+            if e > limit:
+                raise PolicyError(
+                    f"metrics.{name}.eps: ε = {e:g} is larger than the input range "
+                    f"[{lo:g}, {hi:g}] allows ({'L2 diagonal' if l2 else 'L∞ width'} "
+                    f"{limit:.4g}): such a ball covers every input; use radii in data units")
 
 
 def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
                        results: dict[str, MetricResult], overall: str, outcomes, *, seed: int,
-                       threads: int, deterministic: bool, command: str | None,
+                       threads: int, sanity: dict, command: str | None,
                        twin: dict | None = None) -> Certificate:
     body = {
         "schema": SCHEMA,
@@ -171,7 +247,7 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
         },
         "seed": seed,
         "command": command,
-        "sanity": {"deterministic_forward": deterministic},
+        "sanity": sanity,
         "decision_rule": DECISION_RULE,
         "results": [result_to_dict(r, pol.confidence) for r in results.values()],
         "requirements": [o.to_dict() for o in outcomes],

@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from robust_cert import stats
 from robust_cert.errors import RobustCertError
 
 SCHEMA = "robust_cert/certificate/v1"
@@ -38,8 +37,37 @@ def canonical_json(obj: Any) -> str:
                       allow_nan=False)
 
 
+def proportion_to_dict(p, confidence: float) -> dict:
+    """One proportion as certificate JSON: the two-sided CI at ``confidence`` that the verdict's
+    test and bounds agree with, the population it covers and how it was computed. Clustered
+    proportions (several draws per point) add ``points`` and ``conditional_ci``, the pooled
+    Clopper–Pearson interval, which covers only this evaluation set (its ``population``)."""
+    out = {
+        "params": p.params,
+        "k": p.k,
+        "n": p.n,
+        "estimate": p.estimate,
+        "ci": list(p.ci(confidence)),
+        "ci_method": f"{p.interval_method}, two-sided",
+        "interval_method": p.interval_method,
+        "population": p.population,
+        "confidence": confidence,
+    }
+    if p.clustered:
+        from robust_cert.metrics.base import CP_METHOD, EVALUATION_SET_POPULATION
+
+        out["points"] = p.points
+        out["conditional_ci"] = {
+            "ci": list(p.conditional_ci(confidence)),
+            "interval_method": f"{CP_METHOD} on the pooled k of n, two-sided",
+            "population": EVALUATION_SET_POPULATION,
+        }
+    return out
+
+
 def result_to_dict(res, confidence: float) -> dict:
-    """A MetricResult as certificate JSON: summaries with exact two-sided CIs, no per-point data."""
+    """A MetricResult as certificate JSON: summaries with two-sided CIs that say which
+    population they cover (:func:`proportion_to_dict`), no per-point data."""
     return {
         "metric": res.metric,
         "kind": res.kind,
@@ -50,18 +78,7 @@ def result_to_dict(res, confidence: float) -> dict:
         "status": res.status,
         "reason": res.reason,
         "diagnostics": res.diagnostics,
-        "values": [
-            {
-                "params": p.params,
-                "k": p.k,
-                "n": p.n,
-                "estimate": p.estimate,
-                "ci": list(stats.clopper_pearson(p.k, p.n, confidence)),
-                "ci_method": "clopper-pearson (exact, two-sided)",
-                "confidence": confidence,
-            }
-            for p in res.proportions
-        ],
+        "values": [proportion_to_dict(p, confidence) for p in res.proportions],
     }
 
 

@@ -4,10 +4,27 @@ Both versions were evaluated on the same points (and, for noise metrics, the sam
 draws), so each quantity is a pair of per-point outcomes. The exact McNemar test asks whether
 the discordant pairs split evenly; Holm's procedure runs across all compared quantities, so
 the chance of calling any difference significant when there is none is at most 1 − confidence.
+
+The interval for Δ (B's rate minus A's) is Tango's (1998) score interval for a paired difference
+of proportions (:func:`robust_cert.stats.tango_interval`): unconditional (it does not condition
+on the number of discordant points, so it is not the single value 0 when the versions never
+disagree), for the population the evaluation points were drawn from, at ``confidence`` for each
+quantity on its own (not adjusted for multiplicity). A difference is called significant only
+when both hold: Holm rejects the McNemar null *and* the interval excludes 0 on the same side;
+otherwise the verdict is "no detectable difference" (with a ``note`` when the two disagree), so
+the wording never contradicts the interval.
+
+Noise failure rates pair *draws*, several per point (clustered): there the draws are not
+independent samples of the population, so neither McNemar nor Tango on the draws holds for
+it. Instead the per-point differences d_i = (draws only B survives − draws only A survives) / m_i
+of the points with m_i ≥ 1 draws are independent in [−1, 1] with mean Δ, and the betting
+e-value test and interval of :class:`robust_cert.stats.BettingBound` on (d_i + 1)/2 replace
+them (``method`` says which was used).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,6 +33,10 @@ from robust_cert import stats
 from robust_cert.errors import RobustCertError
 
 BETTER, WORSE, SAME = "significantly better", "significantly worse", "no detectable difference"
+#: ``QuantityComparison.method`` values
+PAIRED_POINTS = "exact McNemar test, Tango score interval (one outcome per point)"
+PAIRED_CLUSTERS = ("betting e-value test and interval on per-point differences (several draws "
+                   "per point)")
 
 
 @dataclass(frozen=True)
@@ -26,6 +47,7 @@ class PairedOutcomes:
     higher_is_better: bool  # of the reported rate (a failure rate is lower-is-better)
     a_good: np.ndarray
     b_good: np.ndarray
+    index: np.ndarray | None = None  # the point of each outcome, for several draws per point
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,8 @@ class QuantityComparison:
     p_value: float
     adjusted_p_value: float
     verdict: str  # BETTER / WORSE / SAME, for B relative to A
+    note: str = ""  # why SAME although one of the test (Holm) and the interval shows a difference
+    method: str = PAIRED_POINTS  # the test and interval used
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -52,7 +76,8 @@ def paired_outcomes(per_point: dict[str, np.ndarray], body: dict) -> dict[str, t
     """Per-point outcomes by quantity key from a certificate's per-point arrays.
 
     Returns ``{key: (good array, higher_is_better)}``; a failure-rate quantity's good array is
-    "did not fail", and its rate is reported as the failure rate.
+    "did not fail", and its rate is reported as the failure rate. Noise failure rates add a
+    third item, the evaluation point of each draw (several draws per point), or None.
     """
     out = {}
     configs = {r["metric"]: r["config"] for r in body["results"]}
@@ -83,39 +108,72 @@ def compare(a: dict[str, tuple], b: dict[str, tuple], *, confidence: float = 0.9
                                   f"points ({good_a.shape[0]} vs {good_b.shape[0]})")
         if idx_a and idx_b and idx_a[0] is not None and not np.array_equal(idx_a[0], idx_b[0]):
             continue  # noise draws differ (another seed): not paired, not compared
-        pairs.append(PairedOutcomes(key, hib, good_a, good_b))
+        index = idx_a[0] if idx_a and idx_a[0] is not None else None
+        pairs.append(PairedOutcomes(key, hib, good_a, good_b, index))
     alpha = 1 - confidence
     raw = []
     for p in pairs:
         a_only = int((p.a_good & ~p.b_good).sum())
         b_only = int((~p.a_good & p.b_good).sum())
-        raw.append((a_only, b_only, stats.mcnemar_exact(a_only, b_only)))
+        if p.index is None:
+            pval = stats.mcnemar_exact(a_only, b_only)
+            ci = _delta_ci(a_only, b_only, p.a_good.shape[0], confidence)
+        else:
+            pval, ci = _clustered_delta(p, confidence)
+        raw.append((a_only, b_only, pval, ci))
     holm = stats.holm([r[2] for r in raw], alpha)
     out = []
-    for i, (p, (a_only, b_only, pval)) in enumerate(zip(pairs, raw, strict=True)):
+    for i, (p, (a_only, b_only, pval, (lo, hi))) in enumerate(zip(pairs, raw, strict=True)):
         n = p.a_good.shape[0]
-        sign = 1.0 if p.higher_is_better else -1.0  # failure rates: rate = 1 − good rate
+        test = "McNemar" if p.index is None else "the betting test"
         good_a, good_b = p.a_good.mean(), p.b_good.mean()
         rate_a = good_a if p.higher_is_better else 1 - good_a
         rate_b = good_b if p.higher_is_better else 1 - good_b
-        lo, hi = _delta_ci(a_only, b_only, n, confidence)
+        # (lo, hi) is for the good rate, B − A
         ci = (lo, hi) if p.higher_is_better else (-hi, -lo)
-        if holm.rejected[i]:
-            verdict = BETTER if sign * (rate_b - rate_a) > 0 else WORSE
+        excludes = 1 if lo > 0 else -1 if hi < 0 else 0  # B better / worse / neither
+        note = ""
+        if holm.rejected[i] and excludes == 0:
+            verdict = SAME
+            note = (f"{test} rejects after Holm, but the {100 * confidence:g}% interval "
+                    "contains 0")
+        elif holm.rejected[i]:
+            verdict = BETTER if excludes > 0 else WORSE
         else:
             verdict = SAME
-        out.append(QuantityComparison(p.key, n, float(rate_a), float(rate_b),
-                                      float(rate_b - rate_a), ci, a_only, b_only, pval,
-                                      holm.adjusted[i], verdict))
+            if excludes:
+                note = (f"the {100 * confidence:g}% interval excludes 0, but {test} does not "
+                        f"reject after Holm's correction across {len(pairs)} quantities")
+        out.append(QuantityComparison(
+            p.key, n, float(rate_a), float(rate_b), float(rate_b - rate_a), ci, a_only,
+            b_only, pval, holm.adjusted[i], verdict, note,
+            PAIRED_POINTS if p.index is None else PAIRED_CLUSTERS))
     return out
 
 
+def _clustered_delta(p: PairedOutcomes, confidence: float
+                     ) -> tuple[float, tuple[float, float]]:
+    """Two-sided p-value of H0 Δ = 0 and the interval for Δ (good rate, B − A) from draws
+    clustered by point. y_i = (d_i + 1)/2 with d_i the per-point difference of good rates,
+    so E y_i = (Δ + 1)/2. p = min(1, 1/E) with E the average of the two one-sided betting
+    e-values at 1/2 (an e-value under H0); the interval is the two-sided betting interval,
+    both with bets tuned for (1 − confidence)/2."""
+    draws = np.bincount(p.index)
+    seen = draws > 0
+    diff = np.bincount(p.index, weights=p.b_good.astype(float) - p.a_good.astype(float),
+                       minlength=draws.size)
+    y = np.clip((diff[seen] / draws[seen] + 1.0) / 2.0, 0.0, 1.0)
+    bb = stats.BettingBound(y, tune_alpha=(1.0 - confidence) / 2)
+    log_e = [bb.log_evalue(0.5, side) for side in ("upper", "lower")]
+    top = max(log_e)
+    log_mean = top + math.log(sum(math.exp(v - top) for v in log_e) / 2)
+    pval = 1.0 if log_mean <= 0 else float(math.exp(-log_mean))
+    lo, hi = bb.interval(confidence)
+    return pval, (2.0 * lo - 1.0, 2.0 * hi - 1.0)
+
+
 def _delta_ci(a_only: int, b_only: int, n: int, confidence: float) -> tuple[float, float]:
-    """CI for the paired difference of success rates (B − A), conditional on the number of
-    discordant pairs m: b_only ~ Binomial(m, π) and Δ = (m/n)(2π − 1); π gets an exact
-    Clopper–Pearson interval. With no discordant pairs the difference is exactly 0 here."""
-    m = a_only + b_only
-    if m == 0:
-        return 0.0, 0.0
-    lo, hi = stats.clopper_pearson(b_only, m, confidence)
-    return m / n * (2 * lo - 1), m / n * (2 * hi - 1)
+    """Tango's score interval for the paired difference of success rates, B − A
+    = P(only B succeeds) − P(only A succeeds), unconditional on the discordant count
+    (:func:`robust_cert.stats.tango_interval`)."""
+    return stats.tango_interval(b_only, a_only, n, confidence)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,6 +76,56 @@ class Requirement(BaseModel):
         return "at_least" if self.at_least is not None else "at_most"
 
 
+#: Sanity checks a policy may waive: name -> what it checks.
+SANITY_CHECKS = {
+    "deterministic_forward": "two forward passes on the same input agree (the model is not "
+                             "random at evaluation time)",
+    "eps0_equals_clean": "the attacked view of the model reproduces its clean predictions",
+    "in_range_and_ball": "attacks return inputs in the input range and the ε-ball",
+    "gradients_nonzero": "at most 5% of attacked points have an exactly zero input gradient",
+    "square_not_better": "the black-box Square attack is not significantly better than the "
+                         "white-box attacks (exact McNemar)",
+}
+
+
+class ModelDeclaration(BaseModel):
+    """What the policy declares about the model (``model:`` in the policy).
+
+    ``stochastic``: the model is random at evaluation time by design (e.g. noise or dropout in
+    its forward). Certification then seeds every forward pass from the run's seed, so runs
+    reproduce, and every guarantee is about the random classifier. Undeclared randomness makes
+    every requirement INCONCLUSIVE.
+    ``outputs``: ``logits`` (default) or ``probabilities`` (rows non-negative, summing to 1);
+    probabilities are converted to log-probabilities (clamped away from 0) before any metric
+    sees them. Undeclared probabilities are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stochastic: bool = False
+    outputs: Literal["logits", "probabilities"] = "logits"
+
+
+class Waiver(BaseModel):
+    """An explicit waiver of one sanity check (``waive: [{check, reason}]``): a failure of the
+    check then leaves verdicts unchanged; the waiver and its reason are recorded in the
+    certificate and printed on the report's cover."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check: str
+    reason: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.check not in SANITY_CHECKS:
+            raise ValueError(f"unknown sanity check {self.check!r}; checks that can be "
+                             f"waived: {', '.join(SANITY_CHECKS)}")
+        if not self.reason.strip():
+            raise ValueError("a waiver needs a reason (non-blank text)")
+        return self
+
+
 class Policy(BaseModel):
     """A validated policy. Build with :func:`load_policy` or :meth:`from_dict`."""
 
@@ -84,15 +134,23 @@ class Policy(BaseModel):
     name: str = Field(min_length=1)
     version: str = "1"
     description: str = ""
+    #: What the certified model is for, printed in the report when the model records none.
+    intended_use: str = ""
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0,
                               description="family-wise confidence across all requirements")
     input_range: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(default=256, ge=1, le=1_000_000)
     metrics: dict[str, dict[str, Any]] = Field(min_length=1)
     requirements: list[Requirement] = Field(min_length=1)
+    model: ModelDeclaration = Field(default_factory=ModelDeclaration)
+    waive: list[Waiver] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self):
+        checks = [w.check for w in self.waive]
+        dup = next((c for c in checks if checks.count(c) > 1), None)
+        if dup:
+            raise PolicyError(f"waive: sanity check {dup!r} is waived twice")
         lo, hi = self.input_range
         if not lo < hi:
             raise ValueError(f"input_range [{lo}, {hi}] is empty")
@@ -137,7 +195,17 @@ class Policy(BaseModel):
         return cls(cls.Config.model_validate(self.metrics[name]))
 
     def canonical(self) -> dict:
-        return self.model_dump(mode="json")
+        """The validated policy as JSON with defaults filled in. ``model``, ``waive`` and
+        ``intended_use`` are left out while they hold their defaults, so policies written
+        before they existed keep their hash."""
+        out = self.model_dump(mode="json")
+        if self.model == ModelDeclaration():
+            out.pop("model")
+        if not self.waive:
+            out.pop("waive")
+        if not self.intended_use:
+            out.pop("intended_use")
+        return out
 
     @property
     def sha256(self) -> str:
@@ -174,14 +242,34 @@ def load_policy(policy: str | Path | dict | Policy) -> Policy:
         return policy
     if isinstance(policy, dict):
         return Policy.from_dict(policy)
+    if not isinstance(policy, (str, Path)):
+        raise PolicyError(f"policy must be a YAML path, a dict or a Policy, got "
+                          f"{type(policy).__name__}")
     path = Path(policy)
     if not path.is_file():
         raise PolicyError(f"policy file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise PolicyError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start}); save the policy as UTF-8") from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+        raise PolicyError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     return Policy.from_dict(raw, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: 'line L, column C: problem' (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def _format(exc: ValidationError, prefix: str = "") -> str:

@@ -1,5 +1,10 @@
 """From metric results to a verdict: one exact one-sided test per requirement, Holm across them.
 
+Each requirement's proportion supplies its own test and bounds (:class:`Proportion`): the exact
+binomial test and Clopper–Pearson bounds for one outcome per point, the betting e-value test
+and bounds on the per-point rates for several draws per point (clustered), so every PASS is a
+statement about the population the evaluation points were drawn from.
+
 Guarantee: with α = 1 − confidence, the probability that *any* requirement is declared PASS
 while its true proportion violates the threshold is at most α (Holm's step-down procedure
 controls the family-wise error rate under any dependence between the tests). FAIL means the
@@ -31,12 +36,16 @@ class RequirementOutcome:
     n: int | None
     estimate: float | None
     ci: tuple[float, float] | None  # two-sided, at the policy's confidence (for display)
-    p_value: float | None  # one-sided exact binomial test of "requirement violated"
+    p_value: float | None  # one-sided test of "requirement violated" (Proportion.p_value)
     adjusted_p_value: float | None  # Holm
     level: float | None  # the Holm level this requirement was tested at
-    bound: float | None  # one-sided CP bound at ``level``: lower for at_least, upper for at_most
+    bound: float | None  # one-sided bound at ``level``: lower for at_least, upper for at_most
     verdict: str
     reason: str = ""
+    population: str = ""  # what ci, p_value and bound cover (Proportion.population)
+    interval_method: str = ""  # how they were computed (Proportion.interval_method)
+    lower_bound: float | None = None  # both one-sided bounds at ``level``: a FAIL is decided
+    upper_bound: float | None = None  # by the opposite one (upper for at_least)
 
     def to_dict(self) -> dict:
         """JSON-ready: the CI as a list, as it reads back from the certificate."""
@@ -70,7 +79,9 @@ def decide(
             pvals.append(1.0)  # cannot be demonstrated; still counts in the family
             continue
         alt = "greater" if req.direction == "at_least" else "less"
-        pvals.append(stats.binom_test_pvalue(prop.k, prop.n, req.threshold, alt))
+        # exact binomial test, or for clustered draws the betting e-value test (p = 1/e)
+        # with bets tuned for the family level alpha
+        pvals.append(prop.p_value(req.threshold, alt, tune_alpha=alpha))
     holm = stats.holm(pvals, alpha)
     # Step-down stops at the first non-rejected rank; every later hypothesis is effectively
     # tested at that rank's level, so report that level (and the bound at it).
@@ -89,8 +100,8 @@ def decide(
                 None, None, None, None, None, None, levels[i], None, INCONCLUSIVE, why))
             continue
         level = levels[i]
-        lower, upper = stats.clopper_pearson(prop.k, prop.n, 1 - level, "lower")[0], \
-            stats.clopper_pearson(prop.k, prop.n, 1 - level, "upper")[1]
+        lower = prop.bound(level, "lower", tune_alpha=alpha)
+        upper = prop.bound(level, "upper", tune_alpha=alpha)
         at_least = req.direction == "at_least"
         if holm.rejected[i]:
             verdict, reason = PASS, ""
@@ -105,10 +116,119 @@ def decide(
         outcomes.append(RequirementOutcome(
             id=req.id, metric=req.metric, params=dict(req.params), direction=req.direction,
             threshold=req.threshold, k=prop.k, n=prop.n, estimate=prop.estimate,
-            ci=stats.clopper_pearson(prop.k, prop.n, policy.confidence),
+            ci=prop.ci(policy.confidence),
             p_value=pvals[i], adjusted_p_value=holm.adjusted[i], level=level,
-            bound=lower if at_least else upper, verdict=verdict, reason=reason))
+            bound=lower if at_least else upper, verdict=verdict, reason=reason,
+            population=prop.population, interval_method=prop.interval_method,
+            lower_bound=lower, upper_bound=upper))
 
     verdicts = {o.verdict for o in outcomes}
     overall = FAIL if FAIL in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else PASS
     return overall, outcomes
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+#: States of a sanity check (a check that did not run never reads as passed).
+PASSED, FAILED, NOT_RUN = "passed", "failed", "not_run"
+
+
+def check_state(value) -> str:
+    """The state of a recorded sanity check: ``"passed"``, ``"failed"`` or ``"not_run"``.
+
+    Merged shards that disagree are recorded as a list of states: failed if any failed, else
+    passed if any passed. Booleans (certificates before schema change) read as passed/failed.
+    """
+    if isinstance(value, bool):
+        return PASSED if value else FAILED
+    if isinstance(value, list):
+        states = {check_state(v) for v in value}
+        return FAILED if FAILED in states else PASSED if PASSED in states else NOT_RUN
+    if value in (PASSED, FAILED, NOT_RUN):
+        return value
+    raise ValueError(f"not a sanity-check state: {value!r}")
+
+
+def apply_sanity(
+    policy: Policy,
+    results: dict[str, MetricResult],
+    outcomes: list[RequirementOutcome],
+    *,
+    model_findings: dict[str, dict] | None = None,
+) -> tuple[str, list[RequirementOutcome], list[dict]]:
+    """Let failed sanity checks decide: return (overall verdict, outcomes, check records).
+
+    A metric lists its failed checks in ``diagnostics["sanity_findings"]`` (check ->
+    ``detail``, ``undermines``: the parameter sets of the proportions it undermines,
+    ``compensated_by``: what already makes up for it, or None). A failed check means the
+    metric may look better than it is, so on an undermined requirement the verdict that
+    relies on it not doing so becomes INCONCLUSIVE, with the reason: PASS of ``at_least``
+    (FAIL of ``at_most``) when higher is better, the reverse otherwise. The opposite verdict
+    stands (e.g. a FAIL of an upper bound on robust accuracy stays a FAIL). ``model_findings``
+    are failed checks about the model itself (e.g. ``deterministic_forward``), keyed the
+    same way, with ``undermines`` ``"all"``: every requirement becomes INCONCLUSIVE.
+
+    A finding is not applied when it is compensated or when the policy waives its check
+    (``waive: [{check, reason}]``). Demoting Holm rejections to INCONCLUSIVE only shrinks the
+    set of PASS verdicts, so the family-wise error bound of :func:`decide` still holds.
+
+    Records: one per (metric, check) with its state, plus, for a failed check, its detail,
+    ``action`` (``"inconclusive"``, ``"compensated"``, ``"waived"`` or ``"none"``), the
+    affected requirement ids and the waiver reason.
+    """
+    import dataclasses
+
+    waivers = {w.check: w.reason for w in policy.waive}
+    by_id = {o.id: i for i, o in enumerate(outcomes)}
+    original, outcomes = list(outcomes), list(outcomes)
+    records: list[dict] = []
+    sources = [(name, res.diagnostics.get("sanity") or {},
+                res.diagnostics.get("sanity_findings") or {}, res.higher_is_better)
+               for name, res in results.items()]
+    sources.append((None, {c: FAILED for c in (model_findings or {})}, model_findings or {},
+                    True))
+    for metric, checks, findings, higher in sources:
+        for check, raw in checks.items():
+            state = check_state(raw)
+            rec = {"check": check, "metric": metric, "state": state}
+            records.append(rec)
+            finding = findings.get(check)
+            if state != FAILED or finding is None:
+                continue
+            rec["detail"] = finding["detail"]
+            hit = [r for r in policy.requirements if _undermined(r, metric, finding)]
+            rec["requirements"] = [r.id for r in hit]
+            if finding.get("compensated_by"):
+                rec["action"], rec["compensated_by"] = "compensated", finding["compensated_by"]
+                continue
+            if check in waivers:
+                rec["action"], rec["waiver"] = "waived", waivers[check]
+                continue
+            changed = []
+            why = f"sanity check {check} failed: {finding['detail']}"
+            for req in hit:
+                i = by_id[req.id]
+                o = outcomes[i]
+                optimistic = PASS if (req.direction == "at_least") == higher else FAIL
+                if finding["undermines"] == "all" or original[i].verdict == optimistic:
+                    prev = o.reason if o.verdict != original[i].verdict else ""
+                    outcomes[i] = dataclasses.replace(
+                        o, verdict=INCONCLUSIVE, reason="; ".join(x for x in (prev, why) if x))
+                    changed.append(req.id)
+                else:  # the verdict stands whatever the check says; say it failed anyway
+                    outcomes[i] = dataclasses.replace(
+                        o, reason="; ".join(x for x in (o.reason, f"also {why}") if x))
+            rec["action"] = "inconclusive" if changed else "none"
+            rec["made_inconclusive"] = changed
+    verdicts = {o.verdict for o in outcomes}
+    overall = FAIL if FAIL in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else PASS
+    return overall, outcomes, records
+
+
+def _undermined(req: Requirement, metric: str | None, finding: dict) -> bool:
+    from robust_cert.metrics.base import params_match
+
+    if finding["undermines"] == "all":
+        return True
+    return req.metric == metric and any(params_match(p, req.params)
+                                        for p in finding["undermines"])

@@ -58,7 +58,7 @@ def test_body_identifies_what_was_certified(cert: Certificate, digits_model) -> 
     assert body["policy"]["document"] == Policy.from_dict(POLICY).canonical()
     assert body["policy"]["confidence"] == 0.95
     assert body["seed"] == 3
-    assert body["sanity"]["deterministic_forward"] is True
+    assert body["sanity"]["deterministic_forward"] == "passed"
     assert isinstance(body["issued_at"], str)
 
 
@@ -84,8 +84,18 @@ def test_every_result_value_has_an_interval(cert: Certificate) -> None:
             assert v["estimate"] == pytest.approx(v["k"] / v["n"])
             lo, hi = v["ci"]
             assert 0.0 <= lo <= v["estimate"] <= hi <= 1.0
-            assert "clopper-pearson" in v["ci_method"]
             assert v["confidence"] == 0.95
+            assert v["population"]
+            if r["metric"] == "probabilistic_robustness":  # several draws per point
+                assert v["interval_method"].startswith("betting")
+                assert v["points"] <= 359
+                cond = v["conditional_ci"]
+                assert "clopper-pearson" in cond["interval_method"]
+                assert cond["population"].startswith("on this evaluation set")
+                assert cond["ci"][1] < hi  # the pooled interval is the narrower, conditional one
+            else:  # one outcome per point
+                assert "clopper-pearson" in v["ci_method"]
+                assert "conditional_ci" not in v
     assert results["accuracy"]["values"][0]["n"] == 359
     assert results["robust_accuracy"]["values"][0]["params"] == {"eps": 0.05}
     assert results["probabilistic_robustness"]["values"][0]["n"] == 300

@@ -253,11 +253,22 @@ def test_global_metric_reports_bands_at_the_policy_confidence() -> None:
                            progress=False)["probabilistic_robustness"]
     bands = res.diagnostics["bands"]
     assert bands["confidence"] == 0.99
-    assert bands["by_eps"]["0.5"] == failure_rate_bands(0, 500, 0.99)
-    # zero failures in 500: 1e-2 needs 459 draws at 99%, 1e-3 needs 4,603
-    assert bands["by_eps"]["0.5"]["demonstrated"] == [0.1, 0.01]
-    assert bands["by_eps"]["0.5"]["more_failure_free_draws"] == \
-        stats.zero_failure_sample_size(1e-3, 0.99) - 500
+    cond = bands["by_eps"]["0.5"]["on_this_evaluation_set"]
+    assert cond == failure_rate_bands(0, 500, 0.99)
+    # zero failures in 500: 1e-2 needs 459 draws at 99%, 1e-3 needs 4,603 (on these 4 points)
+    assert cond["demonstrated"] == [0.1, 0.01]
+    assert cond["more_failure_free_draws"] == stats.zero_failure_sample_size(1e-3, 0.99) - 500
+    # for the population, 4 failure-free points show nothing: the best capital,
+    # (1 + 0.9)^4 ≈ 13, never reaches 1/α = 100, so the betting upper bound is 1
+    pop = bands["by_eps"]["0.5"]["population"]
+    assert pop["points"] == 4
+    assert pop["upper_bound"] == 1.0
+    assert pop["demonstrated"] == []
+    assert pop["next_band"] == 0.1
+    (prop,) = res.proportions
+    assert prop.clustered
+    assert prop.cluster_n.sum() == 500
+    assert prop.cluster_k.sum() == 0
 
 
 # --------------------------------------------------------------------------- end to end
@@ -307,4 +318,21 @@ def test_a_model_random_at_eval_time_is_flagged() -> None:
     finally:
         logging.getLogger("robust_cert").removeHandler(handler)
     assert any("random at evaluation time" in r for r in records)
-    assert cert.body["sanity"]["deterministic_forward"] is False
+    assert cert.body["sanity"]["deterministic_forward"] == "failed"
+
+
+def test_population_statement_of_the_fraction_decided_robust() -> None:
+    """One decision per point, never pooled draws: the proportion is a plain binomial one (the
+    exact Clopper–Pearson interval holds for inputs drawn like the evaluation points), and the
+    robust share of that population is at least the CP lower bound minus the per-point
+    wrong-robust probability α/(1 − β) + α."""
+    x = np.r_[np.full(40, 2.0), np.full(10, _at(0.5))]  # 40 never fail, 10 fail half the time
+    res = _run(x, np.ones(50, int), eps=1.0)
+    (prop,) = res.proportions
+    assert not prop.clustered
+    assert "one decision per point" in prop.population
+    assert prop.k == 40
+    diag = res.diagnostics["robust_population_fraction_at_least"]
+    e = 0.05 / 0.95 + 0.05
+    assert diag["value"] == pytest.approx(stats.clopper_pearson(40, 50, 0.95, "lower")[0] - e)
+    assert diag["confidence"] == 0.95

@@ -103,6 +103,10 @@ def test_at_least_fail_when_upper_bound_below_threshold() -> None:
     assert upper < 0.9
     assert f"{upper:.4g}" in o.reason
     assert "below" in o.reason
+    # both one-sided bounds are recorded: the FAIL was decided by the upper one
+    assert o.upper_bound == pytest.approx(upper, rel=1e-12)
+    assert o.lower_bound == pytest.approx(st.beta.ppf(0.05, 80, 21), rel=1e-12)
+    assert o.bound == o.lower_bound
 
 
 def test_at_most_fail_when_lower_bound_above_threshold() -> None:
@@ -112,6 +116,8 @@ def test_at_most_fail_when_lower_bound_above_threshold() -> None:
     lower = st.beta.ppf(0.05, 10, 91)
     assert lower > 0.01
     assert "above" in o.reason
+    assert o.lower_bound == pytest.approx(lower, rel=1e-12)
+    assert o.bound == o.upper_bound
 
 
 def test_estimate_at_threshold_is_inconclusive() -> None:

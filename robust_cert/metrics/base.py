@@ -1,8 +1,9 @@
 """The small interface every metric family implements, and the results they return.
 
-A metric turns (model, data) into :class:`Proportion` counts — k of n i.i.d. trials — plus
-per-point arrays. Counts add and per-point arrays concatenate, so results computed on shards
-of the data merge into the result on the whole (see :meth:`MetricResult.merge`).
+A metric turns (model, data) into :class:`Proportion` counts — k of n trials, either one
+i.i.d. outcome per evaluation point or several draws per point (clustered) — plus per-point
+arrays. Counts add and per-point arrays concatenate, so results computed on shards of the data
+merge into the result on the whole (see :meth:`MetricResult.merge`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
+from robust_cert import stats
 from robust_cert.data import EvalSet
 from robust_cert.models.base import Classifier
 
@@ -78,17 +80,152 @@ def params_match(selector: dict, params: dict) -> bool:
     return True
 
 
+#: What a proportion of one outcome per point covers (the default ``population``).
+POINTS_POPULATION = ("inputs drawn like the evaluation points: one i.i.d. outcome per point, "
+                     "any randomness of the procedure included")
+#: What a clustered proportion covers unless the metric says more (the default).
+CLUSTERED_POPULATION = ("inputs drawn like the evaluation points: mean of the per-point rates "
+                        "(several draws per point, clustered)")
+#: What the pooled Clopper–Pearson interval of clustered draws covers.
+EVALUATION_SET_POPULATION = ("on this evaluation set: points drawn uniformly from it, with "
+                             "replacement, × the noise")
+CP_METHOD = "clopper-pearson (exact)"
+BETTING_METHOD = ("betting on the per-point rates (Waudby-Smith & Ramdas 2023, hedged capital; "
+                  "exact, clustered draws)")
+
+
 @dataclass
 class Proportion:
-    """k successes in n i.i.d. trials for the parameter values in ``params``."""
+    """k successes in n trials for the parameter values in ``params``, with the interval and
+    test that are valid for how the n trials were drawn.
+
+    One outcome per point (``cluster_k`` is None): the n outcomes are i.i.d. Bernoulli(p) when
+    the evaluation points are an i.i.d. sample of the population, so the exact binomial test
+    and the Clopper–Pearson interval hold for p, the rate on that population (``population``
+    says which; the default is :data:`POINTS_POPULATION`, :data:`CLUSTERED_POPULATION` for
+    clustered draws).
+
+    Several draws per point (``cluster_k``, ``cluster_n``: successes and draws of each
+    evaluation point, in evaluation order, summing to k and n): the n draws are not independent
+    samples of the population — draws of one point share it — so a binomial interval on k of n
+    covers only the evaluation set itself (:meth:`conditional_ci`, labelled
+    :data:`EVALUATION_SET_POPULATION`). Tests and bounds use the per-point rates
+    r_i = cluster_k[i] / cluster_n[i] (points with no draw are left out): given the draws per
+    point (fixed, or allotted independently of the points), the r_i are independent, in [0, 1],
+    with common mean p = E_x[P(success | x)], the population rate; :class:`stats.BettingBound`
+    gives an exact e-value test and bounds for p (:data:`BETTING_METHOD`).
+
+    :meth:`p_value`, :meth:`bound` and :meth:`ci` dispatch on the two cases, so the verdict
+    does not need to know which it has.
+    """
 
     params: dict[str, Any]
     k: int
     n: int
+    cluster_k: np.ndarray | None = field(default=None, compare=False, repr=False)
+    cluster_n: np.ndarray | None = field(default=None, compare=False, repr=False)
+    population: str = ""
+    _betting: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        if (self.cluster_k is None) != (self.cluster_n is None):
+            raise ValueError("cluster_k and cluster_n go together")
+        if not self.population:
+            self.population = (POINTS_POPULATION if self.cluster_k is None
+                               else CLUSTERED_POPULATION)
+        if self.cluster_k is None:
+            return
+        ck = np.asarray(self.cluster_k, dtype=np.int64)
+        cn = np.asarray(self.cluster_n, dtype=np.int64)
+        if ck.ndim != 1 or ck.shape != cn.shape:
+            raise ValueError("cluster_k and cluster_n must be 1-D arrays of equal length")
+        if np.any(ck < 0) or np.any(ck > cn):
+            raise ValueError("cluster counts must satisfy 0 <= cluster_k <= cluster_n")
+        if int(ck.sum()) != self.k or int(cn.sum()) != self.n:
+            raise ValueError(f"cluster counts sum to {int(ck.sum())} of {int(cn.sum())}, "
+                             f"not k={self.k} of n={self.n}")
+        self.cluster_k, self.cluster_n = ck, cn
 
     @property
     def estimate(self) -> float:
         return self.k / self.n if self.n else float("nan")
+
+    @property
+    def clustered(self) -> bool:
+        """True when the n trials are several draws per point (see the class docstring)."""
+        return self.cluster_k is not None
+
+    @property
+    def points(self) -> int:
+        """Independent units behind the interval: points with a draw, or n."""
+        return int((self.cluster_n > 0).sum()) if self.clustered else self.n
+
+    @property
+    def interval_method(self) -> str:
+        return BETTING_METHOD if self.clustered else CP_METHOD
+
+    def rates(self) -> np.ndarray:
+        """Per-point success rates of the points with at least one draw (clustered only)."""
+        if not self.clustered:
+            raise ValueError("rates exist only for clustered proportions")
+        keep = self.cluster_n > 0
+        return self.cluster_k[keep] / self.cluster_n[keep]
+
+    def betting(self, tune_alpha: float) -> stats.BettingBound:
+        """The betting bound on the per-point rates, with bets tuned for ``tune_alpha``."""
+        key = float(tune_alpha)
+        if key not in self._betting:
+            self._betting[key] = stats.BettingBound(self.rates(), tune_alpha=key)
+        return self._betting[key]
+
+    def p_value(self, threshold: float, alternative: str,
+                tune_alpha: float | None = None) -> float:
+        """One-sided p-value for H1 "rate > threshold" (``greater``) or "< threshold" (``less``).
+
+        One outcome per point: the exact binomial test. Clustered: min(1, 1/e-value) of the
+        betting test on the per-point rates, bets tuned for ``tune_alpha`` (fix it before
+        seeing the data, e.g. the family level; default 0.05). Valid either way:
+        P(p ≤ a) ≤ a under H0, for every a.
+        """
+        if not self.clustered:
+            return stats.binom_test_pvalue(self.k, self.n, threshold, alternative)
+        return self.betting(0.05 if tune_alpha is None else tune_alpha).p_value(
+            threshold, alternative)
+
+    def bound(self, level: float, side: str, tune_alpha: float | None = None) -> float:
+        """One-sided confidence bound at ``level``: P(rate < lower) ≤ level for side "lower",
+        P(rate > upper) ≤ level for "upper". One outcome per point: Clopper–Pearson.
+        Clustered: the betting bound (bets tuned for ``tune_alpha``, default ``level``), which
+        agrees with :meth:`p_value` at the same ``tune_alpha``: p ≤ level ⇔ bound excludes the
+        threshold."""
+        if side not in ("lower", "upper"):
+            raise ValueError(f"side must be 'lower' or 'upper', got {side!r}")
+        if not self.clustered:
+            lo, hi = stats.clopper_pearson(self.k, self.n, 1.0 - level, side)
+            return lo if side == "lower" else hi
+        return self.betting(level if tune_alpha is None else tune_alpha).bound(level, side)
+
+    def ci(self, confidence: float) -> tuple[float, float]:
+        """Two-sided interval at ``confidence`` for the rate on ``population``."""
+        if not self.clustered:
+            return stats.clopper_pearson(self.k, self.n, confidence)
+        return self.betting((1.0 - confidence) / 2).interval(confidence)
+
+    def conditional_ci(self, confidence: float) -> tuple[float, float]:
+        """Clopper–Pearson on the pooled k of n: for clustered draws it covers only
+        :data:`EVALUATION_SET_POPULATION`; otherwise it is :meth:`ci`."""
+        return stats.clopper_pearson(self.k, self.n, confidence)
+
+    def merged(self, other: Proportion) -> Proportion:
+        """The proportion of two disjoint shards (counts add, per-point counts concatenate)."""
+        if self.clustered != other.clustered or self.population != other.population:
+            raise ValueError(f"cannot merge proportions of different kinds for {self.params}")
+        ck = cn = None
+        if self.clustered:
+            ck = np.concatenate([self.cluster_k, other.cluster_k])
+            cn = np.concatenate([self.cluster_n, other.cluster_n])
+        return Proportion(self.params, self.k + other.k, self.n + other.n, ck, cn,
+                          self.population)
 
 
 #: ``per_point`` arrays whose key starts with this hold a few chosen points, not one row per
@@ -134,7 +271,7 @@ class MetricResult:
         for a, b in zip(self.proportions, other.proportions, strict=True):
             if not params_match(a.params, b.params):
                 raise ValueError(f"cannot merge {a.params} with {b.params}")
-            props.append(Proportion(a.params, a.k + b.k, a.n + b.n))
+            props.append(a.merged(b))
         offset = self.points()
         per_point = {}
         for k, v in self.per_point.items():

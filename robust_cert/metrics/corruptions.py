@@ -381,7 +381,11 @@ class CorruptionAccuracy(Metric):
 
     Kind: statistical. Each cell's accuracy is k correct of the n evaluation points, corrupted
     with draws from a generator seeded by (run seed, type, severity, batch), with an exact
-    Clopper–Pearson interval. ``{"corruption": "mean"}`` is the mean corruption accuracy
+    Clopper–Pearson interval. Every proportion has one outcome per point (one corrupted copy
+    per point and cell, or one cell per point for the mean; draws are never pooled within a
+    point), so the outcomes are i.i.d. across points and the interval covers inputs drawn like
+    the evaluation points × the corruption's randomness, not only this evaluation set.
+    ``{"corruption": "mean"}`` is the mean corruption accuracy
     (the average over the configured cells) as a gateable proportion: each point is judged in
     one cell drawn uniformly at random (seeded), so its outcomes are i.i.d. Bernoulli with the
     mean corruption accuracy as success rate and the CP interval is exact. The plain average

@@ -13,9 +13,13 @@ from scipy import stats as _st
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
 from robust_cert.models.base import Classifier
-from robust_cert.stats import SPRT
+from robust_cert.stats import SPRT, clopper_pearson
 
 Distribution = Literal["uniform_linf", "gaussian", "uniform_l2"]
+
+#: What the proportion (fraction of points decided robust) covers.
+POPULATION = ("inputs drawn like the evaluation points: probability of being decided robust "
+              "by the per-point test (one decision per point, draws not pooled)")
 
 #: per-point ``decision`` codes
 ROBUST, NOT_ROBUST, UNDECIDED = 1, -1, 0
@@ -147,8 +151,17 @@ class LocalProbabilisticRobustness(Metric):
     p_fail(x) ≥ p0, P(decided robust) ≤ α/(1 − β) + α; if p_fail(x) ≤ p1, P(decided not
     robust) ≤ β/(1 − α) + β. Over m points the expected number of wrong decisions is at most
     m times these (``diagnostics.expected_wrong_*_at_most``); nothing is promised for points
-    with p1 < p_fail < p0 (indifference zone). The proportion is the fraction of points
-    *decided robust*; its exact CI covers the sampling of evaluation points only.
+    with p1 < p_fail < p0 (indifference zone).
+
+    The proportion is the fraction of points *decided robust*: one decision per point, however
+    many draws the test made, so the decisions are i.i.d. Bernoulli(ρ) across points, with
+    ρ = P_{x, draws}(x is decided robust) for inputs drawn like the evaluation points, and the
+    exact binomial test and Clopper–Pearson interval of the verdict hold for ρ (not for the
+    draws, which are never pooled). Since a point with p_fail(x) ≥ p0 is decided robust with
+    probability at most e = α/(1 − β) + α, the fraction of the population that is robust,
+    P_x(p_fail(x) < p0), is at least ρ − e; ``diagnostics.robust_population_fraction_at_least``
+    is the one-sided Clopper–Pearson lower bound on ρ at the policy's confidence minus e
+    (recompute it after merging shards: merged diagnostics keep the larger value).
 
     Kind: statistical. A model that is random at evaluation time makes p_fail a property of the
     random classifier (``certify`` warns, see engine.check_deterministic).
@@ -247,9 +260,16 @@ class LocalProbabilisticRobustness(Metric):
             # ints (ceil) so that shard results add up to a valid bound
             "expected_wrong_robust_decisions_at_most": int(math.ceil(m * err_robust - 1e-12)),
             "expected_wrong_not_robust_decisions_at_most": int(math.ceil(m * err_not - 1e-12)),
+            "robust_population_fraction_at_least": {
+                "confidence": float(ctx.confidence),
+                "value": float(max(0.0, clopper_pearson(robust, m, ctx.confidence, "lower")[0]
+                                   - err_robust)),
+                "statement": "P_x(p_fail(x) < p0) for inputs drawn like the evaluation points "
+                             "(one-sided CP lower bound on the fraction decided robust minus "
+                             "the per-point wrong-robust probability)"},
         }
         return self.result(
-            [Proportion({"p0": cfg.p0}, robust, m)],
+            [Proportion({"p0": cfg.p0}, robust, m, population=POPULATION)],
             per_point={"decision": decision, "draws": draws, "failures": failures,
                        "decided_at_budget": at_budget},
             diagnostics=diagnostics,

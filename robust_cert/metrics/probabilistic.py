@@ -46,6 +46,25 @@ def draws_to_demonstrate(k: int, n: int, band: float, confidence: float) -> int:
     return hi
 
 
+def population_bands(prop: Proportion, confidence: float, bands=IEC_BANDS) -> dict:
+    """Which failure-rate bands a clustered proportion demonstrates for the population.
+
+    A band b is demonstrated when the one-sided betting upper bound on the mean per-point
+    failure rate (:meth:`Proportion.bound`, level 1 − ``confidence``) is ≤ b; then
+    P(demonstrating b | population failure rate > b) ≤ 1 − confidence. Beyond what the
+    evaluation points allow (about ln(1/α)/(0.9·points) with no failure at all), more draws per
+    point do not help: only more points do.
+    """
+    upper = prop.bound(1.0 - confidence, "upper")
+    shown = [b for b in bands if upper <= b]
+    rest = [b for b in bands if upper > b]
+    return {"upper_bound": float(upper), "demonstrated": [float(b) for b in shown],
+            "best_band": float(min(shown)) if shown else None,
+            "next_band": float(rest[0]) if rest else None,
+            "points": prop.points, "interval_method": prop.interval_method,
+            "population": prop.population}
+
+
 def failure_rate_bands(k: int, n: int, confidence: float, bands=IEC_BANDS) -> dict:
     """Which failure-rate bands k failures in n i.i.d. draws demonstrate at ``confidence``.
 
@@ -67,6 +86,10 @@ def failure_rate_bands(k: int, n: int, confidence: float, bands=IEC_BANDS) -> di
 
 Radii = value_list("ε", low=0, low_open=True)
 
+#: What the verdict's interval of :class:`ProbabilisticRobustness` covers.
+POPULATION = ("inputs drawn like the evaluation points × uniform L∞ noise (mean of the per-point "
+              "failure rates; draws clustered by point)")
+
 
 class ProbabilisticRobustnessConfig(MetricConfig):
     """Parameters of :class:`ProbabilisticRobustness`."""
@@ -74,7 +97,8 @@ class ProbabilisticRobustnessConfig(MetricConfig):
     eps: Radii = Field(min_length=1, description="L∞ radius of the uniform noise ball")
     samples: int = Field(
         default=2995, ge=1, le=100_000_000,
-        description="i.i.d. (x, δ) pairs; 2,995 failure-free pairs demonstrate ≤ 1e-3 at 95%",
+        description="(x, δ) pairs per radius; 2,995 failure-free pairs demonstrate ≤ 1e-3 at 95% "
+                    "on this evaluation set (the population bound needs more points)",
     )
     distribution: Literal["uniform_linf"] = "uniform_linf"
     failure: Literal["misclassified", "prediction_changed"] = Field(
@@ -86,19 +110,34 @@ class ProbabilisticRobustnessConfig(MetricConfig):
 class ProbabilisticRobustness(Metric):
     """Failure rate of the model under random perturbation, certified by an exact test.
 
-    Draws ``samples`` i.i.d. pairs (x_i, δ_i): x_i uniformly from the evaluation set (with
+    Draws ``samples`` pairs (x_i, δ_i): x_i uniformly from the evaluation set (with
     replacement), δ_i uniform in the L∞ ball of radius ε; x_i + δ_i is clipped to the input
-    range. Each pair is a Bernoulli trial (failure or not), so with probability at least
-    1 − α over the draws the true failure rate lies below the one-sided Clopper–Pearson upper
-    bound at level α. With zero failures, n ≥ ln(α)/ln(1 − p) pairs demonstrate p_fail ≤ p.
+    range. The quantity is the population failure rate p = E_x[p_fail(x)], p_fail(x) =
+    P_δ[f(clip(x + δ)) fails], x from the population the evaluation points were drawn from.
+
+    What each interval covers:
+
+    * Population (used by the verdict and shown as ``ci``): the draws are clustered — about
+      samples/points draws share each point — so they are not ``samples`` independent draws
+      from the population. The proportion carries each point's failures and draws; given how
+      many draws each point got (allotted independently of the points), the per-point failure
+      rates are independent in [0, 1] with mean p, and the betting bound
+      (:class:`robust_cert.stats.BettingBound`) gives an exact test and one-sided bounds for
+      p. Its resolution is set by the number of *points*: with no failure at all the 95% upper
+      bound is about 3.3/points.
+    * On this evaluation set (``conditional_ci`` in the certificate): the pairs are i.i.d.
+      from the evaluation set's empirical distribution × the noise, so the Clopper–Pearson
+      interval on the pooled k of n is exact for that finite population only.
 
     ``diagnostics.bands`` reports, per radius, which IEC 61508-style failure-rate bands
-    (1e-1 … 1e-5) the draws demonstrate at the policy's confidence (one-sided CP upper bound
-    ≤ band; each radius on its own, not Holm-adjusted) and how many more failure-free draws
-    would demonstrate the next band (:func:`failure_rate_bands`).
+    (1e-1 … 1e-5) are demonstrated at the policy's confidence (one-sided upper bound ≤ band;
+    each radius on its own, not Holm-adjusted): ``population`` from the betting bound
+    (:func:`population_bands`), ``on_this_evaluation_set`` from the pooled Clopper–Pearson bound
+    with how many more failure-free draws would demonstrate the next band there
+    (:func:`failure_rate_bands`).
 
-    Kind: statistical. The population is the evaluation set's empirical distribution × the
-    noise; it speaks for deployment data only as far as the evaluation set is a sample of it.
+    Kind: statistical. The population statement speaks for deployment data only as far as the
+    evaluation points are an i.i.d. sample of it.
 
     Args (policy ``metrics.probabilistic_robustness``):
         eps: noise radius (or list of radii) in data units.
@@ -147,8 +186,17 @@ class ProbabilisticRobustness(Metric):
                 target = data.y[bi] if reference is None else reference[bi]
                 fail[s:s + len(bi)] = (pred != target).numpy()
                 ctx.advance(len(bi))
-            props.append(Proportion({"eps": eps}, int(fail.sum()), m))
-            bands[f"{eps:g}"] = failure_rate_bands(int(fail.sum()), m, ctx.confidence)
+            prop = Proportion(
+                {"eps": eps}, int(fail.sum()), m,
+                cluster_k=np.bincount(idx.numpy(), weights=fail, minlength=n_data)
+                .round().astype(np.int64),
+                cluster_n=np.bincount(idx.numpy(), minlength=n_data).astype(np.int64),
+                population=POPULATION)
+            props.append(prop)
+            bands[f"{eps:g}"] = {
+                "population": population_bands(prop, ctx.confidence),
+                "on_this_evaluation_set": failure_rate_bands(int(fail.sum()), m,
+                                                             ctx.confidence)}
             per_point[f"failed@{eps:g}"] = fail
             per_point[f"index@{eps:g}"] = idx.numpy()
         diagnostics = {"bands": {"confidence": float(ctx.confidence), "by_eps": bands}}

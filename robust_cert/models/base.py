@@ -73,3 +73,36 @@ class _AttackView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
+
+
+def probability_rows(out: torch.Tensor) -> bool:
+    """True when every row of ``out`` (batch × classes) is non-negative and sums to 1 within
+    float32 rounding: |sum − 1| ≤ 4 · classes · 2⁻²³ (each of the ``classes`` float32 terms
+    and the normalisation contribute at most a few units of 2⁻²⁴)."""
+    if out.ndim != 2 or out.shape[0] == 0:
+        return False
+    tol = 4 * out.shape[1] * torch.finfo(torch.float32).eps
+    sums = out.double().sum(1)
+    return bool((out >= 0).all() and ((sums - 1).abs() <= tol).all())
+
+
+def with_log_probabilities(model: Classifier) -> Classifier:
+    """A copy of ``model`` (which returns probabilities) returning their natural logarithm,
+    clamped below at the smallest normal number of the output dtype (log = −87.3 for
+    float32), for ``forward`` and ``gradient_forward``; ``extra["outputs"]`` records it."""
+    import dataclasses
+
+    grad = model.gradient_forward
+    return dataclasses.replace(
+        model, forward=_LogOf(model.forward),
+        gradient_forward=_LogOf(grad) if grad is not None else None,
+        extra={**model.extra, "outputs": "probabilities (converted to log-probabilities)"})
+
+
+class _LogOf:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.fn(x)
+        return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))

@@ -13,17 +13,44 @@ from robust_cert.models.base import Classifier
 
 
 def state_sha256(module: nn.Module) -> str:
-    """SHA-256 over the module's state (parameter and buffer names, dtypes, shapes, bytes).
+    """SHA-256 over the module's state: every entry of its ``state_dict`` (parameters,
+    persistent buffers, extra state) and every non-persistent buffer, by name, dtype, shape
+    and raw bytes.
 
-    Two modules with the same weights hash the same whatever object they live in; retraining
-    changes the hash. Tensors are hashed in name order from their CPU, contiguous form.
+    Tensors of every dtype and shape are hashed, including 0-dim ones (BatchNorm's int64
+    ``num_batches_tracked``), booleans, bfloat16, complex, quantized (integer representation,
+    plus scale and zero point) and sparse ones (dense form). Two modules with the same state
+    hash the same whatever object they live in; retraining changes the hash. Tensors are
+    hashed in name order from their CPU, contiguous form; the bytes of a tensor that other
+    versions already hashed (non-empty, at least 1-dim, dense) are unchanged.
     """
+    entries = dict(module.state_dict())
+    for name, buf in module.named_buffers():
+        entries.setdefault(name, buf)  # non-persistent buffers are not in the state_dict
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
+    for name, t in sorted(entries.items()):
+        if not isinstance(t, torch.Tensor):  # get_extra_state(): any picklable object
+            h.update(f"{name}|extra|{t!r}\n".encode())
+            continue
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t`` (any dtype, any shape, dense or not, any device)."""
+    t = t.detach()
+    if t.is_sparse or t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_quantized:
+        scale = (t.q_per_channel_scales() if t.qscheme() in
+                 (torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale())
+        head = repr(torch.as_tensor(scale).tolist()).encode()
+        return head + _tensor_bytes(t.int_repr())
+    t = t.to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _eval_mode(module: nn.Module) -> None:
@@ -82,3 +109,27 @@ def from_module(
         device=device,
         name=name,
     )
+
+
+@contextlib.contextmanager
+def preserved_modes(module):
+    """Restore the training flag of ``module`` and every submodule on exit (certification
+    puts the model in eval mode; the caller's model leaves in the mode it came in), and its
+    device when all its parameters and buffers were on one device (certification moves the
+    model to the evaluation device). Anything that is not an ``nn.Module`` passes through."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        if len(devices) == 1:
+            (device,) = devices
+            now = {t.device for t in (*module.parameters(), *module.buffers())}
+            if now != devices:
+                with contextlib.suppress(NotImplementedError):  # torch.export GraphModule
+                    module.to(device)
