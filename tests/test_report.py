@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +28,15 @@ from robust_cert.data import digits_split, load_data
 from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 from robust_cert.mlflow_plugin.tracking import claim_for
 from robust_cert.report import PdfUnavailable, write_report
-from robust_cert.report.charts import ChartInputs, charts_for, omitted_for
+from robust_cert.report.charts import (
+    EXAMPLE_TITLE_PT,
+    PRINT_WIDTH_IN,
+    ChartInputs,
+    charts_for,
+    omitted_for,
+)
 from robust_cert.report.html import render_html
-from robust_cert.signing import Keyring, sign_claim
+from robust_cert.signing import Keyring, sign_claim, signature_block, verify_claim
 
 POLICY = {
     "name": "report-test", "version": "2", "confidence": 0.95,
@@ -123,8 +129,10 @@ def cert(digits_model):
     """A signed PASS certificate with all three metric families and per-point arrays."""
     c = robust_cert.certify(digits_model, "digits", POLICY, progress=False)
     assert c.verdict == "PASS", [r["verdict"] for r in c.requirements]
-    claim = claim_for(c, c.body["model"]["name"], "7", "run-for-report-tests")
-    c.signature = json.loads(sign_claim(claim, Keyring.from_env()))
+    name = c.body["model"]["name"]
+    keyring = Keyring.from_env()
+    token = sign_claim(claim_for(c, name, "7", "run-for-report-tests"), keyring)
+    c.signature = signature_block(token, verify_claim(token, keyring, name=name, version=7))
     return c
 
 
@@ -153,17 +161,42 @@ def test_html_in_chromium_shows_verdict_model_and_every_section(cert, written, t
     assert "not-verified" not in dom
     assert dom["verification"].startswith("verified when this report was rendered")
     assert dom["signature-kid"] == cert.signature["kid"]
+    assert dom["signature-alg"] == "Ed25519"
+    assert dom["signature-value"] == cert.signature["sig"]
     for chart in ("chart-per-class-recall", "chart-robustness-curve",
-                  "chart-vulnerable-examples", "chart-failure-rate"):
+                  "chart-per-class-robust-accuracy", "chart-vulnerable-examples",
+                  "chart-failure-rate"):
         assert chart in dom, f"{chart} missing"
     assert not [k for k in dom if k.startswith("per-point-note")]
     html = written.html.read_text()
-    assert html.count("<svg") == 4
+    assert html.count("<svg") == 5
     assert "Prepared by" in dom["approvals"]
     assert "Approved by" in dom["approvals"]
     assert "white-box" in dom["threat-model"]
     assert "ε = 0.05, ε = 0.1" in dom["threat-model"]
-
+    # the sanity checks as a table: each check with its result and evidence
+    row = dom["sanity-row-deterministic_forward"]
+    assert row.startswith("Model is deterministic at evaluation time")
+    assert "deterministic_forward the model passed two forward passes" in row
+    assert "passed 0 of" in dom["sanity-row-robust_accuracy-gradients_nonzero"]
+    assert "not run not run: needs both Square" in dom[
+        "sanity-row-robust_accuracy-square_not_better"]
+    # configuration and diagnostics as labelled tables, no raw JSON, no nulls
+    assert "Attacks FGSM, PGD" in dom["settings-robust_accuracy"]
+    assert "Step size" not in dom["settings-robust_accuracy"]  # "step_size": null
+    assert "<pre>" not in html
+    assert "<details" not in html
+    assert dom["command"].startswith("not recorded")
+    assert dom["tracking-uri"] == "not recorded"
+    assert "Digits classifier for the report tests." in dom["intended-use"]
+    assert "the description of the policy report-test" in dom["intended-use"]
+    # results: the bound that decided, four decimals, ids that break only between parts
+    results = [dom[f"result-{i}"] for i in range(1, len(cert.requirements) + 1)]
+    for row, req in zip(results, cert.requirements, strict=True):
+        side = "lower" if req["direction"] == "at_least" else "upper"
+        assert f"{side} {req['bound']:.4f}" in row
+        assert f"[{req['ci'][0]:.4f}, {req['ci'][1]:.4f}]" in row
+    assert "probabilistic_<wbr>robustness<wbr>[eps=0.1]" in html
 
 def test_pdf_pages_text_and_attached_certificate(cert, written, tmp_path):
     assert written.pdf == written.html.with_name("report.pdf")
@@ -186,6 +219,33 @@ def test_pdf_pages_text_and_attached_certificate(cert, written, tmp_path):
         assert f"robust_cert report {cert.digest[:12]}" in per_page[i - 1]
     assert "Prepared by" in text
     assert cert.digest in text.replace("\n", "")
+    # the sanity checks print (they were hidden from print before) with their results
+    assert "Sanity checks" in text
+    raw = _run([_tool("pdftotext"), str(written.pdf), "-"], text=True).stdout
+    flat = " ".join(raw.split())
+    for check in ("deterministic_forward", "in_range_and_ball", "gradients_nonzero",
+                  "square_not_better"):
+        assert check in flat
+    assert "passed" in flat
+    assert "not run: needs both Square" in flat
+    assert "Attack iterations" in flat  # the configuration, labelled, printed
+    assert "Square query budget" in flat
+    # no requirement id is broken inside a word: only at "_" or before "["
+    allowed = {"probabilistic_", "probabilistic_robustness",
+               "probabilistic_robustness[eps=0.1]"}
+    tokens = [t for t in text.split() if t.startswith("probabilistic")]
+    assert tokens
+    assert set(tokens) <= allowed, tokens
+    # the PDF names the SHA-256 of the HTML it was printed from (a file cannot name its own)
+    html_sha = hashlib.sha256(written.html.read_bytes()).hexdigest()
+    assert "report.html with SHA-256" in flat
+    assert html_sha in "".join(text.split())
+    # nothing runs off the printed page (A4: 595 pt wide, 16 mm margins)
+    boxes = _run([_tool("pdftotext"), "-bbox", str(written.pdf), "-"], text=True).stdout
+    words = re.findall(r'xMax="([0-9.]+)"[^>]*>([^<]*)</word>', boxes)
+    assert words
+    outside = [w for x, w in words if float(x) > 595.3 - 16 / 25.4 * 72 + 1]
+    assert not outside, outside
     meta = _run([_tool("pdfinfo"), "-meta", str(written.pdf)], text=True).stdout
     assert 'pdfaid:part="3"' in meta
     assert 'pdfaid:conformance="B"' in meta
@@ -421,9 +481,11 @@ def test_rerendered_from_json_keeps_the_charts_the_json_allows(charts_cert):
         assert "<svg" not in section
         assert f'id="per-point-note-{metric}"' in section
     assert 'id="per-point-note-robust_accuracy"' in html
-    # in memory without the evaluation inputs: only the pictures of test points are left out
+    # in memory without the evaluation data: only the figures that need its labels or
+    # pictures of test points are left out
     inputs = ChartInputs(charts_cert.body, charts_cert.per_point)
-    assert omitted_for("robust_accuracy", inputs) == ["Most vulnerable test points"]
+    assert omitted_for("robust_accuracy", inputs) == ["Robust accuracy per class",
+                                                      "Most vulnerable test points"]
     assert omitted_for("safe_radius", inputs) == omitted_for("analytical_robustness",
                                                              inputs) == []
     assert [c.id for c in charts_for("safe_radius", inputs)] == NEW_CHARTS["safe_radius"]
@@ -439,3 +501,116 @@ def test_new_charts_are_deterministic_svg(charts_cert, digits40, metric):
     assert first
     assert first == second
     assert all(s.startswith("<svg") and "<dc:date>" not in s for s in first)
+
+
+# --------------------------------------------------------------------------- PDF/A-3b structure
+
+
+def test_pdf_is_structurally_pdf_a_3b(cert, written):
+    """What veraPDF would look at first, read with pikepdf: the XMP identification, the
+    output intent with its ICC profile, and the certificate as an associated file."""
+    pikepdf = pytest.importorskip("pikepdf", reason="pip install -e .[dev] installs pikepdf")
+    with pikepdf.open(written.pdf) as pdf:
+        meta = pdf.open_metadata()
+        assert str(meta.get("pdfaid:part")) == "3"
+        assert str(meta.get("pdfaid:conformance")) == "B"
+        intents = pdf.Root.OutputIntents
+        assert len(intents) >= 1
+        intent = intents[0]
+        assert intent.S == pikepdf.Name.GTS_PDFA1
+        profile = intent.DestOutputProfile
+        assert int(profile.N) == 3
+        icc = profile.read_bytes()
+        assert icc[36:40] == b"acsp"  # the ICC profile signature
+        files = pdf.attachments
+        assert list(files) == ["certificate.json"]
+        spec = files["certificate.json"].obj
+        assert spec.AFRelationship == pikepdf.Name.Source
+        assert files["certificate.json"].get_file().read_bytes() == cert.to_json().encode()
+        af = pdf.Root.AF
+        assert any(f.objgen == spec.objgen for f in af), "the certificate is not in /AF"
+
+
+# --------------------------------------------------------------------------- chart legibility
+
+
+def _svg_texts(svg: str) -> list[str]:
+    """The text drawn in a matplotlib SVG (glyphs are paths; each text is in a comment)."""
+    return re.findall(r"<!-- (.*?) -->", svg)
+
+
+def _svg_width_in(svg: str) -> float:
+    return float(re.search(r'<svg[^>]* width="([0-9.]+)pt"', svg)[1]) / 72
+
+
+def test_per_class_axes_are_fixed_and_the_examples_print_legibly(cert, charts_cert, digits40):
+    x, y = load_data("digits").x.numpy(), load_data("digits").y.numpy()
+    big = {c.id: c for c in charts_for("robust_accuracy", ChartInputs(
+        cert.body, cert.per_point, x, y)) + charts_for("accuracy", ChartInputs(cert.body, {}))}
+    small = {c.id: c for c in charts_for("robust_accuracy", ChartInputs(
+        charts_cert.body, charts_cert.per_point, digits40.x.numpy(), digits40.y.numpy()))
+        + charts_for("accuracy", ChartInputs(charts_cert.body, {}))}
+    ticks = ["0%", "20%", "40%", "60%", "80%", "100%"]
+    for chart in ("chart-per-class-recall", "chart-per-class-robust-accuracy"):
+        for charts in (big, small):  # two certificates, the same y axis
+            texts = _svg_texts(charts[chart].svg)
+            assert [t for t in texts if t.endswith("%") and t[:-1].isdigit()] == ticks, chart
+    legend = _svg_texts(big["chart-per-class-robust-accuracy"].svg)
+    assert "ε = 0.05" in legend
+    assert "ε = 0.1" in legend
+    # the examples' captions: 7.5 pt, in a figure no wider than the printed page
+    examples = big["chart-vulnerable-examples"].svg
+    width = _svg_width_in(examples)
+    assert EXAMPLE_TITLE_PT * min(1.0, PRINT_WIDTH_IN / width) >= 7.0, width
+    assert any(t.endswith(" clean") for t in _svg_texts(examples))
+    # every chart fits the printed width, so none is scaled below its set font sizes
+    for c in [*big.values(), *small.values()]:
+        assert _svg_width_in(c.svg) <= PRINT_WIDTH_IN, c.id
+
+
+def test_robustness_curve_draws_every_radius():
+    """Curves draw each ε the certificate has (here 4 and clean accuracy at ε = 0)."""
+    from robust_cert.report.charts import robustness_curve
+
+    eps = [0.025, 0.05, 0.075, 0.1]
+    est = [0.9, 0.8, 0.6, 0.4]
+    body = {"policy": {"confidence": 0.95}, "requirements": [], "results": [
+        {"metric": "accuracy", "status": "ok", "values": [
+            {"params": {}, "estimate": 0.97, "ci": [0.95, 0.98]}]},
+        {"metric": "robust_accuracy", "status": "ok", "config": {"attacks": ["pgd"]},
+         "values": [{"params": {"eps": e}, "estimate": v, "ci": [v - 0.05, v + 0.05]}
+                    for e, v in zip(eps, est, strict=True)]}]}
+    chart = robustness_curve(ChartInputs(body, {}))
+    labels = [t for t in _svg_texts(chart.svg) if re.fullmatch(r"\d+\.\d%", t)]
+    assert labels == ["97.0%", "90.0%", "80.0%", "60.0%", "40.0%"]
+
+
+def test_a_failed_sanity_check_is_a_red_row_with_what_it_did(cert, tmp_path):
+    """A certificate whose gradient check failed (recorded as the three-state records do):
+    the row says failed, why, and which requirement it made INCONCLUSIVE; legacy booleans in
+    the metric's diagnostics still show as passed/failed."""
+    import copy
+
+    body = copy.deepcopy(cert.body)
+    for rec in body["sanity"]["checks"]:
+        if rec["check"] == "gradients_nonzero":
+            rec.update(state="failed", action="inconclusive",
+                       detail="gradient masking suspected: 40 of 355 points have an exactly "
+                              "zero input gradient (limit 5%)",
+                       made_inconclusive=["robust_accuracy[eps=0.05]"])
+    body["sanity"]["checks"] = [r for r in body["sanity"]["checks"]
+                                if r["check"] != "in_range_and_ball"]
+    for res in body["results"]:
+        if res["metric"] == "robust_accuracy":
+            res["diagnostics"]["sanity"]["in_range_and_ball"] = False  # a legacy boolean
+    page = tmp_path / "report.html"
+    page.write_text(render_html(Certificate(body=body)))
+    dom = _dom(page, tmp_path)
+    row = dom["sanity-row-robust_accuracy-gradients_nonzero"]
+    assert "failed gradient masking suspected: 40 of 355 points" in row
+    assert row.endswith("made INCONCLUSIVE: robust_accuracy[eps=0.05]")
+    assert " failed 0 attack outputs outside" in dom["sanity-row-robust_accuracy-in_range_and_ball"]
+    img = _screenshot(page, tmp_path)
+    assert img.std() > 20
+    html = page.read_text()
+    assert html.count('class="sanity-failed"') == 2

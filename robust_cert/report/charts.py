@@ -39,6 +39,13 @@ SERIES = "#1f5fa8"
 VERDICT_COLOURS = {"PASS": PASS_COLOUR, "FAIL": FAIL_COLOUR, "INCONCLUSIVE": INCONCLUSIVE_COLOUR}
 #: How many vulnerable examples the report shows.
 MAX_EXAMPLES = 8
+#: The printable width of an A4 page in the PDF (210 mm less 2 × 16 mm margins), in inches.
+#: A figure wider than this is scaled down to fit, and its text with it.
+PRINT_WIDTH_IN = 178 / 25.4
+#: Caption size of each vulnerable example (points, as printed: its figure is not scaled).
+EXAMPLE_TITLE_PT = 7.5
+#: Examples per row (two panels each: clean and perturbed).
+EXAMPLES_PER_ROW = 3
 
 _RC = {
     "svg.hashsalt": "robust_cert",
@@ -194,11 +201,10 @@ def per_class_recall(inp: ChartInputs) -> Chart | None:
     est = np.where(shown, k / np.maximum(n, 1), 0.0)
     ci = np.array([stats.clopper_pearson(int(a), int(b), inp.confidence) if b else (0.0, 0.0)
                    for a, b in zip(k, n, strict=True)])
-    floor = 0.0 if ci[shown, 0].min() < 0.5 else np.floor(ci[shown, 0].min() * 10) / 10 - 0.1
-    fig = _figure(6.4, 2.8)
+    fig = _figure(6.0, 2.8)
     ax = fig.axes[0]
     xs = np.arange(len(classes))
-    ax.bar(xs[shown], est[shown] - floor, bottom=floor, color=SERIES, alpha=0.75, width=0.6)
+    ax.bar(xs[shown], est[shown], color=SERIES, alpha=0.75, width=0.6)
     ax.errorbar(xs[shown], est[shown], yerr=[est[shown] - ci[shown, 0], ci[shown, 1] -
                 est[shown]], fmt="none", ecolor="#222222", elinewidth=1, capsize=3)
     overall = res["values"][0]["estimate"] if res["values"] else None
@@ -208,17 +214,102 @@ def per_class_recall(inp: ChartInputs) -> Chart | None:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax.set_xticks(xs, [f"{c}\n{a}/{b}" for c, a, b in zip(classes, k, n, strict=True)],
                   fontsize=8)
-    ax.set_ylim(floor, 1.02)
+    _unit_axis(ax)
     ax.set_ylabel("recall")
     ax.set_xlabel("class (correct / points)")
     ax.grid(axis="x", visible=False)
-    note = f" The y axis starts at {floor:.1f}." if floor > 0 else ""
     return Chart(
         "chart-per-class-recall", "Recall per class",
         to_svg(fig),
         f"Fraction of each class's test points classified correctly, with two-sided "
         f"{_pct(inp.confidence)} Clopper–Pearson intervals. Display only: these intervals are "
-        f"not adjusted for multiplicity and no requirement is tested per class.{note}")
+        f"not adjusted for multiplicity and no requirement is tested per class. The y axis is "
+        f"fixed at 0–1 in every report, so reports can be compared by eye.")
+
+
+def _unit_axis(ax) -> None:
+    """The same y axis in every report: 0 to 1 (a little headroom for the error bars)."""
+    ax.set_ylim(0, 1.04)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+#: At most this many radii in the per-class robust accuracy chart (evenly chosen).
+MAX_CLASS_EPS = 4
+#: Bar colours for successive radii: light to dark.
+_EPS_SHADES = ("#9dbbe0", "#5b8cc9", "#1f5fa8", "#0d3566")
+
+
+def _per_point(title: str, *, inputs: bool = True):
+    """Mark a chart function that needs the run's per-point arrays (and, with ``inputs``, the
+    evaluation inputs), so a report rendered without them can say which figure it leaves out."""
+    def mark(draw):
+        draw.per_point_title = title
+        draw.needs_inputs = inputs
+        return draw
+    return mark
+
+
+@_per_point("Robust accuracy per class")
+def per_class_robust_accuracy(inp: ChartInputs) -> Chart | None:
+    """Robust accuracy of each class at each ε (up to :data:`MAX_CLASS_EPS` radii), with
+    exact intervals, on the same fixed 0–1 axis as recall.
+
+    Needs the run's per-point outcomes (``robust_accuracy/robust``: points × ε) and the
+    evaluation labels."""
+    res = inp.result("robust_accuracy")
+    robust = inp.per_point.get("robust_accuracy/robust")
+    if res is None or robust is None or inp.y is None:
+        return None
+    robust = np.asarray(robust, dtype=bool)
+    eps_all = [float(e) for e in res["config"]["eps"]]
+    if robust.ndim != 2 or robust.shape != (len(inp.y), len(eps_all)):
+        return None
+    cols = [j for j, e in enumerate(eps_all) if e > 0]
+    if not cols:
+        return None
+    if len(cols) > MAX_CLASS_EPS:
+        cols = [cols[int(i)] for i in np.unique(np.linspace(0, len(cols) - 1,
+                                                            MAX_CLASS_EPS).round())]
+    y = np.asarray(inp.y).astype(int)
+    num = int(inp.body["model"].get("num_classes") or (y.max() + 1))
+    classes = np.arange(num)
+    counts = np.bincount(y, minlength=num)
+    fig = _figure(6.0, 2.8)
+    ax = fig.axes[0]
+    width = 0.8 / len(cols)
+    shades = [_EPS_SHADES[int(i)] for i in np.linspace(0, len(_EPS_SHADES) - 1,
+                                                       len(cols)).round()]
+    for s, j in enumerate(cols):
+        k = np.bincount(y, weights=robust[:, j], minlength=num).astype(int)
+        shown = counts > 0
+        est = np.where(shown, k / np.maximum(counts, 1), 0.0)
+        ci = np.array([stats.clopper_pearson(int(a), int(b), inp.confidence) if b else (0, 0)
+                       for a, b in zip(k, counts, strict=True)])
+        xs = classes + (s - (len(cols) - 1) / 2) * width
+        ax.bar(xs[shown], est[shown], width=width * 0.92, color=shades[s],
+               label=f"ε = {eps_all[j]:g}")
+        ax.errorbar(xs[shown], est[shown], yerr=[est[shown] - ci[shown, 0],
+                    ci[shown, 1] - est[shown]], fmt="none", ecolor="#222222", elinewidth=0.8,
+                    capsize=1.5)
+    ax.set_xticks(classes, [f"{c}\n{n}" for c, n in zip(classes, counts, strict=True)],
+                  fontsize=8)
+    _unit_axis(ax)
+    ax.set_ylabel("robust accuracy")
+    ax.set_xlabel("class (points)")
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    picked = "" if len(cols) == len([e for e in eps_all if e > 0]) else (
+        f" {len(cols)} of the {len([e for e in eps_all if e > 0])} radii, evenly chosen.")
+    return Chart(
+        "chart-per-class-robust-accuracy", "Robust accuracy per class",
+        to_svg(fig),
+        f"Fraction of each class's test points still classified correctly under every attack "
+        f"within ε (an upper bound on the true robust accuracy), with two-sided "
+        f"{_pct(inp.confidence)} Clopper–Pearson intervals; display only, not adjusted for "
+        f"multiplicity.{picked} Same fixed 0–1 axis as the recall per class. Drawn from the "
+        f"certification run's per-point results and the evaluation labels; a report "
+        f"re-rendered from the certificate JSON leaves this figure out.")
 
 
 def failure_rate_curve(inp: ChartInputs) -> Chart | None:
@@ -228,11 +319,14 @@ def failure_rate_curve(inp: ChartInputs) -> Chart | None:
     if rows is None:
         return None
     eps, est, lo, hi = rows.T
+    # several draws per point: the interval is the population (betting) one, not pooled CP
+    clustered = str(res["values"][0].get("interval_method", "")).startswith("betting")
+    method = "betting, per-point rates" if clustered else "Clopper–Pearson"
     fig = _figure()
     ax = fig.axes[0]
     if len(eps) > 1:
         ax.fill_between(eps, lo, hi, color=SERIES, alpha=0.18, linewidth=0,
-                        label=f"{_pct(inp.confidence)} CI (Clopper–Pearson)")
+                        label=f"{_pct(inp.confidence)} CI ({method})")
     ax.errorbar(eps, est, yerr=[est - lo, hi - est], color=SERIES, marker="o", markersize=4,
                 capsize=4, label="failure rate")
     for x, y in zip(eps, est, strict=True):
@@ -257,19 +351,12 @@ def failure_rate_curve(inp: ChartInputs) -> Chart | None:
     return Chart(
         "chart-failure-rate", "Failure rate under random noise",
         to_svg(fig),
-        f"Fraction of {cfg.get('samples', '?')} i.i.d. (point, noise) draws per ε that "
-        f"{failed}, with two-sided {_pct(inp.confidence)} Clopper–Pearson intervals; the bars mark "
-        f"the required maxima. Random noise, not a worst-case adversary.")
-
-
-def _per_point(title: str, *, inputs: bool = True):
-    """Mark a chart function that needs the run's per-point arrays (and, with ``inputs``, the
-    evaluation inputs), so a report rendered without them can say which figure it leaves out."""
-    def mark(draw):
-        draw.per_point_title = title
-        draw.needs_inputs = inputs
-        return draw
-    return mark
+        f"Fraction of {cfg.get('samples', '?')} (point, noise) draws per ε that "
+        f"{failed}, with two-sided {_pct(inp.confidence)} "
+        + ("betting intervals on the mean of the per-point failure rates (draws are clustered "
+           "by point; the interval covers the population of inputs)" if clustered else
+           "Clopper–Pearson intervals")
+        + "; the bars mark the required maxima. Random noise, not a worst-case adversary.")
 
 
 @_per_point("Most vulnerable test points")
@@ -318,10 +405,12 @@ def vulnerable_examples(inp: ChartInputs) -> Chart | None:
     prediction = inp.per_point.get("accuracy/prediction")
     lo, hi = inp.body["data"]["input_range"]
     per = 2 if adv_of else 1  # panels per example: clean (and perturbed)
-    cols = min(len(chosen), 4)
+    cols = min(len(chosen), EXAMPLES_PER_ROW if adv_of else 2 * EXAMPLES_PER_ROW)
     rows = -(-len(chosen) // cols)
     with matplotlib.rc_context({"axes.grid": False}):
-        fig = Figure(figsize=(1.55 * cols * per, 2.0 * rows), layout="constrained")
+        # as wide as the printed page at most, so the captions print at EXAMPLE_TITLE_PT
+        fig = Figure(figsize=(min(PRINT_WIDTH_IN - 0.4, 1.1 * cols * per), 1.75 * rows),
+                     layout="constrained")
         for i, (idx, j) in enumerate(zip(chosen, first, strict=True)):
             ax = fig.add_subplot(rows, cols * per, per * i + 1)
             pred = f", pred {int(prediction[idx])}" if prediction is not None else ""
@@ -372,7 +461,7 @@ def _image(ax, img: np.ndarray, lo: float, hi: float, title: str, colour: str) -
     for spine in ax.spines.values():
         spine.set_visible(True)
         spine.set_color("#999999")
-    ax.set_title(title, fontsize=7.5, color=colour)
+    ax.set_title(title, fontsize=EXAMPLE_TITLE_PT, color=colour)
 
 
 def _noise_failures(inp: ChartInputs, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -613,7 +702,7 @@ def decision_surfaces(inp: ChartInputs) -> Chart | None:
 #: Chart functions per metric family, in the order the report shows them.
 CHARTS: dict[str, tuple[Callable[[ChartInputs], Chart | list[Chart] | None], ...]] = {
     "accuracy": (per_class_recall,),
-    "robust_accuracy": (robustness_curve, vulnerable_examples),
+    "robust_accuracy": (robustness_curve, per_class_robust_accuracy, vulnerable_examples),
     "probabilistic_robustness": (failure_rate_curve,),
     "randomized_smoothing": (certified_accuracy_curve,),
     "analytical_robustness": (p_sigma_histogram,),
@@ -640,3 +729,42 @@ def omitted_for(metric: str, inp: ChartInputs) -> list[str]:
     return [draw.per_point_title for draw in CHARTS.get(metric, ())
             if hasattr(draw, "per_point_title")
             and (not inp.per_point or draw.needs_inputs and inp.x is None)]
+
+
+def comparison_chart(entry: dict) -> Chart | None:
+    """Δ (this version − the baseline) of each compared quantity with its interval, coloured by
+    the comparison's verdict: the report's section 8 at a glance. Reads the certificate's
+    ``comparison`` entry (:func:`robust_cert.report.comparison.comparison_entry`)."""
+    rows = [q for q in entry.get("quantities", []) if q.get("delta_ci")]
+    if not rows:
+        return None
+    colours = {"significantly better": PASS_COLOUR, "significantly worse": FAIL_COLOUR}
+    with _style():
+        fig = _figure(6.0, 0.6 + 0.38 * len(rows))
+        ax = fig.axes[0]
+        ys = np.arange(len(rows))[::-1]
+        for yv, q in zip(ys, rows, strict=True):
+            lo, hi = q["delta_ci"]
+            # "better" drawn to the right for every quantity: a failure rate's Δ is flipped
+            sign = 1.0 if q.get("higher_is_better", True) else -1.0
+            d, a, b = sign * q["delta"], sign * lo, sign * hi
+            colour = colours.get(q.get("verdict"), "#555555")
+            ax.plot([min(a, b), max(a, b)], [yv, yv], color=colour, linewidth=2)
+            ax.plot([d], [yv], marker="o", color=colour, markersize=5)
+        ax.axvline(0, color="#333333", linewidth=0.8)
+        ax.set_yticks(ys, [q.get("label", q["key"]) for q in rows], fontsize=8)
+        span = max(max(abs(q["delta_ci"][0]), abs(q["delta_ci"][1])) for q in rows) or 0.01
+        ax.set_xlim(-1.15 * span, 1.15 * span)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.set_xlabel("Δ (this version − baseline), improvement to the right")
+        ax.grid(axis="y", visible=False)
+    conf = entry.get("confidence", 0.95)
+    return Chart(
+        "chart-comparison", "Difference from the baseline",
+        to_svg(fig),
+        f"Each quantity's difference between this version and the baseline with its "
+        f"{_pct(conf)} interval (as in the table), drawn so that an improvement is to the right "
+        f"(a failure rate's Δ is flipped). Green: significantly better; red: significantly "
+        f"worse (the paired test rejects after Holm's correction and the interval excludes 0); "
+        f"grey: no detectable difference.")

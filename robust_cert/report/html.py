@@ -4,6 +4,21 @@ The same HTML is the browser report and the source of the PDF (print rules in th
 so the two never disagree. Everything shown comes from the certificate; the run's in-memory
 per-point arrays and evaluation inputs add figures when present, and a report re-rendered
 from the certificate JSON leaves those figures out and says so.
+
+Optional certificate fields the report shows when present (nothing is invented when absent):
+
+- ``model.intended_use`` (set by the user), else ``model.version_description`` /
+  ``model.description`` / ``model.registered_model_description`` (MLflow), else the policy's
+  ``intended_use``, else the policy's description, labelled as the policy's.
+- ``model.training``: how the version was trained, e.g. ``{"run_name", "run_id",
+  "params": {...}}`` (further keys are shown as labelled rows).
+- ``command`` (the replayable command line) and ``tracking_uri`` (top level, or in
+  ``environment``).
+- ``comparison``: the entry of :func:`robust_cert.report.comparison.comparison_entry`
+  (section 8, and regressions on the cover).
+- ``sanity``: ``deterministic_forward`` and ``checks`` records, and each metric's
+  ``diagnostics["sanity"]`` (states or legacy booleans), as the sanity-check table.
+- ``signature``: ``alg``, ``kid``, ``sig`` and the signed ``claim``.
 """
 
 from __future__ import annotations
@@ -19,7 +34,8 @@ from markupsafe import Markup
 from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError
 from robust_cert.metrics import REGISTRY
-from robust_cert.report.charts import ChartInputs, charts_for, omitted_for
+from robust_cert.report import present
+from robust_cert.report.charts import ChartInputs, charts_for, comparison_chart, omitted_for
 from robust_cert.report.threats import threat_model
 
 TEMPLATE = "report.html.j2"
@@ -74,6 +90,16 @@ def _environment() -> jinja2.Environment:
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True,
                                                         ensure_ascii=False)
     env.filters["css_string"] = _css_string
+    env.filters["fixed"] = present.fixed
+    env.filters["interval"] = present.interval
+    env.filters["signed"] = present.signed
+    env.filters["signed_interval"] = present.signed_interval
+    env.filters["pvalue"] = present.pvalue
+    env.filters["breakable"] = present.breakable
+    env.filters["formula"] = present.formula
+    env.filters["kv"] = present.kv_rows
+    env.filters["label"] = present.label
+    env.filters["text"] = present.value_text
     return env
 
 
@@ -98,6 +124,55 @@ def _chart_inputs(cert: Certificate, data) -> ChartInputs:
     return ChartInputs(cert.body, dict(cert.per_point), x, y)
 
 
+#: Model fields the identity table shows in rows of their own (the rest: labelled extras).
+_MODEL_SHOWN = {"name", "version", "uri", "format", "sha256", "num_classes", "input_shape",
+                "gradients", "run_id", "opset", "training", "intended_use", "description",
+                "version_description", "registered_model_description"}
+#: Where the intended use may be recorded, most specific first: (model field, source).
+_INTENDED_USE = (("intended_use", "recorded with the model"),
+                 ("version_description", "the registered model version's description"),
+                 ("description", "the model's description"),
+                 ("registered_model_description", "the registered model's description"))
+
+
+def intended_use(body: dict) -> tuple[str, str]:
+    """(text, where it comes from): the model's own record (``model.intended_use``, or the
+    MLflow version or registered-model description), else the policy's ``intended_use``,
+    else the policy's description, said to be the policy's."""
+    model = body.get("model") or {}
+    for key, source in _INTENDED_USE:
+        if isinstance(model.get(key), str) and model[key].strip():
+            return model[key].strip(), source
+    doc = (body.get("policy") or {}).get("document") or {}
+    name = (body.get("policy") or {}).get("name", "")
+    if isinstance(doc.get("intended_use"), str) and doc["intended_use"].strip():
+        return doc["intended_use"].strip(), f"declared by the policy {name}"
+    if isinstance(doc.get("description"), str) and doc["description"].strip():
+        return (doc["description"].strip(), f"the description of the policy {name}: neither "
+                "the model nor the policy records an intended use")
+    return "", "not recorded (neither the model nor the policy states one)"
+
+
+def tracking_uri(body: dict) -> str | None:
+    """The MLflow tracking URI the certification used, where the certificate records it."""
+    for where in (body, body.get("environment") or {}, body.get("model") or {}):
+        if isinstance(where.get("tracking_uri"), str) and where["tracking_uri"]:
+            return where["tracking_uri"]
+    return None
+
+
+def _comparison(body: dict) -> dict | None:
+    """The certificate's ``comparison`` entry (see
+    :func:`robust_cert.report.comparison.comparison_entry`) with its chart, or None."""
+    entry = body.get("comparison")
+    if not isinstance(entry, dict) or not isinstance(entry.get("quantities"), list):
+        return None
+    worse = [q for q in entry["quantities"] if q.get("verdict") == "significantly worse"]
+    better = [q for q in entry["quantities"] if q.get("verdict") == "significantly better"]
+    return {"entry": entry, "baseline": entry.get("baseline") or {}, "worse": worse,
+            "better": better, "chart": comparison_chart(entry)}
+
+
 def _context(cert: Certificate, verification: SignatureCheck | None, data) -> dict:
     body = cert.body
     inputs = _chart_inputs(cert, data)
@@ -110,8 +185,8 @@ def _context(cert: Certificate, verification: SignatureCheck | None, data) -> di
     counts = body["data"].get("class_counts") or []
     total = sum(counts) or 1
     verdicts = [q["verdict"] for q in body["requirements"]]
-    shown = {"name", "version", "uri", "format", "sha256", "num_classes", "input_shape",
-             "gradients", "run_id", "opset"}
+    use, use_source = intended_use(body)
+    training = body["model"].get("training")
     return {
         "c": body,
         "digest": cert.digest,
@@ -125,8 +200,15 @@ def _context(cert: Certificate, verification: SignatureCheck | None, data) -> di
         "untested": sorted(set(REGISTRY) - {r["metric"] for r in results}),
         "kinds": sorted({r["kind"] for r in ran}),
         "class_balance": [(i, n, n / total) for i, n in enumerate(counts)],
-        "model_extra": {k: v for k, v in sorted(body["model"].items())
-                        if k not in shown and v not in (None, "", {}, [])},
+        "model_extra": present.kv_rows({k: body["model"][k] for k in sorted(body["model"])
+                                        if k not in _MODEL_SHOWN}),
+        "intended_use": use,
+        "intended_use_source": use_source,
+        "training": training if isinstance(training, dict) else None,
+        "sanity_rows": present.sanity_rows(body),
+        "decisive": {q["id"]: present.decisive_bound(q) for q in body["requirements"]},
+        "tracking_uri": tracking_uri(body),
+        "comparison": _comparison(body),
         "tally": {v: verdicts.count(v) for v in ("PASS", "FAIL", "INCONCLUSIVE")},
     }
 

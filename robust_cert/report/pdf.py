@@ -12,6 +12,7 @@ the install command), ``auto`` (warn and go on without a PDF), ``off``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ PDF_MODES = ("required", "auto", "off")
 #: The Debian/Ubuntu packages WeasyPrint loads at import, and the fonts the report names.
 SYSTEM_PACKAGES = "libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core"
 ATTACHMENT_NAME = "certificate.json"
+#: Where the report template lets the PDF say which HTML it was printed from.
+REPORT_FILES_MARK = "<!--robust_cert:report-files-->"
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,18 @@ def _issued(cert: Certificate) -> datetime:
     return issued.astimezone(timezone.utc) if issued.tzinfo else issued
 
 
+def printed_from(html: str) -> str:
+    """``html`` as the PDF prints it: the integrity section names the SHA-256 of the HTML
+    (UTF-8, as ``report.html`` is written), the one hash a file can state about its sibling."""
+    sha = hashlib.sha256(html.encode("utf-8")).hexdigest()
+    return html.replace(REPORT_FILES_MARK, (
+        '<dt>Printed from</dt><dd><code>report.html</code> with SHA-256 '
+        f'<span class="hash" id="report-html-sha256">{sha}</span></dd>'), 1)
+
+
 def render_pdf(html: str, cert: Certificate) -> bytes:
-    """``html`` (the report of ``cert``) as PDF/A-3b bytes with the certificate JSON attached.
+    """``html`` (the report of ``cert``) as PDF/A-3b bytes with the certificate JSON attached,
+    stating the SHA-256 of ``html`` (:func:`printed_from`).
 
     Deterministic: the document dates are the certificate's issue time (from the HTML's
     ``dcterms.created`` and the attachment's dates), the file identifier is a hash of the
@@ -82,7 +95,7 @@ def render_pdf(html: str, cert: Certificate) -> bytes:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        return weasyprint.HTML(string=html, base_url=None).write_pdf(
+        return weasyprint.HTML(string=printed_from(html), base_url=None).write_pdf(
             pdf_variant="pdf/a-3b", attachments=[attachment])
     finally:
         for lg, level in zip(loggers, levels, strict=True):
