@@ -1,7 +1,9 @@
 """robust-cert: certify registered models, render reports, run the demo.
 
 Exit codes: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 2 error (bad input, unreachable server, ...).
-verify: 0 verified, 1 not verified. promote: 0 promoted, 1 refused by the registry.
+verify: 0 verified PASS, 1 not verified, 4 verified but its verdict is FAIL or INCONCLUSIVE. promote: 0 promoted, 1 refused (by the registry, or
+locally for a version that did not PASS), 2 also for an ungated registry. doctor: 0 gated,
+1 not gated. keygen: 0 written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 EXIT_ERROR = 2
+#: ``verify``: the signature is valid, the certified verdict is not PASS
+VERIFIED_NOT_PASS = 4
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="directory for report.html and certificate.json "
                         "(default: robust_cert_reports/NAME-vVERSION)")
+    p.add_argument("--unsigned", action="store_true",
+                   help="without a signing key, allow replacing the version's signed "
+                        "certificate by an unsigned one (which the registry gate refuses)")
     p.add_argument("--gradient-twin", default=None, metavar="models:/NAME/VERSION",
                    help="for a model without gradients (ONNX): the PyTorch version it was "
                         "exported from; gradient metrics craft attacks on it after a logit "
@@ -59,16 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "verify", help="check a certificate's signature, or a registered version's",
-        description="Verify certificate.json (digest and signature) or models:/NAME/VERSION "
-                    "(the signed tag names the version and its artifacts still match). Needs "
-                    "the signing key ($ROBUST_CERT_SIGNING_KEY or $ROBUST_CERT_SIGNING_KEY_FILE).")
-    p.add_argument("target", help="certificate.json or models:/NAME/VERSION")
+        description="Verify certificate.json (digest and Ed25519 signature), manifest.json "
+                    "(signature, and the SHA-256 of every file it lists beside it: certificate "
+                    "and reports) or models:/NAME/VERSION | models:/NAME@ALIAS (the signed tag "
+                    "names the version and its artifacts still match). Needs the certifier's "
+                    "public key(s) ($ROBUST_CERT_PUBLIC_KEYS) or its signing key.")
+    p.add_argument("target", help="certificate.json, manifest.json or models:/NAME/VERSION")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
 
     p = sub.add_parser(
+        "keygen", help="make an Ed25519 key pair for signing certificates",
+        description="Writes DIR/signing-KID.key (the certifier's private key, mode 0600: set "
+                    "ROBUST_CERT_SIGNING_KEY_FILE to it on certifiers only) and "
+                    "DIR/public-KID.pem (for the MLflow server's gate and for verify: "
+                    "ROBUST_CERT_PUBLIC_KEYS, a PEM file or a directory of them). KID is the "
+                    "key id certificates name. Never overwrites a file.")
+    p.add_argument("dir", help="directory for the two key files (created if missing)")
+
+    p = sub.add_parser(
+        "doctor", help="check from the outside that a server's registry is gated",
+        description="Creates a probe registered model and version with no certificate, "
+                    "expects the robust_cert gate to refuse (PERMISSION_DENIED) a protected "
+                    "alias, an unsigned certificate tag and the prompt marker on it, then "
+                    "deletes the probe (needs the right to create and delete registered "
+                    "models). Exit 0 when gated, 1 when not, 2 on errors.")
+    p.add_argument("tracking_uri", metavar="TRACKING_URI", help="the MLflow server, e.g. "
+                   "http://mlflow.internal:5000")
+    p.add_argument("--alias", default="production",
+                   help="the protected alias to probe (default: production)")
+
+    p = sub.add_parser(
         "promote", help="certify a version if needed, then ask the server to set an alias",
-        description="If the version has no certificate the key verifies, certify it with "
-                    "--policy; then request the alias. The server's gate decides.")
+        description="First checks that the server's registry is gated for the alias (as "
+                    "robust-cert doctor does) and refuses an ungated one. If the version has no "
+                    "certificate the key verifies, certify it with --policy; a version that did "
+                    "not PASS is not promoted. Then request the alias: the server's gate decides.")
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="version number")
     p.add_argument("--alias", default="production", help="alias to set (default: production)")
@@ -76,9 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
     p.add_argument("--out", default=None, help="report directory if certification runs")
+    p.add_argument("--no-gate-check", action="store_true",
+                   help="skip the check that the registry is gated (UNSAFE: an ungated "
+                        "registry promotes anything; prints a warning)")
     _common(p)
 
-    p = sub.add_parser("policy", help="validate a policy file and print its canonical hash")
+    p = sub.add_parser(
+        "policy", help="validate a policy file and print its canonical hash",
+        description="Validates a certification policy (YAML: name, confidence, input_range, "
+                    "metrics with their parameters, requirements) without running anything, "
+                    "and prints its SHA-256: the hash of the validated canonical JSON with "
+                    "defaults filled in, which certificates record and the registry gate's "
+                    "allow-list names. Exit 0 when valid, 2 with the offending key otherwise. "
+                    "Examples: examples/policies/*.yaml.")
     p.add_argument("path", help="policy YAML")
 
     p = sub.add_parser(
@@ -95,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "and write the HTML alone; off: no PDF")
     p.add_argument("--strict", action="store_true",
                    help="refuse a certificate whose signature does not verify")
+    p.add_argument("--data", default=None,
+                   help="the evaluation data it was certified on ('digits' or an .npz): with "
+                        "--per-point, restores the figures drawn from the inputs (most "
+                        "vulnerable examples), which the certificate alone does not hold; "
+                        "refused unless its SHA-256 matches the certificate's")
+    p.add_argument("--per-point", default=None, metavar="per_point.npz",
+                   help="the run's per-point results (the certification run's per_point.npz "
+                        "artifact; default: per_point.npz beside the certificate, if present)")
 
     p = sub.add_parser(
         "demo", help="train, register and certify two digits CNNs in a local MLflow store",
@@ -115,14 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="receive MLflow webhooks and certify new versions automatically",
         description="Listens for MLflow registry webhooks (model_version.created, and alias "
                     "events for --certify-on-alias), verifies their signature, queues one "
-                    "certification per (version, policy) in a durable sqlite queue and runs "
-                    "them. Needs ROBUST_CERT_WEBHOOK_SECRET and a signing key.")
+                    "certification per version identity (name, version, creation time, "
+                    "policy) in a durable queue (sqlite, or PostgreSQL shared by several "
+                    "workers) and runs them; a reconciliation loop queues every watched "
+                    "version without a current certificate, so no version is lost to a missed "
+                    "webhook or an outage. Needs ROBUST_CERT_WEBHOOK_SECRET and a signing key.")
     p.add_argument("--policy", required=True, help="policy YAML every version is certified with")
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    p.add_argument("--queue", default="robust_cert_jobs.db",
-                   help="sqlite job queue (default robust_cert_jobs.db)")
+    p.add_argument("--queue-url", "--queue", dest="queue", default="robust_cert_jobs.db",
+                   metavar="URL",
+                   help="job queue: a sqlite file (default robust_cert_jobs.db; one process) or "
+                        "postgresql://USER:PASSWORD@HOST:5432/DB (shared by many workers; "
+                        "pip install 'robust_cert[postgres]')")
+    p.add_argument("--reconcile-every", type=float, default=300.0, metavar="SECONDS",
+                   help="list the watched models' versions this often and queue every version "
+                        "without a current certificate (default 300; 0: never)")
+    p.add_argument("--watch", action="append", default=[], metavar="MODEL",
+                   help="registered model to reconcile (repeat; default: all models)")
+    p.add_argument("--lease", type=float, default=300.0, metavar="SECONDS",
+                   help="a job whose worker stops renewing its lease for this long is taken "
+                        "by another worker (default 300)")
+    p.add_argument("--worker-only", action="store_true",
+                   help="no HTTP receiver: only certify queued jobs (and reconcile), e.g. on "
+                        "extra GPU machines sharing a PostgreSQL queue")
+    p.add_argument("--limit-concurrency", type=int, default=64,
+                   help="most simultaneous HTTP connections; beyond it 503 (default 64)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
     p.add_argument("--certify-on-alias", default=None,
                    help="also certify when this alias is set on a version (e.g. candidate)")
@@ -155,17 +224,29 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from robust_cert.errors import RobustCertError
 
+    if not sys.stderr.isatty():  # MLflow's download bars would fill logs and CI output
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return _dispatch(args, argv)
     except RobustCertError as exc:
-        print(f"robust-cert: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except FileExistsError as exc:
-        print(f"robust-cert: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _error(str(exc))
+    except (FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        return _error(str(exc))
     except KeyboardInterrupt:
         print("robust-cert: interrupted; nothing was certified", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:
+        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+        if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
+            # an MLflow refusal we did not anticipate (missing alias, permissions, ...)
+            logging.getLogger(__name__).debug("MLflow error", exc_info=True)
+            return _error(f"MLflow: {exc.message.splitlines()[0] if exc.message else exc}")
+        raise
+
+
+def _error(message: str) -> int:
+    print(f"robust-cert: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _dispatch(args, argv) -> int:
@@ -193,7 +274,21 @@ def _dispatch(args, argv) -> int:
         if args.strict and not check.ok:
             raise RobustCertError(f"{args.certificate}: NOT VERIFIED ({check.message}); "
                                   "refused by --strict, nothing written")
-        files = write_report(cert, args.out, pdf=args.pdf, verification=check)
+        per_point = Path(args.per_point or Path(args.certificate).with_name("per_point.npz"))
+        if per_point.is_file():
+            import numpy as np
+
+            with np.load(per_point) as arrays:
+                cert.per_point = {k: arrays[k] for k in arrays.files}
+        elif args.per_point:
+            raise RobustCertError(f"--per-point {args.per_point}: file not found")
+        data = None
+        if args.data is not None:
+            from robust_cert.data import load_data
+
+            # render_html refuses data whose SHA-256 is not the certified data's
+            data = load_data(args.data, input_range=tuple(cert.body["data"]["input_range"]))
+        files = write_report(cert, args.out, pdf=args.pdf, verification=check, data=data)
         print(files.html)
         if files.pdf is not None:  # else write_report has logged why (auto mode)
             print(files.pdf)
@@ -209,13 +304,17 @@ def _dispatch(args, argv) -> int:
             args.model, args.policy, args.data, tracking_uri=args.tracking_uri,
             out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
             progress=not args.no_progress, command=command_line,
-            gradient_twin=args.gradient_twin)
+            gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned)
         _print_certification(args.model, res)
         return EXIT[res.certificate.verdict]
     if args.command == "demo":
         return _demo(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "keygen":
+        return _keygen(args)
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "compare":
@@ -236,37 +335,111 @@ def _serve(args) -> int:
 
     from robust_cert.mlflow_plugin.webhooks import (
         SECRET_ENV,
-        make_http_server,
+        WebhookServer,
         make_receiver,
         register_webhook,
     )
 
     if args.tracking_uri:
         _client(args.tracking_uri)
+    if not args.worker_only:
+        _check_port_free(args.host, args.port)  # before the queue file or anything exists
+    if args.register and not os.environ.get(SECRET_ENV):
+        from robust_cert.errors import RobustCertError
+
+        raise RobustCertError(f"--register needs the webhook secret in ${SECRET_ENV} (the "
+                              "receiver verifies MLflow's signature with it)")
+    hook = None
+    if args.register:  # before the queue exists: a refused URL leaves nothing behind
+        try:
+            hook = register_webhook(args.register, os.environ[SECRET_ENV],
+                                    certify_on_alias=args.certify_on_alias)
+        except Exception as exc:
+            raise _webhook_refused(args.register, exc) from None
     receiver = make_receiver(args.policy, args.queue, data=args.data,
                              certify_on_alias=args.certify_on_alias,
                              tracking_uri=args.tracking_uri, out_dir=Path(args.out),
-                             seed=args.seed)
-    if args.register:
-        hook = register_webhook(args.register, os.environ[SECRET_ENV],
-                                certify_on_alias=args.certify_on_alias)
+                             seed=args.seed, lease_s=args.lease, receive=not args.worker_only,
+                             reconcile_every_s=args.reconcile_every, watch=tuple(args.watch))
+    if hook is not None:
         print(f"registered webhook {hook} -> {args.register}")
-    server = make_http_server(receiver, args.host, args.port)
-    worker = threading.Thread(target=receiver.work_forever, name="certifier", daemon=True)
-    worker.start()
-    print(f"robust-cert serve: listening on http://{args.host}:{server.server_port}/webhook "
-          f"(health: /health), policy {receiver.policy.name!r}, queue {args.queue}"
-          + (f", {receiver.queue.recovered} interrupted job(s) re-queued"
-             if receiver.queue.recovered else ""), flush=True)
+    threads = [threading.Thread(target=receiver.work_forever, name="certifier", daemon=True)]
+    if args.reconcile_every > 0:
+        threads.append(threading.Thread(target=receiver.reconcile_forever, name="reconcile",
+                                        daemon=True))
+    queue = receiver.queue.describe() + (f", {receiver.queue.recovered} interrupted job(s) "
+                                         "re-queued" if receiver.queue.recovered else "")
+    reconcile = (f"reconcile every {args.reconcile_every:g} s" if args.reconcile_every > 0
+                 else "no reconciliation")
+    server = None
     try:
-        server.serve_forever()
+        for t in threads:
+            t.start()
+        if args.worker_only:
+            print(f"robust-cert serve: worker {receiver.worker_id}, policy "
+                  f"{receiver.policy.name!r}, queue {queue}, {reconcile}", flush=True)
+            threads[0].join()  # until Ctrl-C
+        else:
+            server = WebhookServer(receiver, args.host, args.port,
+                                   limit_concurrency=args.limit_concurrency)
+            print(f"robust-cert serve: listening on http://{args.host}:{args.port}/webhook "
+                  f"(health: /health), policy {receiver.policy.name!r}, queue {queue}, "
+                  f"{reconcile}", flush=True)
+            server.run()  # until SIGINT/SIGTERM
     except KeyboardInterrupt:
         pass
     finally:
         receiver.stop()
-        server.server_close()
-        worker.join(timeout=5)
+        for t in threads:
+            t.join(timeout=5)
+        receiver.queue.close()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line, before anything is created, when ``serve`` cannot listen on host:port."""
+    import socket
+
+    from robust_cert.errors import RobustCertError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RobustCertError(f"cannot listen on {host}:{port}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise RobustCertError(f"cannot listen on {host}:{port}: {exc.strerror} (is another "
+                                  "robust-cert serve running? choose another --port)") from None
+
+
+def _webhook_refused(url: str, exc: Exception):
+    """The MLflow server's refusal of a webhook URL, with the server-side settings that allow
+    it (they belong to the MLflow server's environment, not to this process)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    from robust_cert.errors import RobustCertError
+
+    message = (getattr(exc, "message", None) or str(exc)).splitlines()[0].rstrip(".")
+    parts = urlsplit(url)
+    hints = []
+    if parts.scheme == "http":
+        hints.append("MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https")
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(parts.hostname or ""))
+        if address.is_private or address.is_loopback or address.is_link_local:
+            hints.append("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true")
+    except (OSError, ValueError):
+        pass
+    fix = (f"; to allow it, start the MLflow server with {' and '.join(hints)} in its "
+           "environment (see docs/deployment.md), or give an https:// public URL"
+           if hints else "")
+    return RobustCertError(f"the MLflow server refused the webhook {url}: {message}{fix}")
 
 
 def _compare(args) -> int:
@@ -276,12 +449,21 @@ def _compare(args) -> int:
                               args.baseline, confidence=args.confidence, out_dir=args.out)
     print(f"{args.name}: versions {', '.join(report.versions)}, "
           f"{report.confidence:.0%} family-wise (Holm), exact McNemar")
+    flipped = {"significantly better": "significantly worse",
+               "significantly worse": "significantly better"}
     for c in report.comparisons:
-        print(f"\nv{c.candidate} vs v{c.baseline}:")
+        # always read old -> new: the verdict and delta are for the newer version
+        old, new = sorted((c.baseline, c.candidate), key=int)
+        swap = old != c.baseline
+        print(f"\nv{old} -> v{new}" + (f" (baseline v{c.baseline})" if swap else "") + ":")
         for q in c.quantities:
-            print(f"  {q.key:<36} {q.rate_a:.4f} -> {q.rate_b:.4f}  "
-                  f"delta {q.delta:+.4f} [{q.delta_ci[0]:+.4f}, {q.delta_ci[1]:+.4f}]  "
-                  f"p={q.p_value:.3g}  {q.verdict}")
+            a, b, d = (q.rate_b, q.rate_a, -q.delta) if swap else (q.rate_a, q.rate_b, q.delta)
+            lo, hi = (-q.delta_ci[1], -q.delta_ci[0]) if swap else q.delta_ci
+            verdict = flipped.get(q.verdict, q.verdict) if swap else q.verdict
+            print(f"  {q.key:<36} {a:.4f} -> {b:.4f}  delta {d:+.4f} [{lo:+.4f}, {hi:+.4f}]  "
+                  f"p={q.p_value:.3g}  v{new} {verdict}")
+            if getattr(q, "note", ""):
+                print(f"  {'':<36} note: {q.note}")
     print(f"\ncomparison: {report.html_path}, {report.path}"
           + (f"  (mlflow run {report.run_id})" if report.run_id else ""))
     return 0
@@ -300,25 +482,93 @@ def _verify(args) -> int:
         if alias is not None:
             version = client.get_model_version_by_alias(name, alias).version
         res = verify_version(client, name, str(version), keyring)
+    elif _is_manifest(args.target):
+        from robust_cert.mlflow_plugin.promotion import verify_manifest_file
+
+        res = verify_manifest_file(args.target, keyring)
     else:
         from robust_cert.certificate import Certificate
         from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 
         res = verify_certificate_file(Certificate.load(args.target), keyring)
     print(f"{args.target}: {'VERIFIED' if res.ok else 'NOT VERIFIED'}: {res.message}")
-    return 0 if res.ok else 1
+    if not res.ok:
+        return 1
+    # a validly signed FAIL is genuine, but it is not a licence to deploy: `verify && deploy`
+    # (a manifest vouches for its files' integrity; it names no verdict)
+    verdict = (res.claim or {}).get("verdict")
+    return 0 if verdict in (None, "PASS") else VERIFIED_NOT_PASS
+
+
+def _is_manifest(path: str) -> bool:
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "manifest" in doc
+
+
+def _keygen(args) -> int:
+    from robust_cert.signing import Keyring, generate_private_key_pem, public_pem
+
+    pem = generate_private_key_pem()
+    keyring = Keyring.from_private_pem(pem)
+    kid = keyring.signing_kid
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = out / f"signing-{kid}.key", out / f"public-{kid}.pem"
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pem)
+    with public_path.open("x") as f:
+        f.write(public_pem(keyring.private.public_key()))
+    print(f"key id {kid}")
+    print(f"private key (certifiers only): {private_path}")
+    print(f"public key (gate, verify):     {public_path}")
+    print(f"  certifier:     export ROBUST_CERT_SIGNING_KEY_FILE={shlex.quote(str(private_path))}")
+    print(f"  mlflow server: export ROBUST_CERT_PUBLIC_KEYS={shlex.quote(str(public_path))}")
+    return 0
+
+
+def _gate_check(client, alias: str, url: str) -> bool:
+    from robust_cert.mlflow_plugin.promotion import check_gated
+
+    result = check_gated(client, alias)
+    print(f"{url}: registry {'GATED' if result.ok else 'NOT GATED'} for alias {alias!r}")
+    print(result.summary())
+    return result.ok
+
+
+def _doctor(args) -> int:
+    client = _client(args.tracking_uri)
+    return 0 if _gate_check(client, args.alias, args.tracking_uri) else 1
 
 
 def _promote(args, command_line: str) -> int:
+    import mlflow
+
     from robust_cert.errors import PolicyError
     from robust_cert.mlflow_plugin.promotion import (
         PromotionRefused,
         has_current_certificate,
         request_alias,
+        verify_version,
     )
     from robust_cert.mlflow_plugin.tracking import certify_version, signing_keyring
+    from robust_cert.signing import Keyring, SigningKeyError
 
     client = _client(args.tracking_uri)
+    url = mlflow.get_registry_uri()
+    if args.no_gate_check:
+        print(f"robust-cert: WARNING: --no-gate-check: not checking that {url} is gated; an "
+              "ungated registry promotes uncertified and failed versions", file=sys.stderr)
+    elif not _gate_check(client, args.alias, url):
+        return _error(f"refusing to promote through {url}: its registry does not gate alias "
+                      f"{args.alias!r} (start mlflow server with --registry-store-uri "
+                      "robustcert+sqlite:// or robustcert+postgresql://, and make the alias "
+                      "protected; see docs/deployment.md), or pass --no-gate-check")
     keyring = signing_keyring()
     if not has_current_certificate(client, args.name, args.version, keyring):
         if not args.policy:
@@ -329,6 +579,18 @@ def _promote(args, command_line: str) -> int:
             device=args.device, seed=args.seed, threads=args.threads,
             progress=not args.no_progress, command=command_line)
         _print_certification(f"models:/{args.name}/{args.version}", res)
+    try:
+        checker = keyring or Keyring.from_env()
+    except SigningKeyError:
+        checker = None  # no key here: the server's gate alone decides
+    local = checker and verify_version(client, args.name, args.version, checker,
+                                       check_artifacts=False)
+    if local and not (local.ok and local.claim and local.claim["verdict"] == "PASS"):
+        # the server decides, but never ask it to promote what is known not to pass
+        print(f"not promoting {args.name} v{args.version}: "
+              + (f"verdict {local.claim['verdict']}" if local.claim else local.message),
+              file=sys.stderr)
+        return 1
     try:
         request_alias(client, args.name, args.version, args.alias)
     except PromotionRefused as exc:
@@ -345,6 +607,13 @@ def _print_certification(label: str, res) -> None:
         est = "n/a" if r["estimate"] is None else f"{r['estimate']:.4f}"
         op = ">=" if r["direction"] == "at_least" else "<="
         print(f"  {r['verdict']:<12} {r['id']:<40} {est} (need {op} {r['threshold']:g})")
+        if r["verdict"] != "PASS" and r.get("reason"):
+            print(f"{'':16}{r['reason']}")
+    for s in cert.body.get("sanity", {}).get("checks", []):
+        if s.get("state") == "failed":
+            how = {"compensated": f"compensated by {s.get('compensated_by')}",
+                   "waived": f"WAIVED by the policy: {s.get('waiver')}"}.get(s.get("action"), "")
+            print(f"  sanity check {s['check']} FAILED" + (f" ({how})" if how else ""))
     print(f"  report:      {res.report_path}")
     print(f"  certificate: {res.certificate_path}")
     print(f"  mlflow run:  {res.run_id}")
@@ -373,12 +642,21 @@ def _demo(args) -> int:
             print(f"  parity:      {twin['agreement']} predictions agree with the gradient twin "
                   f"{twin['uri']}, max |Δ logit| {twin['max_abs_logit_diff']:.1e}")
         print()
+    from robust_cert.signing import KEY_FILE_ENV
+
     store = args.tracking_uri or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
-    key_file = os.environ.get("ROBUST_CERT_SIGNING_KEY_FILE", "")
-    if key_file.startswith(str(Path(args.workdir).resolve())):
+    key_file = os.environ.get(KEY_FILE_ENV, "")
+    demo_key = key_file.startswith(str(Path(args.workdir).resolve()))
+    if demo_key:
         print(f"Certificates are signed with a throw-away demo key: {key_file}")
+    print("\nTo use the demo's store (and key) with the CLI, run in this shell:")
+    print(f"  export MLFLOW_TRACKING_URI={shlex.quote(store)}")
+    if demo_key:
+        print(f"  export {KEY_FILE_ENV}={shlex.quote(key_file)}")
+    print(f"then e.g.  robust-cert certify models:/{MODEL_NAME}/1 --policy {args.policy}")
+    print(f"           robust-cert compare {MODEL_NAME} --versions 1 2")
     if not args.tracking_uri:
-        print(f"Open the MLflow UI:  mlflow ui --backend-store-uri {store}")
+        print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {shlex.quote(store)}")
         print("then Experiments > digits-demo > Models to compare the versions side by side.")
     return 0
 
