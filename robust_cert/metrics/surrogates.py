@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, RunContext, batches
@@ -97,7 +98,9 @@ class Surrogates(Metric):
 
     def _top_eigenvalues(self, fn, x, y, v):
         def hvp(vec):
-            with torch.enable_grad():
+            # second derivatives: the fused attention kernels (flash / memory-efficient) have no
+            # double backward, the math kernel computes the same attention and has one
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                 xx = x.detach().requires_grad_(True)
                 loss = F.cross_entropy(fn(xx), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, xx, create_graph=True)
