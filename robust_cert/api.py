@@ -163,6 +163,12 @@ def certify(
             "undermines": "all", "compensated_by": None}
         log.warning("%s: every requirement is INCONCLUSIVE unless the policy declares "
                     "'model: {stochastic: true}'", deterministic["detail"])
+    if pol.time_budget_s is not None:  # estimate first; refuse before the real run
+        from robust_cert.plan import check_budget, plan
+
+        estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin)
+        log.info("estimated cost:\n%s", estimate.table())
+        check_budget(estimate, pol.time_budget_s)
     results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
                                gradient_twin=twin)
     overall, outcomes = verdict.decide(pol, results)

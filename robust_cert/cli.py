@@ -1,9 +1,9 @@
 """robust-cert: certify registered models, render reports, run the demo.
 
 Exit codes: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 2 error (bad input, unreachable server, ...).
-verify: 0 verified PASS, 1 not verified, 4 verified but its verdict is FAIL or INCONCLUSIVE. promote: 0 promoted, 1 refused (by the registry, or
-locally for a version that did not PASS), 2 also for an ungated registry. doctor: 0 gated,
-1 not gated. keygen: 0 written.
+verify: 0 verified PASS, 1 not verified, 4 verified but its verdict is FAIL or INCONCLUSIVE.
+promote: 0 promoted, 1 refused (by the registry, or locally for a version that did not PASS),
+2 also for an ungated registry. doctor: 0 gated, 1 not gated. keygen, plan: 0 done.
 """
 
 from __future__ import annotations
@@ -111,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gate-check", action="store_true",
                    help="skip the check that the registry is gated (UNSAFE: an ungated "
                         "registry promotes anything; prints a warning)")
+    _common(p)
+
+    p = sub.add_parser(
+        "plan", help="estimate a certification's cost before running it",
+        description="Measures the model's forward and forward+gradient throughput on the chosen "
+                    "device, runs every metric of the policy on a few points (the pilot) "
+                    "counting the images through the model, and extrapolates to the whole "
+                    "evaluation set: images, minutes and memory per metric, and the total. An "
+                    "estimate, not a bound. A policy's time_budget_s makes certify do this "
+                    "first and refuse a run estimated over budget.")
+    p.add_argument("policy", help="policy YAML")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME/VERSION (or @ALIAS) or an .onnx file")
+    p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    p.add_argument("--gradient-twin", default=None, help="for an ONNX model: its PyTorch twin")
+    p.add_argument("--pilot-points", type=int, default=8,
+                   help="points each metric runs on in the pilot (default 8)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     _common(p)
 
     p = sub.add_parser(
@@ -307,6 +326,8 @@ def _dispatch(args, argv) -> int:
             gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned)
         _print_certification(args.model, res)
         return EXIT[res.certificate.verdict]
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "demo":
         return _demo(args)
     if args.command == "verify":
@@ -393,6 +414,35 @@ def _serve(args) -> int:
         for t in threads:
             t.join(timeout=5)
         receiver.queue.close()
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from robust_cert import engine
+    from robust_cert.api import load_model
+    from robust_cert.data import check_fits, load_data
+    from robust_cert.plan import plan
+    from robust_cert.policy import load_policy
+
+    pol = load_policy(args.policy)
+    engine.configure_threads(args.threads)
+    if args.model.startswith("models:/") or args.tracking_uri:
+        _client(args.tracking_uri)
+    data = load_data(args.data, input_range=pol.input_range)
+    model = load_model(args.model, input_shape=data.input_shape, device=args.device)
+    check_fits(data, model.input_shape, model.num_classes)
+    twin = None
+    if args.gradient_twin:
+        from robust_cert.models.twin import with_gradient_twin
+
+        twin = load_model(args.gradient_twin, input_shape=data.input_shape, device=args.device)
+        if not model.differentiable:
+            model, _ = with_gradient_twin(model, twin, data.x, batch_size=pol.batch_size)
+    estimate = plan(model, data, pol, seed=args.seed, pilot_points=args.pilot_points,
+                    gradient_twin=twin)
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
     return 0
 
 

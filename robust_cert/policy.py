@@ -140,6 +140,9 @@ class Policy(BaseModel):
                               description="family-wise confidence across all requirements")
     input_range: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(default=256, ge=1, le=1_000_000)
+    #: wall-clock budget for the whole suite; certify estimates the cost first (a pilot run,
+    #: robust_cert.plan) and refuses before anything runs when the estimate exceeds it
+    time_budget_s: float | None = Field(default=None, gt=0)
     metrics: dict[str, dict[str, Any]] = Field(min_length=1)
     requirements: list[Requirement] = Field(min_length=1)
     model: ModelDeclaration = Field(default_factory=ModelDeclaration)
@@ -195,9 +198,9 @@ class Policy(BaseModel):
         return cls(cls.Config.model_validate(self.metrics[name]))
 
     def canonical(self) -> dict:
-        """The validated policy as JSON with defaults filled in. ``model``, ``waive`` and
-        ``intended_use`` are left out while they hold their defaults, so policies written
-        before they existed keep their hash."""
+        """The validated policy as JSON with defaults filled in. ``model``, ``waive``,
+        ``intended_use`` and ``time_budget_s`` are left out while they hold their defaults, so
+        policies written before they existed keep their hash."""
         out = self.model_dump(mode="json")
         if self.model == ModelDeclaration():
             out.pop("model")
@@ -205,6 +208,8 @@ class Policy(BaseModel):
             out.pop("waive")
         if not self.intended_use:
             out.pop("intended_use")
+        if self.time_budget_s is None:
+            out.pop("time_budget_s")
         return out
 
     @property
