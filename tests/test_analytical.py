@@ -187,3 +187,37 @@ def test_policy_can_name_a_threshold_and_the_certificate_is_valid_json() -> None
     assert res["values"][0]["params"] == {"tau": 0.9}
     assert set(res["diagnostics"]["validation"]) >= {"taylor", "mmse", "mvs", "softmax"}
     assert cert.body["requirements"][0]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+
+
+@pytest.mark.parametrize("samples", [16, 5])
+def test_mmse_equals_taylor_and_the_exact_answer_on_affine_models(samples) -> None:
+    """On an affine model the smoothed model E[f(x + ε)] is f itself, so mmse must equal
+    taylor and, for two classes, Φ(|g| / (σ‖w‖)). Plain Monte Carlo averages carry a random
+    error of about σ‖w‖/√n in g (up to 0.19 in p before the fix); antithetic pairs cancel it.
+    Tolerance: both sides from float32 logits of size ~10 (relative error ~1e-6 in z, p moves
+    by ≤ φ(z)·Δz < 1e-5), while the Monte Carlo error this guards against is ≥ 1e-2."""
+    w = np.array([1.0, -2.0, 0.5, 1.5])
+    model = _affine(np.stack([np.zeros(4), w]), np.array([0.0, 0.3]))
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, size=(60, 4)).astype(np.float32)
+    g = x.astype(np.float64) @ w + 0.3
+    sigma = 0.5
+    data = robust_cert.load_data((x, (g > 0).astype(np.int64)), input_range=WIDE)
+    clf = robust_cert.load_model(model, input_shape=(4,))
+    cfg = AnalyticalConfig(sigma=sigma, estimators=["taylor", "mmse", "mmse_mvs"],
+                           primary="mmse", mmse_samples=samples, validate_points=0)
+    res = AnalyticalRobustness(cfg).run(clf, data, _ctx())
+    z = np.abs(g) / (sigma * np.linalg.norm(w))
+    exact = st.norm.cdf(z / np.sqrt(1 + 1e-5))  # the 1e-5 ridge, as taylor
+    np.testing.assert_allclose(res.per_point["p_mmse"], exact, atol=1e-5)
+    np.testing.assert_allclose(res.per_point["p_mmse"], res.per_point["p_taylor"], atol=1e-5)
+    np.testing.assert_allclose(res.per_point["p_mmse_mvs"], 1 / (1 + np.exp(-z)), atol=1e-5)
+
+    # multiclass affine: mmse = taylor (same z and Σ), integrated with the same QMC points
+    weight, bias = rng.normal(size=(5, 6)), rng.normal(size=5) * 0.3
+    clf5 = robust_cert.load_model(_affine(weight, bias), input_shape=(6,))
+    x5 = torch.from_numpy(rng.normal(size=(40, 6)).astype(np.float32))
+    metric = AnalyticalRobustness(AnalyticalConfig(sigma=0.4, estimators=["taylor", "mmse"],
+                                                   primary="mmse", mmse_samples=samples))
+    _, est, _ = metric.estimate(clf5, x5, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(est["mmse"], est["taylor"], atol=1e-5)

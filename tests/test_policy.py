@@ -43,7 +43,7 @@ def test_example_policy_loads() -> None:
     assert pol.confidence == 0.95
     assert list(pol.metrics) == ["accuracy", "robust_accuracy", "probabilistic_robustness"]
     assert pol.metrics["robust_accuracy"]["eps"] == [0.05, 0.1]
-    assert pol.metrics["robust_accuracy"]["attacks"] == ["fgsm", "pgd"]
+    assert pol.metrics["robust_accuracy"]["attacks"] == ["apgd_ce", "apgd_t", "fab", "square"]
     # a scalar eps becomes a list; defaults are filled in
     assert pol.metrics["probabilistic_robustness"]["eps"] == [0.1]
     assert pol.metrics["probabilistic_robustness"]["samples"] == 2995
@@ -51,7 +51,7 @@ def test_example_policy_loads() -> None:
     assert [r.id for r in pol.requirements] == [
         "accuracy", "robust_accuracy[eps=0.1]", "probabilistic_robustness[eps=0.1]"]
     assert [r.direction for r in pol.requirements] == ["at_least", "at_least", "at_most"]
-    assert [r.threshold for r in pol.requirements] == [0.9, 0.7, 0.02]
+    assert [r.threshold for r in pol.requirements] == [0.9, 0.7, 0.05]
     assert load_policy(pol) is pol
 
 
@@ -70,13 +70,15 @@ def test_yaml_file_and_equivalent_dict_hash_equal() -> None:
         "description": "Minimum robustness for an 8x8 digit classifier going to production.",
         "metrics": {
             "accuracy": {},
-            "robust_accuracy": {"eps": [0.1, 0.05]},  # order and defaults differ
+            # order and defaults differ
+            "robust_accuracy": {"eps": [0.1, 0.05], "attacks": ["apgd_ce", "apgd_t", "fab",
+                                                                "square"]},
             "probabilistic_robustness": {"eps": 0.1},
         },
         "requirements": [
             {"metric": "accuracy", "at_least": 0.90},
             {"metric": "robust_accuracy", "eps": 0.1, "at_least": 0.70},
-            {"metric": "probabilistic_robustness", "params": {"eps": 0.1}, "at_most": 0.02},
+            {"metric": "probabilistic_robustness", "params": {"eps": 0.1}, "at_most": 0.05},
         ],
     }
     assert Policy.from_dict(minimal).sha256 == load_policy(DIGITS_POLICY).sha256

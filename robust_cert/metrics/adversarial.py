@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from robust_cert import stats
 from robust_cert.data import EvalSet
 from robust_cert.errors import ModelError
 from robust_cert.metrics.base import (
@@ -48,11 +49,23 @@ BLACK_BOX = ("square",)
 MIN_CLASSES = {"apgd_t": 4, "autoattack": 4}
 #: What replaces AutoAttack-standard on a model with fewer than 4 classes.
 AUTOATTACK_FALLBACK = ("apgd_ce", "square")
-#: Points whose input gradient is exactly zero above this fraction raise the gradient flag.
+#: Points whose input gradient is exactly zero above this fraction fail ``gradients_nonzero``.
 ZERO_GRADIENT_LIMIT = 0.05
-#: Square breaking more than this fraction of the attacked (point, ε) pairs that every
-#: white-box attack missed raises the gradient-masking flag (one stray point does not).
-SQUARE_ONLY_LIMIT = 0.01
+#: Level of the one-sided exact McNemar test behind ``square_not_better``: the check fails when
+#: Square breaks significantly more of the clean-correct points than the white-box attacks'
+#: worst case (Bonferroni across the ε > 0 it is tested at). Under "Square is no stronger than
+#: the white-box attacks" the check fails with probability at most this level.
+SQUARE_MCNEMAR_LEVEL = 0.01
+#: An "adequate" gradient-free attack: Square with at least this many queries per point (the
+#: project's default budget; AutoAttack-standard's Square uses 5,000). When such a Square ran
+#: on every point the white-box attacks missed, the worst case already includes a
+#: gradient-free attack, so a failed gradient-masking check does not undermine the result.
+#: This is a convention, not a guarantee: Square is a random search and may miss too.
+MIN_SQUARE_QUERIES = 1000
+#: AutoAttack-standard's Square budget in torchattacks (``n_queries=5000``).
+AUTOATTACK_SQUARE_QUERIES = 5000
+#: Sanity-check states.
+PASSED, FAILED, NOT_RUN = "passed", "failed", "not_run"
 #: How a result crafted on a gradient twin (and judged on the deployed model) is labelled.
 TRANSFER = ("transfer from the PyTorch twin: attacks crafted on the twin's gradients, "
             "judged on the deployed model")
@@ -197,18 +210,35 @@ class RobustAccuracy(Metric):
     (one ignored padding column, see :class:`_UnitRangeView`). Square and AutoAttack in L2
     need images of at least 5×5 pixels (an error otherwise, e.g. for tabular inputs).
 
-    Sanity checks (``diagnostics["sanity"]``, each true when it passes, with a logged warning
-    when it fails): ``eps0_equals_clean`` (the attacked view of the model reproduces clean
-    predictions; checked when the view differs from the judged model — a gradient twin, a
-    rescaled input range or reshaped tabular input — and true by construction otherwise),
-    ``in_range_and_ball`` (attacks returned points in the input range and the ε-ball; points
-    outside are projected back before they are judged), ``gradients_nonzero`` (at most 5% of
-    the points the first white-box attack starts from have an exactly zero input gradient —
-    read from the attack's own first gradient, at no extra cost), ``square_not_better``
-    (Square broke at most 1% of the attacked (point, ε) pairs that every white-box attack
-    missed; more is a sign of gradient masking — ``square_only_breaks`` has the count).
-    Whether the model is random at evaluation time is checked once per certification
-    (``certificate.sanity.deterministic_forward``).
+    Sanity checks (``diagnostics["sanity"]``: each ``"passed"``, ``"failed"`` or
+    ``"not_run"``; a check that did not run never reads as passed):
+
+    - ``eps0_equals_clean``: the attacked view of the model reproduces its clean predictions.
+      Run when the view differs from the judged model (a gradient twin, a rescaled input
+      range, reshaped tabular input); not run when the view is the model itself.
+    - ``in_range_and_ball``: every attack returned inputs in the input range and the ε-ball.
+      Points outside are projected back before they are judged, so a failure is recorded but
+      undermines nothing.
+    - ``gradients_nonzero``: at most 5% of the points the first white-box attack starts from
+      have an exactly zero input gradient (read from the attack's own first gradient, at no
+      extra cost). Not run without a white-box attack.
+    - ``square_not_better``: an exact one-sided McNemar test, at each ε > 0, of the per-point
+      outcomes of the white-box attacks' worst case against Square on every clean-correct
+      point (``diagnostics["square_vs_white_box"]``: points only the white-box attacks broke,
+      points only Square broke, p-value). It fails when Square is significantly better at
+      level :data:`SQUARE_MCNEMAR_LEVEL` (Bonferroni across ε): gradient masking suspected.
+      Not run unless both Square and a white-box attack are configured; then Square attacks
+      every clean-correct point, not only those the white-box attacks missed.
+
+    A failed ``eps0_equals_clean``, ``gradients_nonzero`` or ``square_not_better`` means the
+    attacks may be blind, so the upper bound may be far above the truth: it is listed in
+    ``diagnostics["sanity_findings"]`` with the requirements it undermines (every ε > 0), and
+    :func:`robust_cert.verdict.apply_sanity` makes their PASS verdicts INCONCLUSIVE unless
+    the policy waives the check. The two gradient-masking checks are compensated (recorded
+    in the finding's ``compensated_by``, verdict unchanged) when an adequate gradient-free
+    attack is already in the worst case: Square with at least :data:`MIN_SQUARE_QUERIES`
+    queries, alone or inside AutoAttack-standard (5,000 queries). Whether the model is random
+    at evaluation time is checked once per certification (``certificate.sanity``).
 
     Example::
 
@@ -250,6 +280,8 @@ class RobustAccuracy(Metric):
     def _attack(self, name: str, view: nn.Module, eps01: float, seed: int, num_classes: int):
         import torchattacks
 
+        from robust_cert.metrics.square import FullSquare, full_square_inside
+
         cfg = self.config
         tnorm = "Linf" if cfg.norm == "linf" else "L2"
         if name == "fgsm":
@@ -267,12 +299,54 @@ class RobustAccuracy(Metric):
                                       n_classes=num_classes)
         if name == "fab":
             return torchattacks.FAB(view, norm=tnorm, eps=eps01, steps=cfg.steps, seed=seed,
-                                    n_classes=num_classes)
+                                    n_classes=num_classes, multi_targeted=True)  # FAB-T
         if name == "square":
-            return torchattacks.Square(view, norm=tnorm, eps=eps01, seed=seed,
-                                       n_queries=cfg.square_queries)
-        return torchattacks.AutoAttack(view, norm=tnorm, eps=eps01, version="standard",
-                                       n_classes=num_classes, seed=seed)
+            return FullSquare(view, norm=tnorm, eps=eps01, seed=seed,
+                              n_queries=cfg.square_queries)
+        return full_square_inside(torchattacks.AutoAttack(
+            view, norm=tnorm, eps=eps01, version="standard", n_classes=num_classes, seed=seed))
+
+    def gradient_free(self, attacks: list[str]) -> str | None:
+        """The adequate gradient-free attack in the worst case (see
+        :data:`MIN_SQUARE_QUERIES`), described; None when there is none."""
+        q = self.config.square_queries
+        if "square" in attacks and q >= MIN_SQUARE_QUERIES:
+            return (f"Square with {q} queries per point (adequate: at least "
+                    f"{MIN_SQUARE_QUERIES}) in the worst case")
+        if "autoattack" in attacks:
+            return (f"Square inside AutoAttack-standard ({AUTOATTACK_SQUARE_QUERIES} queries per "
+                    f"point; adequate: at least {MIN_SQUARE_QUERIES}) in the worst case")
+        return None
+
+    def _findings(self, sanity: dict, attacks: list[str], zero_grad: int, probed: int,
+                  view_mismatch: int, comparison: list[dict]) -> dict:
+        """The failed checks that undermine results: check -> detail, the proportions they
+        undermine (every ε > 0, as requirement parameters), and what compensates (or None)."""
+        undermines = [{"eps": e} for e in self.config.eps if e > 0]
+        free = self.gradient_free(attacks)
+        out = {}
+        if sanity["eps0_equals_clean"] == FAILED:
+            out["eps0_equals_clean"] = {
+                "detail": f"the attacked view of the model disagrees with its clean "
+                          f"predictions on {view_mismatch} points, so every attack searched "
+                          "a different model",
+                "undermines": undermines, "compensated_by": None}
+        if sanity["gradients_nonzero"] == FAILED:
+            out["gradients_nonzero"] = {
+                "detail": f"gradient masking suspected: {zero_grad} of {probed} points have an "
+                          f"exactly zero input gradient (limit {ZERO_GRADIENT_LIMIT:.0%}), so "
+                          "gradient attacks are blind there",
+                "undermines": undermines, "compensated_by": free}
+        if sanity["square_not_better"] == FAILED:
+            worst = min(comparison, key=lambda c: c["p_value"])
+            out["square_not_better"] = {
+                "detail": f"gradient masking suspected: at ε = {worst['eps']:g} the black-box "
+                          f"Square attack broke {worst['square_only']} points the white-box "
+                          f"attacks missed against {worst['white_box_only']} the other way "
+                          f"(one-sided exact McNemar p = {worst['p_value']:.2g}, level "
+                          f"{SQUARE_MCNEMAR_LEVEL:g}/{len(comparison)})",
+                "undermines": undermines, "compensated_by": free}
+        return out
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
@@ -292,7 +366,12 @@ class RobustAccuracy(Metric):
         robust = np.zeros((n, n_eps), dtype=bool)
         broken_by = {a: [0] * n_eps for a in attacks}
         max_excess, out_of_bounds, zero_grad, probed, view_mismatch = 0.0, 0, 0, 0, 0
-        n_clean = 0
+        n_clean, attacked_pairs = 0, 0
+        # paired design: Square attacks every clean-correct point when white-box attacks run
+        # too, so the two worst cases can be compared point by point (McNemar)
+        paired = "square" in attacks and any(a not in BLACK_BOX for a in attacks)
+        white_only = [0] * n_eps  # clean-correct points only the white-box attacks broke
+        square_only = [0] * n_eps  # clean-correct points only Square broke
         # the adversarial inputs of the first MAX_EXAMPLES points broken at the smallest ε
         first_broken = np.full(n, -1, dtype=np.int64)
         examples: list[tuple[int, int, np.ndarray, int]] = []
@@ -311,8 +390,10 @@ class RobustAccuracy(Metric):
                 alive = clean_ok.clone()
                 eps01 = eps / self._scale
                 for a in attacks:
-                    idx = alive.nonzero().squeeze(1)
+                    whole = paired and a == "square"
+                    idx = (clean_ok if whole else alive).nonzero().squeeze(1)
                     if idx.numel() and eps > 0:
+                        attacked_pairs += idx.numel()
                         label = f"{self.name}/{a}/{eps!r}/{sl.start}"
                         ctx.seed_global(label)
                         atk = self._attack(a, view, eps01, _derive_seed(ctx.seed, label) % 2**31,
@@ -334,21 +415,32 @@ class RobustAccuracy(Metric):
                         adv_x = view.to_data(adv)
                         pred = model.logits(adv_x).argmax(1)
                         still = pred == y[idx]
-                        broken_by[a][j] += int((~still).sum())
+                        if whole:  # alive[idx] is False where a white-box attack broke it
+                            was = alive[idx]
+                            white_only[j] += int((~was & still).sum())
+                            square_only[j] += int((was & ~still).sum())
+                            still = still & was
+                        broken_by[a][j] += int((alive[idx] & ~still).sum())
                         _keep_examples(examples, first_broken, sl.start + idx.cpu().numpy(), j,
                                        ~still.cpu().numpy(), adv_x, pred)
                         alive[idx] = still
                 ctx.advance((sl.stop - sl.start) * len(cfg.attacks))  # as cost() counts
                 robust[sl, j] = alive.cpu().numpy()
         props = [Proportion({"eps": e}, int(robust[:, j].sum()), n) for j, e in enumerate(cfg.eps)]
-        white = [a for a in attacks if a not in BLACK_BOX]
-        square_only = sum(broken_by["square"]) if "square" in attacks and white else 0
-        attacked = n_clean * sum(e > 0 for e in cfg.eps)
+        comparison = [
+            {"eps": e, "white_box_only": white_only[j], "square_only": square_only[j],
+             "p_value": stats.binom_test_pvalue(square_only[j], white_only[j] + square_only[j],
+                                                0.5, "greater")
+             if white_only[j] + square_only[j] else 1.0}
+            for j, e in enumerate(cfg.eps) if e > 0] if paired else []
         sanity = {
-            "eps0_equals_clean": view_mismatch == 0,
-            "in_range_and_ball": out_of_bounds == 0,
-            "gradients_nonzero": zero_grad <= ZERO_GRADIENT_LIMIT * probed,
-            "square_not_better": square_only <= SQUARE_ONLY_LIMIT * attacked,
+            "eps0_equals_clean": _state(not identical and n > 0,
+                                        view_mismatch == 0),
+            "in_range_and_ball": _state(attacked_pairs > 0, out_of_bounds == 0),
+            "gradients_nonzero": _state(probed > 0, zero_grad <= ZERO_GRADIENT_LIMIT * probed),
+            "square_not_better": _state(
+                bool(comparison) and n_clean > 0,
+                all(c["p_value"] > SQUARE_MCNEMAR_LEVEL / len(comparison) for c in comparison)),
         }
         diagnostics = {
             "broken_by_attack": broken_by,
@@ -358,15 +450,18 @@ class RobustAccuracy(Metric):
             "norm": cfg.norm,
             "zero_gradient_points": zero_grad,
             "gradient_points_probed": probed,
-            "square_only_breaks": square_only,
+            "square_only_breaks": sum(square_only) if paired else 0,
+            "square_vs_white_box": comparison,
             "sanity": sanity,
+            "sanity_findings": self._findings(sanity, attacks, zero_grad, probed, view_mismatch,
+                                              comparison),
         }
         if fallback:
             diagnostics["fallback"] = fallback
             log.warning("robust_accuracy: %s", fallback)
         if cfg.eps[0] == 0:
             diagnostics["eps0_equals_clean"] = sanity["eps0_equals_clean"]
-        _warn(sanity, zero_grad, probed, square_only)
+        _warn(diagnostics["sanity_findings"])
         transfer = model.gradient_forward is not None
         diagnostics["attack_source"] = TRANSFER if transfer else "white-box on the model"
         examples.sort(key=lambda e: e[:2])
@@ -401,16 +496,12 @@ def _keep_examples(examples: list, first_broken: np.ndarray, index: np.ndarray, 
             examples.remove(max(examples, key=lambda e: e[:2]))
 
 
-def _warn(sanity: dict, zero_grad: int, n: int, square_only: int) -> None:
-    if not sanity["eps0_equals_clean"]:
-        log.warning("robust_accuracy: the attacked view of the model does not reproduce its "
-                    "clean predictions (ε = 0 differs from clean accuracy)")
-    if not sanity["in_range_and_ball"]:
-        log.warning("robust_accuracy: an attack returned inputs outside the input range or the "
-                    "ε-ball; they were projected back before judging")
-    if not sanity["gradients_nonzero"]:
-        log.warning("robust_accuracy: %d of %d points have an exactly zero input gradient: "
-                    "gradient attacks may be blind (gradient masking)", zero_grad, n)
-    if not sanity["square_not_better"]:
-        log.warning("robust_accuracy: the black-box Square attack broke %d points that every "
-                    "white-box attack missed: a sign of gradient masking", square_only)
+def _state(ran: bool, ok: bool) -> str:
+    """The three-state outcome of a sanity check."""
+    return NOT_RUN if not ran else PASSED if ok else FAILED
+
+
+def _warn(findings: dict) -> None:
+    for check, f in findings.items():
+        log.warning("robust_accuracy: sanity check %s failed: %s%s", check, f["detail"],
+                    f"; compensated by {f['compensated_by']}" if f["compensated_by"] else "")

@@ -164,7 +164,7 @@ class AnalyticalConfig(MetricConfig):
     primary: Estimator = Field(default="mmse", validate_default=True,
                                description="the estimator ranked and reported")
     mmse_samples: int = Field(default=16, ge=1, le=100_000, description="noisy copies (mmse, "
-                              "softmax)")
+                              "softmax), in antithetic pairs: odd counts round up")
     qmc_points: int = Field(default=1024, ge=8, le=1_000_000, description="QMC points per CDF")
     thresholds: Thresholds = Field(default=[0.5, 0.9], min_length=1,
                                     description="τ: proportions of points with p_σ ≥ τ")
@@ -196,7 +196,11 @@ class AnalyticalRobustness(Metric):
     With g_i = f_t − f_i (i ≠ t), z_i = g_i/(σ‖∇g_i‖), Σ_ij = cos(∇g_i, ∇g_j) + 1e-5·I:
 
     - ``taylor``: Φ_{C−1}(z; 0, Σ), the MVN CDF of the local linear model (exact for affine f);
-    - ``mmse``: the same with f and ∇f averaged over ``mmse_samples`` noisy copies x + ε;
+    - ``mmse``: the same with f and ∇f averaged over ``mmse_samples`` noisy copies x ± ε
+      (antithetic pairs; an odd count is rounded up to even). The averages are Monte Carlo
+      estimates of the smoothed model E[f(x + ε)] and its gradient; with the pairs the mean
+      noise is exactly zero, so for an affine f they equal f(x) and ∇f (mmse = taylor, up to
+      float rounding) instead of carrying a random error of order σ‖w‖/√n in g;
     - ``mvs`` / ``mmse_mvs``: Φ_{C−1} replaced by 1/(1 + Σ_i exp(−z_i));
     - ``softmax``: the softmax probability of t averaged over the noisy copies.
 
@@ -269,8 +273,13 @@ class AnalyticalRobustness(Metric):
             if "mvs" in want:
                 out["mvs"] = mvs(z).cpu().numpy()
         if want & {"mmse", "mmse_mvs", "softmax"}:
-            n = cfg.mmse_samples
-            noise = torch.randn((len(x), n, *x.shape[1:]), generator=generator) * cfg.sigma
+            # antithetic pairs x ± ε: their mean noise is exactly zero, so the averaged
+            # logits and Jacobian of an affine model are its own (mmse = taylor), and the
+            # Monte Carlo error of the averages is smaller for smooth models
+            half = (cfg.mmse_samples + 1) // 2
+            n = 2 * half
+            noise = torch.randn((len(x), half, *x.shape[1:]), generator=generator) * cfg.sigma
+            noise = torch.cat([noise, -noise], dim=1)
             xn = (x[:, None] + noise.to(dev)).flatten(0, 1)
             if want & {"mmse", "mmse_mvs"}:
                 nl, nj = logits_and_jacobian(model.attack_module(), xn)

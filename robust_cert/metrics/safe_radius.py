@@ -3,9 +3,12 @@
 One algorithm: for each point and norm (L2, L∞), bracket the maximum safe radius (MSR) of a
 safety property — the largest ε such that the property holds on the whole ε-ball:
 
-* **lower bound** (sound): min_j h_j(x) / L_j, where the property holds while every margin
-  h_j = a_j·f(x) − b_j stays positive and L_j is a true Lipschitz upper bound of h_j (layer
-  operator norms multiplied along the network);
+* **lower bound** (sound, in floating point): min_j (ĥ_j(x) − rounding) / L_j, where the
+  property holds while every margin h_j = a_j·f(x) − b_j stays positive, L_j is a true
+  Lipschitz upper bound of h_j (op-by-op operator norms along the traced graph, residual
+  additions and pooling included: :mod:`robust_cert.metrics.lipschitz`) and "rounding" bounds
+  the float error of the computed logits at x and anywhere in the ball
+  (:func:`_certified_radius`);
 * **upper bound** (a witness): the distance of the closest violating input found by bisection
   over ε with a batched projected-gradient search;
 * **estimate** (CLEVER-style): h_j(x) / L̂_j with L̂_j the location of a reverse-Weibull fit
@@ -20,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -40,7 +41,11 @@ from robust_cert.metrics.base import (
     batches,
     value_list,
 )
+from robust_cert.metrics.lipschitz import LipschitzBound, NotBoundable, lipschitz_bound
 from robust_cert.models.base import Classifier
+
+__all__ = ["LipschitzBound", "NotBoundable", "SafeRadius", "SafeRadiusConfig",
+           "lipschitz_bound", "reverse_weibull_location"]
 
 log = logging.getLogger(__name__)
 
@@ -84,179 +89,6 @@ class SafeRadiusConfig(MetricConfig):
             if self.low is not None and self.high is not None and not self.low < self.high:
                 raise ValueError(f"reachability range [{self.low}, {self.high}] is empty")
         return self
-
-
-# --------------------------------------------------------------------------- Lipschitz
-
-
-class NotBoundable(ValueError):
-    """The network contains an operation whose Lipschitz constant this module cannot bound."""
-
-
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.Softsign,
-                  nn.Hardtanh, nn.ReLU6)
-_FUNCS = {torch.flatten: 1.0, F.relu: 1.0, torch.relu: 1.0, torch.tanh: 1.0,
-          torch.sigmoid: 0.25, F.sigmoid: 0.25}
-_METHODS = {"flatten": 1.0, "view": 1.0, "reshape": 1.0, "relu": 1.0, "tanh": 1.0,
-            "sigmoid": 0.25}
-
-
-@dataclass
-class LipschitzBound:
-    """Per-norm constants of the network up to (``prefix``) its last Linear layer (``head``).
-
-    A margin a·f(x) has |a·f(x+δ) − a·f(x)| ≤ ‖aᵀ head‖_dual · prefix[norm] · ‖δ‖ (or
-    ‖a‖_dual · prefix when the network does not end in a Linear layer)."""
-
-    prefix: dict[str, float]
-    head: torch.Tensor | None
-    layers: list[dict]
-    input_dim: int
-
-    def margin_constants(self, a: torch.Tensor, norm: str) -> torch.Tensor:
-        """Lipschitz bounds of the margins a_j·f (rows of ``a``) w.r.t. the ``norm`` of δ."""
-        a = a.double()
-        rows = a @ self.head.double() if self.head is not None else a
-        l2 = rows.norm(dim=-1) * self.prefix["l2"]
-        if norm == "l2":
-            return l2
-        linf = rows.abs().sum(-1) * self.prefix["linf"]
-        return torch.minimum(linf, l2 * math.sqrt(self.input_dim))
-
-
-def _conv_fn(m: nn.Module):
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[m.weight.ndim - 2]
-    return lambda v: conv(v, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
-
-
-def _conv_spectral_norm(m: nn.Module, in_shape: tuple[int, ...], iters: int) -> float:
-    """Largest singular value of the (bias-free) convolution operator on inputs of
-    ``in_shape``, by power iteration on KᵀK (the transpose applied by autograd), seeded."""
-    op = _conv_fn(m)
-    g = torch.Generator().manual_seed(0)
-    w = m.weight.detach()
-    v = torch.randn((1, *in_shape), generator=g, dtype=w.dtype).to(w.device)
-    sigma = 0.0
-    for _ in range(iters):
-        v = v / v.norm().clamp_min(1e-30)
-        vv = v.detach().requires_grad_(True)
-        with torch.enable_grad():
-            u = op(vv)
-            (v,) = torch.autograd.grad(u, vv, grad_outputs=u.detach())
-        sigma = float(u.detach().norm())
-    return sigma
-
-
-def lipschitz_bound(module: nn.Module, input_shape: tuple[int, ...],
-                    power_iterations: int = 100) -> LipschitzBound:
-    """Layer-by-layer Lipschitz constants of a feed-forward chain (traced with torch.fx).
-
-    L2: exact spectral norms of Linear layers (SVD); for convolutions the top singular value
-    of the convolution operator by power iteration (it converges from below; ×1.01 margin).
-    L∞: ∞→∞ operator norms (max absolute row sum; for convolutions the max absolute kernel sum
-    per output channel), exact upper bounds. Supported: Linear, Conv1d/2d/3d (zero padding),
-    ReLU-like and tanh (1), sigmoid (1/4), LeakyReLU/ELU (max(1, slope)), max pooling and
-    average pooling (non-overlapping windows for L2), BatchNorm in eval mode, flatten/reshape.
-    Anything else raises :class:`NotBoundable` naming the layer.
-    """
-    if not list(module.children()):
-        module = nn.Sequential(module)  # a bare layer: trace it as a one-layer chain
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception as exc:  # any tracing failure means "cannot bound"
-        raise NotBoundable(f"cannot bound the model: it cannot be traced ({exc})") from None
-    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    prev = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    for n in nodes:
-        tensor_args = [a for a in n.args if isinstance(a, torch.fx.Node)]
-        if tensor_args != [prev]:
-            raise NotBoundable("cannot bound the model: not a simple chain of layers "
-                               f"(at {n.name})")
-        prev = n
-    mods = dict(gm.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [mods[n.target].register_forward_pre_hook(
-        lambda m, inp, name=n.target: shapes.__setitem__(name, tuple(inp[0].shape[1:])))
-        for n in nodes if n.op == "call_module"]
-    try:
-        p = next(module.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        with torch.no_grad():
-            gm(torch.zeros((1, *input_shape), device=dev))
-    finally:
-        for h in hooks:
-            h.remove()
-    layers, prefix = [], {"l2": 1.0, "linf": 1.0}
-    head = None
-    for i, n in enumerate(nodes):
-        last = i == len(nodes) - 1
-        if n.op == "call_module":
-            m = mods[n.target]
-            if last and isinstance(m, nn.Linear):
-                head = m.weight.detach()
-                layers.append({"layer": n.target, "type": "Linear (head)"})
-                continue
-            l2, linf = _module_constants(m, shapes[n.target], power_iterations, n.target)
-        elif n.op == "call_function" and n.target in _FUNCS:
-            l2 = linf = _FUNCS[n.target]
-        elif n.op == "call_method" and n.target in _METHODS:
-            l2 = linf = _METHODS[n.target]
-        elif n.op == "call_function" and n.target is operator.getitem:
-            raise NotBoundable(f"cannot bound indexing at {n.name}")
-        else:
-            raise NotBoundable(f"cannot bound the operation {n.target} at {n.name}")
-        prefix["l2"] *= l2
-        prefix["linf"] *= linf
-        if l2 != 1.0 or linf != 1.0:
-            layers.append({"layer": n.name, "type": n.op if n.op != "call_module" else
-                           type(mods[n.target]).__name__, "l2": l2, "linf": linf})
-    return LipschitzBound(prefix, head, layers, int(np.prod(input_shape)))
-
-
-def _module_constants(m: nn.Module, in_shape, iters: int, name: str) -> tuple[float, float]:
-    if isinstance(m, nn.Linear):
-        w = m.weight.detach().double()
-        return float(torch.linalg.matrix_norm(w, 2)), float(w.abs().sum(1).max())
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if m.padding_mode != "zeros":
-            raise NotBoundable(f"cannot bound {name}: padding mode {m.padding_mode}")
-        w = m.weight.detach().double()
-        return 1.01 * _conv_spectral_norm(m, in_shape, iters), float(w.abs().flatten(1).sum(1)
-                                                                     .max())
-    if isinstance(m, _ONE_LIPSCHITZ):
-        return 1.0, 1.0
-    if isinstance(m, nn.Sigmoid):
-        return 0.25, 0.25
-    if isinstance(m, nn.LeakyReLU):
-        s = max(1.0, abs(m.negative_slope))
-        return s, s
-    if isinstance(m, nn.ELU):
-        s = max(1.0, m.alpha)
-        return s, s
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
-        k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
-        overlap = any(ki > si for ki, si in zip(k, s, strict=False))
-        dil = getattr(m, "dilation", 1)
-        if overlap or _pair(dil) != tuple(1 for _ in k):
-            if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
-                # each input feeds at most prod(ceil(k/s)) windows
-                count = float(np.prod([math.ceil(ki / si) for ki, si in zip(k, s, strict=False)]))
-                return math.sqrt(count), 1.0
-            raise NotBoundable(f"cannot bound {name}: overlapping average pooling")
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
-            return 1.0, 1.0
-        return 1.0 / math.sqrt(float(np.prod(k))), 1.0
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training:
-        scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight.detach().double()
-        s = float(scale.abs().max())
-        return s, s
-    raise NotBoundable(f"cannot bound layer {name} ({type(m).__name__})")
-
-
-def _pair(v) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 # --------------------------------------------------------------------------- CLEVER
@@ -310,11 +142,14 @@ class SafeRadius(Metric):
             looks for a point whose top-1 probability is below τ.
         reachability: logit ``output`` stays in [low, high]; margins f_k − low and high − f_k.
 
-    Per point (``per_point``, for each norm n): ``lower@n`` (sound, certified: every input in
-    the ball of that radius satisfies the property, as long as the Lipschitz constant is a
-    true upper bound — exact for Linear layers and all L∞ constants; the L2 constant of a
-    convolution comes from power iteration with a 1% margin), ``upper@n`` (the distance of the
-    closest violation found: the MSR is at most this; inf when none was found within
+    Per point (``per_point``, for each norm n): ``lower@n`` (certified: every input strictly
+    inside the ball of that radius satisfies the property, both for the exact network with
+    its float32 weights and for its float32 evaluation; never above the exact MSR. Lipschitz
+    constants are rigorous upper bounds: exact SVD for Linear layers, a Fourier (circular
+    embedding) bound for convolutions, exact L∞ norms; the float error model is that of
+    :meth:`LipschitzBound.rounding` — sums of rounded products, not Winograd/FFT kernels. For
+    the gradient twin of an ONNX model the bound is of the twin), ``upper@n`` (the distance of
+    the closest violation found: the MSR is at most this; inf when none was found within
     ``max_radius``), ``clever@n`` (the CLEVER-style estimate, a number between the two in
     practice but not guaranteed). ``holds`` marks points where the property holds at x (and,
     for ``adversarial``, the prediction is the label).
@@ -329,7 +164,9 @@ class SafeRadius(Metric):
     radii (``[]``), tau (0.5), output/low/high (reachability), max_radius (the input box:
     hi − lo for L∞, (hi − lo)·√d for L2), bisection_steps (12), attack_steps (20, step
     2.5·ε/steps, from δ = 0), clever_batches (10), clever_samples (100 per batch),
-    clever_radius (2.0, data units), power_iterations (100). Sampling is seeded from the run.
+    clever_radius (2.0, data units), power_iterations (100: the reported power-iteration
+    estimate ``l2_lower`` of each convolution, never part of the bound). Sampling is seeded
+    from the run.
 
     Example::
 
@@ -441,9 +278,7 @@ class SafeRadius(Metric):
             holds[sl] = ok.cpu().numpy()
             for nm in cfg.norms:
                 if bound is not None:
-                    lip = bound.margin_constants(a, nm)
-                    r = (h.clamp_min(0) / lip.clamp_min(1e-300)).amin(1)
-                    out[f"lower@{nm}"][sl] = r.cpu().numpy()
+                    out[f"lower@{nm}"][sl] = _certified_radius(bound, x, a, h, nm).cpu().numpy()
                 max_r = cfg.max_radius or ((hi_r - lo_r) * (1.0 if nm == "linf" else
                                                                math.sqrt(d)))
                 out[f"upper@{nm}"][sl] = self._witness(fn, x, t, nm, max_r, (lo_r, hi_r))
@@ -600,6 +435,32 @@ class SafeRadius(Metric):
 
 
 _BRACKET_LEVELS = 6
+#: Relative shrink of every certified radius: covers the float64 arithmetic of the division.
+_RADIUS_SAFETY = 1.0 - 1e-9
+
+
+def _certified_radius(bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor, h: torch.Tensor,
+                      norm: str) -> torch.Tensor:
+    """Per point: the largest r (float64) such that every input within ``norm`` distance < r
+    of x keeps every margin positive, both for the exact (real-arithmetic) network and for its
+    floating-point evaluation.
+
+    With ĥ_j the margins of the computed logits, E(x) and E_r the rounding bounds of the
+    logits at x and anywhere in the ball of radius r (:meth:`LipschitzBound.rounding`) and L_j
+    the margins' Lipschitz constants: r₀ = min_j ĥ_j / L_j, then
+    r = min_j (ĥ_j − |a_j|·E(x) − |a_j|·E_{r₀}) / L_j ≤ r₀. Since E grows with the radius,
+    E_r ≤ E_{r₀}, so for ‖δ‖ < r: computed margin at x + δ ≥ h_j(x + δ) − |a_j|·E_r ≥
+    h_j(x) − L_j‖δ‖ − |a_j|·E_r > ĥ_j − |a_j|·E(x) − |a_j|·E_{r₀} − L_j·r ≥ 0, and the exact
+    radius h_j(x)/L_j ≥ (ĥ_j − |a_j|·E(x))/L_j ≥ r."""
+    lip = bound.margin_constants(a, norm).clamp_min(1e-300)
+    r0 = (h.clamp_min(0) / lip).amin(1)
+    r0 = torch.where(torch.isfinite(r0), r0, torch.zeros_like(r0))
+    e_center, e_ball = bound.rounding(x, r0, norm)
+    a_abs = a.abs().double()
+    slack = (torch.einsum("pmc,pc->pm", a_abs, e_center.to(a_abs.device))
+             + torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)))
+    r = ((h - slack).clamp_min(0) / lip).amin(1) * _RADIUS_SAFETY
+    return torch.minimum(r, r0)
 
 
 def _dist(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:

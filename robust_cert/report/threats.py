@@ -31,24 +31,57 @@ def _accuracy(res: dict) -> Threat:
     return Threat(res["metric"], "none: clean evaluation inputs", "–", "no adversary")
 
 
+#: Budgets of torchattacks' AutoAttack-standard (3.3.0), which the policy cannot change.
+AUTOATTACK_BUDGET = ("AutoAttack-standard (torchattacks 3.3.0 settings: APGD-CE, APGD-T and "
+                     "FAB-T 10 iterations each, APGD-T and FAB-T targeted at each other class, "
+                     "Square 5,000 queries; 1 restart each)")
+
+
+def _attack_budget(a: str, cfg: dict) -> str:
+    """One attack with the budget it ran with (the policy's values, defaults filled in)."""
+    steps = cfg.get("steps")
+    if a == "fgsm":
+        return "FGSM (1 step)"
+    if a == "pgd":
+        step = (f"step {cfg['step_size']:g}" if cfg.get("step_size")
+                else "step 2.5·ε/steps")
+        start = ", random start" if cfg.get("random_start") else ""
+        return f"PGD ({steps} steps, {step}{start}, 1 restart)"
+    if a == "apgd_ce":
+        return f"APGD-CE ({steps} iterations, 1 restart)"
+    if a == "apgd_t":
+        return (f"APGD-T (targeted DLR loss, {steps} iterations for each other class as "
+                "target, 1 restart)")
+    if a == "fab":
+        return f"FAB-T ({steps} iterations for each other class as target, 1 restart)"
+    if a == "square":
+        return (f"Square (black box, {cfg.get('square_queries')} queries per point, 1 restart, "
+                "every window position)")
+    if a == "autoattack":
+        return AUTOATTACK_BUDGET
+    return a.upper()
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{'; '.join(items[:-1])} and {items[-1]}"
+
+
 def _robust_accuracy(res: dict) -> Threat:
     cfg = res["config"]
-    attacks = []
-    for a in cfg.get("attacks", []):
-        if a == "pgd":
-            step = (f"step {cfg['step_size']:g}" if cfg.get("step_size")
-                    else "step 2.5·ε/steps")
-            start = ", random start" if cfg.get("random_start") else ""
-            attacks.append(f"PGD ({cfg.get('steps')} steps, {step}{start})")
-        else:
-            attacks.append(a.upper())
+    diag = res.get("diagnostics", {})
+    attacks = [_attack_budget(a, cfg) for a in cfg.get("attacks", [])]
+    fallback = diag.get("fallback")
     norm = "L∞" if cfg.get("norm", "linf") == "linf" else cfg.get("norm")
-    source = res.get("diagnostics", {}).get("attack_source")
-    knowledge = ("white-box: weights and input gradients" if source in (None,
+    source = diag.get("attack_source")
+    black_box_only = set(cfg.get("attacks", [])) <= {"square"}
+    knowledge = ("black-box: output scores only" if black_box_only and source in (
+                 None, "white-box on the model") else
+                 "white-box: weights and input gradients" if source in (None,
                  "white-box on the model") else source)
     return Threat(res["metric"],
-                  f"worst case over {' and '.join(attacks)} in the {norm} ball, clipped to "
-                  "the input range", _radii(cfg.get("eps", [])), knowledge)
+                  f"worst case over {_and(attacks)} in the {norm} ball, clipped to "
+                  "the input range" + (f"; {fallback}" if fallback else ""),
+                  _radii(cfg.get("eps", [])), knowledge)
 
 
 def _probabilistic(res: dict) -> Threat:

@@ -1,0 +1,188 @@
+"""Sound Lipschitz bounds of traced networks with functional ops (issue 12, section 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robust_cert
+from robust_cert.digits_cnn import DigitsCNN
+from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.lipschitz import NotBoundable, lipschitz_bound
+from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
+
+CPU = torch.device("cpu")
+
+
+class Functional(nn.Module):
+    """Functional relu, max/avg pooling, a residual addition, batch norm, view, scaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        h = h + F.relu(self.bn(self.conv2(h)))  # residual
+        h = F.max_pool2d(h, 2)  # 8 -> 4
+        h = F.avg_pool2d(h, 2) * 0.5  # 4 -> 2
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def _trained_bn(model: Functional) -> Functional:
+    with torch.no_grad():  # non-trivial running statistics
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _max_dual_gradient(model, x, norm):
+    """max over points and margin rows f_t − f_j of the dual norm of the input gradient."""
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    t = out.argmax(1)
+    best = 0.0
+    for j in range(out.shape[1]):
+        m = out.gather(1, t[:, None])[:, 0] - out[:, j]
+        (g,) = torch.autograd.grad(m.sum(), x, retain_graph=True)
+        g = g.flatten(1).double()
+        d = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+        best = max(best, float(d.max()))
+    return best
+
+
+def test_functional_ops_and_residuals_are_bounded_soundly() -> None:
+    torch.manual_seed(0)
+    model = _trained_bn(Functional())
+    bound = lipschitz_bound(model, (1, 8, 8))
+    assert bound.head is not None  # the final Linear
+    x = torch.rand(200, 1, 8, 8)
+    eye = torch.eye(3, dtype=torch.float64)
+    rows = (eye[:, None, :] - eye[None, :, :]).reshape(9, 3)  # every e_i − e_j
+    for norm in ("l2", "linf"):
+        lip = float(bound.margin_constants(rows, norm).max())
+        # the Lipschitz constant bounds every gradient's dual norm
+        assert _max_dual_gradient(model, x, norm) <= lip
+    # a residual addition adds the constants of its branches: x + 0.5·relu(x) has 1.5
+    res = lipschitz_bound(_Residual(), (4,))
+    for nm in ("l2", "linf"):
+        assert res.prefix[nm] == pytest.approx(1.5, rel=1e-8)
+        assert res.prefix[nm] >= 1.5
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x + 0.5 * F.relu(x))
+
+
+def test_torch_export_graph_gives_the_same_bound_as_the_module() -> None:
+    torch.manual_seed(1)
+    model = DigitsCNN().eval()
+    ep = torch.export.export(model, (torch.zeros(4, 1, 8, 8),))
+    a = lipschitz_bound(model, (1, 8, 8))
+    b = lipschitz_bound(ep.module(), (1, 8, 8))
+    for nm in ("l2", "linf"):
+        assert b.prefix[nm] == pytest.approx(a.prefix[nm], rel=1e-9)
+    torch.testing.assert_close(a.head, b.head)
+    # and the functional twin of the same network: same constants
+    fx = _trained_bn(Functional())
+    batch = {"x": {0: torch.export.Dim("batch")}}  # its view() reads the batch size
+    ex = torch.export.export(fx, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=batch)
+    c, d = lipschitz_bound(fx, (1, 8, 8)), lipschitz_bound(ex.module(), (1, 8, 8))
+    for nm in ("l2", "linf"):
+        assert d.prefix[nm] == pytest.approx(c.prefix[nm], rel=1e-9)
+
+
+class _Sin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.sin(x))
+
+
+class _LpPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(F.lp_pool2d(x, 2, 2).flatten(1))
+
+
+class _Broadcast(nn.Module):
+    """x * c with c larger than x: three copies of every input element (L2 norm × √3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 2)
+        self.register_buffer("c", torch.ones(3, 4))
+
+    def forward(self, x):
+        return self.fc((x[:, None, :] * self.c).flatten(1))
+
+
+def test_the_unsupported_op_is_named() -> None:
+    with pytest.raises(NotBoundable, match="broadcasts its input"):
+        lipschitz_bound(_Broadcast(), (4,))
+    with pytest.raises(NotBoundable, match=r"torch\.sin at sin"):
+        lipschitz_bound(_Sin(), (4,))
+    with pytest.raises(NotBoundable, match=r"torch\.nn\.functional\.lp_pool2d") as info:
+        lipschitz_bound(_LpPool(), (1, 8, 8))
+    assert "boolean_dispatch" not in str(info.value)
+    assert "<function" not in str(info.value)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_no_flip_inside_the_certified_ball_of_a_cnn(norm) -> None:
+    """A projected-gradient search inside 0.999 × the certified radius (the margin's own
+    gradient, 50 steps) never changes the float32 prediction of the functional CNN, on the
+    torch.export graph as on the module; the witness is never inside the certified ball."""
+    torch.manual_seed(2)
+    model = _trained_bn(Functional())
+    x = torch.rand(40, 1, 8, 8)
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    ep = torch.export.export(model, (torch.zeros(2, 1, 8, 8),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).module()
+    for net in (model, ep):
+        data = robust_cert.load_data((x.numpy(), t.numpy()), input_range=(0.0, 1.0))
+        clf = robust_cert.load_model(net, input_shape=(1, 8, 8))
+        res = SafeRadius(SafeRadiusConfig(norms=[norm], bisection_steps=6, attack_steps=10,
+                                          clever_batches=2, clever_samples=2)).run(
+            clf, data, RunContext(CPU, batch_size=64, seed=0))
+        assert res.diagnostics["lower_bound"] == "ok"
+        lower = torch.from_numpy(res.per_point[f"lower@{norm}"])
+        assert (lower > 0).all()
+        upper = res.per_point[f"upper@{norm}"]
+        finite = np.isfinite(upper)
+        assert (lower.numpy()[finite] <= upper[finite]).all()
+        r = (0.999 * lower).float().view(-1, 1, 1, 1)
+        delta = torch.zeros_like(x)
+        for _ in range(50):
+            d = delta.clone().requires_grad_(True)
+            out = model(x + d)
+            other = out.masked_fill(F.one_hot(t, 3).bool(), -torch.inf).amax(1)
+            margin = out.gather(1, t[:, None])[:, 0] - other
+            (g,) = torch.autograd.grad(margin.sum(), d)
+            with torch.no_grad():
+                if norm == "linf":
+                    delta = (delta - 0.1 * r * g.sign()).clamp(-r, r)
+                else:
+                    gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+                    delta = delta - 0.1 * r * g / gn
+                    dn = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+                    delta = delta * (r / dn).clamp(max=1.0)
+                assert (model(x + delta).argmax(1) == t).all()

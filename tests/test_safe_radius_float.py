@@ -1,0 +1,115 @@
+"""The safe-radius lower bound is certified in floating point (issue 12, section 3).
+
+Known answers: for a linear two-class model with float32 weights the exact maximum safe radii
+are MSR₂ = |g|/‖w‖₂ and MSR∞ = |g|/‖w‖₁ with g = w·x + b and w = w₁ − w₀, computed in float64
+from the float32 parameters (products of float32 numbers are exact in float64; a 30-term sum
+has relative error below 1e-14). A certified lower bound must never exceed them, and no
+float32 input strictly inside the certified ball may change the model's float32 prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import robust_cert
+from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
+
+CPU = torch.device("cpu")
+#: the cheapest witness and CLEVER budgets: only the lower bound is under test here
+CHEAP = dict(bisection_steps=1, attack_steps=1, clever_batches=2, clever_samples=1)
+
+
+def _linear_and_points(n=500, d=30, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(d, 2).eval()
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(n, d)).astype(np.float32)
+    with torch.no_grad():
+        t = model(torch.from_numpy(x)).argmax(1).numpy()
+    w32, b32 = model.weight.detach().numpy(), model.bias.detach().numpy()
+    w = w32[1].astype(np.float64) - w32[0].astype(np.float64)  # exact
+    b = float(b32[1]) - float(b32[0])
+    g = x.astype(np.float64) @ w + b
+    return model, x, t, w, g
+
+
+def _lower(model, x, t, norm):
+    data = robust_cert.load_data((x, t), input_range=(0.0, 1.0))
+    clf = robust_cert.load_model(model, input_shape=data.input_shape)
+    res = SafeRadius(SafeRadiusConfig(norms=[norm], **CHEAP)).run(
+        clf, data, RunContext(CPU, batch_size=128, seed=0))
+    assert res.diagnostics["lower_bound"] == "ok"
+    return res.per_point[f"lower@{norm}"]
+
+
+def _worst_direction(w: np.ndarray, g: np.ndarray, norm: str) -> np.ndarray:
+    """Unit direction (in the norm) that decreases |g| fastest, per point."""
+    s = -np.sign(g)[:, None]
+    if norm == "linf":
+        return s * np.sign(w)[None, :]
+    return s * (w / np.linalg.norm(w))[None, :]
+
+
+def _inside(x64: np.ndarray, cand: np.ndarray, r: np.ndarray, norm: str) -> np.ndarray:
+    d = cand.astype(np.float64) - x64
+    dist = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    return dist < r
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_lower_bound_never_exceeds_the_exact_radius_of_a_linear_model(norm) -> None:
+    model, x, t, w, g = _linear_and_points()
+    lower = _lower(model, x, t, norm)
+    exact = np.abs(g) / (np.linalg.norm(w) if norm == "l2" else np.abs(w).sum())
+    assert (lower <= exact * (1 - 1e-13)).all(), (
+        f"{int((lower > exact).sum())} of {len(x)} lower bounds exceed the exact radius")
+    # tight: below by at most the float32 rounding slack of the logits: γ₃₁(|W_k|·|x'| + |b_k|)
+    # for both logits k, at x and anywhere in the ball (|x'_i| ≤ |x_i| + r), twice for margin
+    gamma = 31 * 2.0 ** -24 / (1 - 31 * 2.0 ** -24)
+    wk = model.weight.detach().double().abs().numpy()
+    bk = model.bias.detach().double().abs().numpy()
+    dual = np.linalg.norm(w) if norm == "l2" else np.abs(w).sum()
+    slack = 2 * gamma * ((np.abs(x) @ wk.T).sum(1) * 2 + wk.sum() * exact + 2 * bk.sum()) / dual
+    assert (exact - lower <= slack).all()
+    assert (lower > 0).all()
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_no_float32_input_inside_the_certified_ball_flips_the_prediction(norm) -> None:
+    model, x, t, w, g = _linear_and_points()
+    lower = _lower(model, x, t, norm)
+    x64 = x.astype(np.float64)
+    rng = np.random.default_rng(1)
+    unit = _worst_direction(w, g, norm)
+    cands = []
+    # directed: along the worst direction just inside the ball, then every float32 neighbour
+    # of that point one ulp towards the boundary (rounding can only help an adversary here)
+    for frac in (0.999, 0.99999, 1 - 1e-7):
+        c = (x64 + frac * lower[:, None] * unit).astype(np.float32)
+        cands.append(c)
+        cands.append(np.nextafter(c, (c.astype(np.float64) + unit).astype(np.float32)))
+    # random points in the ball, and random float32 perturbations of the directed point
+    for _ in range(20):
+        if norm == "linf":
+            delta = rng.uniform(-1, 1, size=x.shape)
+        else:
+            delta = rng.normal(size=x.shape)
+            delta /= np.linalg.norm(delta, axis=1, keepdims=True)
+            delta *= rng.uniform(0, 1, size=(len(x), 1)) ** (1 / x.shape[1])
+        cands.append((x64 + 0.999 * lower[:, None] * delta).astype(np.float32))
+        nudge = rng.integers(-2, 3, size=x.shape)
+        base = cands[0]
+        cands.append(np.nextafter(base, base + np.sign(nudge).astype(np.float32)))
+    checked = flips = 0
+    for c in cands:
+        ok = _inside(x64, c, lower, norm)
+        with torch.no_grad():
+            pred = model(torch.from_numpy(np.ascontiguousarray(c))).argmax(1).numpy()
+        checked += int(ok.sum())
+        flips += int((ok & (pred != t)).sum())
+    assert checked > 20 * len(x)
+    assert flips == 0, f"{flips} float32 inputs inside certified balls changed the prediction"
