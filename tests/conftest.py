@@ -154,14 +154,17 @@ def client(demo):
 
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_uris():
-    """Each test starts with no process-wide tracking/registry URI set by an earlier test
-    (mlflow.set_tracking_uri / set_registry_uri are global)."""
+    """Each test starts with no process-wide tracking/registry URI and no active experiment
+    set by an earlier test (mlflow.set_tracking_uri / set_registry_uri / set_experiment are
+    global: an experiment id of one store does not exist in another)."""
     yield
     import mlflow.tracking._model_registry.utils as registry
     import mlflow.tracking._tracking_service.utils as tracking
+    import mlflow.tracking.fluent as fluent
 
     tracking._tracking_uri = None
     registry._registry_uri = None
+    fluent._active_experiment_id = None
 
 
 @pytest.fixture(scope="session")

@@ -622,12 +622,11 @@ def test_reconcile_certifies_what_the_webhooks_missed(mlflow_server, demo, clien
     client.create_model_version(name, source, model_id=model_id)  # v1: nobody is listening
     client.create_model_version(name, source, model_id=model_id)  # v2
     rec = make_receiver(str(policy), tmp_path / "jobs.db", tracking_uri=mlflow_server.url,
-                        watch=(name, "digits-cnn"), certify=certify, reconcile_every_s=3600)
+                        watch=(name,), certify=certify, reconcile_every_s=3600)
     try:
         counts = rec.reconcile_once()
-        # digits-cnn's versions carry current certificates (the demo): nothing to do there
-        assert counts["queued"] == 2, counts
-        assert counts["current"] == counts["versions"] - 2
+        # (other tests on the shared server change digits-cnn's certificates: watch only this)
+        assert (counts["versions"], counts["queued"], counts["current"]) == (2, 2, 0), counts
         _wait_for(lambda: not rec.work_once() and not rec.queue.counts().get("queued"),
                   within_s=60)
         assert sorted(certified) == [(name, "1"), (name, "2")]
