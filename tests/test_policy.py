@@ -385,3 +385,19 @@ def test_integer_and_float_radii_mean_the_same_policy() -> None:
     assert pol(1).metrics == pol(1.0).metrics
     assert pol(1).sha256 == pol(1.0).sha256
     assert pol(0).sha256 == pol(0.0).sha256
+
+
+def test_the_readme_policy_is_valid() -> None:
+    """The policy shown in README.md validates (the docs and the schema agree)."""
+    import re
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Policies\s+```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    pol = Policy.from_dict(yaml.safe_load(block[1]))
+    assert pol.time_budget_s == 3600
+    assert pol.metrics["robust_accuracy"]["attacks"] == ["apgd_ce", "apgd_t", "fab", "square"]
