@@ -405,7 +405,9 @@ class SafeRadius(Metric):
         h = torch.einsum("pmc,pc->pm", a, logits0) - b
         count = cfg.clever_batches * cfg.clever_samples
         flat = x.flatten(1)
-        chunk = max(1, 8192 // count)
+        # one chunk holds chunk × count samples, each back-propagated once per class: bound
+        # that product (memory follows it, not the number of points)
+        chunk = max(1, _CLEVER_IMAGES // (count * logits0.shape[1]))
         scores = np.empty(p)
         for s in range(0, p, chunk):
             xs = _ball_samples(flat[s:s + chunk], count, cfg.clever_radius, norm, g)
@@ -434,6 +436,8 @@ class SafeRadius(Metric):
         return scores
 
 
+#: Sample-gradients (samples × classes) one CLEVER chunk back-propagates at once.
+_CLEVER_IMAGES = 8192
 _BRACKET_LEVELS = 6
 #: Relative shrink of every certified radius: covers the float64 arithmetic of the division.
 _RADIUS_SAFETY = 1.0 - 1e-9
