@@ -38,10 +38,13 @@ def canonical_json(obj: Any) -> str:
 
 
 def proportion_to_dict(p, confidence: float) -> dict:
-    """One proportion as certificate JSON: the two-sided CI at ``confidence`` that the verdict's
-    test and bounds agree with, the population it covers and how it was computed. Clustered
-    proportions (several draws per point) add ``points`` and ``conditional_ci``, the pooled
-    Clopper–Pearson interval, which covers only this evaluation set (its ``population``)."""
+    """One proportion as certificate JSON: a two-sided CI at ``confidence`` by the same method
+    as the verdict's test (for display: the verdict's own one-sided bounds, at each
+    requirement's Holm level, are in the requirement outcomes; for clustered proportions the
+    betting interval's bets are tuned for this CI's level, so it is not the verdict's bound),
+    the population it covers and how it was computed. Clustered proportions (several draws per
+    point) add ``points`` and ``conditional_ci``, the pooled Clopper–Pearson interval, which
+    covers only this evaluation set (its ``population``)."""
     out = {
         "params": p.params,
         "k": p.k,

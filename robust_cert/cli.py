@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", help="re-render the HTML and PDF report from a certificate JSON",
         description="Writes report.html and report.pdf (PDF/A-3b, certificate attached) from "
-                    "certificate.json alone. The signature is checked with the signing key "
-                    "($ROBUST_CERT_SIGNING_KEY or $ROBUST_CERT_SIGNING_KEY_FILE); a certificate "
+                    "certificate.json alone. The signature is checked with the certifier's public "
+                    "key(s) ($ROBUST_CERT_PUBLIC_KEYS) or its signing key; a certificate "
                     "that does not verify (or is unsigned, or no key is set) is rendered with "
                     "a NOT VERIFIED banner, or refused with --strict.")
     p.add_argument("certificate", help="certificate.json written by certify")

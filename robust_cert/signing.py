@@ -52,10 +52,11 @@ _MANIFEST_DOMAIN = b"robust_cert manifest v1\n"
 CLAIM_FIELDS = ("model", "version", "verdict", "policy", "policy_sha256", "model_sha256",
                 "certificate_digest", "run_id", "issued_us", "kid")
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KID = re.compile(r"^[0-9a-f]{16}$")
-_RUN_ID = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
-_CANONICAL_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+# \A…\Z, not ^…$: "$" also matches before a trailing newline ("1\n" is not canonical)
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_KID = re.compile(r"\A[0-9a-f]{16}\Z")
+_RUN_ID = re.compile(r"\A[0-9a-zA-Z_-]{1,64}\Z")
+_CANONICAL_VERSION = re.compile(r"\A[1-9][0-9]{0,17}\Z")
 
 
 class SignatureError(RobustCertError):

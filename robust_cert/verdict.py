@@ -192,9 +192,15 @@ def apply_sanity(
             state = check_state(raw)
             rec = {"check": check, "metric": metric, "state": state}
             records.append(rec)
-            finding = findings.get(check)
-            if state != FAILED or finding is None:
+            if state != FAILED:
                 continue
+            # a failed check that its metric does not explain undermines all of the metric's
+            # requirements: a check decides, it never only warns
+            finding = findings.get(check) or {
+                "detail": "the check failed and its metric names no narrower consequence",
+                "undermines": [dict(r.params) for r in policy.requirements
+                               if r.metric == metric],
+                "compensated_by": None}
             rec["detail"] = finding["detail"]
             hit = [r for r in policy.requirements if _undermined(r, metric, finding)]
             rec["requirements"] = [r.id for r in hit]

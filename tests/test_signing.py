@@ -169,3 +169,33 @@ def test_keygen_and_verify_manifest_commands(tmp_path, capsys, monkeypatch):
     (tmp_path / "report.html").write_text("altered")
     assert main(["verify", str(tmp_path / "manifest.json")]) == 1
     assert "NOT VERIFIED: report.html" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("verdict", "code"), [("PASS", 0), ("FAIL", 4), ("INCONCLUSIVE", 4)])
+def test_verify_of_a_certification_manifest_exits_on_its_signed_verdict(
+        tmp_path, capsys, monkeypatch, verdict, code):
+    """`robust-cert verify manifest.json && deploy` must not deploy a signed FAIL."""
+    monkeypatch.setenv(KEY_ENV, generate_private_key_pem())  # verify derives the public key
+    signer = Keyring.from_env(require_private=True)
+    token = sign_claim({**CLAIM, "verdict": verdict, "issued_us": now_us()}, signer)
+    (tmp_path / "certificate.json").write_text("{}")
+    from robust_cert.signing import file_sha256
+
+    manifest = {"model": CLAIM["model"], "version": CLAIM["version"], "verdict": verdict,
+                "certificate_digest": CLAIM["certificate_digest"], "claim": token,
+                "files": {"certificate.json": file_sha256(tmp_path / "certificate.json")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(sign_manifest(manifest, signer)))
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "manifest.json")]) == code
+    assert f"verdict {verdict}" in capsys.readouterr().out
+    # a manifest whose unsigned-looking verdict was edited no longer verifies
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    doc["manifest"]["verdict"] = "PASS" if verdict != "PASS" else "FAIL"
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    assert main(["verify", str(tmp_path / "manifest.json")]) == 1
+
+
+def test_canonical_version_refuses_a_trailing_newline():
+    with pytest.raises(ValueError, match="not canonical"):
+        canonical_version("1\n")
+    assert canonical_version("1") == 1

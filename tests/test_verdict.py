@@ -308,3 +308,24 @@ def test_reported_bound_agrees_with_verdict_under_holm() -> None:
         ref = st.beta.ppf(o.level, o.k, o.n - o.k + 1)
         assert o.bound == pytest.approx(ref, rel=1e-12)
         assert (o.verdict == PASS) == (o.bound > o.threshold), o
+
+
+def test_a_failed_check_its_metric_does_not_explain_still_decides() -> None:
+    """A check decides, it never only warns: a failed check without a finding makes the
+    metric's PASS requirements INCONCLUSIVE (and leaves other metrics alone)."""
+    from robust_cert.verdict import apply_sanity
+
+    policy = _policy({**ACC, "at_least": 0.9}, {**ROB, "at_least": 0.5})
+    rob = _rob(290, 300)
+    rob.diagnostics["sanity"] = {"some_new_check": "failed", "gradients_nonzero": "passed"}
+    results = {"accuracy": _acc(299, 300), "robust_accuracy": rob}
+    overall, outcomes = decide(policy, results)
+    assert overall == PASS
+    overall, outcomes, records = apply_sanity(policy, results, outcomes)
+    assert overall == INCONCLUSIVE
+    by = {o.metric: o for o in outcomes}
+    assert by["accuracy"].verdict == PASS
+    assert by["robust_accuracy"].verdict == INCONCLUSIVE
+    assert "some_new_check failed" in by["robust_accuracy"].reason
+    (rec,) = [r for r in records if r["check"] == "some_new_check"]
+    assert rec["action"] == "inconclusive"

@@ -319,7 +319,7 @@ class RobustAccuracy(Metric):
         return None
 
     def _findings(self, sanity: dict, attacks: list[str], zero_grad: int, probed: int,
-                  view_mismatch: int, comparison: list[dict]) -> dict:
+                  view_mismatch: int, comparison: list[dict], out_of_bounds: int = 0) -> dict:
         """The failed checks that undermine results: check -> detail, the proportions they
         undermine (every ε > 0, as requirement parameters), and what compensates (or None)."""
         undermines = [{"eps": e} for e in self.config.eps if e > 0]
@@ -331,6 +331,12 @@ class RobustAccuracy(Metric):
                           f"predictions on {view_mismatch} points, so every attack searched "
                           "a different model",
                 "undermines": undermines, "compensated_by": None}
+        if sanity["in_range_and_ball"] == FAILED:
+            out["in_range_and_ball"] = {
+                "detail": f"an attack returned {out_of_bounds} inputs outside the input range or "
+                          "the ε-ball; they were projected back before being judged, so every "
+                          "judged input is within the threat model",
+                "undermines": [], "compensated_by": None}
         if sanity["gradients_nonzero"] == FAILED:
             out["gradients_nonzero"] = {
                 "detail": f"gradient masking suspected: {zero_grad} of {probed} points have an "
@@ -454,7 +460,7 @@ class RobustAccuracy(Metric):
             "square_vs_white_box": comparison,
             "sanity": sanity,
             "sanity_findings": self._findings(sanity, attacks, zero_grad, probed, view_mismatch,
-                                              comparison),
+                                              comparison, out_of_bounds),
         }
         if fallback:
             diagnostics["fallback"] = fallback

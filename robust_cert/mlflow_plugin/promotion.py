@@ -67,8 +67,21 @@ def verify_manifest_file(path: str | Path, keyring: Keyring) -> Verification:
         return Verification(False, f"cannot read {path}: {exc}")
     except SignatureError as exc:
         return Verification(False, str(exc))
+    claim = None
+    if manifest.get("claim") is not None:  # a certification's manifest: its signed claim too
+        try:
+            claim = verify_claim(manifest["claim"], keyring, name=manifest["model"],
+                                 version=manifest["version"])
+        except (SignatureError, KeyError) as exc:
+            return Verification(False, f"the manifest's claim does not verify: {exc}")
+        if (claim["verdict"], claim["certificate_digest"]) != \
+                (manifest.get("verdict"), manifest.get("certificate_digest")):
+            return Verification(False, "the manifest's verdict or certificate digest differs "
+                                       "from its signed claim")
+    what = f"; verdict {claim['verdict']}" if claim else ""
     return Verification(True, f"valid signature (key {doc['kid']}); {len(manifest['files'])} "
-                              f"files match: {', '.join(sorted(manifest['files']))}")
+                              f"files match: {', '.join(sorted(manifest['files']))}{what}",
+                        claim)
 
 
 def verify_version(client, name: str, version, keyring: Keyring, *,
