@@ -171,6 +171,7 @@ def _state(client):
     ["compare", MODEL, "--versions", "1", "2", "--confidence", "1.5"],
     ["compare", MODEL, "--versions", "1", "1"],
     ["compare", MODEL, "--versions", "1", "x"],
+    ["compare", MODEL, "--versions", "1", "²"],
 ])
 def test_registry_lookups_fail_in_one_line(demo, client, argv, capsys, tmp_path):
     before = _state(client)

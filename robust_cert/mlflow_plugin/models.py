@@ -30,7 +30,9 @@ def artifacts_sha256(root: str | Path) -> str:
     """
     root = Path(root)
     h = hashlib.sha256()
-    files = (p for p in root.rglob("*") if p.is_file() and p.name != _DOWNLOAD_META)
+    # only the top-level file MLflow's client writes: a file of that name deeper down is a
+    # model artifact like any other (and could otherwise be swapped unnoticed)
+    files = (p for p in root.rglob("*") if p.is_file() and p != root / _DOWNLOAD_META)
     for path in sorted(files):
         rel = path.relative_to(root).as_posix()
         h.update(f"{rel}\n{path.stat().st_size}\n".encode())
@@ -107,7 +109,7 @@ def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classif
         except Exception as exc:
             raise ModelError(f"{mv.name} v{mv.version}: no readable MLmodel file ({exc})") from None
         if "pytorch" not in meta.flavors and "onnx" in meta.flavors:
-            return _load_onnx_flavor(local, meta, mv, sha, device)
+            return _load_onnx_flavor(local, meta, mv, sha, device, client)
         if "pytorch" not in meta.flavors:
             raise ModelError(f"{mv.name} v{mv.version} has flavors {', '.join(meta.flavors)}; "
                              "robust_cert loads the pytorch and onnx flavors")
@@ -132,11 +134,45 @@ def load_mlflow_model(uri: str, *, device: torch.device, client=None) -> Classif
     clf.version = str(mv.version)
     clf.uri = f"models:/{mv.name}/{mv.version}"
     clf.extra = {"source": mv.source, "run_id": mv.run_id or None,
-                 "model_id": logged_model_id(mv)}
+                 "model_id": logged_model_id(mv), **registry_facts(client, mv)}
     return clf
 
 
-def _load_onnx_flavor(local: str, meta, mv, sha: str, device: torch.device) -> Classifier:
+def registry_facts(client, mv) -> dict:
+    """What the registry says about a version, for the certificate's model section (the
+    report's intended use and training rows): the registered model's description
+    (``registered_model_description``), the version's own description without robust_cert's
+    summary block (``version_description``), and the training run
+    (``training: {run_name, run_id, params}``) when the version has a run. Each only when
+    known; a registry or run that cannot be read is logged and left out."""
+    from mlflow.exceptions import MlflowException
+
+    from robust_cert.mlflow_plugin.tracking import user_description
+
+    out = {}
+    try:
+        text = (client.get_registered_model(mv.name).description or "").strip()
+        if text:
+            out["registered_model_description"] = text
+    except MlflowException as exc:
+        log.warning("cannot read the description of %s: %s", mv.name, exc.message)
+    own = user_description(mv.description)
+    if own:
+        out["version_description"] = own
+    if mv.run_id:
+        try:
+            run = client.get_run(mv.run_id)
+        except MlflowException as exc:
+            log.warning("cannot read the training run %s of %s v%s: %s", mv.run_id, mv.name,
+                        mv.version, exc.message)
+        else:
+            out["training"] = {"run_name": run.info.run_name, "run_id": run.info.run_id,
+                               "params": dict(sorted(run.data.params.items()))}
+    return out
+
+
+def _load_onnx_flavor(local: str, meta, mv, sha: str, device: torch.device,
+                      client) -> Classifier:
     """The ``onnx`` flavor: the graph file is ``flavors.onnx.data`` (weights may lie beside it,
     which onnxruntime reads while ``local`` still exists). The per-sample shape comes from the
     signature when it fixes every dimension, else from the graph itself."""
@@ -158,7 +194,7 @@ def _load_onnx_flavor(local: str, meta, mv, sha: str, device: torch.device) -> C
     clf.version = str(mv.version)
     clf.uri = f"models:/{mv.name}/{mv.version}"
     clf.extra = {**clf.extra, "source": mv.source, "run_id": mv.run_id or None,
-                 "model_id": logged_model_id(mv)}
+                 "model_id": logged_model_id(mv), **registry_facts(client, mv)}
     return clf
 
 
@@ -180,3 +216,87 @@ def _input_shape(meta, mv) -> tuple[int, ...]:
     if not shape:
         raise ModelError(f"{mv.name} v{mv.version}: the input signature is not a tensor spec")
     return tuple(int(d) for d in shape[1:])
+
+
+ALLOWED_POLICIES_ENV = "ROBUST_CERT_ALLOWED_POLICIES"
+
+
+def load_verified(uri: str, *, allowed_policies=None, keyring=None, client=None,
+                  tracking_uri: str | None = None, flavor: str = "pyfunc",
+                  dst_path: str | Path | None = None, **load_kwargs):
+    """Load a registered model only if its certificate verifies; what deployments call.
+
+    ``uri`` is ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``. Before returning the model
+    this checks that the version's ``robust_cert.certificate`` tag carries a valid Ed25519
+    signature by a trusted public key (``keyring``, default ``$ROBUST_CERT_PUBLIC_KEYS`` /
+    the signing key's public half) naming this model and version, that the verdict is PASS,
+    that the policy (name or SHA-256) is in ``allowed_policies`` (default
+    ``$ROBUST_CERT_ALLOWED_POLICIES``; one of the two is required), and that the downloaded
+    artifacts hash to the certified SHA-256. The model is then loaded from exactly the bytes
+    that were hashed, so artifacts swapped on the server after promotion are refused, not
+    served. Raises :class:`~robust_cert.mlflow_plugin.promotion.VerificationError` saying why.
+
+    ``flavor`` names the MLflow flavor module that loads it (``pyfunc`` default, ``pytorch``,
+    ``onnx``, ``sklearn``, …; ``load_kwargs`` are passed on). The files are downloaded into
+    ``dst_path`` (kept) or a temporary folder removed after loading.
+    """
+    import importlib
+
+    from robust_cert.mlflow_plugin.promotion import VerificationError, verify_version
+    from robust_cert.signing import Keyring
+
+    if allowed_policies is None:
+        raw = os.environ.get(ALLOWED_POLICIES_ENV, "")
+        allowed_policies = [p.strip() for p in raw.split(",") if p.strip()]
+    elif isinstance(allowed_policies, str):
+        allowed_policies = [allowed_policies]
+    allowed = set(allowed_policies)
+    if not allowed:
+        raise VerificationError(f"{uri}: no policy allow-list: pass allowed_policies=[...] or "
+                                f"set {ALLOWED_POLICIES_ENV} (policy names or SHA-256 hashes)")
+    keyring = keyring or Keyring.from_env()
+    if client is None:
+        from robust_cert.mlflow_plugin.tracking import connect
+
+        client = connect(tracking_uri)
+    try:
+        loader = importlib.import_module(f"mlflow.{flavor}").load_model
+    except (ImportError, AttributeError):
+        raise ModelError(f"unknown MLflow flavor {flavor!r} (e.g. pyfunc, pytorch, onnx)") \
+            from None
+    mv = resolve_version(client, uri)
+    label = f"{uri} ({mv.name} v{mv.version})"
+    # the signature and the claim's model and version; artifacts are hashed below, on the
+    # very bytes that are then loaded
+    check = verify_version(client, mv.name, mv.version, keyring, check_artifacts=False)
+    if not check.ok:
+        raise VerificationError(f"{label} NOT VERIFIED: {check.message}")
+    claim = check.claim
+    if claim["verdict"] != "PASS":
+        raise VerificationError(f"{label} NOT VERIFIED: verdict {claim['verdict']} under "
+                                f"policy {claim['policy']!r}")
+    if not ({claim["policy"], claim["policy_sha256"]} & allowed):
+        raise VerificationError(f"{label} NOT VERIFIED: policy {claim['policy']!r} is not "
+                                f"allowed (allowed: {', '.join(sorted(allowed))})")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    def _load(dst: str):
+        local = download_version(mv.name, mv.version, dst)
+        if artifacts_sha256(local) != claim["model_sha256"]:
+            raise VerificationError(f"{label} NOT VERIFIED: the model artifacts do not match "
+                                    "the certified SHA-256 (changed after certification)")
+        try:
+            return loader(local, **load_kwargs)
+        except Exception as exc:
+            raise ModelError(f"{label}: verified, but mlflow.{flavor} cannot load it: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+        model = _load(str(dst_path))
+    else:
+        with tempfile.TemporaryDirectory(prefix="robust_cert_verified_") as tmp:
+            model = _load(tmp)
+    log.info("%s verified: PASS under %r (key %s, issued %s)", label, claim["policy"],
+             claim["kid"], claim["issued_at"])
+    return model

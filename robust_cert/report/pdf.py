@@ -83,20 +83,28 @@ def render_pdf(html: str, cert: Certificate) -> bytes:
     content, and the fonts are the system's DejaVu fonts subset the same way each time.
     Raises PdfUnavailable when WeasyPrint cannot be imported.
     """
-    weasyprint = pdf_engine()
     issued = _issued(cert)
-    attachment = weasyprint.Attachment(
-        string=cert.to_json(), name=ATTACHMENT_NAME, relationship="Source",
-        description=f"robust_cert certificate {cert.digest} (canonical JSON)",
-        created=issued, modified=issued)
+    return pdf_a3b(printed_from(html), attachment=cert.to_json(), name=ATTACHMENT_NAME,
+                   description=f"robust_cert certificate {cert.digest} (canonical JSON)",
+                   dated=issued)
+
+
+def pdf_a3b(html: str, *, attachment: str, name: str, description: str,
+            dated: datetime) -> bytes:
+    """``html`` as PDF/A-3b bytes with ``attachment`` embedded as ``name`` (relationship
+    Source) and ``dated`` as the attachment's only date. Raises PdfUnavailable without
+    WeasyPrint. Shared by the certification and comparison reports."""
+    weasyprint = pdf_engine()
+    embedded = weasyprint.Attachment(string=attachment, name=name, relationship="Source",
+                                     description=description, created=dated, modified=dated)
     # Its progress lines and notes on CSS it ignores (screen-only rules) are not the user's.
-    loggers = [logging.getLogger(name) for name in ("weasyprint", "weasyprint.progress")]
+    loggers = [logging.getLogger(n) for n in ("weasyprint", "weasyprint.progress")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        return weasyprint.HTML(string=printed_from(html), base_url=None).write_pdf(
-            pdf_variant="pdf/a-3b", attachments=[attachment])
+        return weasyprint.HTML(string=html, base_url=None).write_pdf(
+            pdf_variant="pdf/a-3b", attachments=[embedded])
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
