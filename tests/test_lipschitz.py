@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,134 @@ def test_no_flip_inside_the_certified_ball_of_a_cnn(norm) -> None:
                     dn = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
                     delta = delta * (r / dn).clamp(max=1.0)
                 assert (model(x + delta).argmax(1) == t).all()
+
+
+# --- the arithmetic of the products: float32 matmul precision, TF32, cuDNN -------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(("precision", "u"), [("highest", 2.0 ** -24), ("high", 2.0 ** -11),
+                                              ("medium", 2.0 ** -8)])
+def test_matmul_precision_maps_to_its_unit_roundoff(monkeypatch, device, precision, u) -> None:
+    """"medium" is bfloat16 products (u = 2^-8), not TF32 (2^-11). No CUDA is needed: only the
+    device's type is read."""
+    from robust_cert.metrics import lipschitz
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dev = torch.device(device)
+    assert lipschitz.unit_roundoff(torch.float32, dev, "matmul") == u
+    assert lipschitz.unit_roundoff(torch.float32, dev, "conv") == u  # im2col without cuDNN
+    assert lipschitz.unit_roundoff(torch.float32, dev) == 2.0 ** -24  # elementwise
+    assert lipschitz.unit_roundoff(torch.float64, dev, "matmul") == 2.0 ** -53
+    # cuDNN's TF32 convolutions on CUDA: at least 2^-11
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    conv = lipschitz.unit_roundoff(torch.float32, dev, "conv")
+    assert conv == (max(u, 2.0 ** -11) if device == "cuda" else u)
+
+
+def test_strict_float32_sets_and_restores_the_settings() -> None:
+    from robust_cert.metrics.lipschitz import strict_float32
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+              torch.backends.cudnn.enabled)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with strict_float32():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cudnn.enabled
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.backends.cudnn.enabled == before[2]
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+    assert torch.backends.cudnn.allow_tf32 == before[1]
+
+
+def test_rounding_reads_the_precision_at_evaluation() -> None:
+    """A bound built under "medium" precision rounds like one built under "highest": the
+    rounding runs in IEEE float32 (strict_float32) and reads u then, not at construction."""
+    torch.manual_seed(0)
+    model = _trained_bn(Functional())
+    x = torch.rand(3, 1, 8, 8)
+    ref = lipschitz_bound(model, (1, 8, 8), 5).rounding(x, torch.full((3,), 0.1), "l2")
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        bound = lipschitz_bound(model, (1, 8, 8), 5)
+        got = bound.rounding(x, torch.full((3,), 0.1), "l2")
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN, TF32, bf16)")
+def test_cuda_rounding_model_covers_the_strict_evaluation() -> None:
+    """On CUDA with cuDNN benchmarking and bf16 products allowed, the certified margins and the
+    rounding are of the strict float32 evaluation: the computed logits lie within the bound of
+    a float64 evaluation."""
+    from robust_cert.metrics.lipschitz import strict_float32
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = _trained_bn(Functional()).to(dev)
+    x = torch.rand(16, 1, 8, 8, device=dev)
+    prec, bench = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.benchmark = True
+    try:
+        bound = lipschitz_bound(model, (1, 8, 8), 5)
+        err, _ = bound.rounding(x)
+        with strict_float32(), torch.no_grad():
+            out = model(x).double()
+        exact = model.double()(x.double()).detach()
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cudnn.benchmark = bench
+        model.float()
+    assert ((out - exact).abs() <= err).all()
+
+
+# --- the float evaluation of the error bounds themselves ------------------------------------
+
+
+def _deep_wide_stack(depth: int, k: int = 4607, length: int = 8) -> nn.Module:
+    """``depth`` 1-channel convolutions with kernel k ("same" padding: fan-in k + 1, γ ≈ 2.7e-4
+    at float32), weights 1/8 on the 8 central taps (values stay of order one)."""
+    layers = []
+    for _ in range(depth):
+        conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0, k // 2 - 4:k // 2 + 4] = 1 / 8
+        layers += [conv, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(length, 2)).eval()
+
+
+def test_error_bound_safety_covers_a_deep_wide_stack(monkeypatch) -> None:
+    """The old fixed ×1.01 is below ∏(1 + γ_fan-in) after ~37 such layers: the factor now is
+    computed over the steps walked, ∏ 1/(1 − γ_k) ≥ ∏ (1 + γ_fan-in)."""
+    from robust_cert.metrics import lipschitz
+
+    depth = 40
+    bound = lipschitz_bound(_deep_wide_stack(depth), (1, 8), 1)
+    u = 2.0 ** -24
+    needed = math.prod(1 + lipschitz.gamma(4608, u) for _ in range(depth))
+    assert needed > lipschitz.ERROR_BOUND_SAFETY  # the old constant is not enough here
+    x = torch.rand(2, 1, 8)
+    err, ball = bound.rounding(x, torch.full((2,), 0.01), "l2")
+    safety = bound.graph.safety
+    assert safety >= needed
+    assert safety == lipschitz.evaluation_safety(bound.graph.steps)
+    # and it is what the bounds are multiplied by
+    monkeypatch.setattr(lipschitz, "evaluation_safety", lambda steps: 1.0)
+    monkeypatch.setattr(lipschitz, "ERROR_BOUND_SAFETY", 1.0)
+    raw, raw_ball = bound.rounding(x, torch.full((2,), 0.01), "l2")
+    assert (raw > 0).all()
+    torch.testing.assert_close(err, raw * safety, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ball, raw_ball * safety, rtol=1e-12, atol=0)
+    # a shallow narrow network keeps the 1.01 floor
+    small = lipschitz_bound(_trained_bn(Functional()), (1, 8, 8), 5)
+    small.rounding(torch.rand(2, 1, 8, 8))
+    assert small.graph.safety == lipschitz.ERROR_BOUND_SAFETY

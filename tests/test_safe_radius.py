@@ -206,3 +206,83 @@ def test_weibull_location_and_config_errors() -> None:
         SafeRadiusConfig(property="reachability")
     with pytest.raises(ValueError, match="radii must be >= 0"):
         SafeRadiusConfig(radii=[-1])
+
+
+# --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------
+
+
+class _Wrapped(nn.Module):
+    """The same linear model behind a different object: a stand-in for a deployed graph."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_gradient_twin_makes_the_lower_bound_not_applicable() -> None:
+    import dataclasses
+
+    x, y, _ = _data(n=12)
+    data = robust_cert.load_data((x, y), input_range=WIDE)
+    twin = _binary()
+    clf = robust_cert.load_model(_Wrapped(twin), input_shape=data.input_shape)
+    clf = dataclasses.replace(clf, gradient_forward=twin)
+    kw = dict(norms=["l2", "linf"], clever_samples=5, bisection_steps=3)
+    res = SafeRadius(SafeRadiusConfig(radii=[0.1], **kw)).run(
+        clf, data, RunContext(CPU, batch_size=32, seed=0))
+    assert res.status == "not_applicable"
+    assert "gradient twin" in res.reason
+    assert "deployed graph" in res.reason
+    assert res.proportions == []
+    assert res.diagnostics["lower_bound"] == "not applicable: " + res.reason
+    for nm in ("l2", "linf"):  # the diagnostics are still reported
+        assert np.isnan(res.per_point[f"lower@{nm}"]).all()
+        assert np.isfinite(res.per_point[f"clever@{nm}"]).all()
+        assert np.isfinite(res.per_point[f"upper@{nm}"]).any()
+    # without radii: no certified proportion, status ok, the reason in the diagnostics
+    free = SafeRadius(SafeRadiusConfig(**kw)).run(clf, data,
+                                                  RunContext(CPU, batch_size=32, seed=0))
+    assert free.status == "ok"
+    assert free.proportions == []
+    assert "gradient twin" in free.diagnostics["lower_bound"]
+
+
+def test_onnx_with_a_twin_gives_no_certified_safe_radius(tmp_path) -> None:
+    """End to end: an ONNX export certified with its PyTorch twin — the safe-radius
+    requirement is INCONCLUSIVE, naming the twin; the witness and CLEVER are still reported."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(40, 4)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    policy = {"name": "twin-safe-radius", "confidence": 0.95, "metrics": {
+        "accuracy": {},
+        "safe_radius": {"norms": ["l2"], "radii": [0.01], "clever_batches": 2,
+                        "clever_samples": 4, "bisection_steps": 4, "attack_steps": 3}},
+        "requirements": [{"metric": "accuracy", "at_least": 0.5},
+                         {"metric": "safe_radius", "norm": "l2", "radius": 0.01,
+                          "at_least": 0.1}]}
+    cert = robust_cert.certify(str(path), (x, y), policy, seed=0, progress=False,
+                               gradient_twin=model)
+    sr = next(r for r in cert.results if r["metric"] == "safe_radius")
+    assert sr["status"] == "not_applicable"
+    assert "gradient twin" in sr["reason"]
+    assert sr["values"] == []
+    assert np.isfinite(cert.per_point["safe_radius/clever@l2"]).all()
+    outcome = next(o for o in cert.requirements if o["metric"] == "safe_radius")
+    assert outcome["verdict"] == "INCONCLUSIVE"
+    assert "gradient twin" in outcome["reason"]
+    # the same network as a PyTorch model: the bound applies and the proportion is produced
+    ref = robust_cert.certify(model, (x, y), policy, seed=0, progress=False)
+    ref_sr = next(r for r in ref.results if r["metric"] == "safe_radius")
+    assert ref_sr["status"] == "ok"
+    assert ref_sr["values"]

@@ -113,3 +113,55 @@ def test_no_float32_input_inside_the_certified_ball_flips_the_prediction(norm) -
         flips += int((ok & (pred != t)).sum())
     assert checked > 20 * len(x)
     assert flips == 0, f"{flips} float32 inputs inside certified balls changed the prediction"
+
+
+def test_certified_margins_come_from_the_modelled_arithmetic(monkeypatch) -> None:
+    """The logits of the certified margins are evaluated with cuDNN off and IEEE float32
+    products, whatever the caller set (bf16 "medium" products, cuDNN on): the rounding model
+    (sums of rounded float32 products) describes that evaluation, not Winograd/FFT or bf16."""
+    from robust_cert.models.base import Classifier
+
+    model, x, t, _, _ = _linear_and_points(n=20)
+    seen = []
+    real = Classifier.logits
+
+    def spy(self, xb):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled,
+                     torch.backends.cudnn.allow_tf32))
+        return real(self, xb)
+
+    monkeypatch.setattr(Classifier, "logits", spy)
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        _lower(model, x, t, "l2")
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    assert seen
+    assert all(s == ("highest", False, False) for s in seen), seen
+    assert after == "medium"  # the caller's setting is restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN, TF32, bf16)")
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_no_flip_inside_the_certified_ball_on_cuda_with_bf16_allowed(norm) -> None:
+    """On CUDA, with bf16 products allowed and cuDNN benchmarking on, the lower bound stays
+    below the exact radius (float64 from the float32 parameters)."""
+    dev = torch.device("cuda")
+    model, x, t, _, g = _linear_and_points()
+    w = model.weight.detach().double()
+    exact = np.abs(g) / float((w[1] - w[0]).norm(p=2 if norm == "l2" else 1))
+    data = robust_cert.load_data((x, t), input_range=(0.0, 1.0))
+    clf = robust_cert.load_model(model.to(dev), input_shape=data.input_shape, device=dev)
+    prec, bench = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.benchmark = True
+    try:
+        res = SafeRadius(SafeRadiusConfig(norms=[norm], **CHEAP)).run(
+            clf, data, RunContext(dev, batch_size=128, seed=0))
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cudnn.benchmark = bench
+        model.cpu()
+    assert (res.per_point[f"lower@{norm}"] <= exact * (1 + 1e-12)).all()

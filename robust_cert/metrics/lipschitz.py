@@ -39,6 +39,7 @@ by 1 + 1e-9 to cover float64 rounding):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -51,32 +52,82 @@ from torch.fx.node import map_arg
 
 #: Relative safety factor on every operator norm (float64 rounding of SVD, FFT and sums).
 NORM_SAFETY = 1.0 + 1e-9
-#: The error bounds are themselves evaluated in the network's precision, as sums of
-#: non-negative terms (relative error ≤ γ_n per layer, ~1e-4 for n ≤ 1,500 at float32):
-#: ×1.01 covers that for networks up to ~100 such layers deep.
+#: Floor of the factor on the error bounds for their own float evaluation; the factor used is
+#: the larger of this and :func:`evaluation_safety` of the steps actually walked.
 ERROR_BOUND_SAFETY = 1.01
+#: Rounded operations per element that the error-bound evaluation of one step adds beyond the
+#: op's own sums (magnitudes |ẑ| + 2e + L·r + e_ball, the γ·(…) products, the additions of
+#: the local term, the cast of the radius and of the float64 norm, the norm cap).
+_BOUND_OPS_PER_STEP = 10
+
+#: u of each ``torch.get_float32_matmul_precision()`` (float32 products on CUDA, and on CPUs
+#: whose oneDNN honours it): IEEE float32, TF32 (10-bit mantissa), bfloat16 (7-bit mantissa).
+MATMUL_PRECISION_U = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -8}
 
 
 class NotBoundable(ValueError):
     """The network contains an operation whose Lipschitz constant this module cannot bound."""
 
 
+def matmul_precision_u() -> float:
+    """u of float32 matrix products under the current ``torch.set_float32_matmul_precision``:
+    "highest" 2^-24, "high" (TF32) 2^-11, "medium" (bfloat16) 2^-8; an unknown setting is
+    taken as the coarsest (2^-8); cuBLAS's TF32 switch, when on, means at least 2^-11."""
+    u = MATMUL_PRECISION_U.get(str(torch.get_float32_matmul_precision()), 2.0 ** -8)
+    if torch.backends.cuda.matmul.allow_tf32:
+        u = max(u, 2.0 ** -11)
+    return u
+
+
 def unit_roundoff(dtype: torch.dtype, device: torch.device, kind: str = "") -> float:
-    """u of the arithmetic the products of ``kind`` ("matmul", "conv") run in: 2^-24 for
-    float32 (2^-11 on CUDA when TF32 is allowed for that kind), 2^-53 for float64, 2^-11 for
-    float16, 2^-8 for bfloat16."""
+    """u of the arithmetic the products of ``kind`` ("matmul", "conv") run in: 2^-53 for
+    float64, 2^-11 for float16, 2^-8 for bfloat16; for float32 the coarsest of what may run:
+    2^-24, the float32 matmul precision (:func:`matmul_precision_u`; cuBLAS, and the im2col
+    convolution without cuDNN) and, for convolutions on CUDA, TF32 (2^-11) when cuDNN may use
+    it. Elementwise ops ("") are IEEE float32."""
     if dtype == torch.float64:
         return 2.0 ** -53
     if dtype == torch.float16:
         return 2.0 ** -11
     if dtype == torch.bfloat16:
         return 2.0 ** -8
-    if device.type == "cuda":
-        tf32 = (torch.backends.cudnn.allow_tf32 if kind == "conv" else
-                torch.backends.cuda.matmul.allow_tf32 if kind == "matmul" else False)
-        if tf32:
-            return 2.0 ** -11
-    return 2.0 ** -24
+    u = 2.0 ** -24
+    if kind in ("matmul", "conv"):
+        u = max(u, matmul_precision_u())
+    if kind == "conv" and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        u = max(u, 2.0 ** -11)
+    return u
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """Evaluate inside the error model: cuDNN off (no Winograd/FFT convolutions: every output
+    is a sum of rounded products), float32 matrix products in IEEE float32 (no TF32/bf16).
+    Restores the previous settings on exit."""
+    prec = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+
+
+def evaluation_safety(steps) -> float:
+    """Factor covering the float evaluation of the error bounds themselves over ``steps``.
+
+    Each step computes its bound from its inputs' bounds by sums of k non-negative terms
+    (k = its fan-in, or its number of inputs, plus :data:`_BOUND_OPS_PER_STEP`) in
+    arithmetic of unit roundoff u, so the computed value is at least the exact one times
+    (1 − γ_k). The maps are monotone and of the form A·e + b with A, b ≥ 0 (or a minimum of
+    such), so relative shortfalls compound at most multiplicatively: the exact bound is at
+    most the computed one times ∏ 1/(1 − γ_k) over the steps walked."""
+    log_f = 0.0
+    for step in steps:
+        k = (step.fan_in if step.kind == "affine" else max(1, len(step.inputs)))
+        g = gamma(k + _BOUND_OPS_PER_STEP, max(step.u, 2.0 ** -24))
+        log_f -= math.log1p(-g)
+    return math.exp(log_f) * (1 + 1e-12)
 
 
 def gamma(n: int, u: float) -> float:
@@ -105,7 +156,8 @@ class _Step:
     bias: torch.Tensor | None = None  # affine: |b| (broadcastable to the output)
     fan_in: int = 1  # affine: products per output (the γ index)
     ulps: float = 0.0  # act/scale/add: rounding of the op itself, in units of u·|out|
-    u: float = 2.0 ** -24
+    u: float = 2.0 ** -24  # elementwise ops; products: from ``u_kind`` when rounding
+    u_kind: str | None = None  # affine: the kind of its products (see :func:`unit_roundoff`)
     matrix: torch.Tensor | None = None  # affine with an explicit (out, in) matrix: the head
     info: str = ""
 
@@ -539,7 +591,8 @@ class _GraphBound:
         return _Step(n, "affine", deps, l2=l2, linf=linf,
                      apply=lambda v: F.linear(v, w), apply_abs=lambda v: F.linear(v, wabs),
                      bias=None if b is None else b.detach().abs(), fan_in=w.shape[1] + 1,
-                     u=unit_roundoff(w.dtype, w.device, "matmul"), matrix=w, info=label)
+                     u=unit_roundoff(w.dtype, w.device, "matmul"), u_kind="matmul", matrix=w,
+                     info=label)
 
     def _conv(self, n, deps, z, w, b, stride, padding, dilation, groups, label) -> _Step:
         w = w.detach()
@@ -580,7 +633,7 @@ class _GraphBound:
                      bias=None if b is None else b.detach().abs().view(
                          -1, *([1] * nd)),
                      fan_in=int(np.prod(w.shape[1:])) + 1,
-                     u=unit_roundoff(w.dtype, w.device, "conv"), info=label)
+                     u=unit_roundoff(w.dtype, w.device, "conv"), u_kind="conv", info=label)
         step.l2_lower = _power_iteration(apply, in_shape, w, self.power_iterations)
         return step
 
@@ -606,7 +659,7 @@ class _GraphBound:
         fan = int(np.prod(z.shape[2:])) if spatial and z.ndim > 2 else z[0].numel()
         return _Step(n, "affine", deps, l2=math.sqrt(l1 * linf) * NORM_SAFETY,
                      linf=linf * NORM_SAFETY, apply=apply, apply_abs=apply, bias=None,
-                     fan_in=fan + 1, u=unit_roundoff(z.dtype, z.device), info=label)
+                     fan_in=fan + 1, u=unit_roundoff(z.dtype, z.device), u_kind="", info=label)
 
     def _bn(self, n, deps, z, w, b, mean, var, eps, apply) -> _Step:
         scale = 1.0 / torch.sqrt(var.detach().double() + eps)
@@ -622,7 +675,7 @@ class _GraphBound:
         return _Step(n, "affine", deps, l2=s * NORM_SAFETY, linf=s * NORM_SAFETY,
                      apply=lambda v: v * sabs, apply_abs=lambda v: v * sabs,
                      bias=const, fan_in=6,
-                     u=unit_roundoff(z.dtype, z.device), info="BatchNorm (eval)")
+                     u=unit_roundoff(z.dtype, z.device), u_kind="", info="BatchNorm (eval)")
 
     def _propagate_lip(self, step: _Step) -> tuple[float, float]:
         ins = [self.lip[a] for a in step.inputs]
@@ -644,7 +697,16 @@ class _GraphBound:
         is given, one per point) anywhere in the ``norm`` ball of that radius around x.
 
         Returns (err_center, err_ball) of the output's shape (err_ball None without radius).
+        The bounds are of the evaluation under :func:`strict_float32` (which this runs in), and
+        the unit roundoff of every product is read from the settings at this call.
         """
+        with strict_float32():
+            return self._rounding(x, radius, norm)
+
+    def _rounding(self, x: torch.Tensor, radius: torch.Tensor | None, norm: str):
+        for step in self.steps:
+            if step.u_kind is not None:
+                step.u = unit_roundoff(self.dtype, self.device, step.u_kind)
         with torch.no_grad():
             vals = self._evaluate(x.to(self.dtype))
         col = 0 if norm == "l2" else 1
@@ -678,7 +740,10 @@ class _GraphBound:
         norm_b: dict = {self.input: zero}
 
         def pnorm(t):
-            return t.flatten(1).norm(dim=1) if t.ndim > 1 else t.abs()
+            # in float64 (a sum of numel squares would lose γ_numel in float32), cast back
+            # (one rounding, within the per-step allowance of :func:`evaluation_safety`)
+            t = t.double()
+            return (t.flatten(1).norm(dim=1) if t.ndim > 1 else t.abs()).to(self.dtype)
 
         with torch.no_grad():
             for step in self.steps:
@@ -730,9 +795,11 @@ class _GraphBound:
                     e = e.expand_as(out) if e.shape != out.shape else e
                     nrm[n] = en
                     err[n] = torch.minimum(e, en.view(-1, *([1] * (e.ndim - 1))))
-        safety = ERROR_BOUND_SAFETY
-        return (err_c[self.output] * safety,
-                err_b[self.output] * safety if radius is not None else None)
+        safety = max(ERROR_BOUND_SAFETY, evaluation_safety(self.steps))
+        self.safety = safety
+        # the scaling in float64 (a float32 product could round down)
+        return (err_c[self.output].double() * safety,
+                err_b[self.output].double() * safety if radius is not None else None)
 
 
 _F_NAMES = {id(v): k for k, v in vars(F).items() if callable(v) and not k.startswith("_")}
@@ -868,8 +935,10 @@ class LipschitzBound:
         max pooling, ReLU, clamps and reshapes are exact (e_out = max/same of e_in); additions
         and constant scalings add γ₂ of their result; tanh/sigmoid/ELU add 4 ulp of their
         output. Algorithms that do not compute each output as such a sum (Winograd or FFT
-        convolutions) are outside this model. The bounds are multiplied by
-        :data:`ERROR_BOUND_SAFETY` for their own float evaluation."""
+        convolutions) are outside this model: the logits are bounded as evaluated under
+        :func:`strict_float32` (cuDNN off, IEEE float32 products), and so must the logits the
+        bounds are applied to be. The bounds are multiplied by max(:data:`ERROR_BOUND_SAFETY`,
+        :func:`evaluation_safety` of the steps walked) for their own float evaluation."""
         if self.graph is None:
             raise ValueError("no graph to bound the rounding of")
         ec, eb = self.graph.rounding(x, radius, norm)

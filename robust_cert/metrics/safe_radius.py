@@ -41,7 +41,12 @@ from robust_cert.metrics.base import (
     batches,
     value_list,
 )
-from robust_cert.metrics.lipschitz import LipschitzBound, NotBoundable, lipschitz_bound
+from robust_cert.metrics.lipschitz import (
+    LipschitzBound,
+    NotBoundable,
+    lipschitz_bound,
+    strict_float32,
+)
 from robust_cert.models.base import Classifier
 
 __all__ = ["LipschitzBound", "NotBoundable", "SafeRadius", "SafeRadiusConfig",
@@ -147,8 +152,10 @@ class SafeRadius(Metric):
     its float32 weights and for its float32 evaluation; never above the exact MSR. Lipschitz
     constants are rigorous upper bounds: exact SVD for Linear layers, a Fourier (circular
     embedding) bound for convolutions, exact L∞ norms; the float error model is that of
-    :meth:`LipschitzBound.rounding` — sums of rounded products, not Winograd/FFT kernels. For
-    the gradient twin of an ONNX model the bound is of the twin), ``upper@n`` (the distance of
+    :meth:`LipschitzBound.rounding` — sums of rounded products, not Winograd/FFT kernels: the
+    logits of the margins are evaluated with cuDNN off and IEEE float32 products. For a model
+    with a gradient twin (ONNX) the lower bound is not applicable: it would be of the twin, not
+    of the deployed graph), ``upper@n`` (the distance of
     the closest violation found: the MSR is at most this; inf when none was found within
     ``max_radius``), ``clever@n`` (the CLEVER-style estimate, a number between the two in
     practice but not guaranteed). ``holds`` marks points where the property holds at x (and,
@@ -157,8 +164,9 @@ class SafeRadius(Metric):
     Proportions (gateable), kind **certified**: for each norm n and radius r in ``radii``,
     the fraction of points with ``holds`` and ``lower@n > r`` (an exact Clopper–Pearson
     interval over the sampling of points). If the network has a layer the bound cannot handle,
-    the lower bound is "not applicable" (reason in ``diagnostics["lower_bound"]``) and, when
-    radii are configured, so is the result.
+    or the model is certified through a gradient twin, the lower bound is "not applicable"
+    (reason in ``diagnostics["lower_bound"]``; witnesses and CLEVER are still reported) and,
+    when radii are configured, so is the result.
 
     Args (policy ``metrics.safe_radius``): property (``adversarial``), norms (``[l2, linf]``),
     radii (``[]``), tau (0.5), output/low/high (reachability), max_radius (the input box:
@@ -252,11 +260,14 @@ class SafeRadius(Metric):
             raise ValueError(f"reachability output {cfg.output} does not exist: the model has "
                              f"{model.num_classes} outputs")
         fn = model.attack_module()
-        module = model.gradient_forward or model.forward
         bound, why = None, ""
-        if isinstance(module, nn.Module):
+        if model.gradient_forward is not None:
+            # the twin matches the deployed graph only at the evaluation points (parity): a
+            # Lipschitz/rounding bound of the twin says nothing of the graph inside the ball
+            why = _TWIN_REASON
+        elif isinstance(model.forward, nn.Module):
             try:
-                bound = lipschitz_bound(module, data.input_shape, cfg.power_iterations)
+                bound = lipschitz_bound(model.forward, data.input_shape, cfg.power_iterations)
             except NotBoundable as exc:
                 why = str(exc)
         else:
@@ -268,7 +279,10 @@ class SafeRadius(Metric):
         out = {f"{k}@{nm}": np.full(n, np.nan) for nm in cfg.norms
                for k in ("lower", "upper", "clever")}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
-            logits = model.logits(x)
+            # the certified margins come from the evaluation the rounding model describes
+            # (cuDNN off: no Winograd/FFT kernels; IEEE float32 products, no TF32/bf16)
+            with strict_float32():
+                logits = model.logits(x)
             t = logits.argmax(1)
             a, b = self._margins(logits.double())
             h = torch.einsum("pmc,pc->pm", a, logits.double()) - b
@@ -293,10 +307,7 @@ class SafeRadius(Metric):
                     props.append(Proportion({"norm": nm, "radius": r}, k, n))
         diagnostics = {
             "property": cfg.property,
-            "lower_bound": ("not applicable: " + why if bound is None else
-                            "ok (bounds the PyTorch gradient twin; the deployed model matches "
-                            "it within the parity tolerance only)" if model.gradient_forward
-                            is not None else "ok"),
+            "lower_bound": "not applicable: " + why if bound is None else "ok",
             "holds": int(holds.sum()),
         }
         if bound is not None:
@@ -436,6 +447,8 @@ class SafeRadius(Metric):
         return scores
 
 
+_TWIN_REASON = ("the certified lower bound would be of the PyTorch gradient twin, not of the "
+                "deployed graph (they are checked for parity only at the evaluation points)")
 #: Sample-gradients (samples × classes) one CLEVER chunk back-propagates at once.
 _CLEVER_IMAGES = 8192
 _BRACKET_LEVELS = 6
