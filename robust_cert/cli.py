@@ -370,19 +370,25 @@ def _serve(args) -> int:
 
         raise RobustCertError(f"--register needs the webhook secret in ${SECRET_ENV} (the "
                               "receiver verifies MLflow's signature with it)")
-    hook = None
-    if args.register:  # before the queue exists: a refused URL leaves nothing behind
-        try:
-            hook = register_webhook(args.register, os.environ[SECRET_ENV],
-                                    certify_on_alias=args.certify_on_alias)
-        except Exception as exc:
-            raise _webhook_refused(args.register, exc) from None
+    # the queue first (a locked or unreachable queue must not leave a registered webhook
+    # behind), then the webhook (a refused URL must not leave a new queue file behind)
+    local = "://" not in str(args.queue)
+    fresh = local and not Path(args.queue).exists()
     receiver = make_receiver(args.policy, args.queue, data=args.data,
                              certify_on_alias=args.certify_on_alias,
                              tracking_uri=args.tracking_uri, out_dir=Path(args.out),
                              seed=args.seed, lease_s=args.lease, receive=not args.worker_only,
                              reconcile_every_s=args.reconcile_every, watch=tuple(args.watch))
-    if hook is not None:
+    if args.register:
+        try:
+            hook = register_webhook(args.register, os.environ[SECRET_ENV],
+                                    certify_on_alias=args.certify_on_alias)
+        except Exception as exc:
+            receiver.queue.close()
+            if fresh:
+                for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+                    Path(f"{args.queue}{suffix}").unlink(missing_ok=True)
+            raise _webhook_refused(args.register, exc) from None
         print(f"registered webhook {hook} -> {args.register}")
     threads = [threading.Thread(target=receiver.work_forever, name="certifier", daemon=True)]
     if args.reconcile_every > 0:

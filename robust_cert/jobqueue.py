@@ -17,14 +17,18 @@ gives exactly one certificate per version identity under at-least-once delivery;
 that is partitioned away longer than its lease while still certifying can race the new owner
 (both write a certificate for the same version; the newer one stands).
 
-**Nothing is lost.** A job that keeps failing for a transient reason ends ``failed`` with
-``retry_at`` set: `claim` takes it again when that time comes (capped exponential backoff, set
-by the worker); a new delivery re-queues a failed job at once (``requeued``); on-demand
-re-certification (``force=True``) queues a finished job again, or marks a running one to run
-once more when it ends.
+**Nothing is lost.** A job that fails ends ``failed`` with ``retry_at`` set: `claim` takes
+it again when that time comes (capped exponential backoff, set by the worker; only a job whose
+version identity no longer exists gets none); a new delivery re-queues a failed job at once
+(``requeued``); on-demand re-certification (``force=True``) queues a finished job again, marks a
+queued one forced, or marks a running one to run once more when it ends — a forced request
+always ends in a forced run.
 
-Backends: ``open_queue("jobs.db")`` (sqlite, the embedded default: one process; jobs a crash
-left running are re-queued when it opens) and ``open_queue("postgresql://user@host/db")``
+Backends: ``open_queue("jobs.db")`` (sqlite, the embedded default: one process; it holds an
+exclusive lock on ``jobs.db.lock`` while open, so a second process — e.g. ``serve`` plus
+``serve --worker-only`` on the same file — is refused with QueueError instead of re-queueing the
+first one's running jobs; jobs a crash left running are re-queued when it opens. Several
+workers need the PostgreSQL queue) and ``open_queue("postgresql://user@host/db")``
 (psycopg 3; many workers on many machines: ``SELECT … FOR UPDATE SKIP LOCKED`` hands each job
 to exactly one worker). Times are wall-clock seconds of the machine that writes them: keep the
 clocks of the workers sharing a PostgreSQL queue in sync (NTP), well within ``lease_s``.
@@ -42,6 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robust_cert.errors import RobustCertError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process lock (the sqlite queue is one process anyway)
+    fcntl = None
 
 TABLE = "robust_cert_jobs"
 COLUMNS = ("id, name, version, version_created, policy_sha256, state, attempts, failures, "
@@ -136,8 +145,11 @@ class JobQueue:
 
         ``queued``: a new job. ``requeued``: a failed job queued again at once (any new
         offer), or, with ``force`` (on-demand re-certification), a finished job queued again /
-        a running job marked to run once more. ``duplicate``: nothing to do — the job is
-        queued, running or done (and not forced)."""
+        a queued job marked forced / a running job marked to run once more. ``duplicate``:
+        nothing to do — the job is queued, running or done (and not forced), or, with
+        ``force``, already queued forced. A forced offer always leaves a forced job (one that
+        certifies even a version with a current certificate), and a later plain offer never
+        clears that."""
         now = time.time()
         key = (name, str(version), int(version_created), policy_sha256)
         n, _ = self._run(
@@ -148,19 +160,34 @@ class JobQueue:
         if n == 1:
             return "queued"
         where = "name=? AND version=? AND version_created=? AND policy_sha256=?"
-        n, _ = self._run(
-            f"UPDATE {TABLE} SET state='queued', attempts=0, not_before=0, retry_at=NULL, "
-            f"worker=NULL, lease_until=NULL, force=?, delivery_id=COALESCE(?, delivery_id), "
-            f"updated_at=? WHERE {where} AND (state='failed' OR (? = 1 AND state='done'))",
-            int(force), delivery_id, now, *key, int(force))
-        if n == 1:
-            return "requeued"
-        if force:
+        # (each statement is atomic; the job may change state between them — a worker claims
+        # or ends it — so a forced offer tries again until one applies or it is already forced)
+        for _ in range(3):
+            now = time.time()
+            n, _ = self._run(
+                f"UPDATE {TABLE} SET state='queued', attempts=0, not_before=0, retry_at=NULL, "
+                f"worker=NULL, lease_until=NULL, force=CASE WHEN ?=1 THEN 1 ELSE force END, "
+                f"delivery_id=COALESCE(?, delivery_id), updated_at=? "
+                f"WHERE {where} AND (state='failed' OR (? = 1 AND state='done'))",
+                int(force), delivery_id, now, *key, int(force))
+            if n == 1:
+                return "requeued"
+            if not force:
+                return "duplicate"
+            n, _ = self._run(f"UPDATE {TABLE} SET force=1, "
+                             f"delivery_id=COALESCE(?, delivery_id), updated_at=? "
+                             f"WHERE {where} AND state='queued' AND force=0",
+                             delivery_id, now, *key)
+            if n == 1:
+                return "requeued"
             n, _ = self._run(f"UPDATE {TABLE} SET rerun=1, updated_at=? "
                              f"WHERE {where} AND state='running'", now, *key)
             if n == 1:
                 return "requeued"
-        return "duplicate"
+            _, rows = self._run(f"SELECT state, force FROM {TABLE} WHERE {where}", *key)
+            if rows and rows[0][0] == "queued" and rows[0][1]:
+                return "duplicate"  # already queued forced
+        return "duplicate"  # unreachable in practice: the job changed state three times
 
     # -- workers -----------------------------------------------------------------------------
     def claim(self, worker: str) -> Job | None:
@@ -210,7 +237,8 @@ class JobQueue:
 
     def fail(self, job_id: int, worker: str, error: str, retry_in: float | None = None) -> bool:
         """The job failed this round; ``retry_in`` seconds from now it is claimed again
-        (None: only a new delivery or on-demand request re-queues it)."""
+        (None: only a new offer — a delivery, the reconciliation loop or an on-demand request
+        — re-queues it; for jobs whose version identity no longer exists)."""
         retry_at = None if retry_in is None else time.time() + retry_in
         return self._end(job_id, worker, "state='failed', failures=failures+1, error=?, "
                                          "retry_at=?", error, retry_at)
@@ -282,24 +310,91 @@ _TAKE = (f"UPDATE {TABLE} SET state='running', worker=?, lease_until=?, "
          "updated_at=? WHERE id = ({pick}) RETURNING " + COLUMNS)
 
 
+# The sqlite queue's inter-process lock: realpath of the queue file -> [fd, open queues]. The
+# lock is per process (flock conflicts between open files, even within one process), so the
+# queue objects of one process share it, and only the first one re-queues interrupted jobs.
+_FILE_LOCKS: dict[str, list] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_queue_file(path: Path) -> tuple[str, bool]:
+    """Take (or share, within this process) the exclusive lock on ``<path>.lock``; returns
+    (key, whether this process just took it). QueueError when another process holds it."""
+    key = os.path.realpath(path)
+    with _FILE_LOCKS_GUARD:
+        held = _FILE_LOCKS.get(key)
+        if held is not None:
+            held[1] += 1
+            return key, False
+        lock_path = key + ".lock"
+        fd = None
+        if fcntl is not None:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise QueueError(f"cannot open the sqlite job queue's lock file {lock_path}: "
+                                 f"{exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise QueueError(
+                    f"the sqlite job queue {path} is in use by another process (it holds "
+                    f"{lock_path}): probably another `robust-cert serve` (or `serve "
+                    "--worker-only`) on the same file. A sqlite queue serves one process; "
+                    "several workers need a PostgreSQL queue (--queue-url "
+                    "postgresql://USER@HOST:PORT/DATABASE)") from None
+        _FILE_LOCKS[key] = [fd, 1]
+        return key, True
+
+
+def _unlock_queue_file(key: str) -> None:
+    with _FILE_LOCKS_GUARD:
+        held = _FILE_LOCKS.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _FILE_LOCKS[key]
+            if held[0] is not None:
+                os.close(held[0])  # releases the flock
+
+
 class SqliteJobQueue(JobQueue):
-    """The embedded default: a file next to the certifier, used by one process."""
+    """The embedded default: a file next to the certifier, used by one process.
+
+    While open, the process holds an exclusive ``flock`` on ``<path>.lock``: a second process
+    opening the same file gets QueueError (it would otherwise re-queue the first one's running
+    jobs and certify them twice). Queue objects within one process share the lock."""
 
     def __init__(self, path: str | Path, lease_s: float = DEFAULT_LEASE_S):
         super().__init__(lease_s)
         self.path = Path(path)
+        self._lock_key = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QueueError(f"cannot open the sqlite job queue {self.path}: {exc}") from None
+        self._lock_key, first = _lock_queue_file(self.path)
+        try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False,
                                        isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
         except (OSError, sqlite3.Error) as exc:
+            self._release()
             raise QueueError(f"cannot open the sqlite job queue {self.path}: {exc}") from None
-        # embedded: this process is the only worker, so a job left running was interrupted
-        self.recovered = self._run(
-            f"UPDATE {TABLE} SET state='queued', worker=NULL, lease_until=NULL, updated_at=? "
-            "WHERE state='running'", time.time())[0]
+        if first:
+            # embedded: this process is the only one using the file (it holds the lock), so a
+            # job left running was interrupted (a crash, a kill)
+            self.recovered = self._run(
+                f"UPDATE {TABLE} SET state='queued', worker=NULL, lease_until=NULL, "
+                "updated_at=? WHERE state='running'", time.time())[0]
+
+    def _release(self) -> None:
+        key, self._lock_key = self._lock_key, None
+        if key is not None:
+            _unlock_queue_file(key)
 
     def _execute(self, sql, params=()):
         try:
@@ -318,7 +413,10 @@ class SqliteJobQueue(JobQueue):
         return f"sqlite {self.path}"
 
     def close(self):
-        self._db.close()
+        try:
+            self._db.close()
+        finally:
+            self._release()
 
 
 class PostgresJobQueue(JobQueue):

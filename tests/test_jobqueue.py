@@ -236,3 +236,74 @@ def test_two_workers_one_postgres_queue_exactly_once_even_when_one_is_killed(pos
     print(f"\ntwo workers: 20 jobs done, effects {len(effects)} (A 2, B "
           f"{sum(w == ['B'] for w in by_name.values())}), killed A's job {hung_name} redone "
           f"by B on attempt {jobs[hung_name].attempts}")
+
+
+def test_forced_offer_always_leaves_a_forced_job(make_queue):
+    """Before: enqueue(force=True) on a queued, plain job answered `duplicate` and left it
+    plain, so the worker skipped the version (it had a current certificate)."""
+    q = make_queue()
+    assert q.enqueue("m", "1", 1000, POLICY) == "queued"
+    assert q.enqueue("m", "1", 1000, POLICY, "alias", force=True) == "requeued"
+    job = q.find("m", "1", 1000, POLICY)
+    assert (job.state, job.force, job.delivery_id) == ("queued", True, "alias")
+    assert q.enqueue("m", "1", 1000, POLICY, force=True) == "duplicate"  # already forced
+    assert q.enqueue("m", "1", 1000, POLICY) == "duplicate"
+    assert q.find("m", "1", 1000, POLICY).force  # a plain offer does not clear it
+    claimed = q.claim("w")
+    assert claimed.force
+    # a forced job that failed stays forced when a plain offer re-queues it
+    assert q.fail(claimed.id, "w", "out of memory", retry_in=3600)
+    assert q.enqueue("m", "1", 1000, POLICY, "redelivery") == "requeued"
+    assert q.claim("w").force
+
+
+_HOLDER = """
+import sys, time
+from robust_cert.jobqueue import SqliteJobQueue
+q = SqliteJobQueue(sys.argv[1])
+q.enqueue("m", "1", 1000, "p" * 64)
+assert q.claim("holder").state == "running"
+print("ready", flush=True)
+sys.stdin.read()  # hold the queue (and its running job) until stdin closes
+"""
+
+
+def test_sqlite_queue_is_locked_against_a_second_process(tmp_path):
+    """Before: a second process (serve + serve --worker-only on one file) opened the queue and
+    re-queued the first one's running job, which was then certified twice."""
+    path = tmp_path / "jobs.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], cwd=REPO, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(QueueError) as exc:
+            SqliteJobQueue(path)
+        message = str(exc.value)
+        assert str(path) in message
+        assert "another process" in message
+        assert "PostgreSQL" in message
+        import sqlite3
+
+        with sqlite3.connect(path) as db:  # the holder's job was not touched
+            assert db.execute("SELECT state, worker FROM robust_cert_jobs").fetchall() == [
+                ("running", "holder")]
+    finally:
+        holder.stdin.close()  # the holder exits without closing: a crash, for the queue
+        holder.wait(30)
+    # the lock went with the process: the next one opens and recovers the interrupted job
+    q = SqliteJobQueue(path)
+    try:
+        assert q.recovered == 1
+        # queue objects of one process share the lock; only the first one recovers jobs
+        assert q.claim("w").state == "running"
+        with open_queue(path) as second:
+            assert second.recovered == 0
+            assert second.counts() == {"running": 1}
+    finally:
+        q.close()
+    # closed: another process can open it
+    done = subprocess.run([sys.executable, "-c", "import sys; from robust_cert.jobqueue import "
+                           "SqliteJobQueue; SqliteJobQueue(sys.argv[1]).close()", str(path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import pytest
 
-from robust_cert.errors import RobustCertError, TrackingError
+from robust_cert.errors import ModelError, PolicyError, RobustCertError, TrackingError
 from robust_cert.mlflow_plugin.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -160,9 +160,13 @@ def test_redelivery_is_idempotent_and_rejections_queue_nothing(receiver, registr
     assert receiver.handle(*_delivery(_created("m", "3")))[1]["status"] == "duplicate"
     assert receiver.handle(*_delivery(_created("m", "3"), secret="wrong"))[0] == 401
     assert receiver.handle(headers, b"{not json")[0] == 401  # body no longer matches
-    # another spelling of the same version is the same job; a non-version is refused
-    assert receiver.handle(*_delivery(_created("m", "03")))[1]["status"] == "duplicate"
-    assert receiver.handle(*_delivery(_created("m", "3x")))[0] == 400
+    # the version as a JSON number is the same job; any other spelling is refused (one
+    # spelling per version, as robust_cert.signing.canonical_version decides)
+    assert receiver.handle(*_delivery(_created("m", 3)))[1]["status"] == "duplicate"
+    for spelling in ("3x", "03", " 3", "3\n", "+3", "0"):
+        status, payload = receiver.handle(*_delivery(_created("m", spelling)))
+        assert status == 400, spelling
+        assert "bad model version" in payload["error"]
     # a version the registry does not have (deleted since) queues nothing
     assert receiver.handle(*_delivery(_created("gone", "1")))[1]["reason"] == "no such version"
     assert len(receiver.queue.jobs()) == 1
@@ -332,6 +336,158 @@ def test_a_job_that_keeps_killing_its_workers_is_parked_with_backoff(tmp_path, m
         assert "stopped mid-job" in job.error
         assert job.retry_at - job.updated_at == pytest.approx(30, abs=0.1)
         assert certified == []
+    finally:
+        rec.queue.close()
+
+
+@pytest.mark.parametrize("error", [ModelError("CUDA out of memory"), RuntimeError("boom")],
+                         ids=["robust_cert_error", "crash"])
+def test_a_failed_certification_is_retried_with_backoff(receiver, registry, certified, error):
+    """Before: a RobustCertError (a CUDA OOM surfaces as a ModelError) or a crash left the
+    job failed with no retry time — never certified again ("delayed, never lost")."""
+    registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+    fake, calls = receiver.certify, []
+
+    def flaky(job):
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise error
+        return fake(job)
+
+    receiver.certify = flaky
+    assert receiver.work_once()
+    (job,) = receiver.queue.jobs()
+    assert job.state == "failed"
+    assert str(error) in job.error
+    assert job.retry_at is not None, "a failed job must always come back"
+    assert job.retry_at - job.updated_at == pytest.approx(0.2, abs=0.02)  # retry_base_s
+    _drain(receiver)
+    assert certified == [("m", "1")]
+    assert receiver.queue.jobs()[0].state == "done"
+
+
+def test_a_permanent_error_is_retried_at_the_cap(receiver, registry, certified):
+    registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+
+    def bad_policy(job):
+        raise PolicyError("the policy names an unknown metric")
+
+    receiver.certify = bad_policy
+    delays = []
+    for _ in range(4):
+        assert _wait_for(receiver.work_once, within_s=5)
+        (job,) = receiver.queue.jobs()
+        assert job.state == "failed"
+        delays.append(job.retry_at - job.updated_at)
+    assert delays == pytest.approx([0.2, 0.4, 0.4, 0.4], abs=0.02)
+
+
+def test_next_round_is_capped_without_overflow():
+    from robust_cert.mlflow_plugin.webhooks import next_round_in
+
+    assert [next_round_in(n, 60, 3600) for n in range(8)] == [60, 120, 240, 480, 960, 1920,
+                                                                3600, 3600]
+    # a job failing every hour for 43 days: 60.0 * 2**1030 would overflow a float
+    assert next_round_in(5000, 60.0, 3600.0) == 3600.0
+
+
+class _Page(list):
+    token = None
+
+
+class FakeVersion:
+    def __init__(self, name, version, created, tags=None):
+        self.name, self.version, self.creation_timestamp = name, str(version), created
+        self.tags = dict(tags or {})
+
+
+class FakeClient:
+    """The MlflowClient calls reconciliation and the certificate check make."""
+
+    def __init__(self, versions):
+        self.versions = {(v.name, v.version): v for v in versions}
+
+    def search_registered_models(self, max_results=None, page_token=None):
+        return _Page(type("RM", (), {"name": n})() for n in sorted({k[0] for k in
+                                                                   self.versions}))
+
+    def search_model_versions(self, filter_string, max_results=None, page_token=None):
+        name = filter_string.split("'", 1)[1].rsplit("'", 1)[0]
+        return _Page(v for (n, _), v in sorted(self.versions.items()) if n == name)
+
+    def get_model_version(self, name, version):
+        return self.versions[(name, str(version))]
+
+
+def _certificate_tag(name: str, version: str, policy_sha256: str) -> dict:
+    from robust_cert.mlflow_plugin.gate import CERT_TAG
+    from robust_cert.signing import Keyring, sign_claim
+
+    claim = {"model": name, "version": int(version), "verdict": "PASS",
+             "policy": "digits-production", "policy_sha256": policy_sha256,
+             "model_sha256": "a" * 64, "certificate_digest": "b" * 64,
+             "run_id": uuid.uuid4().hex, "issued_us": 1_700_000_000_000_000}
+    return {CERT_TAG: sign_claim(claim, Keyring.from_env(require_private=True))}
+
+
+def test_reconcile_requeues_a_failed_job_without_retry_time(receiver, registry, certified):
+    """A queue written before failed jobs always got a retry time: reconciliation (which skipped
+    every failed job) re-queues such a job instead of leaving it failed for ever."""
+    created = registry.create("m", "1")
+    receiver.handle(*_delivery(_created("m", "1")))
+    job = receiver.queue.claim("old-certifier")
+    assert receiver.queue.fail(job.id, "old-certifier", "ModelError: bad", retry_in=None)
+    receiver._client = lambda: FakeClient([FakeVersion("m", "1", created)])
+    receiver.watch = ("m",)
+    counts = receiver.reconcile_once()
+    assert (counts["requeued"], counts["failed"]) == (1, 0), counts
+    _drain(receiver)
+    assert certified == [("m", "1")]
+    # a failed job with a retry time is left to come back then
+    registry.create("m", "2")
+    receiver.handle(*_delivery(_created("m", "2")))
+    job = receiver.queue.claim("w")
+    assert receiver.queue.fail(job.id, "w", "ModelError: bad", retry_in=3600)
+    receiver._client = lambda: FakeClient([FakeVersion("m", "1", created, {}),
+                                           FakeVersion("m", "2", registry.versions[("m", "2")])])
+    counts = receiver.reconcile_once()
+    assert (counts["failed"], counts["requeued"], counts["current"]) == (1, 0, 1), counts
+
+
+def test_reconcile_uses_one_client_per_pass_and_only_this_policy_is_current(
+        tmp_path, monkeypatch):
+    """Before: a new MlflowClient and an HTTP /health per version checked, and a certificate
+    under any policy counted as current, so a policy change never re-certified anything."""
+    import mlflow.tracking
+
+    import robust_cert.mlflow_plugin.tracking as tracking
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LENIENT)
+    rec = make_receiver(str(policy), tmp_path / "jobs.db", tracking_uri="http://registry:5000",
+                        lookup=lambda n, v: None, certify=lambda job: None)
+    try:
+        mine, other = rec.policy.sha256, "c" * 64  # same policy name, other content
+        assert mine != other
+        client = FakeClient([
+            FakeVersion("m", "1", 1001, _certificate_tag("m", "1", mine)),
+            FakeVersion("m", "2", 1002, _certificate_tag("m", "2", other)),
+            FakeVersion("m", "3", 1003),
+            FakeVersion("n", "1", 1004, _certificate_tag("n", "1", mine))])
+        made, checked = [], []
+        monkeypatch.setattr(mlflow.tracking, "MlflowClient",
+                            lambda **kw: made.append(kw) or client)
+        monkeypatch.setattr(tracking, "check_server", checked.append)
+        counts = rec.reconcile_once()
+        assert (len(made), len(checked)) == (1, 1)  # one client, one server check per pass
+        assert (counts["versions"], counts["current"], counts["queued"]) == (4, 2, 2), counts
+        assert sorted((j.name, j.version) for j in rec.queue.jobs()) == [("m", "2"), ("m", "3")]
+        # the worker's own check is policy-aware too
+        assert rec.is_current("m", "1")
+        assert not rec.is_current("m", "2")
     finally:
         rec.queue.close()
 

@@ -86,10 +86,13 @@ def verify_manifest_file(path: str | Path, keyring: Keyring) -> Verification:
 
 def verify_version(client, name: str, version, keyring: Keyring, *,
                    check_artifacts: bool = True,
-                   allowed_policies: set[str] | None = None) -> Verification:
+                   allowed_policies: set[str] | None = None,
+                   policy_sha256: str | None = None) -> Verification:
     """The version's certificate tag verifies, names it (canonical version), and (by
     default) its model artifacts still hash to the certified SHA-256. With
-    ``allowed_policies``, the policy (name or SHA-256) must be one of them."""
+    ``allowed_policies``, the policy (name or SHA-256) must be one of them; with
+    ``policy_sha256``, the certificate must have been issued under exactly that policy (its
+    SHA-256: a policy of the same name but other content does not do)."""
     from robust_cert.mlflow_plugin.models import (
         artifacts_sha256,
         download_version,
@@ -99,7 +102,8 @@ def verify_version(client, name: str, version, keyring: Keyring, *,
     mv = resolve_version(client, f"models:/{name}/{version}")
     value = mv.tags.get(CERT_TAG)
     if not value:
-        return Verification(False, f"{name} v{mv.version} has no certificate tag")
+        return Verification(False, f"{name} v{mv.version} has no signed robust_cert "
+                                   f"certificate (tag {CERT_TAG})")
     try:
         claim = verify_claim(value, keyring, name=mv.name, version=mv.version)
     except SignatureError as exc:
@@ -108,6 +112,10 @@ def verify_version(client, name: str, version, keyring: Keyring, *,
             {claim["policy"], claim["policy_sha256"]} & set(allowed_policies)):
         return Verification(False, f"policy {claim['policy']!r} is not allowed (allowed: "
                                    f"{', '.join(sorted(allowed_policies))})", claim)
+    if policy_sha256 is not None and claim["policy_sha256"] != policy_sha256:
+        return Verification(False, f"issued under another policy ({claim['policy']!r}, SHA-256 "
+                                   f"{claim['policy_sha256'][:12]}…, not {policy_sha256[:12]}…)",
+                            claim)
     if check_artifacts:
         import tempfile
 
@@ -121,12 +129,16 @@ def verify_version(client, name: str, version, keyring: Keyring, *,
                               f"{claim['issued_at']}", claim)
 
 
-def has_current_certificate(client, name: str, version: str, keyring: Keyring | None) -> bool:
-    """True when the version already carries a certificate this key verifies (any verdict)."""
+def has_current_certificate(client, name: str, version: str, keyring: Keyring | None, *,
+                            policy_sha256: str | None = None) -> bool:
+    """True when the version already carries a certificate this key verifies (any verdict)
+    and, with ``policy_sha256``, that was issued under that policy (the certifier's: one
+    under another policy is not current, so changing the policy re-certifies)."""
     if keyring is None:
         return False
     try:
-        return verify_version(client, name, version, keyring, check_artifacts=False).ok
+        return verify_version(client, name, version, keyring, check_artifacts=False,
+                              policy_sha256=policy_sha256).ok
     except RobustCertError:
         return False
 

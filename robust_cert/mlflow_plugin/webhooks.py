@@ -8,14 +8,21 @@ that fails verification.
 Level: webhooks can be lost (the certifier was down, the tracking server was down, MLflow gave
 up retrying), so a *reconciliation loop* lists the watched models' versions every
 ``reconcile_every_s`` and queues every version without a current certificate (as
-:func:`robust_cert.mlflow_plugin.promotion.has_current_certificate` decides). Work is delayed by
-an outage, never lost.
+:func:`robust_cert.mlflow_plugin.promotion.has_current_certificate` decides: a certificate that
+verifies under the certifier's keys *and* was issued under the receiver's policy — same
+SHA-256 — so changing the policy re-certifies every version). Work is delayed by an outage,
+never lost.
 
 Work: workers (threads here, or other processes and machines sharing a PostgreSQL queue)
 claim jobs under a renewed lease and certify each with :func:`certify_version`. A transient
 error (tracking server unreachable) is retried quickly (``max_attempts`` per round, backoff
 ``backoff_s``·2ⁿ), then the job is marked failed with a capped exponential retry
 (``retry_base_s``·2ⁿ, at most ``retry_cap_s``); a new delivery re-queues a failed job at once.
+Any other failure (bad model, data or policy; a crash; a CUDA out-of-memory surfacing as a model
+error) is also retried with that backoff: the certifier cannot tell a permanent error from a
+transient one, and a permanent one costs one attempt per ``retry_cap_s``. Only a job whose
+version identity no longer exists (deleted, or re-created: a new identity, a new job) is not
+retried.
 A job whose version already carries a current certificate ends without a new certification
 unless it was asked for on demand (``--certify-on-alias``). Guarantee: at-least-once delivery
 and reconciliation + idempotent certification = exactly one certification per version identity
@@ -52,7 +59,7 @@ from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.jobqueue import Job, JobQueue, QueueError, default_worker_id, open_queue
 from robust_cert.mlflow_plugin.promotion import PROBE_PREFIX
 from robust_cert.policy import Policy, load_policy
-from robust_cert.signing import Keyring
+from robust_cert.signing import Keyring, canonical_version
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +175,18 @@ def registry_lookup(tracking_uri: str | None, timeout_s: float = 5.0
     return lookup
 
 
-def _canonical_version(version) -> str:
-    """MLflow's canonical spelling of a version ("01" and " 1" are version "1"), so that one
-    version has one job whichever way an event spells it."""
-    text = str(version).strip()
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise ValueError(f"bad model version {str(version)[:20]!r}")
-    return str(int(text))
+def _version(version) -> str:
+    """The event's version in its one canonical spelling (:func:`canonical_version`: MLflow
+    writes "1"; "01", " 1" or "1\\n" are refused), so one version has one job."""
+    try:
+        return str(canonical_version(version))
+    except ValueError:
+        raise ValueError(f"bad model version {str(version)[:20]!r}") from None
+
+
+def next_round_in(failures: int, base_s: float, cap_s: float) -> float:
+    """Seconds until a failed job's next round: ``base_s``·2^failures, at most ``cap_s``."""
+    return min(cap_s, base_s * 2 ** min(max(failures, 0), 64))  # no float overflow
 
 
 @dataclass
@@ -209,7 +221,8 @@ class Receiver:
     #: (name, version) -> registry creation timestamp (ms) or None; TrackingError if down
     lookup: Callable[[str, str], int | None] | None = None
     #: (name, version) -> whether it carries a current certificate (default: as `verify` and
-    #: the gate decide, promotion.has_current_certificate with the certifier's keys)
+    #: the gate decide, promotion.has_current_certificate with the certifier's keys and this
+    #: receiver's policy SHA-256)
     is_current: Callable[[str, str], bool] | None = None
     #: (job) -> Certified; the real certification unless a test injects another
     certify: Callable[[Job], Certified] | None = None
@@ -233,10 +246,10 @@ class Receiver:
         kind = (event["entity"], event["action"])
         data = event["data"]
         if kind == ("model_version", "created"):
-            return str(data["name"]), _canonical_version(data["version"]), False
+            return str(data["name"]), _version(data["version"]), False
         if (kind == ("model_version_alias", "created") and self.certify_on_alias
                 and str(data.get("alias", "")).lower() == self.certify_on_alias.lower()):
-            return str(data["name"]), _canonical_version(data["version"]), True
+            return str(data["name"]), _version(data["version"]), True
         return None
 
     def handle(self, headers, body: bytes) -> tuple[int, dict]:
@@ -292,10 +305,21 @@ class Receiver:
         check_server(uri)
         return MlflowClient(tracking_uri=uri, registry_uri=self.tracking_uri or None)
 
-    def _has_current_certificate(self, name: str, version: str) -> bool:
+    def _has_current_certificate(self, name: str, version: str, client=None) -> bool:
+        """A certificate verifying under the certifier's keys, issued under this policy (its
+        SHA-256): one under another policy is not current. ``client``: reuse one (the
+        reconciliation pass) instead of building and health-checking a new one."""
         from robust_cert.mlflow_plugin.promotion import has_current_certificate
 
-        return has_current_certificate(self._client(), name, version, self._keyring)
+        return has_current_certificate(client if client is not None else self._client(), name,
+                                       version, self._keyring,
+                                       policy_sha256=self.policy.sha256)
+
+    def _current_check(self, client) -> Callable[[str, str], bool]:
+        """``is_current`` for one reconciliation pass: the default check on ``client``."""
+        if self.is_current == self._has_current_certificate:  # not replaced (by a test)
+            return lambda name, version: self._has_current_certificate(name, version, client)
+        return self.is_current
 
     def _watched_versions(self, client):
         names = list(self.watch)
@@ -325,8 +349,10 @@ class Receiver:
 
         Per version: no job yet and no current certificate → queued; a finished job whose
         certificate is no longer current (removed, key rotated away) and that finished more than
-        one period ago → re-queued; queued/running/failed jobs are left to the workers (a failed
-        one comes back at its retry time)."""
+        one period ago → re-queued; queued/running jobs and failed ones with a retry time are
+        left to the workers (a failed one comes back at its retry time); a failed job without
+        one (a queue written by an older certifier) → re-queued. One MLflow client (and one
+        server check) serves the whole pass."""
         from mlflow.exceptions import MlflowException
 
         counts = {"versions": 0, "queued": 0, "requeued": 0, "current": 0, "pending": 0,
@@ -337,6 +363,7 @@ class Receiver:
         except MlflowException as exc:
             raise TrackingError(f"cannot list registry versions: {exc.message}") from None
         now = time.time()
+        is_current = self._current_check(client)
         for mv in versions:
             counts["versions"] += 1
             name, version = mv.name, str(mv.version)
@@ -345,13 +372,13 @@ class Receiver:
             if job is not None and job.state in ("queued", "running"):
                 counts["pending"] += 1
                 continue
-            if job is not None and job.state == "failed":
+            if job is not None and job.state == "failed" and job.retry_at is not None:
                 counts["failed"] += 1
                 continue
-            if self.is_current(name, version):
+            if is_current(name, version):
                 counts["current"] += 1
                 continue
-            if job is None:
+            if job is None or job.state == "failed":  # new, or failed with no retry time
                 status = self.queue.enqueue(name, version, created, self.policy.sha256)
             elif now - (job.updated_at or 0) > self.reconcile_every_s:
                 status = self.queue.enqueue(name, version, created, self.policy.sha256,
@@ -420,8 +447,8 @@ class Receiver:
     def _run(self, job: Job) -> None:
         uri = f"models:/{job.name}/{job.version}"
         q, me = self.queue, self.worker_id
+        retry_in = next_round_in(job.failures, self.retry_base_s, self.retry_cap_s)
         if job.attempts > self.max_attempts:  # only lease expiries push it past: workers died
-            retry_in = min(self.retry_cap_s, self.retry_base_s * 2 ** job.failures)
             q.fail(job.id, me, f"attempt {job.attempts} of at most {self.max_attempts}: "
                                "earlier workers stopped mid-job (killed, out of memory?); "
                                f"next round in {retry_in:.0f} s", retry_in=retry_in)
@@ -432,6 +459,9 @@ class Receiver:
             if created != job.version_created:
                 why = ("no longer exists" if created is None else
                        "was deleted and re-created since (a newer job covers the new one)")
+                # not retried: this identity cannot come back (a re-created version is a new
+                # identity, a new job); should the look-up have been wrong, the reconciliation
+                # pass, which lists the version, re-queues the job
                 q.fail(job.id, me, f"{job.name} v{job.version} {why}")
                 log.error("job %s: %s %s", uri, uri, why)
                 return
@@ -442,7 +472,6 @@ class Receiver:
             res = self.certify(job)
         except TrackingError as exc:  # the server may come back: retry with backoff
             if job.attempts >= self.max_attempts:
-                retry_in = min(self.retry_cap_s, self.retry_base_s * 2 ** job.failures)
                 q.fail(job.id, me, f"gave up after {job.attempts} attempts: {exc}",
                        retry_in=retry_in)
                 log.error("job %s failed: %s; next round in %.0f s", uri, exc, retry_in)
@@ -450,12 +479,14 @@ class Receiver:
                 delay = self.backoff_s * 2 ** (job.attempts - 1)
                 q.retry_later(job.id, me, delay, str(exc))
                 log.warning("job %s: %s; retrying in %.0f s", uri, exc, delay)
-        except RobustCertError as exc:  # bad model, data, policy: retrying will not help
-            q.fail(job.id, me, str(exc))
-            log.error("job %s failed: %s", uri, exc)
-        except Exception as exc:  # a bug: record it, keep serving
-            q.fail(job.id, me, f"{type(exc).__name__}: {exc}")
-            log.exception("job %s crashed", uri)
+        except RobustCertError as exc:
+            # bad model, data or policy — or a transient error surfacing as one (CUDA out of
+            # memory as a ModelError): retried at the next round, never dropped
+            q.fail(job.id, me, str(exc), retry_in=retry_in)
+            log.error("job %s failed: %s; next round in %.0f s", uri, exc, retry_in)
+        except Exception as exc:  # a bug (or a transient fault): record it, keep serving
+            q.fail(job.id, me, f"{type(exc).__name__}: {exc}", retry_in=retry_in)
+            log.exception("job %s crashed; next round in %.0f s", uri, retry_in)
         else:
             if q.finish(job.id, me, res.verdict, res.run_id):
                 log.info("certified %s: %s", uri, res.verdict)
