@@ -42,6 +42,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class JobQueue:
+class JobQueue(ABC):
     """Common logic; subclasses supply the connection and the claim statement.
 
     Thread-safe: one connection per queue object, each method one short transaction under a
@@ -109,18 +110,22 @@ class JobQueue:
         self.recovered = 0
 
     # -- backend hooks -------------------------------------------------------------------
+    @abstractmethod
     def _execute(self, sql: str, params: tuple = ()) -> tuple[int, list[tuple]]:
         """Run one statement in its own transaction: (rowcount, rows)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _claim_sql(self) -> str:
-        raise NotImplementedError
+        """The backend's statement that claims the oldest due job (row locks where it has
+        them)."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """One line naming the backend and where the queue lives (no credentials)."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the connection (and the sqlite file lock)."""
 
     # -- helpers ---------------------------------------------------------------------------
     def _q(self, sql: str) -> str:

@@ -156,8 +156,15 @@ def client(demo):
 def _fresh_mlflow_uris():
     """Each test starts with no process-wide tracking/registry URI and no active experiment
     set by an earlier test (mlflow.set_tracking_uri / set_registry_uri / set_experiment are
-    global: an experiment id of one store does not exist in another)."""
+    global, and set_experiment also exports MLFLOW_EXPERIMENT_ID: an experiment id of one
+    store does not exist in another)."""
+    exported = {k: os.environ.get(k) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     yield
+    for key, value in exported.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     import mlflow.tracking._model_registry.utils as registry
     import mlflow.tracking._tracking_service.utils as tracking
     import mlflow.tracking.fluent as fluent
