@@ -14,16 +14,7 @@ from robust_cert.cli import main
 from robust_cert.comparison import BETTER, SAME, WORSE, compare
 from robust_cert.errors import RobustCertError
 from robust_cert.mlflow_plugin.compare import TABLE_ARTIFACT as TABLE
-
-
-def _pair(n, a_only, b_only, both=0):
-    a = np.zeros(n, bool)
-    b = np.zeros(n, bool)
-    a[:a_only] = True
-    b[a_only:a_only + b_only] = True
-    a[a_only + b_only:a_only + b_only + both] = True
-    b[a_only + b_only:a_only + b_only + both] = True
-    return a, b
+from tests.helpers import paired as _pair
 
 
 def test_mcnemar_and_delta_known_answers():

@@ -22,19 +22,10 @@ from robust_cert.jobqueue import (
     SqliteJobQueue,
     open_queue,
 )
+from tests.helpers import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = "p" * 64
-
-
-def _wait_for(condition, within_s: float, poll_s: float = 0.05):
-    """Poll until ``condition()`` is truthy or the time is up; returns its last value."""
-    end = time.monotonic() + within_s
-    while True:
-        value = condition()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(poll_s)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

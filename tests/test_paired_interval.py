@@ -13,6 +13,7 @@ from scipy import stats as st
 
 from robust_cert import stats
 from robust_cert.comparison import BETTER, PAIRED_CLUSTERS, SAME, WORSE, compare
+from tests.helpers import paired as _pair
 
 Z95 = float(st.norm.ppf(0.975))
 
@@ -192,16 +193,6 @@ def test_simulated_coverage_on_a_demo_sized_table() -> None:
 
 
 # --------------------------------------------------------------------------- in compare
-
-
-def _pair(n, a_only, b_only, both=0):
-    a = np.zeros(n, bool)
-    b = np.zeros(n, bool)
-    a[:a_only] = True
-    b[a_only:a_only + b_only] = True
-    a[a_only + b_only:a_only + b_only + both] = True
-    b[a_only + b_only:a_only + b_only + both] = True
-    return a, b
 
 
 def test_demo_like_comparison_reports_the_unconditional_interval() -> None:

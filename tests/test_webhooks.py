@@ -26,6 +26,7 @@ from robust_cert.mlflow_plugin.webhooks import (
     register_webhook,
     verify_delivery,
 )
+from tests.helpers import wait_for as _wait_for
 
 SECRET = "webhook-secret-for-tests"
 LENIENT = "name: digits-production\nmetrics: {accuracy: {}}\n" \
@@ -46,17 +47,6 @@ def _created(name: str, version: str) -> dict:
     return {"entity": "model_version", "action": "created", "timestamp": "now",
             "data": {"name": name, "version": version, "source": "x", "run_id": None,
                      "tags": {}, "description": None}}
-
-
-def _wait_for(condition, within_s: float, poll_s: float = 0.02):
-    """Poll ``condition`` (work happens in other threads/processes) until truthy or the time
-    is up; returns its last value (the assertions after it say what was expected)."""
-    end = time.monotonic() + within_s
-    while True:
-        value = condition()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(poll_s)
 
 
 class FakeRegistry:
