@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robust_cert import engine, verdict
+from robust_cert import distributed, engine, verdict
 from robust_cert.certificate import SCHEMA, Certificate, library_versions, result_to_dict
 from robust_cert.data import EvalSet, check_fits, load_data
 from robust_cert.errors import DataError, ModelError, PolicyError
@@ -91,7 +91,7 @@ def certify(
     command: str | None = None,
     gradient_twin=None,
     twin_tolerance: float = DEFAULT_TWIN_TOLERANCE,
-) -> Certificate:
+) -> Certificate | None:
     """Run ``policy``'s metric suite on ``model`` and ``data`` and decide every requirement.
 
     ``model``: an ``nn.Module``, an ``.onnx`` path, a ``models:/`` URI, or a loaded Classifier.
@@ -119,8 +119,16 @@ def certify(
     by the policy (``waive: [{check, reason}]``); see :func:`robust_cert.verdict.apply_sanity`.
     An ``nn.Module`` is evaluated in eval mode and given back in its own training mode; its
     parameters and buffers are not modified.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this with the same
+    arguments: shardable metrics' blocks of points are spread over the processes (each on its
+    local GPU when ``device`` is auto and CUDA is present), rank 0 returns the Certificate —
+    the same as a single process's but for ``issued_at`` and ``environment.processes`` — and
+    the other ranks return None. An error on any process raises on all of them.
     """
     pol: Policy = load_policy(policy)
+    world = distributed.world()
+    device = distributed.device_for(world, device)
     n_threads = engine.configure_threads(threads)
     evalset: EvalSet = load_data(data, input_range=pol.input_range)
     if tuple(evalset.input_range) != tuple(pol.input_range):
@@ -163,14 +171,22 @@ def certify(
             "undermines": "all", "compensated_by": None}
         log.warning("%s: every requirement is INCONCLUSIVE unless the policy declares "
                     "'model: {stochastic: true}'", deterministic["detail"])
-    if pol.time_budget_s is not None:  # estimate first; refuse before the real run
+    if pol.time_budget_s is not None:  # estimate first (rank 0); refuse before the real run
         from robust_cert.plan import check_budget, plan
 
-        estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin)
-        log.info("estimated cost:\n%s", estimate.table())
-        check_budget(estimate, pol.time_budget_s)
+        refused = None
+        if world.main:
+            estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin)
+            log.info("estimated cost:\n%s", estimate.table())
+            try:
+                check_budget(estimate, pol.time_budget_s)
+            except PolicyError as exc:
+                refused = exc
+        world.exchange(None, refused)
     results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
-                               gradient_twin=twin)
+                               gradient_twin=twin, world=world)
+    if not world.main:
+        return None
     overall, outcomes = verdict.decide(pol, results)
     overall, outcomes, checks = verdict.apply_sanity(pol, results, outcomes,
                                                      model_findings=model_findings)
@@ -187,7 +203,7 @@ def certify(
     }
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
                               threads=n_threads, sanity=sanity, command=command,
-                              twin=twin_record)
+                              twin=twin_record, processes=world.size)
 
 
 def check_radii(pol: Policy, evalset: EvalSet) -> None:
@@ -218,7 +234,7 @@ def check_radii(pol: Policy, evalset: EvalSet) -> None:
 def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
                        results: dict[str, MetricResult], overall: str, outcomes, *, seed: int,
                        threads: int, sanity: dict, command: str | None,
-                       twin: dict | None = None) -> Certificate:
+                       twin: dict | None = None, processes: int = 1) -> Certificate:
     body = {
         "schema": SCHEMA,
         "issued_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -249,6 +265,7 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
             "device_name": (torch.cuda.get_device_name(clf.device)
                             if clf.device.type == "cuda" else platform.processor() or "cpu"),
             "threads": threads,
+            "processes": processes,
             "platform": platform.platform(),
         },
         "seed": seed,

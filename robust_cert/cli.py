@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "certify", help="certify a registered model version and log it to MLflow",
         description="Run the policy's metric suite on models:/NAME/VERSION (or @ALIAS), log a "
-                    "certification run, the certificate and the report, and tag the version.")
+                    "certification run, the certificate and the report, and tag the version. "
+                    "On several processes: torchrun --nproc-per-node N -m robust_cert certify "
+                    "... (add --nnodes/--rdzv-endpoint for several machines) shards the points; "
+                    "rank 0 writes everything, and the certificate is the same as on one "
+                    "process.")
     p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--policy", required=True, help="policy YAML (see examples/policies/)")
     p.add_argument("--data", default="digits",
@@ -261,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).debug("MLflow error", exc_info=True)
             return _error(f"MLflow: {exc.message.splitlines()[0] if exc.message else exc}")
         raise
+    finally:
+        if "WORLD_SIZE" in os.environ:  # leave the process group of a torchrun launch
+            from robust_cert.distributed import shutdown
+
+            shutdown()
 
 
 def _error(message: str) -> int:
@@ -324,6 +333,8 @@ def _dispatch(args, argv) -> int:
             out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
             progress=not args.no_progress, command=command_line,
             gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned)
+        if res is None:  # a non-zero rank of a torchrun launch: rank 0 reports
+            return 0
         _print_certification(args.model, res)
         return EXIT[res.certificate.verdict]
     if args.command == "plan":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -9,10 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from robust_cert.data import EvalSet
+from robust_cert.distributed import World
 from robust_cert.errors import ModelError, RobustCertError
 from robust_cert.metrics.base import MetricResult, RunContext
 from robust_cert.models.base import Classifier
-from robust_cert.models.diagnose import model_failures, model_parts
+from robust_cert.models.diagnose import (
+    does_not_fit,
+    model_failures,
+    model_parts,
+    out_of_memory,
+)
 from robust_cert.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -175,6 +182,43 @@ class SeededForward:
             return self.fn(x)
 
 
+def blocks_of(n: int, block: int) -> list[range]:
+    """The consecutive blocks of ``block`` points a shardable metric runs on (the last one
+    shorter): the same for any number of processes."""
+    return [range(s, min(s + block, n)) for s in range(0, n, block)]
+
+
+def _free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_with_memory(fn, ctx: RunContext, stage: str, retries: list,
+                    models: tuple = ()) -> MetricResult:
+    """``fn(ctx)``; on an out-of-memory error, frees the cache, halves ``ctx.batch_size`` and
+    tries again, down to batch 1 (each halving appended to ``retries`` as ``{"stage",
+    "batch_size"}``). At batch 1 the error becomes a ModelError: the model (``models``, for
+    its size) does not fit."""
+    while True:
+        try:
+            return fn(ctx)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+            _free_memory(ctx.device)
+            if ctx.batch_size <= 1:
+                raise ModelError(does_not_fit(stage, exc, ctx.device, *models)) from None
+            half = max(1, ctx.batch_size // 2)
+            log.warning("%s: out of memory at batch size %d on %s; retrying at %d (%s)",
+                        stage, ctx.batch_size, ctx.device, half, first)
+            retries.append({"stage": stage, "batch_size": half})
+            ctx = dataclasses.replace(ctx, batch_size=half)
+
+
 def run_suite(
     model: Classifier,
     data: EvalSet,
@@ -183,38 +227,118 @@ def run_suite(
     seed: int = 0,
     progress: bool = True,
     gradient_twin: Classifier | None = None,
-) -> dict[str, MetricResult]:
-    """Run every metric of ``policy`` in order; return results keyed by metric name.
+    world: World | None = None,
+) -> dict[str, MetricResult] | None:
+    """Run every metric of ``policy`` in order; return results keyed by metric name (on
+    the main process; None on the others of a multi-process ``world``).
 
     Metrics that need input gradients on a model without them are recorded as not
     applicable, never silently dropped. Each metric draws from generators seeded by
     (seed, metric), so the same seed gives the same results whatever the metric order.
+    A shardable metric (:attr:`Metric.shardable`) runs on consecutive blocks of
+    ``policy.batch_size`` points, each seeded by its first point, spread over the processes
+    of ``world`` (consecutive shares); rank 0 merges the blocks in order and finalizes, so
+    the result is the same for any number of processes. Other metrics run on rank 0 only.
+    An error on any process fails the run on every process (:mod:`robust_cert.distributed`).
+    Out of memory, a block is retried at half the batch size (recorded in the result's
+    ``diagnostics.memory_retries``); at batch size 1 it is a ModelError.
     ``gradient_twin`` reaches metrics as ``ctx.gradient_twin`` (parity's reference ``twin``);
     a metric that needs it when none is given is an error before anything runs.
     """
+    world = world or World()
     metrics = [policy.metric(name) for name in policy.metrics]
     needs = [m.name for m in metrics if m.uses_twin]
     if needs and gradient_twin is None:
         raise ModelError(f"{', '.join(needs)}: reference 'twin' needs a gradient twin, but "
                          "none was given (pass gradient_twin=, or --gradient-twin on the CLI)")
-    total = sum(m.cost(len(data)) for m in metrics)
+    n = len(data)
+    blocks = blocks_of(n, policy.batch_size)
+    mine = world.share(len(blocks))
+
+    def cost(m) -> int:
+        if m.shardable:
+            return sum(m.cost(len(blocks[b])) for b in mine)
+        return m.cost(n) if world.main else 0
+
+    if model.device.type == "cuda" and not data.x.is_pinned():  # page-locked: async copies
+        data = dataclasses.replace(data, x=data.x.pin_memory())
     results: dict[str, MetricResult] = {}
+    error: BaseException | None = None
+    parts = model_parts(model, gradient_twin)
     # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI, pipes)
-    with tqdm(total=total, disable=None if progress else True, unit="pt", dynamic_ncols=True,
-              desc="certify", leave=False) as bar:
+    with tqdm(total=sum(cost(m) for m in metrics), disable=None if progress else True,
+              unit="pt", dynamic_ncols=True, desc="certify", leave=False,
+              position=world.rank) as bar:
         for metric in metrics:
-            bar.set_description(metric.name)
+            bar.set_description(metric.name if world.size == 1
+                                else f"[{world.rank}] {metric.name}")
             if metric.needs_gradients and not model.differentiable:
                 results[metric.name] = metric.result(
                     [], status="not_applicable", reason="no gradients: the model format "
                     f"({model.format}) gives no input gradients")
-                bar.update(metric.cost(len(data)))
+                bar.update(cost(metric))
                 continue
-            ctx = RunContext(device=model.device, batch_size=policy.batch_size, seed=seed,
-                             advance=bar.update, gradient_twin=gradient_twin,
-                             confidence=policy.confidence)
+            whole = RunContext(device=model.device, batch_size=policy.batch_size, seed=seed,
+                               advance=bar.update, gradient_twin=gradient_twin,
+                               confidence=policy.confidence)
+            retries: list = []
             log.info("running %s", metric.name)
-            with model_failures(metric.name, model_parts(model, gradient_twin),
-                                policy.batch_size):
-                results[metric.name] = metric.run(model, data, ctx)
-    return results
+            if not metric.shardable:
+                if world.main and error is None:
+                    try:
+                        with model_failures(metric.name, parts, policy.batch_size):
+                            res = run_with_memory(lambda c, m=metric: m.run(model, data, c),
+                                                  whole, metric.name, retries, parts)
+                        results[metric.name] = _note_retries(res, retries)
+                    except Exception as exc:  # sent to the others at the next exchange
+                        error = exc
+                        if world.size == 1:
+                            raise
+                continue
+            local = []
+            if error is None:
+                try:
+                    for b in mine:
+                        block = blocks[b]
+                        part = _subset(data, block)
+                        # after an out-of-memory retry, later blocks start at the batch
+                        # size that fitted
+                        ctx = dataclasses.replace(
+                            whole, offset=block.start, total=n,
+                            batch_size=retries[-1]["batch_size"] if retries
+                            else whole.batch_size)
+                        with model_failures(metric.name, parts, policy.batch_size):
+                            local.append(run_with_memory(
+                                lambda c, m=metric, p=part: m.run(model, p, c), ctx,
+                                f"{metric.name} (points {block.start}-{block.stop - 1})",
+                                retries, parts))
+                except Exception as exc:
+                    error = exc
+                    if world.size == 1:
+                        raise
+            gathered = world.exchange((local, retries), error)
+            if world.main:
+                shards = [r for part, _ in gathered for r in part]
+                if not shards:
+                    raise RobustCertError(f"{metric.name}: no evaluation points")
+                merged = shards[0]
+                for r in shards[1:]:
+                    merged = merged.merge(r)
+                with model_failures(metric.name, parts, policy.batch_size):
+                    merged = metric.finalize(merged, model, data, whole)
+                results[metric.name] = _note_retries(
+                    merged, [x for _, rs in gathered for x in rs])
+        world.exchange(None, error)  # a failure of rank 0's last metrics reaches everyone
+    return results if world.main else None
+
+
+def _subset(data: EvalSet, block: range) -> EvalSet:
+    """The points of ``block``, as an EvalSet sharing the whole set's storage."""
+    return dataclasses.replace(data, x=data.x[block.start:block.stop],
+                               y=data.y[block.start:block.stop])
+
+
+def _note_retries(result: MetricResult, retries: list) -> MetricResult:
+    if retries:
+        result.diagnostics["memory_retries"] = retries
+    return result

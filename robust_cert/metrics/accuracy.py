@@ -39,6 +39,7 @@ class Accuracy(Metric):
     higher_is_better = True
     description = "P[argmax f(x) = y] over the evaluation set"
     Config = AccuracyConfig
+    shardable = True  # per-point outcomes; per-class counts add
 
     def selectors(self):
         return [{}]
@@ -47,10 +48,11 @@ class Accuracy(Metric):
         return n_points
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
-        preds = torch.empty(len(data), dtype=torch.long)
+        out = []  # kept on the device: one copy to the host at the end, no sync per batch
         for sl, x, _ in batches(data, ctx.batch_size, ctx.device):
-            preds[sl] = model.logits(x).argmax(1).cpu()
+            out.append(model.logits(x).argmax(1))
             ctx.advance(sl.stop - sl.start)
+        preds = torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
         correct = (preds == data.y).numpy()
         per_class = {}
         for c in range(model.num_classes):

@@ -326,16 +326,43 @@ class RunContext:
     gradient_twin: Classifier | None = None
     #: the policy's confidence, for statements a metric makes at it (failure-rate bands)
     confidence: float = 0.95
+    #: index of ``data[0]`` in the whole evaluation set: the engine runs a shardable metric
+    #: (:attr:`Metric.shardable`) on consecutive blocks of points, possibly in several processes
+    offset: int = 0
+    #: points in the whole evaluation set; None when the ``data`` a metric gets is the whole set
+    total: int | None = None
+
+    def n_total(self, data: EvalSet) -> int:
+        """Points in the whole evaluation set (``len(data)`` when ``data`` is the whole)."""
+        return len(data) if self.total is None else self.total
+
+    def _block(self, label: str) -> str:
+        # block 0 keeps the plain label: a run on one block draws what a whole-set run drew
+        return label if self.offset == 0 else f"{label}@{self.offset}"
+
+    def derive(self, label: str) -> int:
+        """The 63-bit seed of (seed, label, block): what :meth:`generator` seeds with."""
+        return _derive_seed(self.seed, self._block(label))
 
     def generator(self, label: str) -> torch.Generator:
-        """A generator seeded from (seed, label): metrics draw independently of their order."""
+        """A generator seeded from (seed, label, first point of the block): metrics draw
+        independently of their order, and a block draws the same numbers whichever process
+        runs it and whatever ran before it. For a draw that must be the same in every block
+        (choosing a subset of the whole set) use :meth:`global_generator`."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(self.derive(label))
+        return g
+
+    def global_generator(self, label: str) -> torch.Generator:
+        """A generator seeded from (seed, label) only: the same numbers in every block."""
         g = torch.Generator(device="cpu")
         g.manual_seed(_derive_seed(self.seed, label))
         return g
 
     def seed_global(self, label: str) -> None:
-        """Seed torch's global RNG for libraries that draw from it (torchattacks)."""
-        torch.manual_seed(_derive_seed(self.seed, label))
+        """Seed torch's global RNG (per block, like :meth:`generator`) for libraries that
+        draw from it (torchattacks)."""
+        torch.manual_seed(self.derive(label))
 
 
 def _derive_seed(seed: int, label: str) -> int:
@@ -357,6 +384,14 @@ class Metric(ABC):
     uses_twin: bool = False
     description: ClassVar[str]
     Config: ClassVar[type[MetricConfig]]
+    #: True when the result on a set of points is the merge of the results on consecutive
+    #: blocks of it: :meth:`run` on a block depends only on the block's points, ``ctx.offset``,
+    #: ``ctx.total`` and the seed (draws from ``ctx.generator``), and :meth:`MetricResult.merge`
+    #: of the blocks in order followed by :meth:`finalize` gives the reported result. The
+    #: engine then runs it block by block (blocks of ``batch_size`` points), spread over the
+    #: processes of a ``torchrun`` launch, and the result does not depend on how many there
+    #: are. False: :meth:`run` sees the whole set, in one process.
+    shardable: ClassVar[bool] = False
 
     def __init__(self, config: MetricConfig):
         self.config = config
@@ -372,6 +407,14 @@ class Metric(ABC):
     @abstractmethod
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         """Evaluate on the device; report progress through ``ctx.advance``."""
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The reported result from the merge of the blocks' results (shardable metrics
+        only): recompute what is not a sum of the blocks' — statistics over all points
+        (ECE, ranks, p-values of merged counts), sanity states from merged counts. ``data``
+        and ``ctx`` are the whole set's. The default returns ``result`` unchanged."""
+        return result
 
     def result(self, proportions, per_point=None, diagnostics=None, **kw) -> MetricResult:
         return MetricResult(
@@ -389,7 +432,11 @@ class Metric(ABC):
 
 
 def batches(data: EvalSet, batch_size: int, device: torch.device):
-    """Yield (index slice, x, y) batches of the evaluation set on ``device``."""
+    """Yield (index slice, x, y) batches of the evaluation set on ``device`` (copied
+    asynchronously when the inputs are in page-locked memory, as the engine keeps them for
+    CUDA; the next batch's copy then overlaps the current batch's work)."""
+    async_copy = device.type == "cuda" and data.x.is_pinned()
     for start in range(0, len(data), batch_size):
         sl = slice(start, min(start + batch_size, len(data)))
-        yield sl, data.x[sl].to(device), data.y[sl].to(device)
+        yield (sl, data.x[sl].to(device, non_blocking=async_copy),
+               data.y[sl].to(device, non_blocking=async_copy))

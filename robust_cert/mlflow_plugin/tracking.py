@@ -326,7 +326,7 @@ def certify_version(
     command: str | None = None,
     gradient_twin: str | None = None,
     allow_unsigned: bool = False,
-) -> Certification:
+) -> Certification | None:
     """Certify the version ``uri`` names against ``policy`` and log it to MLflow.
 
     Creates one certification run named ``certify NAME vN · VERDICT`` and tagged
@@ -349,6 +349,10 @@ def certify_version(
     Without a signing key the certificate is unsigned, and a new certification withdraws the
     version's signed one first: that is refused (TrackingError, before anything runs) when
     the version holds a signed certificate, unless ``allow_unsigned``.
+
+    Under ``torchrun`` every process calls this; the points are sharded
+    (:func:`robust_cert.certify`) and rank 0 alone writes to MLflow and disk and returns the
+    Certification; the other processes return None.
     """
     with terminate_as_interrupt():
         return _certify_version(uri, policy, data, tracking_uri=tracking_uri, out_dir=out_dir,
@@ -358,11 +362,15 @@ def certify_version(
 
 
 def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, threads,
-                     progress, command, gradient_twin, allow_unsigned) -> Certification:
+                     progress, command, gradient_twin, allow_unsigned) -> Certification | None:
     client = connect(tracking_uri)
     keyring = signing_keyring()
     pol = load_policy(policy)
     evalset = load_data(data, input_range=pol.input_range)
+    from robust_cert import distributed
+
+    # under torchrun: join the others first, each process on its local GPU
+    device = distributed.device_for(distributed.world(), device)
     clf = load_mlflow_model(uri, device=select_device(device), client=client)
     if keyring is None and not allow_unsigned and \
             client.get_model_version(clf.name, str(clf.version)).tags.get(CERT_TAG):
@@ -374,6 +382,8 @@ def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, 
     check_output_dir(out)  # before hours of work, and before any run exists
     cert = certify(clf, evalset, pol, seed=seed, threads=threads, progress=progress,
                    command=command, gradient_twin=gradient_twin)
+    if cert is None:  # another process of a torchrun launch: rank 0 alone writes
+        return None
     # both are covered by the digest and the signature: added before anything is signed
     cert.body["tracking_uri"] = redact_uri(_current_tracking_uri())
     attach_comparison(client, cert, clf.name, clf.version, keyring=keyring)

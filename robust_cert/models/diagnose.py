@@ -91,3 +91,32 @@ def model_failures(stage: str, models, batch_size: int) -> Iterator[None]:
     except Exception as exc:
         log.debug("%s failed", stage, exc_info=True)
         raise ModelError(failure_message(stage, exc, models, batch_size)) from exc
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure: torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError)
+                                    and "can't allocate memory" in str(exc))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def does_not_fit(stage: str, exc: BaseException, device: torch.device, *models) -> str:
+    """One line for a model that runs out of memory on ``device`` at batch size 1 (or while
+    being placed there): the allocation that failed, the model's own size (parameters and
+    buffers) and, on CUDA, the memory free on the device."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    size = sum(t.numel() * t.element_size() for m in models if isinstance(m, nn.Module)
+               for t in (*m.parameters(), *m.buffers()))
+    need = f"; its parameters and buffers alone take {_mib(size)}" if size else ""
+    free = ""
+    if device.type == "cuda":
+        with_free, total = torch.cuda.mem_get_info(device)
+        free = f"; {_mib(with_free)} of {_mib(total)} are free on {device}"
+    return (f"{stage}: the model does not fit in the memory of {device} even at batch size 1 "
+            f"({first}{need}{free}): use a device with more memory, free it from other "
+            "processes, or certify on cpu")

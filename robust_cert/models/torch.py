@@ -66,6 +66,11 @@ def probe_num_classes(forward, input_shape: tuple[int, ...], device: torch.devic
         with torch.no_grad():
             out = forward(x)
     except Exception as exc:  # the model's own error, re-raised with the shape we tried
+        from robust_cert.models.diagnose import does_not_fit, out_of_memory
+
+        if out_of_memory(exc):
+            raise ModelError(does_not_fit("the first forward pass", exc, device,
+                                          forward)) from exc
         raise ModelError(
             f"model failed on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -97,6 +102,13 @@ def from_module(
         module = module.to(device)
     except NotImplementedError:  # torch.export GraphModule: already placed
         pass
+    except Exception as exc:
+        from robust_cert.models.diagnose import does_not_fit, out_of_memory
+
+        if not out_of_memory(exc):
+            raise
+        raise ModelError(does_not_fit(f"moving the model to {device}", exc, device,
+                                      module)) from exc
     _eval_mode(module)
     num_classes = probe_num_classes(module, input_shape, device)
     return Classifier(

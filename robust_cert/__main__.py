@@ -1,0 +1,6 @@
+"""``python -m robust_cert`` is the ``robust-cert`` command (what ``torchrun -m`` launches)."""
+
+from robust_cert.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
