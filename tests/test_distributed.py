@@ -217,3 +217,47 @@ def test_share_gives_every_block_to_exactly_one_process():
             shares = [World(rank=r, size=size).share(blocks) for r in range(size)]
             assert [b for s in shares for b in s] == list(range(blocks))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.integration
+def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_path):
+    """``torchrun -m robust_cert certify`` against a real MLflow server: one certification
+    run, the version's tags and the report, written by rank 0 only; same verdict and results
+    as one process."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from robust_cert.mlflow_plugin.tracking import RUN_ID_TAG
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    model = small_cnn()
+    model.load_state_dict(torch.load(state))
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="m",
+                                        input_example=np.zeros((2, 1, 8, 8), np.float32),
+                                        serialization_format="pickle",
+                                        registered_model_name="sharded-cnn",
+                                        pip_requirements=["torch"])
+    version = str(info.registered_model_version)
+    policy = tmp_path / "p.json"  # JSON is YAML
+    policy.write_text(json.dumps({**POLICY, "batch_size": 128, "metrics": {
+        "accuracy": {}, "robust_accuracy": {"eps": [0.1], "attacks": ["pgd"], "steps": 3}},
+        "requirements": [{"metric": "accuracy", "at_least": 0.5}]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "ROBUST_CERT_SIGNING_KEY", "ROBUST_CERT_SIGNING_KEY_FILE"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "robust_cert", "certify", f"models:/sharded-cnn/{version}", "--policy",
+         str(policy), "--tracking-uri", mlflow_server.url, "--out", str(tmp_path / "out"),
+         "--no-progress"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"models:/sharded-cnn/{version}: PASS") == 1  # rank 0 reports
+    body = json.loads((tmp_path / "out" / "certificate.json").read_text())["certificate"]
+    assert body["environment"]["processes"] == 2 and body["data"]["n"] == 359
+    client = MlflowClient(mlflow_server.url, mlflow_server.url)
+    mv = client.get_model_version("sharded-cnn", version)
+    runs = client.search_runs([client.get_run(mv.tags[RUN_ID_TAG]).info.experiment_id],
+                              "tags.`robust_cert.kind` = 'certification'")
+    assert [r.info.run_id for r in runs] == [mv.tags[RUN_ID_TAG]]
