@@ -10,9 +10,19 @@ import torch
 from torch import nn
 
 import robust_cert
+from robust_cert import engine
 from robust_cert.metrics.base import RunContext
 from robust_cert.metrics.divergence import DivergenceBound, DivergenceConfig, kl_softmax
 from tests.linear_models import binary_linear
+from tests.test_shard_misc import (
+    BATCH,
+    POINTS,
+    assert_identical,
+    assert_world_size_invariant,
+    digits_points,
+    policy_with,
+    small_cnn,
+)
 
 CPU = torch.device("cpu")
 W = np.array([1.0, -2.0, 0.5, 1.5])
@@ -95,3 +105,116 @@ def test_kl_helper_and_config() -> None:
         DivergenceConfig(eps=[0.0])
     with pytest.raises(ValueError, match="KL thresholds must be >= 0"):
         DivergenceConfig(eps=[0.1], thresholds=[-1])
+
+
+# --------------------------------------------------------------------------- sharding
+
+LINEAR_RANGE = (-50.0, 50.0)
+
+
+def _linear_blocks(n=60, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, size=(n, 4)).astype(np.float32)
+    g = x.astype(np.float64) @ W + B
+    y = (g > 0).astype(np.int64)
+    data = robust_cert.load_data((x, y), input_range=LINEAR_RANGE)
+    return data, g, robust_cert.load_model(_binary(), input_shape=(4,))
+
+
+@pytest.mark.parametrize(("norm", "dual"), [("linf", np.abs(W).sum()),
+                                            ("l2", np.linalg.norm(W))])
+def test_blocked_run_keeps_the_known_answers(norm, dual) -> None:
+    torch.set_num_threads(1)
+    data, g, clf = _linear_blocks()
+    cfg = {"eps": [0.1, 0.4], "norm": norm, "thresholds": [0.05], "steps": 20, "restarts": 1,
+           "surface_points": 3, "surface_grid": 5}
+    res = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
+                           seed=4)["divergence"]
+    assert len(engine.blocks_of(60, BATCH)) == 4
+    for e in cfg["eps"]:
+        r = e * dual
+        expected = _bern_kl(g, g - np.sign(g) * r)
+        found = res.per_point[f"kl@{e:g}"]
+        assert (found <= expected * (1 + 1e-4) + 1e-6).all()
+        np.testing.assert_allclose(found, expected, rtol=1e-3, atol=1e-6)
+        # the maximum is on the sphere of radius ε (no box in the way)
+        np.testing.assert_allclose(res.per_point[f"direction_norm@{e:g}"], e, rtol=1e-5)
+        prop = res.find({"eps": e, "kl_at_most": 0.05})
+        assert (prop.k, prop.n) == (int((found <= 0.05).sum()), 60)
+    kl = res.per_point["kl@0.4"]
+    surf = res.diagnostics["surface"]
+    assert [s["index"] for s in surf] == np.argsort(-kl, kind="stable")[:3].tolist()
+    for s in surf:  # the surface of whole-set points, whichever block they were in
+        i = s["index"]
+        margin = np.array(s["margin"])
+        assert s["kl"] == kl[i]
+        assert margin[2, 2] == pytest.approx(abs(g[i]), rel=1e-4, abs=1e-4)
+        # along u, the direction that reached ψ: the margin falls by 2ε·(dual norm of w)·…
+        u = -np.sign(g[i]) * (np.sign(W) / 2.0 if norm == "linf" else W / np.linalg.norm(W))
+        assert margin[4, 2] == pytest.approx(abs(g[i]) - 0.8 * abs(W @ u), rel=1e-3, abs=1e-3)
+
+
+def test_blocked_run_without_random_starts_is_the_whole_run() -> None:
+    """restarts=0 is deterministic: the blocks, merged and finalized, are the one-call run
+    bit for bit, surfaces and distribution included."""
+    torch.set_num_threads(1)
+    data = digits_points()
+    clf = robust_cert.load_model(small_cnn(1), input_shape=(1, 8, 8))
+    cfg = {"eps": [0.05, 0.2], "steps": 4, "restarts": 0, "thresholds": [0.01, 0.1],
+           "surface_points": 5, "surface_grid": 5}
+    res = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
+                           seed=2)["divergence"]
+    whole = DivergenceBound(DivergenceConfig(**cfg)).run(
+        clf, data, RunContext(CPU, batch_size=BATCH, seed=2))
+    assert_identical(res, whole)
+    # the most vulnerable points come from more than one block
+    assert len({s["index"] // BATCH for s in res.diagnostics["surface"]}) > 1
+
+
+def test_blocked_summaries_come_from_the_merged_points() -> None:
+    torch.set_num_threads(1)
+    data = digits_points()
+    net = small_cnn(1)
+    clf = robust_cert.load_model(net, input_shape=(1, 8, 8))
+    cfg = {"eps": [0.05, 0.2], "norm": "l2", "steps": 3, "restarts": 2,
+           "thresholds": [0.01], "surface_points": 4, "surface_grid": 3}
+    res = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
+                           seed=5)["divergence"]
+    assert set(res.diagnostics) == {"norm", "distribution", "surface"}  # candidates gone
+    assert res.diagnostics["norm"] == "l2"
+    for e in cfg["eps"]:
+        kl = res.per_point[f"kl@{e:g}"]
+        assert len(kl) == POINTS
+        q = np.quantile(kl, [0.1, 0.5, 0.9])
+        assert res.diagnostics["distribution"][f"{e:g}"] == {
+            "mean": float(kl.mean()), "p10": float(q[0]), "median": float(q[1]),
+            "p90": float(q[2]), "max": float(kl.max())}
+        assert (res.per_point[f"direction_norm@{e:g}"] <= e * (1 + 1e-5)).all()
+        assert res.find({"eps": e, "kl_at_most": 0.01}).k == int((kl <= 0.01).sum())
+    kl = res.per_point["kl@0.2"]
+    surf = res.diagnostics["surface"]
+    assert [s["index"] for s in surf] == np.argsort(-kl, kind="stable")[:4].tolist()
+    with torch.no_grad():
+        logits = net(data.x).double()
+    for s in surf:
+        i = s["index"]
+        assert s["kl"] == float(kl[i])
+        assert s["prediction"] == int(logits[i].argmax())
+        top2 = logits[i].topk(2).values
+        assert s["margin"][1][1] == pytest.approx(float(top2[0] - top2[1]), rel=1e-4, abs=1e-5)
+
+
+def test_blocked_run_is_the_same_for_any_blocking_order() -> None:
+    torch.set_num_threads(1)
+    data = digits_points()
+    clf = robust_cert.load_model(small_cnn(1), input_shape=(1, 8, 8))
+    cfg = {"eps": [0.1], "steps": 3, "restarts": 2, "thresholds": [0.05],
+           "surface_points": 3, "surface_grid": 3}
+    res = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
+                           seed=6)["divergence"]
+    assert_world_size_invariant(DivergenceBound(DivergenceConfig(**cfg)), clf, data, res,
+                                seed=6)
+    # the random starts are drawn per block: another seed moves ψ of some point
+    other = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
+                             seed=7)["divergence"]
+    assert not np.array_equal(other.per_point["kl@0.1"], res.per_point["kl@0.1"])

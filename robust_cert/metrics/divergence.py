@@ -10,6 +10,7 @@ spanned by the ascent direction and a random direction.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -31,6 +32,9 @@ from robust_cert.models.base import Classifier
 
 Radii = value_list("ε", low=0, low_open=True)
 KLThresholds = value_list("KL thresholds", low=0)
+#: diagnostics key of a block's surface candidates (whole-set index → ascent direction);
+#: :meth:`DivergenceBound.finalize` replaces it with ``surface``
+_CANDIDATES = "surface_candidates"
 
 
 class DivergenceConfig(MetricConfig):
@@ -59,12 +63,21 @@ class DivergenceBound(Metric):
     """ψ(x) = max over ‖δ‖ ≤ ε of KL(softmax f(x) ‖ softmax f(x+δ)), found by ascent.
 
     Kind: empirical — each ψ(x) found is a **lower bound** on the true maximum (the ascent may
-    miss a larger value). Per point: ``kl@ε`` and ``direction_norm@ε``. ``diagnostics``: the
-    distribution of ψ per ε (mean, quantiles, max), and ``surface`` — for the
-    ``surface_points`` points with the largest ψ at the largest ε, the margin
-    f_t − max_{j≠t} f_j (t = prediction at x) on a G×G grid x + a·u + b·v, a, b ∈ [−2ε, 2ε],
-    u the unit ascent direction and v a seeded random unit direction orthogonal to u (in the
-    L2 sense; the grid is clipped to the input range): data for a report to draw.
+    miss a larger value). Per point: ``kl@ε`` and ``direction_norm@ε`` (the size, in the
+    ball's norm, of the perturbation that reached ψ). ``diagnostics``: the distribution of ψ
+    per ε over all points (mean, quantiles, max), and ``surface`` — for the
+    ``surface_points`` points of the whole set with the largest ψ at the largest ε (ties: the
+    lower index), the margin f_t − max_{j≠t} f_j (t = prediction at x) on a G×G grid
+    x + a·u + b·v, a, b ∈ [−2ε, 2ε], u the unit ascent direction that reached ψ and v a seeded
+    random unit direction orthogonal to u (in the L2 sense; the grid is clipped to the input
+    range): data for a report to draw. ``index`` is the point's index in the whole set.
+
+    Sharding (:attr:`shardable`): the random starts are drawn per block (from the seed and the
+    block's first point), so ψ of a point depends only on its block; each block keeps the
+    ascent directions of its own ``surface_points`` largest ψ, and :meth:`finalize` picks the
+    whole set's largest among them (a point in the whole top is in its block's top), draws v
+    once for the whole set (seeded generator, the same for any blocking) and recomputes the
+    distribution from the merged per-point values.
 
     Proportions (optional): for each ε and threshold κ in ``thresholds``, the fraction of
     points with ψ(x) ≤ κ — an upper bound on the true fraction (ψ found ≤ true ψ), with an
@@ -90,6 +103,7 @@ class DivergenceBound(Metric):
     needs_gradients = True
     description = "P[max_{||δ||<=ε} KL(softmax f(x) || softmax f(x+δ)) <= κ] (upper bound)"
     Config = DivergenceConfig
+    shardable = True
 
     def selectors(self):
         return [{"eps": e, "kl_at_most": k} for e in self.config.eps
@@ -103,26 +117,50 @@ class DivergenceBound(Metric):
         fn = model.attack_module()
         box = data.input_range
         n = len(data)
-        kl = {e: np.empty(n) for e in cfg.eps}
-        dirs = {}
-        g = ctx.generator(f"{self.name}/starts")
+        g = ctx.generator(f"{self.name}/starts")  # per block: (seed, label, first point)
         e_max = cfg.eps[-1]
+        # kept on the device, copied once per call: no host sync per batch
+        vals = {e: [] for e in cfg.eps}
+        sizes = {e: [] for e in cfg.eps}
+        dirs = []
         for sl, x, _ in batches(data, ctx.batch_size, ctx.device):
             for e in cfg.eps:
                 val, delta = self._ascent(fn, x, e, box, g)
-                kl[e][sl] = val.cpu().numpy()
+                vals[e].append(val)
+                sizes[e].append(self._size(delta))
                 if e == e_max:
-                    dirs[sl.start] = delta.cpu()
+                    dirs.append(delta)
                 ctx.advance(sl.stop - sl.start)
+        kl = {e: torch.cat(vals[e]).cpu().numpy() for e in cfg.eps}
         props = [Proportion({"eps": e, "kl_at_most": k}, int((kl[e] <= k).sum()), n)
                  for e in cfg.eps for k in cfg.thresholds]
-        diagnostics = {
-            "norm": cfg.norm,
-            "distribution": {f"{e:g}": _distribution(kl[e]) for e in cfg.eps},
-            "surface": self._surfaces(fn, data, kl[e_max], dirs, e_max, ctx),
-        }
         per_point = {f"kl@{e:g}": kl[e] for e in cfg.eps}
-        return self.result(props, per_point=per_point, diagnostics=diagnostics)
+        per_point.update({f"direction_norm@{e:g}": torch.cat(sizes[e]).cpu().numpy()
+                          for e in cfg.eps})
+        # this block's candidates for the surface: its surface_points largest ψ at the largest
+        # ε (ties: lower index, as in the whole set), keyed by index in the whole set
+        top = np.argsort(-kl[e_max], kind="stable")[:min(cfg.surface_points, n)]
+        chosen = torch.cat(dirs)[torch.as_tensor(top, device=ctx.device)].cpu().numpy()
+        candidates = {ctx.offset + i: u for i, u in zip(top.tolist(), chosen, strict=True)}
+        res = self.result(props, per_point=per_point,
+                          diagnostics={"norm": cfg.norm, _CANDIDATES: candidates})
+        if ctx.total is None:  # the whole set in one call: nothing will merge
+            res = self.finalize(res, model, data, ctx)
+        return res
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The distribution of ψ over all points, and the surfaces of the whole set's most
+        vulnerable points (from the directions the blocks kept)."""
+        cfg = self.config
+        e_max = cfg.eps[-1]
+        diag = {k: v for k, v in result.diagnostics.items() if k != _CANDIDATES}
+        candidates = result.diagnostics.get(_CANDIDATES, {})
+        kl = {e: result.per_point[f"kl@{e:g}"] for e in cfg.eps}
+        diag["distribution"] = {f"{e:g}": _distribution(kl[e]) for e in cfg.eps}
+        diag["surface"] = self._surfaces(model.attack_module(), data, kl[e_max], candidates,
+                                         e_max, ctx)
+        return dataclasses.replace(result, diagnostics=diag)
 
     def _project(self, delta, x, e, box):
         if self.config.norm == "linf":
@@ -131,6 +169,11 @@ class DivergenceBound(Metric):
             nrm = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
             delta = delta * (e / nrm).clamp(max=1.0).view(-1, *([1] * (x.ndim - 1)))
         return (x + delta).clamp(*box) - x
+
+    def _size(self, delta):
+        """Each row's size in the ball's norm (float64)."""
+        flat = delta.flatten(1).double()
+        return flat.abs().amax(1) if self.config.norm == "linf" else flat.norm(dim=1)
 
     def _step(self, grad, alpha, x):
         if self.config.norm == "linf":
@@ -167,23 +210,25 @@ class DivergenceBound(Metric):
                     (grad,) = torch.autograd.grad(val.sum(), dv)
                 better = val.detach().double() > best
                 best = torch.where(better, val.detach().double(), best)
-                best_delta[better] = delta[better]
+                # where(), not masked assignment: no host sync (nonzero) per step
+                best_delta = torch.where(better.view(-1, *([1] * (x.ndim - 1))), delta.detach(),
+                                         best_delta)
                 delta = self._project(delta + self._step(grad, alpha, x), x, e, box)
         return best.clamp_min(0.0), best_delta
 
-    def _surfaces(self, fn, data, kl, dirs, e, ctx):
+    def _surfaces(self, fn, data, kl, candidates, e, ctx):
+        """Margins on the grid around the whole set's ``surface_points`` largest ψ; ``kl`` is
+        over the whole set, ``candidates`` maps whole-set indices to ascent directions."""
         cfg = self.config
         k = min(cfg.surface_points, len(kl))
         if k == 0:
             return []
         order = np.argsort(-kl, kind="stable")[:k]
-        g = ctx.generator(f"{self.name}/surface")
+        g = ctx.global_generator(f"{self.name}/surface")  # one draw for the whole set
         axis = torch.linspace(-2 * e, 2 * e, cfg.surface_grid, dtype=torch.float64)
         out = []
-        bs = ctx.batch_size
         for i in order.tolist():
-            start = (i // bs) * bs
-            u = dirs[start][i - start].double().flatten()
+            u = torch.as_tensor(candidates[i]).double().flatten()
             x = data.x[i].to(torch.float64).flatten()
             if u.norm() == 0:
                 u = torch.randn(u.shape, generator=g, dtype=torch.float64)
@@ -194,7 +239,7 @@ class DivergenceBound(Metric):
             a, b = torch.meshgrid(axis, axis, indexing="ij")
             pts = x + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
             pts = pts.clamp(*data.input_range).to(data.x.dtype).view(-1, *data.input_shape)
-            with torch.no_grad():
+            with torch.no_grad():  # a few chosen points: one host sync each is fine
                 t = int(fn(data.x[i:i + 1].to(ctx.device)).argmax(1))
                 logits = fn(pts.to(ctx.device)).double().cpu()
             other = logits.clone()

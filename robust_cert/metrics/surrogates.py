@@ -9,6 +9,8 @@ points). Trend indicators: reported, never gated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, RunContext, batches
 from robust_cert.models.base import Classifier
+
+#: Power iterations between two reads of the stop flags (a host sync): stopping early only
+#: saves work, the values are those of running every iteration with stopped points frozen.
+CHECK_EVERY = 8
 
 
 class SurrogatesConfig(MetricConfig):
@@ -40,7 +46,14 @@ class Surrogates(Metric):
     power iteration converged to — the eigenvalue of largest magnitude (for ReLU networks H is
     positive semi-definite almost everywhere, so it is the top eigenvalue). Power iteration
     starts from a seeded random vector. ``diagnostics`` hold mean, median, 90th percentile and
-    max of both and ``hessian_converged`` (relative change of the last iteration < 1e-3).
+    max of both over all points and ``hessian_converged``: the number of points whose last
+    iteration changed the quotient by < 1e-3 relative.
+
+    Every per-point value depends on that point alone (the Hessian of a sum of per-point losses
+    is block-diagonal; normalisation, quotient and stopping are per point), so the metric is
+    :attr:`shardable`: the power iteration's start vectors are drawn per block (from the seed
+    and the block's first point), ``hessian_converged`` counts add, and :meth:`finalize`
+    recomputes the summaries from the merged per-point values.
 
     Kind: estimate. No proportions: the metric is a trend indicator and cannot be a
     requirement (``selectors()`` is empty). Known answers for a linear softmax model
@@ -61,6 +74,7 @@ class Surrogates(Metric):
     needs_gradients = True
     description = "mean ||∂f/∂x||_F and top eigenvalue of ∂²CE/∂x² (trend indicators)"
     Config = SurrogatesConfig
+    shardable = True
 
     def selectors(self):
         return []
@@ -70,22 +84,31 @@ class Surrogates(Metric):
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         fn = model.attack_module()
-        n = len(data)
-        jac = np.empty(n)
-        top = np.empty(n)
-        converged = 0
-        g = ctx.generator(f"{self.name}/power")
+        jac, top, ok = [], [], []  # on the device, copied once per call
+        g = ctx.generator(f"{self.name}/power")  # per block: (seed, label, first point)
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
-            jac[sl] = self._jacobian_norms(fn, x).cpu().numpy()
+            jac.append(self._jacobian_norms(fn, x))
             v = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
-            lam, ok = self._top_eigenvalues(fn, x, y, v)
-            top[sl] = lam.cpu().numpy()
-            converged += int(ok.sum())
+            lam, conv = self._top_eigenvalues(fn, x, y, v)
+            top.append(lam)
+            ok.append(conv)
             ctx.advance(sl.stop - sl.start)
+        jac = torch.cat(jac).cpu().numpy()
+        top = torch.cat(top).cpu().numpy()
+        converged = int(torch.cat(ok).sum())
         return self.result(
             [], per_point={"jacobian_fro": jac, "hessian_top": top},
             diagnostics={"jacobian_fro": _summary(jac), "hessian_top": _summary(top),
                          "hessian_converged": converged})
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """Summaries over all points (the merge took each one's max over the blocks);
+        ``hessian_converged`` is a count and the merge added it."""
+        pp = result.per_point
+        return dataclasses.replace(result, diagnostics={
+            **result.diagnostics, "jacobian_fro": _summary(pp["jacobian_fro"]),
+            "hessian_top": _summary(pp["hessian_top"])})
 
     @staticmethod
     def _jacobian_norms(fn, x: torch.Tensor) -> torch.Tensor:
@@ -108,14 +131,20 @@ class Surrogates(Metric):
             return hv.detach()
 
         dims = tuple(range(1, x.ndim))
+        rows = (-1, *([1] * (x.ndim - 1)))
         lam = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         prev = lam.clone()
-        for _ in range(self.config.power_iterations):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (x.ndim - 1)))
+        # a point stops when its Hessian-vector product is exactly zero (its quotient is then
+        # final); the flags stay on the device and are read every CHECK_EVERY iterations only
+        live = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for it in range(self.config.power_iterations):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(rows)
             hv = hvp(v)
-            prev, lam = lam, (hv * v).sum(dims).double()
+            prev = torch.where(live, lam, prev)
+            lam = torch.where(live, (hv * v).sum(dims).double(), lam)
             v = hv
-            if not v.flatten(1).abs().amax(1).gt(0).any():
+            live = live & v.flatten(1).abs().amax(1).gt(0)
+            if (it + 1) % CHECK_EVERY == 0 and not bool(live.any()):
                 break
         ok = (lam - prev).abs() <= 1e-3 * lam.abs().clamp_min(1e-12)
         return lam, ok
