@@ -351,3 +351,32 @@ def test_autoattack_uses_the_full_square() -> None:
     assert torchattacks.Square not in kinds
     sq = next(a for a in aa._autoattack.attacks if isinstance(a, FullSquare))
     assert sq.n_queries == 5000  # upstream's budget kept
+
+
+def test_examples_keep_the_first_points_broken_at_the_smallest_eps() -> None:
+    """``_keep_examples`` (one copy from the device per call) keeps, of every point offered,
+    the MAX_EXAMPLES with the smallest (ε index, point) at the ε index each was first broken
+    at, with the adversarial row and prediction of that call; ``_may_keep`` only skips calls
+    that cannot change them."""
+    from robust_cert.metrics.adversarial import MAX_EXAMPLES, _keep_examples, _may_keep
+
+    rng = np.random.default_rng(12)
+    for _ in range(30):
+        n, n_eps = 40, 3
+        examples, first = [], np.full(n, -1, dtype=np.int64)
+        offered: dict[int, tuple[int, float, int]] = {}  # point -> (j, row value, pred)
+        for j in range(n_eps):
+            for start in range(0, n, 16):  # batches
+                index = start + np.flatnonzero(rng.random(min(16, n - start)) < 0.6)
+                broken = rng.random(len(index)) < 0.3
+                adv = torch.tensor(rng.normal(size=(len(index), 2)), dtype=torch.float32)
+                pred = torch.tensor(rng.integers(0, 5, size=len(index)))
+                for i in np.flatnonzero(broken):
+                    offered.setdefault(int(index[i]), (j, float(adv[i, 0]), int(pred[i])))
+                if _may_keep(examples, j):
+                    _keep_examples(examples, first, index, j, broken, adv, pred)
+        want = sorted((j, p) for p, (j, _, _) in offered.items())[:MAX_EXAMPLES]
+        assert sorted(e[:2] for e in examples) == want
+        for _, p, row, pr in examples:
+            assert (row[0], pr) == pytest.approx(offered[p][1:])
+            assert row.dtype == np.float32

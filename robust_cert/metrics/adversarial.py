@@ -240,6 +240,17 @@ class RobustAccuracy(Metric):
     queries, alone or inside AutoAttack-standard (5,000 queries). Whether the model is random
     at evaluation time is checked once per certification (``certificate.sanity``).
 
+    Sharding (:attr:`shardable`): the engine runs it on blocks of ``batch_size`` points. What
+    is drawn per block: each attack call on a batch of points (PGD's random start, the seeds
+    of APGD, APGD-T, FAB, Square and AutoAttack) is seeded from (seed, attack, ε, index of
+    the batch's first point in the whole set), so a block draws exactly what a run on the
+    whole set with the same batch size draws for those points; nothing is drawn for the
+    whole set. Counts, per-point outcomes, worst excesses and examples merge;
+    :meth:`finalize` recomputes the McNemar p-values from the merged counts, every sanity
+    state, the findings, and logs the fallback and failed checks once
+    (``diagnostics["clean_correct_points"]``, ``["view_mismatch_points"]`` and
+    ``["attacked_inputs"]`` are the counts it needs).
+
     Example::
 
         RobustAccuracy(RobustAccuracyConfig(eps=[0.1], attacks=["pgd", "square"]))\\
@@ -251,6 +262,7 @@ class RobustAccuracy(Metric):
     quantity = "robust accuracy"
     higher_is_better = True
     needs_gradients = True
+    shardable = True
     description = "P[f(x') = y for every attack's x' with ||x' - x|| <= ε] (upper bound)"
     Config = RobustAccuracyConfig
 
@@ -354,6 +366,15 @@ class RobustAccuracy(Metric):
                 "undermines": undermines, "compensated_by": free}
         return out
 
+    def _attack_seed(self, ctx: RunContext, attack: str, eps: float, start: int) -> int:
+        """The seed of one attack call: (seed, attack, ε, index of the batch's first point in
+        the whole evaluation set). A batch draws the same numbers in a run on the whole set
+        and in the engine's block that holds it (blocks are batches of the same size): the
+        global index already places the block, so the plain label is used (as
+        :meth:`RunContext.global_generator` does) rather than :meth:`RunContext.derive`,
+        which would add the block's offset a second time."""
+        return _derive_seed(ctx.seed, f"{self.name}/{attack}/{eps!r}/{start}")
+
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
         attacks, fallback = self.plan(model.num_classes)
@@ -368,89 +389,83 @@ class RobustAccuracy(Metric):
                                  f"(torchattacks' Square L2 tiles the image in fifths); the "
                                  f"inputs are presented as {h}×{w}: use norm linf or other "
                                  "attacks")
-        n, n_eps = len(data), len(cfg.eps)
-        robust = np.zeros((n, n_eps), dtype=bool)
-        broken_by = {a: [0] * n_eps for a in attacks}
-        max_excess, out_of_bounds, zero_grad, probed, view_mismatch = 0.0, 0, 0, 0, 0
-        n_clean, attacked_pairs = 0, 0
+        n, n_eps, dev = len(data), len(cfg.eps), ctx.device
+        # per-point outcomes and counters stay on the device; one copy at the end
+        robust_t = torch.zeros((n, n_eps), dtype=torch.bool, device=dev)
+        broken_t = torch.zeros((len(attacks), n_eps), dtype=torch.int64, device=dev)
+        white_t = torch.zeros(n_eps, dtype=torch.int64, device=dev)  # only white-box broke
+        square_t = torch.zeros(n_eps, dtype=torch.int64, device=dev)  # only Square broke
+        # clean-correct points, view mismatches, zero-gradient points, out-of-bounds outputs
+        counts_t = torch.zeros(4, dtype=torch.int64, device=dev)
+        excess_t = torch.zeros((), dtype=torch.float64, device=dev)
+        probed, attacked_pairs = 0, 0  # sizes known on the host
         # paired design: Square attacks every clean-correct point when white-box attacks run
         # too, so the two worst cases can be compared point by point (McNemar)
         paired = "square" in attacks and any(a not in BLACK_BOX for a in attacks)
-        white_only = [0] * n_eps  # clean-correct points only the white-box attacks broke
-        square_only = [0] * n_eps  # clean-correct points only Square broke
         # the adversarial inputs of the first MAX_EXAMPLES points broken at the smallest ε
         first_broken = np.full(n, -1, dtype=np.int64)
         examples: list[tuple[int, int, np.ndarray, int]] = []
-        # the attacked view is the judged model itself: nothing to compare at ε = 0
-        identical = (model.gradient_forward is None and (lo, hi) == (0.0, 1.0)
-                     and len(data.input_shape) == 3)
-        for sl, x, y in batches(data, ctx.batch_size, ctx.device):
+        identical = _view_is_model(model, data)
+        for sl, x, y in batches(data, ctx.batch_size, dev):
             u = view.to_attack(x)
             clean_ok = model.logits(x).argmax(1) == y
-            n_clean += int(clean_ok.sum())
+            counts_t[0] += clean_ok.sum()
             if not identical:
                 with torch.no_grad():
-                    view_mismatch += int((view(u).argmax(1) == y).ne(clean_ok).sum())
+                    counts_t[1] += (view(u).argmax(1) == y).ne(clean_ok).sum()
             first_white_box = True
             for j, eps in enumerate(cfg.eps):
                 alive = clean_ok.clone()
                 eps01 = eps / self._scale
-                for a in attacks:
+                for ai, a in enumerate(attacks):
                     whole = paired and a == "square"
-                    idx = (clean_ok if whole else alive).nonzero().squeeze(1)
-                    if idx.numel() and eps > 0:
-                        attacked_pairs += idx.numel()
-                        label = f"{self.name}/{a}/{eps!r}/{sl.start}"
-                        ctx.seed_global(label)
-                        atk = self._attack(a, view, eps01, _derive_seed(ctx.seed, label) % 2**31,
-                                           model.num_classes)
-                        ui = u[idx]
-                        grads: list[torch.Tensor] = []
-                        if first_white_box and a not in BLACK_BOX:
-                            view.probe, first_white_box = grads, False
-                        adv = atk(ui, y[idx]).detach()
-                        view.probe = None
-                        if grads and grads[0].shape[0] == idx.numel():
-                            zero_grad += int((grads[0].flatten(1).abs().amax(1) == 0).sum())
-                            probed += idx.numel()
-                        excess = _norms(adv - ui, cfg.norm) - eps01
-                        outside = (adv < 0).flatten(1).any(1) | (adv > 1).flatten(1).any(1)
-                        out_of_bounds += int((outside | (excess > 1e-6)).sum())
-                        max_excess = max(max_excess, float(excess.max()))
-                        adv = _project(adv, ui, eps01, cfg.norm)
-                        adv_x = view.to_data(adv)
-                        pred = model.logits(adv_x).argmax(1)
-                        still = pred == y[idx]
-                        if whole:  # alive[idx] is False where a white-box attack broke it
-                            was = alive[idx]
-                            white_only[j] += int((~was & still).sum())
-                            square_only[j] += int((was & ~still).sum())
-                            still = still & was
-                        broken_by[a][j] += int((alive[idx] & ~still).sum())
+                    idx = (clean_ok if whole else alive).nonzero().squeeze(1)  # one sync
+                    if not (idx.numel() and eps > 0):
+                        continue
+                    attacked_pairs += idx.numel()
+                    seed = self._attack_seed(ctx, a, eps, ctx.offset + sl.start)
+                    torch.manual_seed(seed)  # for attacks that draw from the global generator
+                    atk = self._attack(a, view, eps01, seed % 2**31, model.num_classes)
+                    ui = u[idx]
+                    grads: list[torch.Tensor] = []
+                    if first_white_box and a not in BLACK_BOX:
+                        view.probe, first_white_box = grads, False
+                    adv = atk(ui, y[idx]).detach()
+                    view.probe = None
+                    if grads and grads[0].shape[0] == idx.numel():
+                        counts_t[2] += (grads[0].flatten(1).abs().amax(1) == 0).sum()
+                        probed += idx.numel()
+                    excess = _norms(adv - ui, cfg.norm) - eps01
+                    outside = (adv < 0).flatten(1).any(1) | (adv > 1).flatten(1).any(1)
+                    counts_t[3] += (outside | (excess > 1e-6)).sum()
+                    excess_t = torch.maximum(excess_t, excess.max().double())
+                    adv = _project(adv, ui, eps01, cfg.norm)
+                    adv_x = view.to_data(adv)
+                    pred = model.logits(adv_x).argmax(1)
+                    still = pred == y[idx]
+                    if whole:  # alive[idx] is False where a white-box attack broke it
+                        was = alive[idx]
+                        white_t[j] += (~was & still).sum()
+                        square_t[j] += (was & ~still).sum()
+                        still = still & was
+                    broken_t[ai, j] += (alive[idx] & ~still).sum()
+                    if _may_keep(examples, j):
                         _keep_examples(examples, first_broken, sl.start + idx.cpu().numpy(), j,
-                                       ~still.cpu().numpy(), adv_x, pred)
-                        alive[idx] = still
+                                       (~still).cpu().numpy(), adv_x, pred)
+                    alive[idx] = still
                 ctx.advance((sl.stop - sl.start) * len(cfg.attacks))  # as cost() counts
-                robust[sl, j] = alive.cpu().numpy()
+                robust_t[sl, j] = alive
+        robust = robust_t.cpu().numpy()
+        n_clean, view_mismatch, zero_grad, out_of_bounds = counts_t.tolist()
+        broken = broken_t.tolist()
+        white_only, square_only = white_t.tolist(), square_t.tolist()
         props = [Proportion({"eps": e}, int(robust[:, j].sum()), n) for j, e in enumerate(cfg.eps)]
-        comparison = [
-            {"eps": e, "white_box_only": white_only[j], "square_only": square_only[j],
-             "p_value": stats.binom_test_pvalue(square_only[j], white_only[j] + square_only[j],
-                                                0.5, "greater")
-             if white_only[j] + square_only[j] else 1.0}
-            for j, e in enumerate(cfg.eps) if e > 0] if paired else []
-        sanity = {
-            "eps0_equals_clean": _state(not identical and n > 0,
-                                        view_mismatch == 0),
-            "in_range_and_ball": _state(attacked_pairs > 0, out_of_bounds == 0),
-            "gradients_nonzero": _state(probed > 0, zero_grad <= ZERO_GRADIENT_LIMIT * probed),
-            "square_not_better": _state(
-                bool(comparison) and n_clean > 0,
-                all(c["p_value"] > SQUARE_MCNEMAR_LEVEL / len(comparison) for c in comparison)),
-        }
+        comparison = [{"eps": e, "white_box_only": white_only[j], "square_only": square_only[j],
+                       "p_value": 1.0}
+                      for j, e in enumerate(cfg.eps) if e > 0] if paired else []
         diagnostics = {
-            "broken_by_attack": broken_by,
-            f"max_{cfg.norm}_excess": max(0.0, max_excess * self._scale),
+            "broken_by_attack": {a: broken[i] for i, a in enumerate(attacks)},
+            f"max_{cfg.norm}_excess": max(0.0, float(excess_t) * self._scale),
             "range_violations": out_of_bounds,
             "attack_order": attacks,
             "norm": cfg.norm,
@@ -458,16 +473,13 @@ class RobustAccuracy(Metric):
             "gradient_points_probed": probed,
             "square_only_breaks": sum(square_only) if paired else 0,
             "square_vs_white_box": comparison,
-            "sanity": sanity,
-            "sanity_findings": self._findings(sanity, attacks, zero_grad, probed, view_mismatch,
-                                              comparison, out_of_bounds),
+            "clean_correct_points": n_clean,
+            "view_mismatch_points": view_mismatch,
+            "attacked_inputs": attacked_pairs,
         }
         if fallback:
             diagnostics["fallback"] = fallback
-            log.warning("robust_accuracy: %s", fallback)
-        if cfg.eps[0] == 0:
-            diagnostics["eps0_equals_clean"] = sanity["eps0_equals_clean"]
-        _warn(diagnostics["sanity_findings"])
+        self._conclude(diagnostics, n, identical)
         transfer = model.gradient_forward is not None
         diagnostics["attack_source"] = TRANSFER if transfer else "white-box on the model"
         examples.sort(key=lambda e: e[:2])
@@ -484,22 +496,80 @@ class RobustAccuracy(Metric):
             res.description = f"{self.description}; {TRANSFER}"
         return res
 
+    def _conclude(self, diagnostics: dict, points: int, identical: bool) -> None:
+        """Set what follows from the counts in ``diagnostics`` (of one block, or merged):
+        the McNemar p-values of ``square_vs_white_box``, the ``sanity`` states, the
+        ``sanity_findings`` and the legacy ``eps0_equals_clean``."""
+        comparison = diagnostics["square_vs_white_box"]
+        for c in comparison:
+            b, s = c["white_box_only"], c["square_only"]
+            c["p_value"] = stats.binom_test_pvalue(s, b + s, 0.5, "greater") if b + s else 1.0
+        zero_grad, probed = diagnostics["zero_gradient_points"], diagnostics[
+            "gradient_points_probed"]
+        view_mismatch, out_of_bounds = (diagnostics["view_mismatch_points"],
+                                        diagnostics["range_violations"])
+        sanity = {
+            "eps0_equals_clean": _state(not identical and points > 0, view_mismatch == 0),
+            "in_range_and_ball": _state(diagnostics["attacked_inputs"] > 0, out_of_bounds == 0),
+            "gradients_nonzero": _state(probed > 0, zero_grad <= ZERO_GRADIENT_LIMIT * probed),
+            "square_not_better": _state(
+                bool(comparison) and diagnostics["clean_correct_points"] > 0,
+                all(c["p_value"] > SQUARE_MCNEMAR_LEVEL / len(comparison) for c in comparison)),
+        }
+        diagnostics["sanity"] = sanity
+        diagnostics["sanity_findings"] = self._findings(
+            sanity, diagnostics["attack_order"], zero_grad, probed, view_mismatch, comparison,
+            out_of_bounds)
+        if self.config.eps[0] == 0:
+            diagnostics["eps0_equals_clean"] = sanity["eps0_equals_clean"]
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """Recompute from the merged counts what is not a sum of the blocks': the McNemar
+        p-values, every sanity state and the findings; then log the fallback and the failed
+        checks (once). Counts, worst excesses, per-point outcomes and examples merge as they
+        are."""
+        self._conclude(result.diagnostics, len(result.per_point["robust"]),
+                       _view_is_model(model, data))
+        if "fallback" in result.diagnostics:
+            log.warning("robust_accuracy: %s", result.diagnostics["fallback"])
+        _warn(result.diagnostics["sanity_findings"])
+        return result
+
+
+def _view_is_model(model: Classifier, data: EvalSet) -> bool:
+    """True when the attacked view is the judged model itself (no gradient twin, inputs in
+    [0, 1], images): ``eps0_equals_clean`` has nothing to compare."""
+    return (model.gradient_forward is None and tuple(data.input_range) == (0.0, 1.0)
+            and len(data.input_shape) == 3)
+
+
+def _may_keep(examples: list, j: int) -> bool:
+    """False when no point first broken at ε index j can become an example: MAX_EXAMPLES
+    are kept already, all broken at a smaller ε (then neither can any at a larger one)."""
+    return len(examples) < MAX_EXAMPLES or max(e[0] for e in examples) >= j
+
 
 def _keep_examples(examples: list, first_broken: np.ndarray, index: np.ndarray, j: int,
                    broken: np.ndarray, adv_x: torch.Tensor, pred: torch.Tensor) -> None:
     """Record the adversarial input and prediction of the points first broken at ε index j;
     ``examples`` keeps (j, point, input, prediction) of the MAX_EXAMPLES points broken at the
-    smallest ε (ties: lowest index)."""
-    for i in np.flatnonzero(broken):
-        p = int(index[i])
-        if first_broken[p] >= 0:
-            continue
-        first_broken[p] = j
-        if len(examples) == MAX_EXAMPLES and (j, p) >= max(e[:2] for e in examples):
-            continue
-        examples.append((j, p, adv_x[i].detach().float().cpu().numpy(), int(pred[i])))
-        if len(examples) > MAX_EXAMPLES:
-            examples.remove(max(examples, key=lambda e: e[:2]))
+    smallest ε (ties: lowest index). Only the rows kept are copied from the device, at once."""
+    rows = np.flatnonzero(broken)
+    rows = rows[first_broken[index[rows]] < 0]
+    if not rows.size:
+        return
+    first_broken[index[rows]] = j
+    # the MAX_EXAMPLES smallest (ε index, point) keys of the kept examples and the new rows
+    keys = sorted([(e[0], e[1], -1) for e in examples]
+                  + [(j, int(index[r]), int(r)) for r in rows])[:MAX_EXAMPLES]
+    new = [r for _, _, r in keys if r >= 0]
+    examples[:] = [e for e in examples if (e[0], e[1], -1) in keys]
+    if new:
+        sel = torch.as_tensor(new, device=adv_x.device)
+        advs = adv_x[sel].detach().float().cpu().numpy()
+        preds = pred[sel].cpu().tolist()
+        examples += [(j, int(index[r]), a, p) for r, a, p in zip(new, advs, preds, strict=True)]
 
 
 def _state(ran: bool, ok: bool) -> str:

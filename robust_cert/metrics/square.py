@@ -69,9 +69,13 @@ class FullSquare(Square):
         return super().get_logits(inputs, labels, *args, **kwargs)
 
     def random_int(self, low=0, high=1, shape=(1,)):
-        """Uniform integers in ``[low, high]`` (inclusive); ``low`` when ``high < low``."""
+        """Uniform integers in ``[low, high]`` (inclusive); ``low`` when ``high < low``.
+
+        Drawn from torch's CPU generator, as upstream draws them, and left on the host:
+        upstream uses them only as slice bounds of the window, so on a GPU reading them back
+        would cost a device synchronisation at every query."""
         span = max(int(high) - int(low) + 1, 1)
-        t = torch.rand(list(shape)).to(self.device)
+        t = torch.rand(list(shape))
         return (low + torch.floor(span * t).clamp(max=span - 1)).long()
 
 
