@@ -22,6 +22,7 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
+from robust_cert.metrics.local_probabilistic import to_device
 from robust_cert.models.base import Classifier
 
 Estimator = Literal["taylor", "mmse", "mvs", "mmse_mvs", "softmax"]
@@ -51,7 +52,7 @@ def mvn_cdf(upper: torch.Tensor, corr: torch.Tensor, points: int = 1024, shifts:
     per = max(1, points // shifts)
     w = np.stack([qmc.Sobol(d=k - 1, scramble=True, seed=seed + s).random(per)
                   for s in range(shifts)])  # (shifts, per, k-1)
-    w = torch.from_numpy(w.reshape(shifts * per, k - 1)).to(upper.device)
+    w = to_device(torch.from_numpy(w.reshape(shifts * per, k - 1)), upper.device)
     order = upper.argsort(dim=1)
     b = upper.gather(1, order)
     s_perm = corr.gather(1, order[:, :, None].expand(p, k, k))
@@ -114,11 +115,11 @@ def margins(logits: torch.Tensor, jac: torch.Tensor, target: torch.Tensor, sigma
     g_i = f_t − f_i over the C − 1 classes i ≠ t (float64)."""
     p, c = logits.shape
     logits, jac = logits.to(torch.float64), jac.to(torch.float64)
-    keep = torch.ones(p, c, dtype=torch.bool, device=logits.device)
-    keep[torch.arange(p), target] = False
-    others = keep.nonzero()[:, 1].view(p, c - 1)
+    # the classes i ≠ t in increasing order, without a host-device synchronisation
+    rest = torch.arange(c - 1, device=logits.device)[None]
+    others = rest + (rest >= target[:, None]).long()
     g = logits.gather(1, target[:, None]) - logits.gather(1, others)
-    jt = jac[torch.arange(p), target][:, None]
+    jt = jac[torch.arange(p, device=logits.device), target][:, None]
     grad = jt - jac.gather(1, others[:, :, None].expand(p, c - 1, jac.shape[2]))
     norm = grad.norm(dim=2).clamp_min(1e-30)
     z = g / (sigma * norm)
@@ -135,8 +136,10 @@ def mvs(z: torch.Tensor) -> torch.Tensor:
 
 def monte_carlo_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, sigma: float,
                   draws: int, generator: torch.Generator, max_forward_images: int = 4096):
-    """Counts k of draws where argmax f(x + ε) = t, ε ~ N(0, σ²I), batched over points."""
-    k = np.zeros(len(x), dtype=np.int64)
+    """Counts k of draws where argmax f(x + ε) = t, ε ~ N(0, σ²I), batched over points
+    (counted on the model's device, copied back once; numpy int64)."""
+    k = torch.zeros(len(x), dtype=torch.long, device=model.device)
+    target = to_device(target, model.device)
     block = min(draws, max_forward_images)
     per = max(1, max_forward_images // block)
     for s in range(0, len(x), per):
@@ -145,11 +148,10 @@ def monte_carlo_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, sigm
         while done < draws:
             b = min(block, draws - done)
             noise = torch.randn((len(xs), b, *xs.shape[1:]), generator=generator) * sigma
-            pred = model.logits((xs[:, None] + noise).flatten(0, 1).to(model.device))
-            k[s:s + len(xs)] += (pred.argmax(1).cpu().view(len(xs), b) == ts[:, None]).sum(1)\
-                .numpy()
+            pred = model.logits(to_device((xs[:, None] + noise).flatten(0, 1), model.device))
+            k[s:s + len(xs)] += (pred.argmax(1).view(len(xs), b) == ts[:, None]).sum(1)
             done += b
-    return k
+    return k.cpu().numpy()
 
 
 Thresholds = value_list("thresholds", low=0, high=1, low_open=True)
@@ -221,6 +223,17 @@ class AnalyticalRobustness(Metric):
     Also reported: the most noise-vulnerable points (lowest p_σ; per_point ``rank``, 0 first)
     and the robustness bias: the mean p_σ per true class with Hoeffding CIs at
     ``confidence`` (distribution-free for values in [0, 1]) and the largest gap between classes.
+    ``per_point["validation_hits"]`` holds the Monte Carlo counts of the validated points
+    (−1 for the others).
+
+    Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
+    several processes. Drawn for the whole set (the same in every block): the scramble of the
+    QMC points and the ``validate_points`` validated points. Drawn per block, from generators
+    seeded by (seed, σ, the block's first point): the noisy copies of ``mmse`` / ``softmax``
+    and the Monte Carlo draws of the block's validated points. :meth:`finalize` computes the
+    ranks, most vulnerable points, robustness bias and validation errors from the merged
+    per-point arrays, so the result is the same for any number of processes (and ``taylor``
+    and ``mvs``, which draw nothing per point, are the same for any blocks).
 
     Args (policy ``metrics.analytical_robustness``): sigma (required, > 0), estimators
     (taylor, mmse, mvs, softmax), primary (mmse), mmse_samples (16), qmc_points (1024),
@@ -240,6 +253,7 @@ class AnalyticalRobustness(Metric):
     description = "estimated P_ε[argmax f(x+ε) = argmax f(x)], ε ~ N(0, σ²I) (Han et al.)"
     needs_gradients = True
     Config = AnalyticalConfig
+    shardable = True
 
     def __init__(self, config: AnalyticalConfig):
         super().__init__(config)
@@ -254,12 +268,19 @@ class AnalyticalRobustness(Metric):
     def estimate(self, model: Classifier, x: torch.Tensor, generator: torch.Generator,
                  seed: int = 0) -> tuple[torch.Tensor, dict[str, np.ndarray], float]:
         """(prediction t, {estimator: p_σ estimates}, largest QMC standard error) for a batch."""
+        target, out, err = self._estimate(model, x, generator, seed)
+        return target.cpu(), {k: v.cpu().numpy() for k, v in out.items()}, float(err)
+
+    def _estimate(self, model: Classifier, x: torch.Tensor, generator: torch.Generator,
+                  seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`estimate` with everything left on the model's device (no synchronisation):
+        (t, {estimator: float64 estimates}, largest QMC standard error as a 0-d tensor)."""
         cfg = self.config
         want = set(cfg.estimators)
         dev = model.device
-        x = x.to(dev)
-        out: dict[str, np.ndarray] = {}
-        qmc_err = 0.0
+        x = to_device(x, dev)
+        out: dict[str, torch.Tensor] = {}
+        qmc_err = torch.zeros((), dtype=torch.float64, device=dev)
         if want & {"taylor", "mvs"}:
             logits, jac = logits_and_jacobian(model.attack_module(), x)
         if not want & {"taylor", "mvs"} or model.gradient_forward is not None:
@@ -269,9 +290,9 @@ class AnalyticalRobustness(Metric):
             z, corr = margins(logits, jac, target, cfg.sigma)
             if "taylor" in want:
                 p, e = mvn_cdf(z, corr, cfg.qmc_points, seed=seed)
-                out["taylor"], qmc_err = p.cpu().numpy(), float(e.max())
+                out["taylor"], qmc_err = p, torch.maximum(qmc_err, e.max())
             if "mvs" in want:
-                out["mvs"] = mvs(z).cpu().numpy()
+                out["mvs"] = mvs(z)
         if want & {"mmse", "mmse_mvs", "softmax"}:
             # antithetic pairs x ± ε: their mean noise is exactly zero, so the averaged
             # logits and Jacobian of an affine model are its own (mmse = taylor), and the
@@ -280,7 +301,7 @@ class AnalyticalRobustness(Metric):
             n = 2 * half
             noise = torch.randn((len(x), half, *x.shape[1:]), generator=generator) * cfg.sigma
             noise = torch.cat([noise, -noise], dim=1)
-            xn = (x[:, None] + noise.to(dev)).flatten(0, 1)
+            xn = (x[:, None] + to_device(noise, dev)).flatten(0, 1)
             if want & {"mmse", "mmse_mvs"}:
                 nl, nj = logits_and_jacobian(model.attack_module(), xn)
                 ml = nl.view(len(x), n, -1).mean(1)
@@ -288,68 +309,107 @@ class AnalyticalRobustness(Metric):
                 z, corr = margins(ml, mj, target, cfg.sigma)
                 if "mmse" in want:
                     p, e = mvn_cdf(z, corr, cfg.qmc_points, seed=seed)
-                    out["mmse"], qmc_err = p.cpu().numpy(), max(qmc_err, float(e.max()))
+                    out["mmse"], qmc_err = p, torch.maximum(qmc_err, e.max())
                 if "mmse_mvs" in want:
-                    out["mmse_mvs"] = mvs(z).cpu().numpy()
+                    out["mmse_mvs"] = mvs(z)
             else:
                 nl = model.logits(xn)
             if "softmax" in want:
                 sm = nl.view(len(x), n, -1).softmax(2).mean(1)
-                out["softmax"] = sm.gather(1, target[:, None])[:, 0].double().cpu().numpy()
-        return target.cpu(), out, qmc_err
+                out["softmax"] = sm.gather(1, target[:, None])[:, 0].double()
+        return target, out, qmc_err
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
         m = len(data)
         g = ctx.generator(f"{self.name}/{cfg.sigma!r}")
-        qmc_seed = int(torch.randint(2**31 - 1, (1,), generator=g))
-        target = torch.empty(m, dtype=torch.long)
-        est = {e: np.empty(m) for e in cfg.estimators}
-        qmc_err = 0.0
+        # one scramble of the QMC points for the whole set: a point's MVN integral is the same
+        # in every block
+        qmc_seed = int(torch.randint(2**31 - 1, (1,), generator=ctx.global_generator(
+            f"{self.name}/qmc/{cfg.sigma!r}")))
+        targets: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {e: [] for e in cfg.estimators}
+        errs: list[torch.Tensor] = []
         step = max(1, min(ctx.batch_size, cfg.max_forward_images // max(1, cfg.mmse_samples)))
         for s in range(0, m, step):
             sl = slice(s, min(s + step, m))
-            t, out, e = self.estimate(model, data.x[sl], g, seed=qmc_seed)
-            target[sl] = t
+            t, out, e = self._estimate(model, data.x[sl], g, seed=qmc_seed)
+            targets.append(t)
             for k, v in out.items():
-                est[k][sl] = v
-            qmc_err = max(qmc_err, e)
+                parts[k].append(v)
+            errs.append(e)
             ctx.advance(sl.stop - sl.start)
-        est = {k: np.clip(v, 0.0, 1.0) for k, v in est.items()}
-        primary = est[cfg.primary]
-        rank = np.empty(m, dtype=np.int64)
-        order = np.argsort(primary, kind="stable")
-        rank[order] = np.arange(m)
+        # one copy back per block
+        target = torch.cat(targets).cpu()
+        est = {k: np.clip(torch.cat(v).cpu().numpy(), 0.0, 1.0) for k, v in parts.items()}
+        qmc_err = float(torch.stack(errs).max())
+        props = [Proportion({"tau": t}, int((est[cfg.primary] >= t).sum()), m)
+                 for t in cfg.thresholds]
+        per_point = {f"p_{k}": v for k, v in est.items()}
+        per_point["prediction"] = target.numpy()
+        if cfg.validate_points:
+            per_point["validation_hits"] = self._validation_hits(model, data, target, ctx)
+        res = self.result(props, per_point=per_point, diagnostics={
+            "guarantee": "none: estimates; error measured against Monte Carlo in 'validation'",
+            "primary": cfg.primary,
+            "qmc_std_error_max": qmc_err,
+        })
+        return self.finalize(res, model, data, ctx) if ctx.total is None else res
 
+    def _validation_hits(self, model, data, target, ctx) -> np.ndarray:
+        """Per point of ``data``: the Monte Carlo count of draws with argmax f(x + ε) = t
+        for the points of the validation subset, −1 for the others. The subset is drawn for
+        the whole set (the same in every block); the draws come from the block's generator."""
+        cfg = self.config
+        n_total = ctx.n_total(data)
+        n_val = min(cfg.validate_points, n_total)
+        chosen = torch.randperm(n_total, generator=ctx.global_generator(
+            f"{self.name}/validation-points/{cfg.sigma!r}"))[:n_val].sort().values
+        mine = chosen[(chosen >= ctx.offset) & (chosen < ctx.offset + len(data))] - ctx.offset
+        hits = np.full(len(data), -1, dtype=np.int64)
+        if len(mine):
+            hits[mine.numpy()] = monte_carlo_p(
+                model, data.x[mine], target[mine], cfg.sigma, cfg.validate_draws,
+                ctx.generator(f"{self.name}/validation/{cfg.sigma!r}"), cfg.max_forward_images)
+        return hits
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """What depends on all points, from the merged per-point arrays: ranks, the most
+        vulnerable points, the robustness bias (class means) and the validation errors."""
+        cfg = self.config
+        pp = result.per_point
+        primary = pp[f"p_{cfg.primary}"]
+        m = len(primary)
+        order = np.argsort(primary, kind="stable")
+        rank = np.empty(m, dtype=np.int64)
+        rank[order] = np.arange(m)
+        pp["rank"] = rank
         diagnostics = {
             "guarantee": "none: estimates; error measured against Monte Carlo in 'validation'",
             "primary": cfg.primary,
-            "qmc_std_error_max": float(qmc_err),
+            "qmc_std_error_max": float(result.diagnostics["qmc_std_error_max"]),
             "most_vulnerable": [int(i) for i in order[:cfg.top_k]],
             "robustness_bias": _bias(primary, data.y.numpy(), cfg.confidence),
         }
         if cfg.validate_points:
-            diagnostics["validation"] = self._validate(model, data, target, est, ctx)
-        props = [Proportion({"tau": t}, int((primary >= t).sum()), m) for t in cfg.thresholds]
-        per_point = {f"p_{k}": v for k, v in est.items()}
-        per_point.update(prediction=target.numpy(), rank=rank)
-        return self.result(props, per_point=per_point, diagnostics=diagnostics)
+            diagnostics["validation"] = self._validation(pp)
+        result.diagnostics = diagnostics
+        return result
 
-    def _validate(self, model, data, target, est, ctx) -> dict:
-        """Monte Carlo on a random subset: counts, CP intervals, and each estimator's error."""
+    def _validation(self, per_point: dict[str, np.ndarray]) -> dict:
+        """Each estimator's error against the Monte Carlo counts (CP intervals)."""
         cfg = self.config
-        g = ctx.generator(f"{self.name}/validation/{cfg.sigma!r}")
-        n_val = min(cfg.validate_points, len(data))
-        idx = torch.randperm(len(data), generator=g)[:n_val].sort().values
-        k = monte_carlo_p(model, data.x[idx], target[idx], cfg.sigma, cfg.validate_draws, g,
-                          cfg.max_forward_images)
+        hits = per_point["validation_hits"]
+        idx = np.flatnonzero(hits >= 0)
+        k = hits[idx]
         p_mc = k / cfg.validate_draws
         ci = np.array([stats.clopper_pearson(int(a), cfg.validate_draws, cfg.confidence)
-                       for a in k])
-        out: dict = {"points": int(n_val), "draws": int(cfg.validate_draws),
+                       for a in k]).reshape(-1, 2)
+        out: dict = {"points": int(len(idx)), "draws": int(cfg.validate_draws),
                      "indices": [int(i) for i in idx]}
-        for name, v in est.items():
-            sub = v[idx.numpy()]
+        for name in cfg.estimators:
+            sub = per_point[f"p_{name}"][idx]
             err = np.abs(sub - p_mc)
             out[name] = {
                 "mae": float(err.mean()),

@@ -60,14 +60,48 @@ def noise_scale(distribution: str, eps: float | None, sigma: float | None) -> fl
     return eps
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device``. To a CUDA device the copy is asynchronous, from
+    page-locked memory (the caching host allocator keeps the staging block until the copy has
+    run), so the host goes on preparing the next batch instead of waiting for the device."""
+    if device.type != "cuda":
+        return t.to(device)
+    if t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class ProportionalProgress:
+    """Reports exactly ``total`` units through ``advance`` (the progress bar's share of one
+    :meth:`Metric.run`, as :meth:`Metric.cost` counts it), in proportion to the ``work`` done
+    so far (:meth:`step`); all at once when there is no work."""
+
+    def __init__(self, advance, total: int, work: int):
+        self.advance, self.total, self.work = advance, int(total), int(work)
+        self.done = self.sent = 0
+        if self.work <= 0:
+            self.step(0)
+
+    def step(self, amount: int) -> None:
+        self.done += amount
+        due = (self.total if self.done >= self.work
+               else self.total * self.done // self.work)
+        if due > self.sent:
+            self.advance(due - self.sent)
+            self.sent = due
+
+
 def reference_labels(model: Classifier, data: EvalSet, ctx: RunContext, failure: str):
-    """What a perturbed prediction is compared with: the label, or the clean prediction."""
+    """What a perturbed prediction is compared with: the label, or the clean prediction
+    (on the CPU; the predictions are gathered on the device and copied once)."""
     if failure == "misclassified":
         return data.y.clone()
+    if not len(data):
+        return data.y.clone()
     return torch.cat([
-        model.logits(data.x[s:s + ctx.batch_size].to(ctx.device)).argmax(1).cpu()
+        model.logits(to_device(data.x[s:s + ctx.batch_size], ctx.device)).argmax(1)
         for s in range(0, len(data), ctx.batch_size)
-    ])
+    ]).cpu()
 
 
 class LocalProbabilisticConfig(MetricConfig):
@@ -160,8 +194,14 @@ class LocalProbabilisticRobustness(Metric):
     draws, which are never pooled). Since a point with p_fail(x) ≥ p0 is decided robust with
     probability at most e = α/(1 − β) + α, the fraction of the population that is robust,
     P_x(p_fail(x) < p0), is at least ρ − e; ``diagnostics.robust_population_fraction_at_least``
-    is the one-sided Clopper–Pearson lower bound on ρ at the policy's confidence minus e
-    (recompute it after merging shards: merged diagnostics keep the larger value).
+    is the one-sided Clopper–Pearson lower bound on ρ at the policy's confidence minus e.
+
+    Sharding (``shardable``): the engine may run the test on consecutive blocks of points, in
+    several processes. Each block draws the noise of its points from its own generator,
+    seeded by (seed, distribution and scale, the block's first point): a point's draws depend
+    on its block, never on the process that runs it. :meth:`finalize` recomputes every
+    summary in ``diagnostics`` from the merged per-point arrays (only ``forward_images`` is
+    summed over the blocks), so the result is the same for any number of processes.
 
     Kind: statistical. A model that is random at evaluation time makes p_fail a property of the
     random classifier (``certify`` warns, see engine.check_deterministic).
@@ -187,6 +227,7 @@ class LocalProbabilisticRobustness(Metric):
     higher_is_better = True
     description = "per point SPRT of P_δ[f(clip(x+δ)) fails] ≤ p1 vs ≥ p0"
     Config = LocalProbabilisticConfig
+    shardable = True
 
     def selectors(self):
         return [{"p0": self.config.p0}]
@@ -217,7 +258,9 @@ class LocalProbabilisticRobustness(Metric):
                 idx = active[s:s + per_fwd]
                 x = data.x[idx]
                 xp = (x[:, None] + draw_noise(x, b, cfg.distribution, cfg.scale, g))
-                xp = xp.clamp_(lo, hi).flatten(0, 1).to(ctx.device)
+                xp = to_device(xp.clamp_(lo, hi).flatten(0, 1), ctx.device)
+                # one copy back per forward pass (up to max_forward_images images): the
+                # sequential test decides on the host which points go on
                 pred = model.logits(xp).argmax(1).cpu().view(len(idx), b)
                 fail = (pred != target[idx][:, None]).numpy()
                 forward_images += fail.size
@@ -240,10 +283,27 @@ class LocalProbabilisticRobustness(Metric):
                 ctx.advance(int(done.size))
             active = left[draws[left] < cfg.max_draws]
 
+        res = self.result(
+            [Proportion({"p0": cfg.p0}, int((decision == ROBUST).sum()), m,
+                        population=POPULATION)],
+            per_point={"decision": decision, "draws": draws, "failures": failures,
+                       "decided_at_budget": at_budget},
+            # the only summary that is not a function of the per-point arrays: it adds up
+            diagnostics={"forward_images": int(forward_images)},
+        )
+        return self.finalize(res, model, data, ctx) if ctx.total is None else res
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The summaries of the merged blocks, from the merged per-point arrays (the bounds on
+        wrong decisions and the population fraction are not sums of the blocks')."""
+        cfg = self.config
+        pp = result.per_point
+        decision, m = pp["decision"], len(pp["decision"])
         robust = int((decision == ROBUST).sum())
         err_robust = cfg.alpha / (1 - cfg.beta) + cfg.alpha
         err_not = cfg.beta / (1 - cfg.alpha) + cfg.beta
-        diagnostics = {
+        result.diagnostics = {
             "guarantee": (
                 "per point: if p_fail ≥ p0, P(decided robust) ≤ α/(1−β)+α; if p_fail ≤ p1, "
                 "P(decided not robust) ≤ β/(1−α)+β (Wald SPRT + Clopper–Pearson at the "
@@ -251,13 +311,12 @@ class LocalProbabilisticRobustness(Metric):
             "robust": robust,
             "not_robust": int((decision == NOT_ROBUST).sum()),
             "undecided": int((decision == UNDECIDED).sum()),
-            "decided_at_budget": int(at_budget.sum()),
-            "draws_used": int(draws.sum()),
-            "forward_images": int(forward_images),
-            "min_draws_to_decide_robust": int(n_min),
+            "decided_at_budget": int(pp["decided_at_budget"].sum()),
+            "draws_used": int(pp["draws"].sum()),
+            "forward_images": int(result.diagnostics["forward_images"]),
+            "min_draws_to_decide_robust": int(cfg.sprt().draws_to_accept_h1_without_failures()),
             "wrong_robust_probability_per_point_at_most": float(err_robust),
             "wrong_not_robust_probability_per_point_at_most": float(err_not),
-            # ints (ceil) so that shard results add up to a valid bound
             "expected_wrong_robust_decisions_at_most": int(math.ceil(m * err_robust - 1e-12)),
             "expected_wrong_not_robust_decisions_at_most": int(math.ceil(m * err_not - 1e-12)),
             "robust_population_fraction_at_least": {
@@ -268,12 +327,7 @@ class LocalProbabilisticRobustness(Metric):
                              "(one-sided CP lower bound on the fraction decided robust minus "
                              "the per-point wrong-robust probability)"},
         }
-        return self.result(
-            [Proportion({"p0": cfg.p0}, robust, m, population=POPULATION)],
-            per_point={"decision": decision, "draws": draws, "failures": failures,
-                       "decided_at_budget": at_budget},
-            diagnostics=diagnostics,
-        )
+        return result
 
 
 #: draws in the first block when block_size is not set: clear failures stop here

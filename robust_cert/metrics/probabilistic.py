@@ -18,6 +18,11 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
+from robust_cert.metrics.local_probabilistic import (
+    ProportionalProgress,
+    reference_labels,
+    to_device,
+)
 from robust_cert.models.base import Classifier
 
 #: Failure-rate bands in the style of IEC 61508 (per demand), most lenient first.
@@ -139,6 +144,15 @@ class ProbabilisticRobustness(Metric):
     Kind: statistical. The population statement speaks for deployment data only as far as the
     evaluation points are an i.i.d. sample of it.
 
+    Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
+    several processes. The points of the ``samples`` pairs are drawn for the whole set (a
+    generator seeded by (seed, ε), the same in every block); each block evaluates the pairs
+    whose point it holds, drawing their noise in pair order from its own generator, seeded by
+    (seed, ε, the block's first point). :meth:`finalize` puts the merged per-pair arrays
+    (``failed@ε``, ``index@ε``: the point of each pair in the whole set) back in pair order
+    and computes the bands from the merged counts, so the result is the same for any number
+    of processes.
+
     Args (policy ``metrics.probabilistic_robustness``):
         eps: noise radius (or list of radii) in data units.
         samples: pairs per radius (default 2,995).
@@ -155,6 +169,7 @@ class ProbabilisticRobustness(Metric):
     higher_is_better = False
     description = "P_{x~data, δ~U(B∞(ε))}[f(clip(x+δ)) fails]"
     Config = ProbabilisticRobustnessConfig
+    shardable = True
 
     def selectors(self):
         return [{"eps": e} for e in self.config.eps]
@@ -165,39 +180,75 @@ class ProbabilisticRobustness(Metric):
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
         lo, hi = data.input_range
-        n_data, m = len(data), cfg.samples
-        props, per_point, reference = [], {}, None
-        bands = {}
-        if cfg.failure == "prediction_changed":
-            reference = torch.cat([
-                model.logits(data.x[s:s + ctx.batch_size].to(ctx.device)).argmax(1).cpu()
-                for s in range(0, n_data, ctx.batch_size)
-            ])
+        n_data, m, dev = len(data), cfg.samples, ctx.device
+        n_total = ctx.n_total(data)
+        props, per_point = [], {}
+        # what a perturbed prediction is compared with, for this block's points (CPU)
+        target = reference_labels(model, data, ctx, cfg.failure)
         for eps in cfg.eps:
-            g = ctx.generator(f"{self.name}/{eps!r}")
-            idx = torch.randint(n_data, (m,), generator=g)
-            fail = np.zeros(m, dtype=bool)
-            for s in range(0, m, ctx.batch_size):
-                bi = idx[s:s + ctx.batch_size]
+            # the point of every pair, drawn for the whole set: the same in every block
+            num, idx = _pairs_in(ctx.global_generator(f"{self.name}/{eps!r}/points"),
+                                 n_total, m, ctx.offset, ctx.offset + n_data)
+            local = idx - ctx.offset
+            g = ctx.generator(f"{self.name}/{eps!r}")  # this block's noise, in pair order
+            progress = ProportionalProgress(ctx.advance, m, len(local))
+            fails = []
+            for s in range(0, len(local), ctx.batch_size):
+                bi = local[s:s + ctx.batch_size]
                 x = data.x[bi]
                 delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
-                xp = (x + delta).clamp_(lo, hi).to(ctx.device)
-                pred = model.logits(xp).argmax(1).cpu()
-                target = data.y[bi] if reference is None else reference[bi]
-                fail[s:s + len(bi)] = (pred != target).numpy()
-                ctx.advance(len(bi))
-            prop = Proportion(
-                {"eps": eps}, int(fail.sum()), m,
-                cluster_k=np.bincount(idx.numpy(), weights=fail, minlength=n_data)
+                xp = to_device((x + delta).clamp_(lo, hi), dev)
+                pred = model.logits(xp).argmax(1)
+                fails.append(pred != to_device(target[bi], dev))  # stays on the device
+                progress.step(len(bi))
+            # one copy back per radius and block
+            fail = (torch.cat(fails).cpu().numpy() if fails else np.zeros(0, dtype=bool))
+            where = local.numpy()
+            props.append(Proportion(
+                {"eps": eps}, int(fail.sum()), len(fail),
+                cluster_k=np.bincount(where, weights=fail, minlength=n_data)
                 .round().astype(np.int64),
-                cluster_n=np.bincount(idx.numpy(), minlength=n_data).astype(np.int64),
-                population=POPULATION)
-            props.append(prop)
-            bands[f"{eps:g}"] = {
-                "population": population_bands(prop, ctx.confidence),
-                "on_this_evaluation_set": failure_rate_bands(int(fail.sum()), m,
-                                                             ctx.confidence)}
+                cluster_n=np.bincount(where, minlength=n_data).astype(np.int64),
+                population=POPULATION))
             per_point[f"failed@{eps:g}"] = fail
             per_point[f"index@{eps:g}"] = idx.numpy()
-        diagnostics = {"bands": {"confidence": float(ctx.confidence), "by_eps": bands}}
-        return self.result(props, per_point=per_point, diagnostics=diagnostics)
+            per_point[f"pair@{eps:g}"] = num.numpy()
+        res = self.result(props, per_point=per_point)
+        return self.finalize(res, model, data, ctx) if ctx.total is None else res
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """Puts the merged pairs back in pair order (``pair@ε``, then dropped) and computes
+        the failure-rate bands of the merged counts."""
+        per_point = {}
+        for key, arr in result.per_point.items():
+            if key.startswith("pair@"):
+                continue
+            pair = result.per_point.get("pair@" + key.split("@", 1)[1])
+            per_point[key] = arr if pair is None else arr[np.argsort(pair, kind="stable")]
+        result.per_point = per_point
+        bands = {}
+        for prop in result.proportions:
+            bands[f"{prop.params['eps']:g}"] = {
+                "population": population_bands(prop, ctx.confidence),
+                "on_this_evaluation_set": failure_rate_bands(prop.k, prop.n, ctx.confidence)}
+        result.diagnostics = {"bands": {"confidence": float(ctx.confidence), "by_eps": bands}}
+        return result
+
+
+#: the points of the pairs are drawn in chunks of this many (memory); part of the definition
+#: of the draws, like the seed
+PAIR_CHUNK = 1 << 20
+
+
+def _pairs_in(generator: torch.Generator, n_total: int, m: int, start: int, stop: int):
+    """Of ``m`` pairs whose points are drawn uniformly from the ``n_total`` points of the whole
+    set (with replacement), those whose point is in [start, stop): (pair numbers, points),
+    both int64, in pair order."""
+    nums, idxs = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for s in range(0, m, PAIR_CHUNK):
+        idx = torch.randint(n_total, (min(PAIR_CHUNK, m - s),), generator=generator)
+        keep = ((idx >= start) & (idx < stop)).nonzero()[:, 0]
+        nums.append(keep + s)
+        idxs.append(idx[keep])
+    return torch.cat(nums), torch.cat(idxs)

@@ -3,6 +3,7 @@ Kumar 2019; Family C): log p_fail far below what plain Monte Carlo reaches."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -19,16 +20,24 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
-from robust_cert.metrics.local_probabilistic import draw_noise, noise_scale, reference_labels
+from robust_cert.metrics.local_probabilistic import (
+    ProportionalProgress,
+    draw_noise,
+    noise_scale,
+    reference_labels,
+    to_device,
+)
 from robust_cert.models.base import Classifier
 
 
 def failure_score(model: Classifier, x: torch.Tensor, target: torch.Tensor,
                   max_forward_images: int = 4096) -> torch.Tensor:
-    """s(x') = max_{i≠t} f_i(x') − f_t(x') for a flat batch; the input fails iff s ≥ 0."""
+    """s(x') = max_{i≠t} f_i(x') − f_t(x') for a flat batch; the input fails iff s ≥ 0.
+
+    ``target`` on the model's device; the scores stay there (float64, no synchronisation)."""
     out = []
     for s in range(0, len(x), max_forward_images):
-        logits = model.logits(x[s:s + max_forward_images].to(model.device)).cpu()
+        logits = model.logits(to_device(x[s:s + max_forward_images], model.device))
         t = target[s:s + max_forward_images]
         own = logits.gather(1, t[:, None])[:, 0]
         others = logits.scatter(1, t[:, None], float("-inf")).max(1).values
@@ -52,25 +61,31 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
     out of the ball are rejected), with the step size adapted to the acceptance rate.
 
     Returns (natural-log estimate of p_fail (P,) float64, levels used (P,), reached (P,)
-    bool). Where ``reached`` is false the run stopped at ``max_levels`` and the estimate is
-    an estimated upper bound (the product so far).
+    bool), on the CPU. Where ``reached`` is false the run stopped at ``max_levels`` and the
+    estimate is an estimated upper bound (the product so far).
+
+    The particles live on the model's device; random numbers are drawn on the CPU from
+    ``generator`` (the same on any device) and copied over. The host waits for the device a
+    few times per level (which points finish, resampling), never inside the MCMC moves.
     """
     lo, hi = input_range
     p, n = x.shape[0], particles
     shape = x.shape[1:]
+    dev = model.device
+    x, target = to_device(x, dev), to_device(target, dev)
 
     def scores(xs, ts, delta):
         xp = (xs[:, None] + delta).clamp(lo, hi).flatten(0, 1)
         return failure_score(model, xp, ts.repeat_interleave(n), max_forward_images).view(
             len(xs), n)
 
-    delta = draw_noise(x, n, distribution, scale, generator)
+    delta = to_device(draw_noise(x, n, distribution, scale, generator), dev)
     s = scores(x, target, delta)
-    log_p = torch.zeros(p, dtype=torch.float64)
-    levels = torch.zeros(p, dtype=torch.long)
-    active = torch.ones(p, dtype=torch.bool)
+    log_p = torch.zeros(p, dtype=torch.float64, device=dev)
+    levels = torch.zeros(p, dtype=torch.long, device=dev)
+    active = torch.ones(p, dtype=torch.bool, device=dev)
     step = torch.full((p,), 0.5 if distribution == "gaussian" else 0.5 * scale,
-                      dtype=torch.float64)
+                      dtype=torch.float64, device=dev)
     k_kill = max(1, min(n - 1, int(math.ceil(kill * n))))
     for _ in range(max_levels + 1):
         idx = active.nonzero()[:, 0]
@@ -95,9 +110,12 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
         if dead.any():  # all particles tie at the threshold: the estimate is 0
             active[idx[dead]] = False
             idx, sa, thresh, alive = idx[~dead], sa[~dead], thresh[~dead], alive[~dead]
-        # resample the killed particles from the survivors
-        pick = torch.multinomial(alive.double(), n, replacement=True, generator=generator)
-        keep = torch.where(alive, torch.arange(n)[None].expand_as(alive), pick)
+        if idx.numel() == 0:
+            continue  # every point left died: the next level finds none active
+        # resample the killed particles from the survivors (drawn on the CPU generator)
+        pick = torch.multinomial(alive.double().cpu(), n, replacement=True, generator=generator)
+        keep = torch.where(alive, torch.arange(n, device=dev)[None].expand_as(alive),
+                           to_device(pick, dev))
         d = delta[idx].gather(1, keep.view(*keep.shape, *([1] * len(shape))).expand(
             -1, -1, *shape))
         sc = sa.gather(1, keep)
@@ -106,12 +124,14 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
             b = step[idx]
             view = (len(idx),) + (1,) * (1 + len(shape))
             if distribution == "gaussian":
-                noise = torch.randn(d.shape, generator=generator, dtype=d.dtype) * scale
+                noise = to_device(torch.randn(d.shape, generator=generator, dtype=d.dtype)
+                                  * scale, dev)
                 rho = (1 - b.clamp(max=1.0) ** 2).sqrt().to(d.dtype)
                 prop = rho.view(view) * d + b.to(d.dtype).view(view) * noise
-                inside = torch.ones(sc.shape, dtype=torch.bool)
+                inside = torch.ones(sc.shape, dtype=torch.bool, device=dev)
             else:
-                u = torch.rand(d.shape, generator=generator, dtype=d.dtype) * 2 - 1
+                u = to_device(torch.rand(d.shape, generator=generator, dtype=d.dtype) * 2 - 1,
+                              dev)
                 prop = d + b.to(d.dtype).view(view) * u
                 inside = prop.flatten(2).abs().amax(2) <= scale
             sp = scores(xs, ts, prop)
@@ -124,7 +144,7 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
         delta[idx] = d
         s[idx] = sc
     reached = ~active
-    return log_p, levels, reached
+    return log_p.cpu(), levels.cpu(), reached.cpu()
 
 
 Probabilities = value_list("p_max", low=0, high=1, low_open=True, high_open=True)
@@ -179,6 +199,14 @@ class RareEventProbability(Metric):
     mean log10 p_fail ≤ log10 p; their CIs cover the sampling of points only — they gate on an
     estimate, so use them for trends, not certificates.
 
+    Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
+    several processes. The ``points`` subset is drawn for the whole set (the same in every
+    block; per_point ``index`` holds indices in the whole set) and each block evaluates the
+    chosen points it holds; the AMS runs of a block draw from its own generator, seeded by
+    (seed, distribution and scale, the block's first point). :meth:`finalize` recomputes the
+    diagnostics from the merged per-point arrays, so the result is the same for any number
+    of processes.
+
     Args (policy ``metrics.rare_event_probability``): distribution ("gaussian"; or
     "uniform_linf"), sigma or eps (required, > 0), particles (1000), kill (0.5),
     mcmc_steps (20), max_levels (70), runs (4, ≥ 2), points (all; or a random subset),
@@ -196,6 +224,7 @@ class RareEventProbability(Metric):
     higher_is_better = True
     description = "AMS estimate of log P_δ[f(clip(x+δ)) fails] per point"
     Config = RareEventConfig
+    shardable = True
 
     def selectors(self):
         return [{"p_max": p} for p in self.config.p_max]
@@ -206,15 +235,24 @@ class RareEventProbability(Metric):
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
         g = ctx.generator(f"{self.name}/{cfg.distribution}/{cfg.scale!r}")
-        m = len(data) if cfg.points is None else min(cfg.points, len(data))
-        idx = (torch.arange(m) if m == len(data)
-               else torch.randperm(len(data), generator=g)[:m].sort().values)
-        target = reference_labels(model, data, ctx, cfg.failure)[idx]
-        x = data.x[idx]
+        n_total = ctx.n_total(data)
+        if cfg.points is None or cfg.points >= n_total:
+            local = torch.arange(len(data))
+        else:  # the subset of the whole set (the same in every block), then this block's part
+            chosen = torch.randperm(n_total, generator=ctx.global_generator(
+                f"{self.name}/points/{cfg.distribution}/{cfg.scale!r}"))[:cfg.points]
+            chosen = chosen.sort().values
+            local = chosen[(chosen >= ctx.offset) & (chosen < ctx.offset + len(data))]
+            local = local - ctx.offset
+        m = len(local)
+        sub = dataclasses.replace(data, x=data.x[local], y=data.y[local])
+        target = reference_labels(model, sub, ctx, cfg.failure)
+        x = sub.x
         chunk = max(1, min(ctx.batch_size, cfg.max_forward_images // cfg.particles))
         logs = np.empty((cfg.runs, m))
         levels = np.zeros((cfg.runs, m), dtype=np.int64)
         reached = np.ones(m, dtype=bool)
+        progress = ProportionalProgress(ctx.advance, self.cost(len(data)), cfg.runs * m)
         for r in range(cfg.runs):
             for s in range(0, m, chunk):
                 sl = slice(s, min(s + chunk, m))
@@ -226,26 +264,37 @@ class RareEventProbability(Metric):
                 logs[r, sl] = lp.numpy() / math.log(10)
                 levels[r, sl] = lv.numpy()
                 reached[sl] &= ok.numpy()
-                ctx.advance(sl.stop - sl.start)
-        finite = np.isfinite(logs)
-        floor = cfg.max_levels * math.log10(1 - cfg.kill) + math.log10(1 / cfg.particles)
-        clipped = np.where(finite, logs, floor)  # a run with p estimated 0: at the floor
+                progress.step(sl.stop - sl.start)
+        clipped = np.where(np.isfinite(logs), logs, self._floor())  # p estimated 0: the floor
         mean = clipped.mean(0)
         spread = clipped.std(0, ddof=1)
         props = [Proportion({"p_max": p}, int((mean <= math.log10(p)).sum()), m)
                  for p in cfg.p_max]
-        return self.result(
+        res = self.result(
             props,
-            per_point={"index": idx.numpy(), "log10_p": mean, "log10_p_spread": spread,
-                       "log10_p_runs": logs.T.copy(), "levels": levels.T.copy(),
-                       "reached": reached},
-            diagnostics={
-                "guarantee": "none: AMS estimates; spread over independent runs reported",
-                "runs": int(cfg.runs),
-                "points": int(m),
-                "not_reached": int((~reached).sum()),
-                "zero_estimates": int((~finite).sum()),
-                "floor_log10_p": float(floor),
-                "median_spread_log10": float(np.median(spread)) if m else 0.0,
-            },
-        )
+            per_point={"index": (local + ctx.offset).numpy(), "log10_p": mean,
+                       "log10_p_spread": spread, "log10_p_runs": logs.T.copy(),
+                       "levels": levels.T.copy(), "reached": reached})
+        return self.finalize(res, model, data, ctx) if ctx.total is None else res
+
+    def _floor(self) -> float:
+        """log10 of the smallest estimate a run can give: what a zero estimate counts as."""
+        cfg = self.config
+        return cfg.max_levels * math.log10(1 - cfg.kill) + math.log10(1 / cfg.particles)
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The summaries of the evaluated points, from the merged per-point arrays (the
+        median spread is not a function of the blocks' medians)."""
+        pp = result.per_point
+        m = len(pp["index"])
+        result.diagnostics = {
+            "guarantee": "none: AMS estimates; spread over independent runs reported",
+            "runs": int(self.config.runs),
+            "points": int(m),
+            "not_reached": int((~pp["reached"]).sum()),
+            "zero_estimates": int((~np.isfinite(pp["log10_p_runs"])).sum()),
+            "floor_log10_p": float(self._floor()),
+            "median_spread_log10": float(np.median(pp["log10_p_spread"])) if m else 0.0,
+        }
+        return result

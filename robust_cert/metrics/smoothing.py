@@ -18,6 +18,7 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
+from robust_cert.metrics.local_probabilistic import to_device
 from robust_cert.models.base import Classifier
 
 ABSTAIN = -1
@@ -50,10 +51,11 @@ def smoothed_counts(model: Classifier, x: torch.Tensor, sigma: float, num: int,
     """Class counts (len(x), C) of f(x + δ) over ``num`` draws δ ~ N(0, σ²I) per point.
 
     Many points and many draws share each forward pass (at most ``max_forward_images``
-    images); noise is drawn on the CPU from ``generator`` (reproducible on any device).
+    images); noise is drawn on the CPU from ``generator`` (reproducible on any device). The
+    counts are accumulated on the model's device and copied back once (returned on the CPU).
     """
     p = x.shape[0]
-    counts = torch.zeros(p, model.num_classes, dtype=torch.long)
+    counts = torch.zeros(p, model.num_classes, dtype=torch.long, device=model.device)
     block = min(num, max_forward_images)
     per_fwd = max(1, max_forward_images // block)
     for s in range(0, p, per_fwd):
@@ -62,12 +64,12 @@ def smoothed_counts(model: Classifier, x: torch.Tensor, sigma: float, num: int,
         while done < num:
             b = min(block, num - done)
             noise = torch.randn((xs.shape[0], b, *xs.shape[1:]), generator=generator) * sigma
-            xp = (xs[:, None] + noise).flatten(0, 1).to(model.device)
-            pred = model.logits(xp).argmax(1).cpu().view(xs.shape[0], b)
+            xp = to_device((xs[:, None] + noise).flatten(0, 1), model.device)
+            pred = model.logits(xp).argmax(1).view(xs.shape[0], b)
             counts[s:s + xs.shape[0]] += torch.nn.functional.one_hot(
                 pred, model.num_classes).sum(1)
             done += b
-    return counts
+    return counts.cpu()
 
 
 def p_lower_bound(n_a: np.ndarray, n: int, alpha: float) -> np.ndarray:
@@ -163,6 +165,13 @@ class RandomizedSmoothing(Metric):
     Kind: certified (for the smoothed classifier, with probability 1 − α per point). A model
     that is random at evaluation time is smoothed together with its own randomness.
 
+    Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
+    several processes; each block draws the noise of its points (n0 selection draws, then n
+    counting draws, batch by batch) from its own generator, seeded by (seed, σ, the block's
+    first point), so a point's draws depend on its block, never on the process. The
+    per-point certificates concatenate and :meth:`finalize` recomputes the diagnostics from
+    them.
+
     Args (policy ``metrics.randomized_smoothing``): sigma (required, > 0), n0 (100),
     n (10,000; must reach the largest radius: n ≥ ln α / ln Φ(r_max/σ)), alpha (0.001),
     radii ([0, 0.25, 0.5, 0.75, 1]), max_forward_images (4096).
@@ -180,6 +189,7 @@ class RandomizedSmoothing(Metric):
     higher_is_better = True
     description = "P[g(x) = y certified with L2 radius ≥ r], g = Gaussian-smoothed f"
     Config = SmoothingConfig
+    shardable = True
 
     def selectors(self):
         return [{"radius": r} for r in self.config.radii]
@@ -206,17 +216,26 @@ class RandomizedSmoothing(Metric):
         for r in cfg.radii:
             ok = correct & (np.nan_to_num(radius, nan=-1.0) >= r)
             props.append(Proportion({"radius": r}, int(ok.sum()), m))
-        return self.result(
+        res = self.result(
             props,
             per_point={"prediction": prediction, "radius": radius, "p_lower": p_low,
-                       "n_a": n_a, "correct": correct},
-            diagnostics={
-                "guarantee": "for the smoothed classifier g, per point with probability ≥ "
-                             "1 − α: g(x+e) = c_A for all ‖e‖₂ < R",
-                "abstained": int((prediction == ABSTAIN).sum()),
-                "certified_correct": int(correct.sum()),
-                "radius_cap": radius_cap(cfg.sigma, cfg.n, cfg.alpha),
-                "expected_wrong_certificates_at_most": int(math.ceil(m * cfg.alpha - 1e-12)),
-                "forward_images": int(m * (cfg.n0 + cfg.n)),
-            },
-        )
+                       "n_a": n_a, "correct": correct})
+        return self.finalize(res, model, data, ctx)
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """Summaries from the (merged) per-point arrays: the bound on wrong certificates is
+        ⌈m·α⌉ of all m points, not a sum of the blocks' ceilings."""
+        cfg = self.config
+        pp = result.per_point
+        m = len(pp["prediction"])
+        result.diagnostics = {
+            "guarantee": "for the smoothed classifier g, per point with probability ≥ "
+                         "1 − α: g(x+e) = c_A for all ‖e‖₂ < R",
+            "abstained": int((pp["prediction"] == ABSTAIN).sum()),
+            "certified_correct": int(pp["correct"].sum()),
+            "radius_cap": radius_cap(cfg.sigma, cfg.n, cfg.alpha),
+            "expected_wrong_certificates_at_most": int(math.ceil(m * cfg.alpha - 1e-12)),
+            "forward_images": int(m * (cfg.n0 + cfg.n)),
+        }
+        return result
