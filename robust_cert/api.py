@@ -91,6 +91,7 @@ def certify(
     command: str | None = None,
     gradient_twin=None,
     twin_tolerance: float = DEFAULT_TWIN_TOLERANCE,
+    announce=None,
 ) -> Certificate | None:
     """Run ``policy``'s metric suite on ``model`` and ``data`` and decide every requirement.
 
@@ -119,6 +120,11 @@ def certify(
     by the policy (``waive: [{check, reason}]``); see :func:`robust_cert.verdict.apply_sanity`.
     An ``nn.Module`` is evaluated in eval mode and given back in its own training mode; its
     parameters and buffers are not modified.
+
+    ``announce``: a callable given the cost estimate (:class:`robust_cert.plan.Plan`, a pilot
+    run on a few points) before the real run starts; the progress bar then counts estimated
+    seconds, so its ETA is the estimate's. A policy's ``time_budget_s`` makes the same
+    estimate and refuses (PolicyError) a run estimated over budget before anything runs.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this with the same
     arguments: shardable metrics' blocks of points are spread over the processes (each on its
@@ -171,20 +177,26 @@ def certify(
             "undermines": "all", "compensated_by": None}
         log.warning("%s: every requirement is INCONCLUSIVE unless the policy declares "
                     "'model: {stochastic: true}'", deterministic["detail"])
-    if pol.time_budget_s is not None:  # estimate first (rank 0); refuse before the real run
+    expected = None
+    if pol.time_budget_s is not None or announce is not None:
+        # estimate first (rank 0), and refuse an over-budget run before the real one
         from robust_cert.plan import check_budget, plan
 
         refused = None
         if world.main:
-            estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin)
+            estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin,
+                            processes=world.size)
             log.info("estimated cost:\n%s", estimate.table())
+            if announce is not None:
+                announce(estimate)
+            expected = {m.metric: m.seconds for m in estimate.metrics}
             try:
                 check_budget(estimate, pol.time_budget_s)
             except PolicyError as exc:
                 refused = exc
         world.exchange(None, refused)
     results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
-                               gradient_twin=twin, world=world)
+                               gradient_twin=twin, world=world, expected_s=expected)
     if not world.main:
         return None
     overall, outcomes = verdict.decide(pol, results)

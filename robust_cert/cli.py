@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a model without gradients (ONNX): the PyTorch version it was "
                         "exported from; gradient metrics craft attacks on it after a logit "
                         "parity check on the data, and predictions stay on the model")
+    p.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the cost estimate (robust-cert plan) before running, and show "
+                        "the progress bar in estimated seconds (default: on when stderr is a "
+                        "terminal)")
     _common(p)
 
     p = sub.add_parser(
@@ -332,7 +336,9 @@ def _dispatch(args, argv) -> int:
             args.model, args.policy, args.data, tracking_uri=args.tracking_uri,
             out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
             progress=not args.no_progress, command=command_line,
-            gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned)
+            gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned,
+            announce=_announce if (sys.stderr.isatty() if args.estimate is None
+                                   else args.estimate) else None)
         if res is None:  # a non-zero rank of a torchrun launch: rank 0 reports
             return 0
         _print_certification(args.model, res)
@@ -354,6 +360,10 @@ def _dispatch(args, argv) -> int:
     if args.command == "promote":
         return _promote(args, command_line)
     raise AssertionError(args.command)
+
+
+def _announce(estimate) -> None:
+    print(f"estimated cost (pilot run):\n{estimate.table()}", file=sys.stderr, flush=True)
 
 
 def _client(tracking_uri: str | None):

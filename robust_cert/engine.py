@@ -228,6 +228,7 @@ def run_suite(
     progress: bool = True,
     gradient_twin: Classifier | None = None,
     world: World | None = None,
+    expected_s: dict[str, float] | None = None,
 ) -> dict[str, MetricResult] | None:
     """Run every metric of ``policy`` in order; return results keyed by metric name (on
     the main process; None on the others of a multi-process ``world``).
@@ -244,6 +245,9 @@ def run_suite(
     ``diagnostics.memory_retries``); at batch size 1 it is a ModelError.
     ``gradient_twin`` reaches metrics as ``ctx.gradient_twin`` (parity's reference ``twin``);
     a metric that needs it when none is given is an error before anything runs.
+    ``expected_s`` (metric name → estimated seconds, from :func:`robust_cert.plan.plan`)
+    makes the progress bar count estimated seconds instead of points, so its rate and ETA
+    reflect each metric's real cost.
     """
     world = world or World()
     metrics = [policy.metric(name) for name in policy.metrics]
@@ -265,21 +269,35 @@ def run_suite(
     results: dict[str, MetricResult] = {}
     error: BaseException | None = None
     parts = model_parts(model, gradient_twin)
+
+    def weight(m) -> float:  # progress units per unit of the metric's cost
+        if expected_s is None:
+            return 1.0
+        return float(expected_s.get(m.name, 0.0)) / max(cost(m), 1)
+
     # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI, pipes)
-    with tqdm(total=sum(cost(m) for m in metrics), disable=None if progress else True,
-              unit="pt", dynamic_ncols=True, desc="certify", leave=False,
-              position=world.rank) as bar:
+    with tqdm(total=sum(cost(m) * weight(m) for m in metrics),
+              disable=None if progress else True, unit="pt" if expected_s is None else "s",
+              dynamic_ncols=True, desc="certify", leave=False, position=world.rank,
+              bar_format=None if expected_s is None else
+              "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} est. s "
+              "[{elapsed}<{remaining}]") as bar:
         for metric in metrics:
+            w = weight(metric)
+
+            def advance(units, w=w):
+                bar.update(units * w)
+
             bar.set_description(metric.name if world.size == 1
                                 else f"[{world.rank}] {metric.name}")
             if metric.needs_gradients and not model.differentiable:
                 results[metric.name] = metric.result(
                     [], status="not_applicable", reason="no gradients: the model format "
                     f"({model.format}) gives no input gradients")
-                bar.update(cost(metric))
+                advance(cost(metric))
                 continue
             whole = RunContext(device=model.device, batch_size=policy.batch_size, seed=seed,
-                               advance=bar.update, gradient_twin=gradient_twin,
+                               advance=advance, gradient_twin=gradient_twin,
                                confidence=policy.confidence)
             retries: list = []
             log.info("running %s", metric.name)

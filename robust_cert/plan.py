@@ -43,10 +43,14 @@ class MetricCost:
     scale: float  # the metric's cost(n_points) / cost(pilot_points)
     status: str = "ok"  # "ok" | "not_applicable"
     reason: str = ""
+    #: the busiest process's share of the work: its blocks / all blocks for a shardable
+    #: metric on several processes, else 1
+    share: float = 1.0
 
     @property
     def seconds(self) -> float:
-        return self.pilot_seconds * self.scale
+        """Wall time: the busiest process's share of the extrapolated pilot."""
+        return self.pilot_seconds * self.scale * self.share
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "status": self.status, "reason": self.reason,
@@ -67,6 +71,7 @@ class Plan:
     metrics: list[MetricCost] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     peak_device_mb: float | None = None
+    processes: int = 1
 
     @property
     def seconds(self) -> float:
@@ -76,7 +81,7 @@ class Plan:
         return {"device": self.device, "points": self.points,
                 "forward_per_s": self.forward_per_s, "gradient_per_s": self.gradient_per_s,
                 "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
-                "peak_device_mb": self.peak_device_mb,
+                "peak_device_mb": self.peak_device_mb, "processes": self.processes,
                 "metrics": [m.to_dict() for m in self.metrics]}
 
     def table(self) -> str:
@@ -94,8 +99,12 @@ class Plan:
         mem = f"peak memory {self.peak_rss_mb:,.0f} MB (process RSS)"
         if self.peak_device_mb is not None:
             mem += f", {self.peak_device_mb:,.0f} MB on {self.device}"
-        rows.append(f"{self.points} points on {self.device}: forward {self.forward_per_s:,.0f} "
-                    f"img/s{grad}; {mem}. An estimate from a pilot run, not a bound.")
+        where = (f"{self.device}" if self.processes == 1 else
+                 f"{self.processes} processes (shardable metrics split by blocks; per process: "
+                 f"{self.device}")
+        rows.append(f"{self.points} points on {where}: forward {self.forward_per_s:,.0f} "
+                    f"img/s{grad}; {mem}{')' if self.processes > 1 else ''}. An estimate from "
+                    "a pilot run, not a bound.")
         return "\n".join(rows)
 
 
@@ -177,11 +186,13 @@ def _sync(device: torch.device) -> None:
 
 
 def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
-         pilot_points: int = 8, gradient_twin: Classifier | None = None) -> Plan:
+         pilot_points: int = 8, gradient_twin: Classifier | None = None,
+         processes: int = 1) -> Plan:
     """Estimate each metric's images and time on ``data`` (see the module docstring).
 
     ``model`` and ``data`` are loaded and checked as :func:`robust_cert.certify` does it;
-    the pilot uses the same seeds as a real run."""
+    the pilot uses the same seeds as a real run. With ``processes`` > 1 (a torchrun launch)
+    a shardable metric's time is its busiest process's share of the blocks."""
     if pilot_points < 1:
         raise PolicyError(f"pilot_points must be >= 1, got {pilot_points}")
     n = len(data)
@@ -189,7 +200,9 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
     pilot = dataclasses.replace(data, x=data.x[:k], y=data.y[:k])
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    out = Plan(device=str(model.device), points=n,
+    blocks = math.ceil(n / policy.batch_size)
+    busiest = math.ceil(blocks / processes) / blocks if blocks else 1.0
+    out = Plan(device=str(model.device), points=n, processes=processes,
                forward_per_s=_throughput(model, data.x, policy.batch_size, gradient=False),
                gradient_per_s=(_throughput(model, data.x, policy.batch_size, gradient=True)
                                if model.differentiable else None))
@@ -213,7 +226,8 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
         _sync(model.device)
         elapsed = time.perf_counter() - started
         out.metrics.append(MetricCost(name, k, elapsed, counter.forward, counter.gradient,
-                                      scale, res.status, res.reason))
+                                      scale, res.status, res.reason,
+                                      busiest if metric.shardable else 1.0))
     out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
         out.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20

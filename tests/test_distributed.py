@@ -221,9 +221,8 @@ def test_share_gives_every_block_to_exactly_one_process():
 
 @pytest.mark.integration
 def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_path):
-    """``torchrun -m robust_cert certify`` against a real MLflow server: one certification
-    run, the version's tags and the report, written by rank 0 only; same verdict and results
-    as one process."""
+    """``torchrun -m robust_cert certify --estimate`` against a real MLflow server: the
+    estimate, one certification run, the version's tags and the report, all from rank 0."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -251,8 +250,12 @@ def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          "-m", "robust_cert", "certify", f"models:/sharded-cnn/{version}", "--policy",
          str(policy), "--tracking-uri", mlflow_server.url, "--out", str(tmp_path / "out"),
-         "--no-progress"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+         "--no-progress", "--estimate"], capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the estimate, made once by rank 0, for the busiest of the 2 processes
+    assert done.stderr.count("estimated cost (pilot run)") == 1
+    assert "359 points on 2 processes" in done.stderr
     assert done.stdout.count(f"models:/sharded-cnn/{version}: PASS") == 1  # rank 0 reports
     body = json.loads((tmp_path / "out" / "certificate.json").read_text())["certificate"]
     assert body["environment"]["processes"] == 2 and body["data"]["n"] == 359

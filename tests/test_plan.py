@@ -90,3 +90,42 @@ def test_plan_command_on_an_onnx_file(tmp_path, capsys):
     assert "accuracy" in out
     assert "robust_accuracy                  not applicable: no gradients (onnx)" in out
     assert "359 points on cpu" in out
+
+
+def test_certify_announces_the_estimate_and_the_bar_counts_estimated_seconds(monkeypatch):
+    """``announce`` gets the plan before the suite runs; the bar's total is the estimate."""
+    model, _, data = _linear_setup()
+    seen, totals = [], []
+    real = engine.run_suite
+
+    def spy(*args, **kwargs):
+        assert seen, "the estimate is announced before the suite runs"
+        totals.append(kwargs["expected_s"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_suite", spy)
+    policy = {"name": "p", "batch_size": 16,
+              "metrics": {"accuracy": {}, "robust_accuracy": {"eps": [0.1], "attacks": ["fgsm"]}},
+              "requirements": [{"metric": "accuracy", "at_least": 0.5}]}
+    cert = robust_cert.certify(model, data, policy, progress=False, announce=seen.append)
+    assert cert.verdict in ("PASS", "FAIL", "INCONCLUSIVE")
+    (estimate,) = seen
+    assert [m.metric for m in estimate.metrics] == ["accuracy", "robust_accuracy"]
+    assert totals == [{m.metric: m.seconds for m in estimate.metrics}]
+
+
+def test_plan_on_several_processes_counts_the_busiest_share():
+    """40 points in blocks of 16 are 3 blocks: 2 processes → the busiest runs 2 of 3; a metric
+    that is not shardable runs whole on rank 0."""
+    _, clf, data = _linear_setup()
+    policy = robust_cert.load_policy({
+        "name": "p", "batch_size": 16, "metrics": {"accuracy": {}},
+        "requirements": [{"metric": "accuracy", "at_least": 0.5}]})
+    one = plan(clf, data, policy, pilot_points=4)
+    two = plan(clf, data, policy, pilot_points=4, processes=2)
+    assert one.metrics[0].share == 1.0
+    assert two.metrics[0].share == pytest.approx(2 / 3)
+    assert two.metrics[0].seconds == pytest.approx(
+        two.metrics[0].pilot_seconds * two.metrics[0].scale * 2 / 3)
+    assert "2 processes" in two.table()
+    assert two.to_dict()["processes"] == 2

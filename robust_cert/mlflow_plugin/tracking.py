@@ -326,6 +326,7 @@ def certify_version(
     command: str | None = None,
     gradient_twin: str | None = None,
     allow_unsigned: bool = False,
+    announce=None,
 ) -> Certification | None:
     """Certify the version ``uri`` names against ``policy`` and log it to MLflow.
 
@@ -350,6 +351,7 @@ def certify_version(
     version's signed one first: that is refused (TrackingError, before anything runs) when
     the version holds a signed certificate, unless ``allow_unsigned``.
 
+    ``announce`` is given the cost estimate before the run (:func:`robust_cert.certify`).
     Under ``torchrun`` every process calls this; the points are sharded
     (:func:`robust_cert.certify`) and rank 0 alone writes to MLflow and disk and returns the
     Certification; the other processes return None.
@@ -358,11 +360,12 @@ def certify_version(
         return _certify_version(uri, policy, data, tracking_uri=tracking_uri, out_dir=out_dir,
                                 device=device, seed=seed, threads=threads, progress=progress,
                                 command=command, gradient_twin=gradient_twin,
-                                allow_unsigned=allow_unsigned)
+                                allow_unsigned=allow_unsigned, announce=announce)
 
 
 def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, threads,
-                     progress, command, gradient_twin, allow_unsigned) -> Certification | None:
+                     progress, command, gradient_twin, allow_unsigned,
+                     announce=None) -> Certification | None:
     client = connect(tracking_uri)
     keyring = signing_keyring()
     pol = load_policy(policy)
@@ -381,7 +384,7 @@ def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, 
     out = Path(out_dir or Path("robust_cert_reports") / f"{clf.name}-v{clf.version}")
     check_output_dir(out)  # before hours of work, and before any run exists
     cert = certify(clf, evalset, pol, seed=seed, threads=threads, progress=progress,
-                   command=command, gradient_twin=gradient_twin)
+                   command=command, gradient_twin=gradient_twin, announce=announce)
     if cert is None:  # another process of a torchrun launch: rank 0 alone writes
         return None
     # both are covered by the digest and the signature: added before anything is signed
