@@ -250,6 +250,34 @@ def test_rounding_reads_the_precision_at_evaluation() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_reused_bound_gives_what_a_fresh_one_gives() -> None:
+    """The safe radius reuses one bound for every block of a sharded run (issue 14): its
+    rounding bounds and constants must not depend on the calls before (other points, radii,
+    norms, precision settings) — equal, bit for bit, to a fresh bound's."""
+    torch.manual_seed(0)
+    model = _trained_bn(Functional())
+    x = torch.rand(3, 1, 8, 8)
+    r = torch.full((3,), 0.1)
+    fresh = lipschitz_bound(model, (1, 8, 8), 5)
+    ref = fresh.rounding(x, r, "l2")
+    reused = lipschitz_bound(model, (1, 8, 8), 5)
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        reused.rounding(torch.rand(5, 1, 8, 8) * 4, torch.full((5,), 2.0), "linf")
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    reused.rounding(x[:1], None, "l2")
+    for a, b in zip(reused.rounding(x, r, "l2"), ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert reused.prefix == fresh.prefix
+    assert reused.layers == fresh.layers  # power iteration (l2_lower) seeded on its own
+    a = torch.eye(3)[None].expand(3, 3, 3) - torch.eye(3)[:, None]
+    for nm in ("l2", "linf"):
+        torch.testing.assert_close(reused.margin_constants(a, nm), fresh.margin_constants(a, nm),
+                                   rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN, TF32, bf16)")
 def test_cuda_rounding_model_covers_the_strict_evaluation() -> None:
     """On CUDA with cuDNN benchmarking and bf16 products allowed, the certified margins and the

@@ -286,3 +286,55 @@ def test_onnx_with_a_twin_gives_no_certified_safe_radius(tmp_path) -> None:
     ref_sr = next(r for r in ref.results if r["metric"] == "safe_radius")
     assert ref_sr["status"] == "ok"
     assert ref_sr["values"]
+
+
+# --- the bound is cached per network (issue 14: blocks of a sharded run) ---------------------
+
+
+def test_bound_cache_reuses_only_an_unchanged_network(monkeypatch) -> None:
+    """One metric instance runs many blocks: the network is bounded once while it is
+    unchanged, and bounded again after any change (in place, through ``.data``, train mode, a
+    different module with the same weights) — each result equal to a fresh instance's."""
+    import robust_cert.metrics.safe_radius as sr
+
+    calls = []
+    real = sr.lipschitz_bound
+    monkeypatch.setattr(sr, "lipschitz_bound", lambda *a: calls.append(1) or real(*a))
+    x, y, _ = _data(n=10)
+    data = robust_cert.load_data((x, y), input_range=WIDE)
+    cfg = SafeRadiusConfig(norms=["l2", "linf"], radii=[0.1], clever_samples=5,
+                           bisection_steps=3, attack_steps=3)
+    shared = SafeRadius(cfg)
+
+    def check(model, expect_calls):
+        clf = robust_cert.load_model(model, input_shape=(4,))
+        before = len(calls)
+        got = shared.run(clf, data, RunContext(CPU, batch_size=4, seed=0))
+        assert len(calls) - before == expect_calls
+        ref = SafeRadius(cfg).run(clf, data, RunContext(CPU, batch_size=4, seed=0))
+        for k, v in ref.per_point.items():
+            np.testing.assert_array_equal(got.per_point[k], v)
+        assert got.diagnostics == ref.diagnostics
+        return got.per_point["lower@l2"]
+
+    lin = _binary()
+    first = check(lin, 1)
+    np.testing.assert_array_equal(check(lin, 0), first)  # unchanged: reused
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: a new version
+    doubled = check(lin, 1)
+    g2 = x.astype(np.float64) @ (2 * W) + float(np.float32(B))
+    exact = np.abs(g2) / (2 * DUAL["l2"])
+    assert (doubled <= exact).all()
+    np.testing.assert_allclose(doubled, exact, atol=1e-5)  # within the rounding slack
+    lin.weight.data.mul_(0.5)  # through .data: same version, caught by the fingerprint
+    np.testing.assert_array_equal(check(lin, 1), first)
+    np.testing.assert_array_equal(check(_binary(), 1), first)  # another module, same weights
+    wrapped = nn.Sequential(_binary(), nn.Dropout(0.5)).eval()
+    check(wrapped, 1)
+    wrapped[1].train()  # a mode change: dropout on cannot be bounded
+    clf = robust_cert.load_model(wrapped, input_shape=(4,))
+    wrapped[1].train()  # load_model puts the module in eval mode
+    res = shared.run(clf, data, RunContext(CPU, batch_size=4, seed=0))
+    assert res.status == "not_applicable"
+    assert "dropout in training mode" in res.reason

@@ -70,9 +70,14 @@ class Calibration(Metric):
     P[wrong | confidence ≥ τ] as k wrong of the n points with confidence ≥ τ, with an exact
     Clopper–Pearson interval (conditional on n; the accepted points are i.i.d. draws from the
     accepted part of the distribution). A threshold no point reaches gives no proportion
-    (a requirement on it is then inconclusive). Lower is better. The summaries are functions
-    of the per-point arrays: for results merged from shards, recompute them from ``per_point``
-    (``expected_calibration_error``).
+    (a requirement on it is then inconclusive). Lower is better.
+
+    Sharding (``shardable``): a block of points gives its per-point arrays and, per threshold,
+    its counts (also of 0 points); nothing is drawn per block. :meth:`finalize` computes every
+    summary from the merged per-point arrays — ECE, its bootstrap interval (resampling all n
+    points, from a generator seeded by (seed, label) only, so the same for any number of
+    processes), NLL, Brier, reliability, coverage — and drops the proportions of thresholds no
+    point reaches. :meth:`run` on the whole set (``ctx.total`` None) returns it finalized.
 
     Args (policy ``metrics.calibration``):
         bins: number of equal-width bins (default 15).
@@ -93,6 +98,7 @@ class Calibration(Metric):
     higher_is_better = False
     description = "P[argmax f(x) != y | max softmax f(x) >= τ]; ECE, NLL and Brier as estimates"
     Config = CalibrationConfig
+    shardable = True  # per-point arrays and counts; summaries over all points in finalize
 
     def selectors(self):
         return [{"threshold": t} for t in self.config.thresholds]
@@ -102,35 +108,54 @@ class Calibration(Metric):
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
-        n, c = len(data), model.num_classes
-        conf = np.empty(n)
-        correct = np.empty(n, dtype=bool)
-        nll = np.empty(n)
-        brier = np.empty(n)
+        c = model.num_classes
+        # kept on the device: one copy to the host per call, no sync per batch
+        parts: dict[str, list[torch.Tensor]] = {"conf": [], "correct": [], "nll": [],
+                                                "brier": []}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             logp = torch.log_softmax(model.logits(x).double(), dim=1)
             p = logp.exp()
             top, pred = p.max(1)
-            conf[sl] = top.cpu().numpy()
-            correct[sl] = (pred == y).cpu().numpy()
-            nll[sl] = (-logp.gather(1, y[:, None])[:, 0]).cpu().numpy()
+            parts["conf"].append(top)
+            parts["correct"].append(pred == y)
+            parts["nll"].append(-logp.gather(1, y[:, None])[:, 0])
             onehot = torch.nn.functional.one_hot(y, c).double()
-            brier[sl] = ((p - onehot) ** 2).sum(1).cpu().numpy()
+            parts["brier"].append(((p - onehot) ** 2).sum(1))
             ctx.advance(sl.stop - sl.start)
+        conf, nll, brier = (_host(parts[k], torch.float64) for k in ("conf", "nll", "brier"))
+        correct = _host(parts["correct"], torch.bool)
+        # every threshold gets a proportion (possibly of 0 points), so that the blocks of a
+        # sharded run merge; :meth:`finalize` drops the ones no point reaches
+        props = []
+        for t in cfg.thresholds:
+            accepted = conf >= t
+            props.append(Proportion({"threshold": t}, int((~correct[accepted]).sum()),
+                                    int(accepted.sum())))
+        res = self.result(props, per_point={"confidence": conf, "correct": correct, "nll": nll,
+                                            "brier": brier})
+        return res if ctx.total is not None else self.finalize(res, model, data, ctx)
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The summaries over all points, from the merged per-point arrays: ECE and its
+        bootstrap interval (resampling all points, from a generator seeded by (seed, label)
+        alone), NLL and Brier means, the reliability bins, the coverage per threshold; the
+        thresholds no point reaches lose their proportion."""
+        cfg = self.config
+        conf = result.per_point["confidence"]
+        correct = result.per_point["correct"].astype(bool)
+        nll, brier = result.per_point["nll"], result.per_point["brier"]
+        n = len(conf)
         ece = expected_calibration_error(conf, correct, cfg.bins)
-        g = np.random.default_rng(int(ctx.generator(f"{self.name}/bootstrap").initial_seed()))
+        g = np.random.default_rng(int(ctx.global_generator(f"{self.name}/bootstrap")
+                                      .initial_seed()))
         idx = g.integers(0, n, size=(cfg.bootstrap, n))
         boot = _ece_many(conf[idx], correct[idx].astype(np.float64), cfg.bins)
         tail = (1 - cfg.ci_level) / 2
         lo, hi = np.quantile(boot, [tail, 1 - tail])
-        props, coverage = [], {}
-        for t in cfg.thresholds:
-            accepted = conf >= t
-            coverage[f"{t:g}"] = {"k": int(accepted.sum()), "n": n}
-            if accepted.any():
-                props.append(Proportion({"threshold": t}, int((~correct[accepted]).sum()),
-                                        int(accepted.sum())))
-        diagnostics = {
+        coverage = {f"{t:g}": {"k": int((conf >= t).sum()), "n": n} for t in cfg.thresholds}
+        result.proportions = [p for p in result.proportions if p.n > 0]
+        result.diagnostics = {
             "ece": ece,
             "ece_ci": [float(lo), float(hi)],
             "ece_ci_method": f"percentile bootstrap, {cfg.bootstrap} resamples, "
@@ -142,8 +167,12 @@ class Calibration(Metric):
             "kinds": {"ece": "estimate", "nll": "estimate", "brier": "estimate",
                       "selective_risk": "statistical"},
         }
-        return self.result(props, per_point={"confidence": conf, "correct": correct, "nll": nll,
-                                             "brier": brier}, diagnostics=diagnostics)
+        return result
+
+
+def _host(parts: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+    """The batches' values concatenated, copied to the host once."""
+    return (torch.cat(parts) if parts else torch.empty(0, dtype=dtype)).cpu().numpy()
 
 
 def _finite(v: float) -> float | None:

@@ -380,7 +380,8 @@ class CorruptionAccuracy(Metric):
     """Accuracy under common corruptions, per (type, severity) cell and on average.
 
     Kind: statistical. Each cell's accuracy is k correct of the n evaluation points, corrupted
-    with draws from a generator seeded by (run seed, type, severity, batch), with an exact
+    with draws from a generator seeded by (run seed, type, severity, index of the batch's first
+    point in the whole set), with an exact
     Clopper–Pearson interval. Every proportion has one outcome per point (one corrupted copy
     per point and cell, or one cell per point for the mean; draws are never pooled within a
     point), so the outcomes are i.i.d. across points and the interval covers inputs drawn like
@@ -396,8 +397,15 @@ class CorruptionAccuracy(Metric):
     clean right and corrupted wrong, c = the reverse, two-sided p-value). Inputs must be images
     (C, H, W) or (H, W); other inputs are "not applicable". Inputs in [lo, hi] are mapped to
     [0, 1] for corruption and back. Draws depend on the batch size (seeded per batch).
-    Proportions, McNemar counts and per-point arrays of shards merge exactly; the float
-    summaries in ``diagnostics`` of a merged result should be recomputed from ``per_point``.
+
+    Sharding (``shardable``): the engine runs blocks of ``batch_size`` points; a block's
+    corruptions are drawn per batch as above (seeded by the batch's position in the whole set,
+    so a block draws the same in any process, and the result equals a one-process run with the
+    same batch size), and the mean-cell picks are drawn for the whole set from a generator
+    seeded by (seed, label) only, each block keeping its points' part. Proportions and
+    per-point arrays merge exactly; :meth:`finalize` recomputes the ``diagnostics`` (clean
+    count, McNemar counts and p-values, mean and per-type accuracy) from the merged
+    ``per_point``. :meth:`run` on the whole set (``ctx.total`` None) returns it finalized.
 
     Args (policy ``metrics.corruptions``):
         corruptions: types to run (default all 15: gaussian_noise, shot_noise, impulse_noise,
@@ -419,6 +427,7 @@ class CorruptionAccuracy(Metric):
     higher_is_better = True
     description = "P[argmax f(corrupt(x)) = y] per corruption type and severity"
     Config = CorruptionsConfig
+    shardable = True  # per-point outcomes; draws seeded by position; summaries in finalize
 
     def cells(self) -> list[tuple[str, int]]:
         return [(c, s) for c in self.config.corruptions for s in self.config.severities]
@@ -439,24 +448,48 @@ class CorruptionAccuracy(Metric):
         cells = self.cells()
         lo, hi = data.input_range
         n = len(data)
-        clean = np.zeros(n, dtype=bool)
-        correct = np.zeros((n, len(cells)), dtype=bool)
+        # kept on the device: one copy to the host per call, no sync per batch or cell
+        clean_parts: list[Tensor] = []
+        cell_parts: list[list[Tensor]] = [[] for _ in cells]
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             u = ((x - lo) / (hi - lo)).reshape(x.shape[0], *((1, *shape) if len(shape) == 2
                                                              else shape))
-            clean[sl] = (model.logits(x).argmax(1) == y).cpu().numpy()
+            clean_parts.append(model.logits(x).argmax(1) == y)
             ctx.advance(sl.stop - sl.start)
+            first = ctx.offset + sl.start  # the batch's first point in the whole set
             for j, (c, s) in enumerate(cells):
-                g = ctx.generator(f"{self.name}/{c}/{s}/{sl.start}")
+                g = ctx.global_generator(f"{self.name}/{c}/{s}/{first}")
                 xc = (lo + (hi - lo) * corrupt(u, c, s, g)).reshape(x.shape)
-                correct[sl, j] = (model.logits(xc).argmax(1) == y).cpu().numpy()
+                cell_parts[j].append(model.logits(xc).argmax(1) == y)
                 ctx.advance(sl.stop - sl.start)
-        pick_g = ctx.generator(f"{self.name}/mean-cell")
-        pick = torch.randint(len(cells), (n,), generator=pick_g).numpy()
+        if n:
+            clean = torch.cat(clean_parts).cpu().numpy()
+            correct = torch.stack([torch.cat(p) for p in cell_parts], 1).cpu().numpy()
+        else:
+            clean, correct = np.zeros(0, dtype=bool), np.zeros((0, len(cells)), dtype=bool)
+        # the cell each point is judged in for the mean: drawn for the whole set at once (the
+        # same in every block), this block's part kept
+        pick_g = ctx.global_generator(f"{self.name}/mean-cell")
+        pick = torch.randint(len(cells), (ctx.n_total(data),), generator=pick_g)
+        pick = pick[ctx.offset:ctx.offset + n].numpy()
         picked = correct[np.arange(n), pick]
         props = [Proportion({"corruption": c, "severity": s}, int(correct[:, j].sum()), n)
                  for j, (c, s) in enumerate(cells)]
         props.append(Proportion({"corruption": "mean"}, int(picked.sum()), n))
+        res = self.result(props, per_point={"correct": correct, "clean_correct": clean,
+                                            "mean_cell": pick.astype(np.int64),
+                                            "mean_correct": picked})
+        return res if ctx.total is not None else self.finalize(res, model, data, ctx)
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The summaries over all points, from the merged per-point arrays: clean count,
+        McNemar counts and exact p-values per cell, the mean over all cells and per type."""
+        if result.status != "ok":
+            return result
+        cells = self.cells()
+        clean = result.per_point["clean_correct"].astype(bool)
+        correct = result.per_point["correct"].astype(bool)
         mcnemar: dict[str, dict[str, dict]] = {}
         for j, (c, s) in enumerate(cells):
             b = int((clean & ~correct[:, j]).sum())
@@ -465,14 +498,11 @@ class CorruptionAccuracy(Metric):
                                                  "p_value": stats.mcnemar_exact(b, cc)}
         per_type = {c: float(np.mean([correct[:, j].mean() for j, (cj, _) in enumerate(cells)
                                       if cj == c])) for c in self.config.corruptions}
-        diagnostics = {
+        result.diagnostics = {
             "clean_correct": int(clean.sum()),
             "mean_corruption_accuracy": float(correct.mean()),
             "per_type_accuracy": per_type,
             "mcnemar": mcnemar,
             "cells": [f"{c}@{s}" for c, s in cells],
         }
-        return self.result(props, per_point={"correct": correct, "clean_correct": clean,
-                                             "mean_cell": pick.astype(np.int64),
-                                             "mean_correct": picked},
-                           diagnostics=diagnostics)
+        return result

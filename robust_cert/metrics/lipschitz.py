@@ -882,18 +882,18 @@ def _conv_fourier_bound(w: torch.Tensor, in_shape: tuple[int, ...], pad: tuple[i
 
 
 def _power_iteration(apply, in_shape, w: torch.Tensor, iters: int) -> float:
-    """Power iteration on KᵀK (seeded): a lower estimate of ‖K‖₂, reported only."""
+    """Power iteration on KᵀK (seeded): a lower estimate of ‖K‖₂, reported only. The norm
+    goes to the host once, after the last iteration (no device sync per iteration)."""
     g = torch.Generator().manual_seed(0)
     v = torch.randn((1, *in_shape), generator=g, dtype=w.dtype).to(w.device)
-    sigma = 0.0
+    u = None
     for _ in range(iters):
         v = v / v.norm().clamp_min(1e-30)
         vv = v.detach().requires_grad_(True)
         with torch.enable_grad():
             u = apply(vv)
             (v,) = torch.autograd.grad(u, vv, grad_outputs=u.detach())
-        sigma = float(u.detach().norm())
-    return sigma
+    return float(u.detach().norm()) if u is not None else 0.0
 
 
 # --------------------------------------------------------------------------- public API

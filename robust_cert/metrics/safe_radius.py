@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Literal
 
 import numpy as np
@@ -176,6 +177,17 @@ class SafeRadius(Metric):
     estimate ``l2_lower`` of each convolution, never part of the bound). Sampling is seeded
     from the run.
 
+    Sharding (``shardable``): the engine runs blocks of ``batch_size`` points. The CLEVER
+    samples of a batch are drawn from a generator seeded by (run seed, norm, index of the
+    batch's first point in the whole set), so a block draws the same in any process and the
+    result equals a one-process run with the same batch size; the witness search draws
+    nothing. The Lipschitz bound depends on the network only: it is computed once per
+    process and metric instance and reused while the module and its tensors are unchanged
+    (see :class:`_BoundCache`). Proportions and per-point arrays merge exactly; :meth:`finalize`
+    recomputes the summaries in ``diagnostics`` (``holds``, medians, ``no_witness``,
+    ``sandwich_violations``) from the merged ``per_point``. :meth:`run` on the whole set
+    (``ctx.total`` None) returns it finalized.
+
     Example::
 
         SafeRadius(SafeRadiusConfig(norms=["l2"], radii=[0.1])).run(model, data, ctx)
@@ -189,6 +201,11 @@ class SafeRadius(Metric):
     description = ("P[property holds on the whole ball of radius r] by a sound Lipschitz lower "
                    "bound on the maximum safe radius")
     Config = SafeRadiusConfig
+    shardable = True  # per-point radii; the bound is of the network alone; summaries in finalize
+
+    def __init__(self, config: SafeRadiusConfig):
+        super().__init__(config)
+        self._bounds = _BoundCache()
 
     def selectors(self):
         return [{"norm": n, "radius": r} for n in self.config.norms for r in self.config.radii]
@@ -241,8 +258,7 @@ class SafeRadius(Metric):
         """What the witness search minimises (negative when violated)."""
         cfg = self.config
         if cfg.property == "adversarial":
-            other = logits.clone()
-            other[torch.arange(len(t)), t] = -torch.inf
+            other = logits.scatter(1, t[:, None], -torch.inf)
             return logits.gather(1, t[:, None])[:, 0] - other.amax(1)
         if cfg.property == "uncertainty":
             return torch.log_softmax(logits, 1).amax(1) - math.log(cfg.tau)
@@ -266,18 +282,19 @@ class SafeRadius(Metric):
             # Lipschitz/rounding bound of the twin says nothing of the graph inside the ball
             why = _TWIN_REASON
         elif isinstance(model.forward, nn.Module):
-            try:
-                bound = lipschitz_bound(model.forward, data.input_shape, cfg.power_iterations)
-            except NotBoundable as exc:
-                why = str(exc)
+            bound, why = self._bounds.get(model.forward, data.input_shape, cfg.power_iterations)
         else:
             why = "the model is not a PyTorch module"
         n = len(data)
         lo_r, hi_r = data.input_range
         d = int(np.prod(data.input_shape))
-        holds = np.zeros(n, dtype=bool)
-        out = {f"{k}@{nm}": np.full(n, np.nan) for nm in cfg.norms
-               for k in ("lower", "upper", "clever")}
+        # device results kept per batch and copied to the host once; CLEVER's fits are on
+        # the host (scipy) anyway
+        holds_parts: list[torch.Tensor] = []
+        dev_parts: dict[str, list[torch.Tensor]] = {
+            f"{k}@{nm}": [] for nm in cfg.norms
+            for k in (("lower", "upper") if bound is not None else ("upper",))}
+        clever = {nm: np.full(n, np.nan) for nm in cfg.norms}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             # the certified margins come from the evaluation the rounding model describes
             # (cuDNN off: no Winograd/FFT kernels; IEEE float32 products, no TF32/bf16)
@@ -289,16 +306,27 @@ class SafeRadius(Metric):
             ok = ~self._violated(logits, t)
             if cfg.property == "adversarial":
                 ok &= t == y
-            holds[sl] = ok.cpu().numpy()
+            holds_parts.append(ok)
+            first = ctx.offset + sl.start  # the batch's first point in the whole set
             for nm in cfg.norms:
                 if bound is not None:
-                    out[f"lower@{nm}"][sl] = _certified_radius(bound, x, a, h, nm).cpu().numpy()
+                    dev_parts[f"lower@{nm}"].append(_certified_radius(bound, x, a, h, nm))
                 max_r = cfg.max_radius or ((hi_r - lo_r) * (1.0 if nm == "linf" else
                                                                math.sqrt(d)))
-                out[f"upper@{nm}"][sl] = self._witness(fn, x, t, nm, max_r, (lo_r, hi_r))
-                g = ctx.generator(f"{self.name}/clever/{nm}/{sl.start}")
-                out[f"clever@{nm}"][sl] = self.clever(fn, x, nm, g, (lo_r, hi_r))
+                dev_parts[f"upper@{nm}"].append(
+                    self._witness(fn, x, t, nm, max_r, (lo_r, hi_r)))
+                g = ctx.global_generator(f"{self.name}/clever/{nm}/{first}")
+                clever[nm][sl] = self.clever(fn, x, nm, g, (lo_r, hi_r))
                 ctx.advance(sl.stop - sl.start)
+        holds = (torch.cat(holds_parts).cpu().numpy() if holds_parts
+                 else np.zeros(0, dtype=bool))
+        out = {}
+        for nm in cfg.norms:
+            for k in ("lower", "upper"):
+                parts = dev_parts.get(f"{k}@{nm}")
+                out[f"{k}@{nm}"] = (torch.cat(parts).cpu().numpy() if parts
+                                    else np.full(n, np.nan))
+            out[f"clever@{nm}"] = clever[nm]
         props = []
         if bound is not None:
             for nm in cfg.norms:
@@ -308,12 +336,31 @@ class SafeRadius(Metric):
         diagnostics = {
             "property": cfg.property,
             "lower_bound": "not applicable: " + why if bound is None else "ok",
-            "holds": int(holds.sum()),
         }
         if bound is not None:
             diagnostics["lipschitz"] = {"prefix": bound.prefix, "layers": bound.layers}
+        per_point = {"holds": holds, **out}
+        if bound is None and cfg.radii:
+            res = self.result([], per_point=per_point, diagnostics=diagnostics,
+                              status="not_applicable", reason=why)
+        else:
+            res = self.result(props, per_point=per_point, diagnostics=diagnostics)
+        return res if ctx.total is not None else self.finalize(res, model, data, ctx)
+
+    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
+                 ctx: RunContext) -> MetricResult:
+        """The summaries over all points, from the merged per-point arrays: the number of
+        points where the property holds and, per norm, the medians of the three radii, the
+        points without a witness and the sandwich violations (logged)."""
+        cfg = self.config
+        pp = result.per_point
+        holds = pp["holds"].astype(bool)
+        diagnostics = {k: result.diagnostics[k] for k in ("property", "lower_bound")}
+        diagnostics["holds"] = int(holds.sum())
+        if "lipschitz" in result.diagnostics:
+            diagnostics["lipschitz"] = result.diagnostics["lipschitz"]
         for nm in cfg.norms:
-            lower, upper, clever = (out[f"{k}@{nm}"] for k in ("lower", "upper", "clever"))
+            lower, upper, clever = (pp[f"{k}@{nm}"] for k in ("lower", "upper", "clever"))
             both = np.isfinite(lower) & np.isfinite(upper)
             diagnostics[nm] = {
                 "median_lower": _median(lower[holds]),
@@ -328,16 +375,15 @@ class SafeRadius(Metric):
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
                             "(%s)", diagnostics[nm]["sandwich_violations"], nm)
-        per_point = {"holds": holds, **out}
-        if bound is None and cfg.radii:
-            return self.result([], per_point=per_point, diagnostics=diagnostics,
-                               status="not_applicable", reason=why)
-        return self.result(props, per_point=per_point, diagnostics=diagnostics)
+        result.diagnostics = diagnostics
+        return result
 
     def _witness(self, fn: nn.Module, x: torch.Tensor, t: torch.Tensor, norm: str,
-                 max_r: float, box: tuple[float, float]) -> np.ndarray:
+                 max_r: float, box: tuple[float, float]) -> torch.Tensor:
         """Bisection over ε of a batched projected-gradient search (per-point ε): the distance
-        of the closest violation found, inf where none is found at ``max_r``/2^k, k < 6."""
+        of the closest violation found (float64, on the device), inf where none is found at
+        ``max_r``/2^k, k < 6. The host waits for the device once per search (to pick the
+        points still searched), never per attack step."""
         cfg = self.config
         p = x.shape[0]
         best = torch.full((p,), math.inf, dtype=torch.float64, device=x.device)
@@ -345,7 +391,7 @@ class SafeRadius(Metric):
         hi = torch.full((p,), max_r, dtype=torch.float64, device=x.device)
         with torch.no_grad():
             viol0 = self._violated(fn(x), t)
-        best[viol0] = 0.0
+        best = best.masked_fill(viol0, 0.0)
         # bracket: search at max_r, max_r/2, ... (a large step can jump over a thin violating
         # region, e.g. the uncertainty band around the decision boundary)
         for k in range(_BRACKET_LEVELS):
@@ -358,16 +404,16 @@ class SafeRadius(Metric):
         active = torch.isfinite(best) & ~viol0
         hi = torch.where(active, best, hi)
         for _ in range(cfg.bisection_steps):
-            if not active.any():
-                break
             idx = active.nonzero().squeeze(1)
+            if not idx.numel():
+                break
             eps = (lo[idx] + hi[idx]) / 2
             adv, found = self._search(fn, x[idx], t[idx], eps, norm, box)
             dist = _dist(adv, x[idx], norm)
             best[idx] = torch.where(found, torch.minimum(best[idx], dist), best[idx])
             hi[idx] = torch.where(found, torch.minimum(eps, dist), hi[idx])
             lo[idx] = torch.where(found, lo[idx], eps)
-        return best.cpu().numpy()
+        return best
 
     def _search(self, fn, x, t, eps, norm, box):
         cfg = self.config
@@ -385,7 +431,7 @@ class SafeRadius(Metric):
                 obj = self._objective(logits, t)
                 (grad,) = torch.autograd.grad(obj.sum(), dv)
             viol = self._violated(logits.detach(), t) & ~found
-            best[viol] = xa.detach()[viol]
+            best = torch.where(viol.view(shape), xa.detach(), best)  # no host sync
             found |= viol
             if norm == "linf":
                 delta = (delta - alpha * grad.sign()).clamp(-e, e)
@@ -397,7 +443,7 @@ class SafeRadius(Metric):
         with torch.no_grad():
             xa = (x + delta).clamp(*box)
             viol = self._violated(fn(xa), t) & ~found
-        best[viol] = xa[viol]
+        best = torch.where(viol.view(shape), xa, best)
         found |= viol
         return best, found
 
@@ -445,6 +491,65 @@ class SafeRadius(Metric):
                     best = min(best, val, cfg.clever_radius)
                 scores[s + i] = best
         return scores
+
+
+class _BoundCache:
+    """The Lipschitz bound (or why there is none) of the last network seen, so the blocks of a
+    sharded run trace and bound the network once per process, not once per block.
+
+    A bound is reused only for the very same module object whose tensors (parameters,
+    buffers, tensor attributes, of every submodule) are the same objects, with the same
+    version counters, storage, device, dtype, shape and contents fingerprint (sum and sum of
+    absolute values, in float64), and whose submodules are in the same train/eval modes, for
+    the same input shape and power iterations; anything else recomputes it. The bound is a
+    deterministic function of those, so a block's result never depends on what ran before."""
+
+    def __init__(self):
+        self._entry: tuple | None = None
+
+    def get(self, module: nn.Module, input_shape: tuple[int, ...],
+            power_iterations: int) -> tuple[LipschitzBound | None, str]:
+        tensors, key = _module_state(module)
+        key = (key, tuple(input_shape), power_iterations)
+        e = self._entry
+        if (e is not None and e[0]() is module and e[1] == key and len(e[2]) == len(tensors)
+                and all(r() is t for r, t in zip(e[2], tensors, strict=True))):
+            return e[3], e[4]
+        try:
+            bound, why = lipschitz_bound(module, input_shape, power_iterations), ""
+        except NotBoundable as exc:
+            bound, why = None, str(exc)
+        self._entry = (weakref.ref(module), key, [weakref.ref(t) for t in tensors], bound, why)
+        return bound, why
+
+
+def _module_state(module: nn.Module) -> tuple[list[torch.Tensor], tuple]:
+    """The tensors of ``module`` and a key of their state (see :class:`_BoundCache`)."""
+    tensors, modes = [], []
+    for m in module.modules():
+        modes.append(m.training)
+        found = [*m._parameters.values(), *m._buffers.values(),
+                 *(v for v in vars(m).values() if isinstance(v, torch.Tensor))]
+        tensors.extend(t for t in found if t is not None)
+    meta = tuple((_tensor_attr(t, "_version"), _tensor_attr(t, "data_ptr"), str(t.device),
+                  str(t.dtype), tuple(t.shape)) for t in tensors)
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    with torch.no_grad():  # one copy to the host for all tensors
+        sums = (torch.stack([torch.stack([t.sum(dtype=torch.float64),
+                                          t.abs().sum(dtype=torch.float64)])
+                             .to(floats[0].device) for t in floats]).cpu().flatten().tolist()
+                if floats else [])
+    return tensors, (tuple(modes), meta, tuple(sums))
+
+
+def _tensor_attr(t: torch.Tensor, name: str):
+    """``t._version`` or ``t.data_ptr()``; None where the tensor has none (inference tensors
+    keep no version counter): the contents fingerprint still guards the cache."""
+    try:
+        v = getattr(t, name)
+        return v() if callable(v) else v
+    except RuntimeError:
+        return None
 
 
 _TWIN_REASON = ("the certified lower bound would be of the PyTorch gradient twin, not of the "
