@@ -182,6 +182,21 @@ class SeededForward:
             return self.fn(x)
 
 
+#: A shardable metric's points are cut into at least this many blocks where the blocks can
+#: stay at :data:`MIN_BLOCK_POINTS` points or more, so that several processes get balanced
+#: shares of a small evaluation set; large sets use blocks of ``batch_size`` points.
+TARGET_BLOCKS = 16
+MIN_BLOCK_POINTS = 16
+
+
+def block_size(n: int, batch_size: int) -> int:
+    """Points per block for ``n`` points: ``batch_size``, or less on a small set (at least
+    :data:`TARGET_BLOCKS` blocks of at least :data:`MIN_BLOCK_POINTS` points). It depends on
+    ``n`` and the policy only, never on the number of processes: the blocks, their seeds, and
+    so the certificate are the same for any number of processes."""
+    return max(1, min(batch_size, max(MIN_BLOCK_POINTS, -(-n // TARGET_BLOCKS))))
+
+
 def blocks_of(n: int, block: int) -> list[range]:
     """The consecutive blocks of ``block`` points a shardable metric runs on (the last one
     shorter): the same for any number of processes."""
@@ -237,7 +252,7 @@ def run_suite(
     applicable, never silently dropped. Each metric draws from generators seeded by
     (seed, metric), so the same seed gives the same results whatever the metric order.
     A shardable metric (:attr:`Metric.shardable`) runs on consecutive blocks of
-    ``policy.batch_size`` points, each seeded by its first point, spread over the processes
+    :func:`block_size` points, each seeded by its first point, spread over the processes
     of ``world`` (consecutive shares); rank 0 merges the blocks in order and finalizes, so
     the result is the same for any number of processes. Other metrics run on rank 0 only.
     An error on any process fails the run on every process (:mod:`robust_cert.distributed`).
@@ -256,7 +271,7 @@ def run_suite(
         raise ModelError(f"{', '.join(needs)}: reference 'twin' needs a gradient twin, but "
                          "none was given (pass gradient_twin=, or --gradient-twin on the CLI)")
     n = len(data)
-    blocks = blocks_of(n, policy.batch_size)
+    blocks = blocks_of(n, block_size(n, policy.batch_size))
     mine = world.share(len(blocks))
 
     def cost(m) -> int:

@@ -200,7 +200,9 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
     pilot = dataclasses.replace(data, x=data.x[:k], y=data.y[:k])
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    blocks = math.ceil(n / policy.batch_size)
+    from robust_cert.engine import block_size
+
+    blocks = math.ceil(n / block_size(n, policy.batch_size))
     busiest = math.ceil(blocks / processes) / blocks if blocks else 1.0
     out = Plan(device=str(model.device), points=n, processes=processes,
                forward_per_s=_throughput(model, data.x, policy.batch_size, gradient=False),

@@ -182,9 +182,9 @@ def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
     res = engine.run_suite(clf, data, _memory_policy(32), progress=False)["accuracy"]
     assert res.proportions[0].k == plain.proportions[0].k
     np.testing.assert_array_equal(res.per_point["prediction"], plain.per_point["prediction"])
-    # 32 → 16 → 8 in the first block; the second block starts at 8, which fits
+    # blocks of 16 points: 32 → 16 → 8 in the first block; later blocks start at 8, which fits
     assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [16, 8]
-    assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-31)"
+    assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-15)"
     assert "memory_retries" not in plain.diagnostics
 
 
@@ -258,9 +258,55 @@ def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_
     assert "359 points on 2 processes" in done.stderr
     assert done.stdout.count(f"models:/sharded-cnn/{version}: PASS") == 1  # rank 0 reports
     body = json.loads((tmp_path / "out" / "certificate.json").read_text())["certificate"]
-    assert body["environment"]["processes"] == 2 and body["data"]["n"] == 359
+    assert body["environment"]["processes"] == 2
+    assert body["data"]["n"] == 359
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
     mv = client.get_model_version("sharded-cnn", version)
     runs = client.search_runs([client.get_run(mv.tags[RUN_ID_TAG]).info.experiment_id],
                               "tags.`robust_cert.kind` = 'certification'")
     assert [r.info.run_id for r in runs] == [mv.tags[RUN_ID_TAG]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_uses_pinned_inputs_and_agrees_with_cpu(state, monkeypatch):
+    """On CUDA the engine pins the inputs (async copies) and the predictions agree with the
+    CPU's wherever the CPU's top-2 logit gap exceeds float32 reduction-order differences."""
+    model = small_cnn()
+    model.load_state_dict(torch.load(state))
+    x, y = digits_split("test")
+    data = robust_cert.data.load_data((x[:POINTS], y[:POINTS]))
+    pinned = []
+    real = engine._subset
+
+    def spy(d, block):
+        pinned.append(d.x.is_pinned())
+        return real(d, block)
+
+    monkeypatch.setattr(engine, "_subset", spy)
+    cuda = engine.run_suite(robust_cert.load_model(model, input_shape=(1, 8, 8), device="cuda"),
+                            data, _memory_policy(16), progress=False)["accuracy"]
+    assert pinned
+    assert all(pinned)
+    cpu_model = small_cnn()
+    cpu_model.load_state_dict(torch.load(state))
+    with torch.no_grad():
+        top2 = cpu_model(torch.tensor(x[:POINTS])).topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-3).numpy()
+    cpu = engine.run_suite(robust_cert.load_model(cpu_model, input_shape=(1, 8, 8)), data,
+                           _memory_policy(16), progress=False)["accuracy"]
+    np.testing.assert_array_equal(cuda.per_point["prediction"][clear],
+                                  cpu.per_point["prediction"][clear])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.integration
+def test_two_gpus_give_the_certificate_of_one(state, tmp_path):
+    """NCCL default group, one GPU per process: the same certificate as one process."""
+    one = _launch(1, state, tmp_path / "g1")
+    two = _launch(2, state, tmp_path / "g2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "g1" / "certificate.json").read_text())
+    b = json.loads((tmp_path / "g2" / "certificate.json").read_text())
+    assert b["environment"]["device"] == "cuda:0"
+    assert _strip(a) == _strip(b)

@@ -388,7 +388,8 @@ class Metric(ABC):
     #: blocks of it: :meth:`run` on a block depends only on the block's points, ``ctx.offset``,
     #: ``ctx.total`` and the seed (draws from ``ctx.generator``), and :meth:`MetricResult.merge`
     #: of the blocks in order followed by :meth:`finalize` gives the reported result. The
-    #: engine then runs it block by block (blocks of ``batch_size`` points), spread over the
+    #: engine then runs it block by block (blocks of at most ``batch_size`` points, see
+    #: :func:`robust_cert.engine.block_size`), spread over the
     #: processes of a ``torchrun`` launch, and the result does not depend on how many there
     #: are. False: :meth:`run` sees the whole set, in one process.
     shardable: ClassVar[bool] = False
