@@ -157,6 +157,11 @@ def world() -> World:
                 "for slow starts") from None
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=exchange))
     _WORLD = World(rank=rank, size=size, local_rank=local, group=group)
+    # leave the group before the interpreter tears down: a live gloo group at exit can
+    # abort the process (std::terminate from its threads), which torchrun reports as a crash
+    import atexit
+
+    atexit.register(shutdown)
     log.info("process %d of %d (local rank %d), exchanging over %s", rank, size, local, where)
     return _WORLD
 

@@ -140,6 +140,11 @@ LABELS = {
     "onnxruntime": "ONNX Runtime version", "outputs": "Model outputs", "opset": "ONNX opset",
     "white_box_only": "only white-box broke", "square_only": "only Square broke",
     "p_value": "p", "k": "k", "params": "Parameters",
+    # sharded runs and memory
+    "clean_correct_points": "Clean-correct points (attacked)", "view_mismatch_points":
+    "Points where the attacked view disagrees with the model", "attacked_inputs":
+    "Inputs attacked (points × ε × attacks)", "memory_retries":
+    "Out-of-memory retries (batch halved)", "stage": "Stage",
 }
 #: Display forms of recorded enumeration values.
 VALUE_NAMES = {"linf": "L∞", "l2": "L2", "uniform_linf": "uniform in the L∞ ball",
