@@ -139,3 +139,54 @@ def test_onnx_export_certifies_with_its_twin(trained, tmp_path):
     assert cert.body["model"]["format"] == "onnx"
     parity = results["parity"]["values"][0]
     assert parity["k"] == parity["n"] == POINTS
+
+
+def _importable(module: str) -> bool:
+    """True when ``module`` imports here (torchvision from the registry raises RuntimeError
+    beside this machine's CPU torch wheel: ``operator torchvision::nms does not exist``)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # any import failure means: not usable here
+        return False
+    return True
+
+
+def _zoo_models():
+    """Constructors of zoo ResNet-18s, random weights (nothing is downloaded)."""
+    out = []
+    if _importable("torchvision"):
+        out.append(pytest.param("torchvision", id="torchvision-resnet18"))
+    else:
+        out.append(pytest.param("torchvision", id="torchvision-resnet18", marks=pytest.mark.skip(
+            reason="torchvision does not import beside this torch")))
+    if _importable("timm"):
+        out.append(pytest.param("timm", id="timm-resnet18"))
+    else:
+        out.append(pytest.param("timm", id="timm-resnet18", marks=pytest.mark.skip(
+            reason="timm is not installed (or does not import) here")))
+    return out
+
+
+@pytest.mark.parametrize("zoo", _zoo_models())
+def test_zoo_models_certify_like_any_module(zoo):
+    """A torchvision or timm model is an ordinary nn.Module: certified as it is, left as it
+    was (BatchNorm buffers, eval mode)."""
+    if zoo == "torchvision":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+    else:
+        import timm
+
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    x, y = stripes(8, seed=5)
+    sha = state_sha256(model)
+    policy = {"name": "zoo", "batch_size": 8, "metrics": {
+        "accuracy": {}, "robust_accuracy": {"eps": [2 / 255], "attacks": ["fgsm"]}},
+        "requirements": [{"metric": "accuracy", "at_least": 0.0}]}
+    cert = robust_cert.certify(model, (x, y), policy, progress=False)
+    assert [r["status"] for r in cert.results] == ["ok", "ok"]
+    assert cert.body["model"]["num_classes"] == 10
+    assert state_sha256(model) == sha

@@ -36,6 +36,7 @@ from robust_cert.report.charts import (
     omitted_for,
 )
 from robust_cert.report.html import render_html
+from robust_cert.report.present import fixed, interval
 from robust_cert.signing import Keyring, sign_claim, signature_block, verify_claim
 
 POLICY = {
@@ -194,8 +195,9 @@ def test_html_in_chromium_shows_verdict_model_and_every_section(cert, written, t
     results = [dom[f"result-{i}"] for i in range(1, len(cert.requirements) + 1)]
     for row, req in zip(results, cert.requirements, strict=True):
         side = "lower" if req["direction"] == "at_least" else "upper"
-        assert f"{side} {req['bound']:.4f}" in row
-        assert f"[{req['ci'][0]:.4f}, {req['ci'][1]:.4f}]" in row
+        # four decimals; a value below 0.001 in scientific notation (present.fixed)
+        assert f"{side} {fixed(req['bound'])}" in row
+        assert interval(req["ci"]) in row
     assert "probabilistic_<wbr>robustness<wbr>[eps=0.1]" in html
 
 def test_pdf_pages_text_and_attached_certificate(cert, written, tmp_path):
