@@ -33,6 +33,7 @@ from robust_cert.metrics.adversarial import (
     RobustAccuracyConfig,
 )
 from robust_cert.metrics.base import MetricResult, RunContext
+from tests.helpers import assert_identical as _assert_same
 
 torch.set_num_threads(1)
 
@@ -108,18 +109,6 @@ def _blocked(metric, model, data: EvalSet, *, order=None, between=None,
     for b in range(1, len(blocks)):
         merged = merged.merge(runs[b])
     return metric.finalize(merged, model, data, whole)
-
-
-def _assert_same(a: MetricResult, b: MetricResult) -> None:
-    """Bit-identical results: proportions, per-point arrays, diagnostics, description."""
-    assert [(p.params, p.k, p.n) for p in a.proportions] == \
-        [(p.params, p.k, p.n) for p in b.proportions]
-    assert a.per_point.keys() == b.per_point.keys()
-    for key, arr in a.per_point.items():
-        assert arr.dtype == b.per_point[key].dtype, key
-        np.testing.assert_array_equal(arr, b.per_point[key], err_msg=key)
-    assert a.diagnostics == b.diagnostics
-    assert (a.description, a.status, a.config) == (b.description, b.status, b.config)
 
 
 def _examples_from_robust(res: MetricResult, clean_ok: np.ndarray, eps: list[float]):

@@ -32,6 +32,7 @@ from robust_cert.metrics.calibration import (
 )
 from robust_cert.metrics.corruptions import CorruptionAccuracy, CorruptionsConfig
 from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
+from tests.helpers import assert_identical as _assert_identical
 from tests.linear_models import binary_linear
 
 torch.set_num_threads(1)
@@ -118,17 +119,6 @@ def _ranks(metrics: dict, clf, data, order, seed=SEED, batch_size=BS, noise=Fals
             merged = merged.merge(parts[name][b])
         out[name] = metric.finalize(merged, clf, data, whole)
     return out
-
-
-def _assert_identical(a: MetricResult, b: MetricResult) -> None:
-    assert (a.metric, a.status, a.reason) == (b.metric, b.status, b.reason)
-    assert [(p.params, p.k, p.n) for p in a.proportions] == \
-        [(p.params, p.k, p.n) for p in b.proportions]
-    assert a.per_point.keys() == b.per_point.keys()
-    for k, v in a.per_point.items():
-        assert v.dtype == b.per_point[k].dtype, k
-        np.testing.assert_array_equal(v, b.per_point[k], err_msg=k)
-    assert a.diagnostics == b.diagnostics
 
 
 # --------------------------------------------------------------------------- (c) all three

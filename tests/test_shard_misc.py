@@ -22,6 +22,7 @@ from robust_cert.metrics.base import Metric, MetricResult, RunContext
 from robust_cert.metrics.parity import Parity, ParityConfig
 from robust_cert.models.base import Classifier
 from robust_cert.policy import load_policy
+from tests.helpers import assert_identical
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -76,24 +77,6 @@ def run_in_blocks(metric: Metric, model: Classifier, data: EvalSet, batch_size: 
     for b in range(1, len(blocks)):
         merged = merged.merge(done[b])
     return metric.finalize(merged, model, data, whole)
-
-
-def assert_identical(a: MetricResult, b: MetricResult) -> None:
-    """Bit for bit the same result: counts, per-point arrays (bytes), diagnostics."""
-    assert (a.metric, a.kind, a.status, a.config) == (b.metric, b.kind, b.status, b.config)
-    assert [(p.params, p.k, p.n, p.population) for p in a.proportions] == \
-        [(p.params, p.k, p.n, p.population) for p in b.proportions]
-    for p, q in zip(a.proportions, b.proportions, strict=True):
-        assert p.clustered == q.clustered
-        if p.clustered:
-            assert p.cluster_k.tobytes() == q.cluster_k.tobytes()
-            assert p.cluster_n.tobytes() == q.cluster_n.tobytes()
-    assert list(a.per_point) == list(b.per_point)
-    for key, v in a.per_point.items():
-        w = b.per_point[key]
-        assert (v.dtype, v.shape) == (w.dtype, w.shape), key
-        assert v.tobytes() == w.tobytes(), key
-    assert a.diagnostics == b.diagnostics
 
 
 def disturb(model: Classifier, data: EvalSet):

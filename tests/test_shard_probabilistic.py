@@ -15,7 +15,6 @@ bit-identical to the engine's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -48,6 +47,7 @@ from robust_cert.metrics.smoothing import (
     p_lower_bound,
     radius_cap,
 )
+from tests.helpers import assert_identical
 from tests.linear_models import binary_linear
 
 torch.set_num_threads(1)
@@ -124,25 +124,6 @@ def _disturber(metric, clf, data):
         metric.run(clf, other, RunContext(device=CPU, batch_size=4, seed=99, offset=7,
                                           total=len(data) + 41))
     return between
-
-
-def assert_identical(a: MetricResult, b: MetricResult) -> None:
-    """Bit-identical results: proportions, per-point arrays (bytes), diagnostics."""
-    assert (a.metric, a.status, a.kind) == (b.metric, b.status, b.kind)
-    assert len(a.proportions) == len(b.proportions)
-    for p, q in zip(a.proportions, b.proportions, strict=True):
-        assert (p.params, p.k, p.n, p.population, p.clustered) == \
-            (q.params, q.k, q.n, q.population, q.clustered)
-        if p.clustered:
-            np.testing.assert_array_equal(p.cluster_k, q.cluster_k)
-            np.testing.assert_array_equal(p.cluster_n, q.cluster_n)
-    assert list(a.per_point) == list(b.per_point)
-    for key, arr in a.per_point.items():
-        other = b.per_point[key]
-        assert (arr.dtype, arr.shape) == (other.dtype, other.shape), key
-        assert arr.tobytes() == other.tobytes(), key
-    assert json.dumps(a.diagnostics, sort_keys=True) == json.dumps(b.diagnostics,
-                                                                   sort_keys=True)
 
 
 def _world_size_invariance(metric, clf, data, reference: MetricResult) -> None:
