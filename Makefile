@@ -44,6 +44,8 @@ test: lint
 bench: $(STAMP)  # speed targets as ratios against baselines measured in the same run
 	$(PY) bench/bench_probabilistic.py
 	$(PY) bench/bench_adversarial.py  # the ART comparison row needs adversarial-robustness-toolbox
+	$(PY) bench/bench_resnet.py  # the production suite on ResNet-18 (~14 min on 2 cores)
+	$(PY) bench/bench_shard.py  # torchrun speed-up on 2 processes, certificates compared
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

@@ -1,0 +1,529 @@
+"""Benchmark of the production metric suite on the CIFAR-style ResNet-18, in one command:
+
+    .venv/bin/python bench/bench_resnet.py [--points N] [--width W] [--threads T]
+
+The network is ``tests/architectures.py``'s ResNet-18 (RobustBench's CIFAR topology: 3×32×32
+inputs, 10 classes); ``--width 64`` is the published network (11.2 M parameters), the default
+``--width 16`` has the same topology at 1/16 of the compute, so the whole run takes about 10-15
+minutes on 2 CPU cores. The model is trained for a few seconds on a generated, structured
+3×32×32 data set (``tests.architectures.stripes``: class = colour + stripe orientation and
+frequency, random phase, pixel noise; nothing is downloaded), so that clean accuracy is far
+above chance: attacks only run on the clean-correct points, and timings on an untrained
+model would mean nothing.
+
+Every figure is measured in the same run, with ``--threads`` intra-op threads (default 1,
+robust_cert's own default: on a shared 2-core machine two threads collapse to a fraction of
+one as soon as another process runs):
+
+* the model's forward and forward-backward (one forward and one backward to the input per
+  image) throughput, the best over batch sizes 32-256 (:func:`harness.measure_model`);
+* each metric of the production suite (:data:`SUITE`, a policy dict validated by
+  :func:`robust_cert.load_policy`) runs in a fresh subprocess, which counts the images it
+  pushes through the model: hooks on the ResNet module count the rows of every forward pass
+  (without gradients: forward images) and the rows of every vector-Jacobian product that
+  reaches the model's output (forward-backward images; a C-row Jacobian from
+  ``torch.func.jacrev`` or ``is_grads_batched`` counts C per input, the second backward of a
+  Hessian-vector product counts once more). A forward pass with gradients enabled that is
+  never back-propagated counts as a forward image. Then
+
+      ideal = forward images ÷ forward throughput + forward-backward images ÷ fb throughput
+
+  and a metric's cost is its wall time ÷ ideal ("× ideal"). Targets (issue 14): every
+  metric ≤ 2× ideal, the analytical (Han et al.) estimators ≤ 5× ideal. Beside it, "CPU
+  time" is the same ratio with the process's CPU time and throughputs in images per
+  CPU-second: other processes on a shared machine inflate wall times, hardly CPU times;
+* peak memory of each metric's subprocess: its peak RSS (``VmHWM``, see :func:`peak_rss_bytes`)
+  and the increment over the RSS right after imports, model construction and data loading;
+* robust_accuracy with ``[pgd]`` and with ``[apgd_ce]`` against a plain torchattacks loop
+  (same points, batch size, model, input range, seed; the loop attacks the clean-correct
+  points, as robust_accuracy does, and judges by argmax): target ≤ 1.1×.
+
+Results are ratios measured in the same run; no absolute time is asserted. ``--profile
+ROW`` runs that row's subprocess under cProfile and prints its hottest functions;
+``--only ROW,ROW`` runs only those rows of the suite; ``--max-forward-images N`` overrides
+that setting of the metrics that have one (smoothing, SPRT, AMS, Han).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from harness import CPU, best_of, measure_model, print_table, row, timed
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUT_SHAPE = (3, 32, 32)
+CLASSES = 10
+BATCH = 256  # the policy's batch size (robust_cert's default)
+EPS = [2 / 255, 8 / 255]  # L∞ radii in [0, 1] data units, as on CIFAR-10
+
+#: ``max_forward_images`` of the Han estimators. Their default (4,096) bounds the noisy copies
+#: per step, but every copy is back-propagated once per class at once (a vmapped Jacobian):
+#: with 16 copies that is up to 40,960 backward images in flight, 17 GB of RSS for 40 points
+#: at width 16 in a trial run — more than this 24 GB machine can spare. 64 keeps it to ~2 GB.
+HAN_MEMORY = 64
+
+#: The production suite on a CIFAR-style classifier: every metric family of robust_cert, at
+#: the budgets of the example policies (examples/policies/*.yaml) scaled to 32×32 inputs.
+#: Budgets that grow with the points' number are kept small (marked) so that the defaults
+#: finish in minutes on 2 CPU cores; the ratios to the ideal do not depend on them.
+SUITE = {
+    "name": "cifar-production-bench",
+    "version": "1.0",
+    "confidence": 0.95,
+    "input_range": [0.0, 1.0],
+    "batch_size": BATCH,
+    "metrics": {
+        "accuracy": {},
+        "robust_accuracy": {  # AutoAttack-standard's ensemble at the budget of digits.yaml
+            "eps": EPS, "attacks": ["apgd_ce", "apgd_t", "fab", "square"], "norm": "linf",
+            "steps": 10, "square_queries": 1000},
+        "calibration": {"bins": 15, "thresholds": [0.9]},
+        "corruptions": {},  # CIFAR-10-C: 15 types × 5 severities
+        "safe_radius": {  # small: 10 × 10 CLEVER samples (ART's default is 10 × 100)
+            "property": "adversarial", "norms": ["l2"], "radii": [0.05],
+            "bisection_steps": 8, "attack_steps": 10, "clever_batches": 10,
+            "clever_samples": 10, "clever_radius": 1.0},
+        "probabilistic_robustness": {"eps": 8 / 255, "samples": 2995},
+        "local_probabilistic_robustness": {
+            "distribution": "uniform_linf", "eps": 8 / 255, "p0": 0.01, "p1": 0.001,
+            "alpha": 0.05, "beta": 0.05, "max_draws": 2000},
+        "randomized_smoothing": {"sigma": 0.25, "n0": 64, "n": 1000, "alpha": 0.001,
+                                 "radii": [0.0, 0.25, 0.5]},
+        "analytical_robustness": {  # small: 8 validation points × 1,000 draws; memory: see
+            "sigma": 0.05, "estimators": ["taylor", "mmse"], "primary": "taylor",  # HAN_MEMORY
+            "validate_points": 8, "validate_draws": 1000, "max_forward_images": HAN_MEMORY},
+        "rare_event_probability": {  # small: 2 points, 100 particles, 15 levels at most
+            "sigma": 0.1, "points": 2, "runs": 2, "particles": 100, "mcmc_steps": 5,
+            "max_levels": 15, "p_max": [1e-6]},
+        "divergence": {"eps": EPS, "surface_points": 4},
+        "surrogates": {},
+        "parity": {"reference": "twin", "eps": [8 / 255]},
+    },
+    "requirements": [
+        {"metric": "accuracy", "at_least": 0.9},
+        {"metric": "robust_accuracy", "eps": 2 / 255, "at_least": 0.5},
+        {"metric": "probabilistic_robustness", "eps": 8 / 255, "at_most": 0.05},
+    ],
+}
+
+#: Extra rows: the two Han estimators on their own (no Monte Carlo validation).
+HAN_ALONE = {
+    "han_taylor": {"sigma": 0.05, "estimators": ["taylor"], "primary": "taylor",
+                   "validate_points": 0, "max_forward_images": HAN_MEMORY},
+    "han_mmse": {"sigma": 0.05, "estimators": ["mmse"], "primary": "mmse", "mmse_samples": 16,
+                 "validate_points": 0, "max_forward_images": HAN_MEMORY},
+}
+HAN_TARGET = 5.0
+TARGET = 2.0
+PLAIN_TARGET = 1.1
+
+
+def architectures():
+    """``tests.architectures`` (the repository root is put on the import path)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests import architectures as arch
+
+    return arch
+
+
+# --------------------------------------------------------------------------- counting
+
+
+class ImageCounter:
+    """Counts the images a metric pushes through ``module`` (hooks on the module itself, so
+    it stays the same object for metrics that trace it).
+
+    * ``forward``: rows of forward passes with gradients disabled, or enabled but never
+      back-propagated;
+    * ``fb``: rows of vector-Jacobian products reaching the output (one per row and
+      backward pass; vmapped ones — ``torch.func.jacrev``, ``is_grads_batched`` — count
+      their batch), i.e. forward-backward images;
+    * ``grad_forward``: rows of forward passes with gradients enabled (for the record).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls: list[list[int]] = []  # [rows, vjp rows] of forwards that may be differentiated
+        self.nograd = 0
+        self.legacy_batch = 1  # the batch of an is_grads_batched backward in progress
+        self._handles = [module.register_forward_pre_hook(self._pre),
+                         module.register_forward_hook(self._post)]
+        self._pending = 0
+        self._patch_batched_grad()
+
+    @staticmethod
+    def _physical_rows(t: torch.Tensor) -> int:
+        """Rows of ``t`` with every functorch (vmap, grad) level unwrapped."""
+        import torch._C._functorch as ft
+
+        inner = t
+        while ft.is_functorch_wrapped_tensor(inner):
+            inner = ft.get_unwrapped(inner)
+        per_row = max(1, math.prod(t.shape[1:]))
+        return inner.numel() // per_row
+
+    def _pre(self, _module, args) -> None:
+        self._pending = self._physical_rows(args[0])
+
+    def _post(self, _module, _args, out) -> None:
+        rows = self._pending
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            self.nograd += rows
+            return
+        entry = [rows, 0]
+        self.calls.append(entry)
+
+        def hook(grad, entry=entry):
+            import torch._C._functorch as ft
+
+            vjps = self._physical_rows(grad)
+            if ft.is_legacy_batchedtensor(grad):
+                vjps *= self.legacy_batch
+            entry[1] += vjps
+
+        out.register_hook(hook)
+
+    def _patch_batched_grad(self) -> None:
+        """``torch.autograd.grad(..., is_grads_batched=True)`` vmaps its backward with the
+        legacy batching rule, whose tensors hide their batch: remember it while it runs."""
+        grad = torch.autograd.grad
+
+        def counted_grad(*args, **kwargs):
+            if not kwargs.get("is_grads_batched"):
+                return grad(*args, **kwargs)
+            go = kwargs.get("grad_outputs", args[2] if len(args) > 2 else None)
+            go = go[0] if isinstance(go, (list, tuple)) else go
+            self.legacy_batch = int(go.shape[0])
+            try:
+                return grad(*args, **kwargs)
+            finally:
+                self.legacy_batch = 1
+
+        torch.autograd.grad = counted_grad
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.nograd = 0
+
+    def totals(self) -> dict[str, int]:
+        fb = sum(v for _, v in self.calls)
+        unused = sum(r for r, v in self.calls if v == 0)
+        return {"forward": self.nograd + unused, "fb": fb,
+                "grad_forward": sum(r for r, _ in self.calls)}
+
+
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS. ``ru_maxrss`` where it is the process's own; on Linux a child
+    started by fork + exec inherits its parent's ``ru_maxrss`` (the signal struct survives
+    exec), so this reads ``VmHWM``, the high-water mark of the process's own memory map."""
+    try:
+        return proc_status("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def child(spec_path: str) -> None:
+    """Run one metric (spec: JSON written by :func:`run_metric`) and write its measures."""
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    import robust_cert
+    from robust_cert.metrics import REGISTRY
+    from robust_cert.metrics.base import RunContext
+
+    arch = architectures()
+    model = arch.ResNet18(num_classes=CLASSES, width=spec["width"])
+    model.load_state_dict(torch.load(spec["weights"], weights_only=True))
+    model.eval()
+    with np.load(spec["data"]) as f:
+        data = robust_cert.load_data((f["x"], f["y"]), name="stripes-test")
+    base_rss = proc_status("VmRSS")
+    counter = ImageCounter(model)
+    clf = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
+    twin = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
+    # warm-up (allocator, oneDNN primitives), as the throughput measurement had one, and the
+    # one-time import behind torch.func's first jacrev (torch._dynamo, ~1.5 s): a
+    # certification pays both once per process, not once per metric
+    x = data.x[:32].clone().requires_grad_(True)
+    torch.autograd.grad(model(x).sum(), x)
+    with torch.no_grad():
+        model(data.x[:32])
+    torch.func.jacrev(lambda z: z * 2)(torch.zeros(1))
+    cls = REGISTRY[spec["metric"]]
+    metric = cls(cls.Config.model_validate(spec["config"]))
+    ctx = RunContext(device=CPU, batch_size=spec["batch"], seed=0, gradient_twin=twin)
+    counter.reset()
+    if spec.get("profile"):
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        started, cpu = time.perf_counter(), time.process_time()
+        res = prof.runcall(metric.run, clf, data, ctx)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        stats = pstats.Stats(prof, stream=sys.stderr).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(35)
+        stats.sort_stats("tottime").print_stats(25)
+    else:
+        cpu = time.process_time()
+        res, seconds = timed(lambda: metric.run(clf, data, ctx))
+        cpu = time.process_time() - cpu
+    peak = peak_rss_bytes()
+    summary = res.status
+    if res.status == "ok" and res.proportions:
+        p = res.proportions[0]
+        where = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in p.params.items())
+        summary = f"{where}: {p.k}/{p.n}" if where else f"{p.k}/{p.n}"
+    out = {"seconds": seconds, "cpu_seconds": cpu, **counter.totals(), "peak_rss": peak,
+           "base_rss": base_rss, "status": res.status, "reason": res.reason, "summary": summary}
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def train_model(width: int, n_train: int, epochs: int, seed: int = 0) -> torch.nn.Module:
+    """A few epochs of Adam on generated stripes, then BatchNorm statistics recomputed on the
+    training images (one pass; they lag the weights after a short training)."""
+    arch = architectures()
+    x, y = arch.stripes(n_train, seed=seed, classes=CLASSES)
+    torch.manual_seed(seed)
+    model = arch.ResNet18(num_classes=CLASSES, width=width)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    torch.optim.swa_utils.update_bn(xt.split(256), model)
+    return model.eval()
+
+
+def run_metric(work: Path, name: str, metric: str, config: dict, args) -> dict:
+    """One metric in a fresh Python process; its measures (see :func:`child`)."""
+    spec = {"metric": metric, "config": config, "threads": args.threads, "width": args.width,
+            "batch": BATCH, "weights": str(work / "model.pt"), "data": str(work / "data.npz"),
+            "out": str(work / f"{name}.json"), "profile": args.profile == name}
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          check=False)
+    if proc.returncode != 0 or spec["profile"]:
+        print(proc.stdout, flush=True)
+    if proc.returncode != 0:
+        return {"error": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else
+                f"exit {proc.returncode}"}
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def cpu_rates(model: torch.nn.Module, batch: int, windows: int = 4) -> tuple[float, float]:
+    """Forward and forward-backward images per CPU-second of this process at ``batch`` (the
+    best of a few windows). Against it, a metric's CPU time gives a cost that other processes
+    on a shared machine hardly change, unlike its wall time."""
+    x = torch.rand(batch, *INPUT_SHAPE)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def fb():
+        torch.autograd.grad(model(xg).sum(), xg)
+
+    rates = []
+    for fn in (fwd, fb):
+        fn()
+        best = 0.0
+        for _ in range(windows):
+            t, reps = time.process_time(), 0
+            while time.process_time() - t < 0.25:
+                fn()
+                reps += 1
+            best = max(best, batch * reps / (time.process_time() - t))
+        rates.append(best)
+    return rates[0], rates[1]
+
+
+def bench_suite(work: Path, args, ideal, ideal_cpu) -> None:
+    from robust_cert.metrics import REGISTRY
+
+    print(f"Production suite: one fresh process per metric, {args.points} points", flush=True)
+    jobs = [(name, name, cfg, HAN_TARGET if name == "analytical_robustness" else TARGET)
+            for name, cfg in SUITE["metrics"].items()]
+    jobs += [(name, "analytical_robustness", cfg, HAN_TARGET) for name, cfg in HAN_ALONE.items()]
+    if args.only:
+        jobs = [j for j in jobs if j[0] in args.only.split(",")]
+    for name, metric, cfg, target in jobs:
+        if args.max_forward_images and "max_forward_images" in REGISTRY[metric].Config.model_fields:
+            cfg = {**cfg, "max_forward_images": args.max_forward_images}
+        r = run_metric(work, name, metric, cfg, args)
+        if "error" in r:
+            row(name, f"FAILED: {r['error']}", f"≤ {target:g}× ideal", False)
+            continue
+        t_ideal = ideal(r["forward"], r["fb"])
+        ratio = r["seconds"] / t_ideal if t_ideal > 0 else float("inf")
+        cpu_ideal = ideal_cpu(r["forward"], r["fb"])
+        cpu_ratio = r["cpu_seconds"] / cpu_ideal if cpu_ideal > 0 else float("inf")
+        mb = 2 ** 20
+        grow = (r["peak_rss"] - r["base_rss"]) / mb
+        row(name, f"{r['seconds']:.1f} s = {ratio:.2f}× ideal (CPU time {cpu_ratio:.2f}×); "
+            f"{r['forward']:,} fwd + {r['fb']:,} fwd-bwd img; RSS +{grow:,.0f} MB, peak "
+            f"{r['peak_rss'] / mb:,.0f} MB; {r['summary']}", f"≤ {target:g}× ideal",
+            ratio <= target)
+
+
+def bench_plain(model, data, args) -> None:
+    """robust_accuracy with one attack against a plain torchattacks loop on the same points."""
+    import torchattacks
+
+    import robust_cert
+    from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
+    from robust_cert.metrics.base import RunContext
+
+    print("PGD / APGD-CE evaluation vs a plain torchattacks loop", flush=True)
+    eps, steps = EPS[-1], 10
+    clf = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
+    for attack in ("pgd", "apgd_ce"):
+        metric = RobustAccuracy(RobustAccuracyConfig(eps=[eps], attacks=[attack], steps=steps))
+
+        def ours(metric=metric):
+            return metric.run(clf, data, RunContext(CPU, batch_size=BATCH, seed=0))
+
+        def plain(attack=attack):
+            torch.manual_seed(0)
+            if attack == "pgd":
+                atk = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps,
+                                       random_start=True)
+            else:
+                atk = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, seed=0,
+                                        loss="ce")
+            robust = 0
+            for s in range(0, len(data), BATCH):
+                xb, yb = data.x[s:s + BATCH], data.y[s:s + BATCH]
+                with torch.no_grad():
+                    ok = model(xb).argmax(1) == yb
+                adv = atk(xb[ok], yb[ok])
+                with torch.no_grad():
+                    robust += int((model(adv).argmax(1) == yb[ok]).sum())
+            return robust
+
+        res, t_ours = best_of(ours, reps=3)
+        k_plain, t_plain = best_of(plain, reps=3)
+        ratio = t_ours / t_plain
+        label = "PGD" if attack == "pgd" else "APGD-CE"
+        row(f"{label} ours (robust_accuracy [{attack}], ε=8/255, {steps} steps)",
+            f"{t_ours:.2f} s, robust {res.proportions[0].k}/{len(data)}")
+        row(f"{label} plain torchattacks loop", f"{t_plain:.2f} s, robust {k_plain}/{len(data)}")
+        row(f"{label} ours ÷ plain", f"{ratio:.2f}×", f"≤ {PLAIN_TARGET:g}×",
+            ratio <= PLAIN_TARGET)
+
+
+def load_average() -> str:
+    """The 1-minute load average: other processes on the machine inflate every time."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "unknown"
+
+
+def torchrun_speedup() -> None:
+    """PLACEHOLDER — the distributed (torchrun) speed-up is measured by bench/bench_shard.py,
+    which is being built separately; this bench does not measure it."""
+    print("torchrun speed-up: measured by bench/bench_shard.py", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", type=int, default=32, help="evaluation points (default 32)")
+    parser.add_argument("--width", type=int, default=16,
+                        help="ResNet-18 width (default 16; 64 is the published network)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (default 1, robust_cert's default: on a shared "
+                             "2-core machine 2 threads collapse when another process runs)")
+    parser.add_argument("--train-points", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated rows of the suite to run")
+    parser.add_argument("--max-forward-images", type=int, default=0,
+                        help="override max_forward_images of the metrics that have it "
+                             "(default: the production defaults)")
+    parser.add_argument("--profile", default="", help="cProfile this row's subprocess")
+    parser.add_argument("--skip-plain", action="store_true", help="skip the PGD/APGD rows")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return
+    import robust_cert
+
+    robust_cert.load_policy(SUITE)  # the suite is a valid policy
+    torch.set_num_threads(args.threads)
+    t0, load0 = time.perf_counter(), load_average()
+    model, t_train = timed(lambda: train_model(args.width, args.train_points, args.epochs))
+    arch = architectures()
+    x, y = arch.stripes(args.points, seed=1, classes=CLASSES)
+    data = robust_cert.load_data((x, y), name="stripes-test")
+    with torch.no_grad():
+        acc = float((model(data.x).argmax(1) == data.y).float().mean())
+    params = sum(p.numel() for p in model.parameters())
+    print(f"ResNet-18 width {args.width} ({params / 1e6:.2f} M parameters), trained in "
+          f"{t_train:.0f} s on {args.train_points} stripes images; {args.points} evaluation "
+          f"points, clean accuracy {acc:.3f}; {args.threads} thread(s), {os.cpu_count()} CPUs")
+    row("model", f"ResNet-18 width {args.width}, {params:,} parameters; clean accuracy "
+        f"{acc:.3f} on {args.points} points ({CLASSES} classes: chance 0.1)")
+    fwd, fb, best = measure_model(model, INPUT_SHAPE, batches=(32, 64, 128, 256))
+    row("forward throughput", f"{fwd:,.0f} img/s (best batch {best})")
+    row("forward-backward throughput", f"{fb:,.0f} img/s")
+
+    fwd_cpu, fb_cpu = cpu_rates(model, best)
+    row(f"CPU-time throughput (batch {best})",
+        f"forward {fwd_cpu:,.0f}, forward-backward {fb_cpu:,.0f} img per CPU-second")
+
+    def ideal(forward_images: float, fb_images: float) -> float:
+        return forward_images / fwd + fb_images / fb
+
+    def ideal_cpu(forward_images: float, fb_images: float) -> float:
+        return forward_images / fwd_cpu + fb_images / fb_cpu
+
+    with tempfile.TemporaryDirectory(prefix="bench_resnet_") as tmp:
+        work = Path(tmp)
+        torch.save(model.state_dict(), work / "model.pt")
+        np.savez(work / "data.npz", x=x, y=y)
+        bench_suite(work, args, ideal, ideal_cpu)
+    if not args.skip_plain and not args.only:
+        bench_plain(model, data, args)
+    torchrun_speedup()
+    total = time.perf_counter() - t0
+    print(f"\nbench_resnet: ResNet-18 width {args.width}, {args.points} points, "
+          f"{args.threads} thread(s), total {total:.0f} s; load average at the start "
+          f"{load0}, at the end {load_average()}\n")
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
