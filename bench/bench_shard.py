@@ -2,8 +2,9 @@
 
     python bench/bench_shard.py [--policy examples/policies/digits.yaml] [--processes 2]
 
-Trains the digits CNN once (a few seconds), then certifies it with the policy on the 359 digits
-test points, first in 1 process and then in N (``torchrun --standalone --nproc-per-node N``),
+Trains the digits CNN once (a few seconds), then certifies it with the policy (its batch_size,
+the block size, set to --batch-size: 32 gives 12 blocks) on the 359 digits test points, first
+in 1 process and then in N (``torchrun --standalone --nproc-per-node N``),
 each process on one thread. Reported: the certification's own time (from the start of
 ``certify`` to its certificate, measured in rank 0; process start and imports excluded, as
 they are in any long run), the wall time of the whole command, the speed-up and the parallel
@@ -67,6 +68,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default=str(ROOT / "examples" / "policies" / "digits.yaml"))
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="the policy's batch_size, which is the block size: 32 cuts the "
+                             "359 points into 12 blocks (default 32)")
     parser.add_argument("--worker", nargs=3, metavar=("STATE", "POLICY", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,11 +83,17 @@ def main() -> int:
     from robust_cert.digits_cnn import train_digits_cnn
 
     torch.set_num_threads(1)
+    import yaml
+
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_"))
+    policy = yaml.safe_load(Path(args.policy).read_text())
+    policy["batch_size"] = args.batch_size
+    policy_file = tmp / "policy.json"  # JSON is YAML
+    policy_file.write_text(json.dumps(policy))
     state = tmp / "state.pt"
     torch.save(train_digits_cnn(epochs=15, seed=0).state_dict(), state)
-    print(f"policy {args.policy}; {os.cpu_count()} cores, {_idle_cores():.1f} idle at start; "
-          "1 thread per process")
+    print(f"policy {args.policy} at batch_size {args.batch_size}; {os.cpu_count()} cores, "
+          f"{_idle_cores():.1f} idle at start; 1 thread per process")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     runs = {}
@@ -91,7 +101,7 @@ def main() -> int:
         out = tmp / f"ws{n}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={n}", str(Path(__file__).resolve()), "--worker",
-               str(state), args.policy, str(out)]
+               str(state), str(policy_file), str(out)]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - started

@@ -182,9 +182,9 @@ def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
     res = engine.run_suite(clf, data, _memory_policy(32), progress=False)["accuracy"]
     assert res.proportions[0].k == plain.proportions[0].k
     np.testing.assert_array_equal(res.per_point["prediction"], plain.per_point["prediction"])
-    # blocks of 16 points: 32 → 16 → 8 in the first block; later blocks start at 8, which fits
+    # blocks of 32 points: 32 → 16 → 8 in the first block; the second starts at 8, which fits
     assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [16, 8]
-    assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-15)"
+    assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-31)"
     assert "memory_retries" not in plain.diagnostics
 
 
