@@ -50,7 +50,7 @@ POLICY = {
     "requirements": [
         {"metric": "accuracy", "at_least": 0.9},
         {"metric": "robust_accuracy", "eps": 0.05, "at_least": 0.5},
-        {"metric": "probabilistic_robustness", "eps": 0.1, "at_most": 0.05},
+        {"metric": "probabilistic_robustness", "eps": 0.1, "at_most": 0.1},  # bound ~5% here
     ],
 }
 PASS_RGB = (0x1B, 0x7A, 0x3A)  # --pass in report.css
