@@ -34,6 +34,7 @@ from robust_cert.metrics.adversarial import (
 )
 from robust_cert.metrics.base import MetricResult, RunContext
 from tests.helpers import assert_identical as _assert_same
+from tests.linear_models import binary_linear
 
 torch.set_num_threads(1)
 
@@ -44,16 +45,8 @@ B2 = 0.3
 BATCH = 16
 
 
-def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor(weight, dtype=torch.float32))
-        lin.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-    return lin
-
-
 def _binary() -> nn.Linear:
-    return _linear(np.stack([np.zeros(4), W2]), np.array([0.0, B2]))
+    return binary_linear(W2, B2)
 
 
 class _HalfRounded(nn.Module):
@@ -144,7 +137,7 @@ def test_blocked_run_gives_the_exact_worst_case_and_the_whole_run() -> None:
     assert len(x) == 75
     assert 0 < expected.sum() < 75
     data = robust_cert.load_data((x, y), input_range=(0.0, 1.0))
-    clf = robust_cert.load_model(_linear(np.stack([np.zeros(4), w]), np.array([0.0, b])),
+    clf = robust_cert.load_model(binary_linear(w, b),
                                  input_shape=(4,))
     pol = _policy(eps=[0.0, eps], attacks=["fgsm", "pgd"], steps=20)
     assert len(engine.blocks_of(len(data), pol.batch_size)) == 5
