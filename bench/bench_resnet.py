@@ -68,12 +68,6 @@ CLASSES = 10
 BATCH = 256  # the policy's batch size (robust_cert's default)
 EPS = [2 / 255, 8 / 255]  # L∞ radii in [0, 1] data units, as on CIFAR-10
 
-#: ``max_forward_images`` of the Han estimators. Their default (4,096) bounds the noisy copies
-#: per step, but every copy is back-propagated once per class at once (a vmapped Jacobian):
-#: with 16 copies that is up to 40,960 backward images in flight, 17 GB of RSS for 40 points
-#: at width 16 in a trial run — more than this 24 GB machine can spare. 64 keeps it to ~2 GB.
-HAN_MEMORY = 64
-
 #: The production suite on a CIFAR-style classifier: every metric family of robust_cert, at
 #: the budgets of the example policies (examples/policies/*.yaml) scaled to 32×32 inputs.
 #: Budgets that grow with the points' number are kept small (marked) so that the defaults
@@ -101,9 +95,9 @@ SUITE = {
             "alpha": 0.05, "beta": 0.05, "max_draws": 2000},
         "randomized_smoothing": {"sigma": 0.25, "n0": 64, "n": 1000, "alpha": 0.001,
                                  "radii": [0.0, 0.25, 0.5]},
-        "analytical_robustness": {  # small: 8 validation points × 1,000 draws; memory: see
-            "sigma": 0.05, "estimators": ["taylor", "mmse"], "primary": "taylor",  # HAN_MEMORY
-            "validate_points": 8, "validate_draws": 1000, "max_forward_images": HAN_MEMORY},
+        "analytical_robustness": {  # small: 8 validation points × 1,000 draws
+            "sigma": 0.05, "estimators": ["taylor", "mmse"], "primary": "taylor",
+            "validate_points": 8, "validate_draws": 1000},
         "rare_event_probability": {  # small: 2 points, 100 particles, 15 levels at most
             "sigma": 0.1, "points": 2, "runs": 2, "particles": 100, "mcmc_steps": 5,
             "max_levels": 15, "p_max": [1e-6]},
@@ -121,9 +115,9 @@ SUITE = {
 #: Extra rows: the two Han estimators on their own (no Monte Carlo validation).
 HAN_ALONE = {
     "han_taylor": {"sigma": 0.05, "estimators": ["taylor"], "primary": "taylor",
-                   "validate_points": 0, "max_forward_images": HAN_MEMORY},
+                   "validate_points": 0},
     "han_mmse": {"sigma": 0.05, "estimators": ["mmse"], "primary": "mmse", "mmse_samples": 16,
-                 "validate_points": 0, "max_forward_images": HAN_MEMORY},
+                 "validate_points": 0},
 }
 HAN_TARGET = 5.0
 TARGET = 2.0
@@ -250,6 +244,7 @@ def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     import robust_cert
+    from robust_cert import engine
     from robust_cert.metrics import REGISTRY
     from robust_cert.metrics.base import RunContext
 
@@ -261,7 +256,9 @@ def child(spec_path: str) -> None:
         data = robust_cert.load_data((f["x"], f["y"]), name="stripes-test")
     base_rss = proc_status("VmRSS")
     counter = ImageCounter(model)
-    clf = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
+    # forward passes of at most the batch size on CPU, as the engine runs them
+    clf = engine.device_capped(robust_cert.load_model(model, input_shape=INPUT_SHAPE,
+                                                      device="cpu"), spec["batch"])
     twin = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
     # warm-up (allocator, oneDNN primitives), as the throughput measurement had one, and the
     # one-time import behind torch.func's first jacrev (torch._dynamo, ~1.5 s): a
@@ -408,7 +405,9 @@ def bench_plain(model, data, args) -> None:
 
     print("PGD / APGD-CE evaluation vs a plain torchattacks loop", flush=True)
     eps, steps = EPS[-1], 10
-    clf = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
+    # forward passes of at most the batch size on CPU, as the engine runs them
+    clf = engine.device_capped(robust_cert.load_model(model, input_shape=INPUT_SHAPE,
+                                                      device="cpu"), spec["batch"])
     for attack in ("pgd", "apgd_ce"):
         metric = RobustAccuracy(RobustAccuracyConfig(eps=[eps], attacks=[attack], steps=steps))
 

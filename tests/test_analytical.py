@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -15,11 +16,13 @@ from robust_cert.metrics import REGISTRY
 from robust_cert.metrics.analytical import (
     AnalyticalConfig,
     AnalyticalRobustness,
+    jacobian_piece,
     logits_and_jacobian,
     margins,
     monte_carlo_p,
     mvn_cdf,
     mvn_cdf_scipy,
+    noisy_logits_and_mean_jacobian,
 )
 from robust_cert.metrics.base import RunContext
 
@@ -104,6 +107,55 @@ def test_taylor_matches_scipy_and_monte_carlo_for_a_multiclass_affine_model() ->
     for kk, p in zip(k, est["taylor"], strict=True):
         lo, hi = stats.clopper_pearson(int(kk), draws, 0.999)
         assert lo - 2e-3 <= p <= hi + 2e-3
+
+
+def test_jacobians_in_pieces_are_the_whole_batch_jacobians_and_bounded() -> None:
+    """A piece size cuts the batch of a Jacobian call (each call back-propagates classes ×
+    piece images at once): the logits and Jacobians are the whole batch's, in order, up to
+    float32 rounding (|Δ| ≤ 1e-5 relative on values of order 1), and no call sees more than
+    the piece; the piece keeps classes × piece within max_forward_images and max_batch."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+    sizes: list[int] = []
+
+    def fn(z):
+        sizes.append(z.shape[0])
+        return mlp(z)
+
+    x = torch.randn(23, 6)
+    whole_l, whole_j = logits_and_jacobian(fn, x)
+    sizes.clear()
+    l, j = logits_and_jacobian(fn, x, piece=4)
+    assert sizes == [4] * 5 + [3]
+    np.testing.assert_allclose(l.numpy(), whole_l.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(j.numpy(), whole_j.numpy(), rtol=1e-5, atol=1e-6)
+    clf = robust_cert.load_model(mlp, input_shape=(6,))
+    assert jacobian_piece(clf, 4096) == 4096 // 5
+    assert jacobian_piece(dataclasses.replace(clf, max_batch=64), 4096) == 64 // 5
+    assert jacobian_piece(clf, 3) == 1
+
+
+def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians() -> None:
+    """The MMSE step's per-point mean Jacobian over n noisy copies, back-propagated through
+    x ↦ mean_k f(x + ε_k), equals the mean of the copies' own Jacobians (to float32
+    rounding), with the copies' logits in order; pieces of points change neither."""
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+    x, noise = torch.randn(7, 6), 0.3 * torch.randn(7, 4, 6)
+    copies = (x[:, None] + noise).flatten(0, 1)
+    ref_l, ref_j = logits_and_jacobian(mlp, copies)
+    ref_mean = ref_j.view(7, 4, 5, 6).mean(1)
+    for piece in (None, 2):
+        sizes: list[int] = []
+
+        def fn(z, sizes=sizes):
+            sizes.append(z.shape[0])
+            return mlp(z)
+
+        l, j = noisy_logits_and_mean_jacobian(fn, x, noise, piece)
+        assert sizes == ([28] if piece is None else [8, 8, 8, 4])
+        np.testing.assert_allclose(l.numpy(), ref_l.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(j.numpy(), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_metric_on_a_small_mlp() -> None:

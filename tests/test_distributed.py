@@ -170,12 +170,17 @@ def _memory_policy(batch: int):
                         "requirements": [{"metric": "accuracy", "at_least": 0.5}]})
 
 
-def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
+def _trained(state: Path):
+    """The trained small CNN (one thread) and the first POINTS digits test points."""
     torch.set_num_threads(1)
     model = small_cnn()
     model.load_state_dict(torch.load(state))
     x, y = digits_split("test")
-    data = robust_cert.data.load_data((x[:POINTS], y[:POINTS]))
+    return model, robust_cert.data.load_data((x[:POINTS], y[:POINTS]))
+
+
+def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
+    model, data = _trained(state)
     plain = engine.run_suite(robust_cert.load_model(model, input_shape=(1, 8, 8)), data,
                              _memory_policy(32), progress=False)["accuracy"]
     clf = robust_cert.load_model(_NeedsSmallBatches(model, 8), input_shape=(1, 8, 8))
@@ -186,6 +191,80 @@ def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
     assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [16, 8]
     assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-31)"
     assert "memory_retries" not in plain.diagnostics
+
+
+class _Recording(nn.Module):
+    """Records the batch size of every forward call."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+#: randomized smoothing gathers up to max_forward_images (here 512) noisy images per pass
+_SMOOTHING = {"sigma": 0.12, "n0": 16, "n": 128, "alpha": 0.05, "radii": [0.0, 0.05],
+              "max_forward_images": 512}
+
+
+def _smoothing_policy(batch: int):
+    return load_policy({"name": "mem", "version": "1", "batch_size": batch,
+                        "metrics": {"randomized_smoothing": _SMOOTHING},
+                        "requirements": [{"metric": "randomized_smoothing", "radius": 0.05,
+                                          "at_least": 0.0}]})
+
+
+def test_cpu_forward_passes_take_at_most_batch_size_images(state):
+    """On CPU the engine caps every forward pass at the policy's batch_size (passes of
+    max_forward_images images run at under half the throughput there): the smoothing
+    counts are those of uncut passes (the logits of a row do not depend on its batch)."""
+    model, data = _trained(state)
+    rec = _Recording(model)
+    clf = robust_cert.load_model(rec, input_shape=(1, 8, 8))
+    rec.sizes.clear()
+    capped = engine.run_suite(clf, data, _smoothing_policy(16), progress=False)
+    assert rec.sizes and max(rec.sizes) == 16
+    rec.sizes.clear()
+    uncut = engine.run_suite(dataclasses.replace(clf, max_batch=10**9), data,
+                             _smoothing_policy(16), progress=False)
+    assert max(rec.sizes) == 512  # max_forward_images per pass when nothing caps it
+    a, b = capped["randomized_smoothing"], uncut["randomized_smoothing"]
+    _same_up_to_rounding(a, b)
+
+
+def _same_up_to_rounding(a, b):
+    """The same noise gives the same counts, except where float rounding of a different
+    batch size moves an argmax at a near-tie: allow one point in 40 to differ (a logits
+    split in the wrong order would change most of them)."""
+    differ = a.per_point["p_lower"] != b.per_point["p_lower"]
+    assert differ.sum() <= 1, differ.sum()
+    assert all(abs(p.k - q.k) <= 1 for p, q in zip(a.proportions, b.proportions))
+
+
+def test_out_of_memory_caps_the_large_forward_passes_of_probabilistic_metrics(state):
+    """Out of memory in a pass of max_forward_images noisy images (no cap before, as on
+    CUDA): halving the batch also caps the passes, so the retry fits. The retried block
+    draws its noise for chunks of 16 points instead of 40 (recorded in memory_retries), so
+    the certificate is a valid one of the same smoothed classifier, not the same draws."""
+    model, data = _trained(state)
+    plain = engine.run_suite(robust_cert.load_model(model, input_shape=(1, 8, 8)), data,
+                             _smoothing_policy(64), progress=False)["randomized_smoothing"]
+    tight = _NeedsSmallBatches(model, 20)
+    rec = _Recording(tight)
+    clf = robust_cert.load_model(rec, input_shape=(1, 8, 8))
+    clf = dataclasses.replace(clf, max_batch=10**9)  # uncapped, as on CUDA
+    rec.sizes.clear()
+    res = engine.run_suite(clf, data, _smoothing_policy(64),
+                           progress=False)["randomized_smoothing"]
+    # 40 points in one block: 64 → 32 → 16 (passes of 16 images fit under 20)
+    assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [32, 16]
+    assert rec.sizes[0] > 20 and max(rec.sizes[-10:]) <= 16
+    # the smoothed classifier's prediction at n0 = 16 draws, abstentions aside
+    agree = (res.per_point["prediction"] == plain.per_point["prediction"]).mean()
+    assert agree >= 0.9, agree
 
 
 def test_a_model_that_does_not_fit_at_batch_1_is_a_clear_error(state):

@@ -94,13 +94,19 @@ def mvn_cdf_scipy(upper: np.ndarray, corr: np.ndarray, seed: int = 0) -> np.ndar
 # --------------------------------------------------------------------------- estimators
 
 
-def logits_and_jacobian(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_and_jacobian(fn, x: torch.Tensor,
+                        piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (P, C) and input Jacobians (P, C, d) of a batch, with torch.func.
 
     Per-sample Jacobians from one batched forward: jacrev of x ↦ Σ_batch f(x) (the samples
-    are independent in eval mode), its C vector-Jacobian products vmapped.
+    are independent in eval mode), its C vector-Jacobian products vmapped, so one call
+    back-propagates C × P images at once. ``piece`` caps P per call (the batch is cut into
+    consecutive pieces); the result is the same up to float rounding.
     """
     x = x.detach()
+    if piece is not None and x.shape[0] > piece:
+        parts = [logits_and_jacobian(fn, x[s:s + piece]) for s in range(0, x.shape[0], piece)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def summed(z):
         out = fn(z)
@@ -108,6 +114,39 @@ def logits_and_jacobian(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     jac, out = torch.func.jacrev(summed, has_aux=True)(x)  # jac: (C, P, *shape)
     return out.detach(), jac.detach().flatten(2).transpose(0, 1)
+
+
+def noisy_logits_and_mean_jacobian(fn, x: torch.Tensor, noise: torch.Tensor,
+                                   piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P·n, C) of every noisy copy x_p + noise_pk (``noise``: (P, n, *shape)) and,
+    per point, the mean over k of the copies' input Jacobians (P, C, d).
+
+    The mean is the Jacobian of x_p ↦ mean_k f(x_p + noise_pk) (d(x + ε)/dx = I), so it is
+    back-propagated directly and the P·n per-copy Jacobians are never stored: memory
+    P·C·d for the result instead of P·n·C·d. ``piece`` caps the points per call (each
+    call back-propagates C × piece × n images at once); the result is the same up to
+    float rounding.
+    """
+    x = x.detach()
+    p, n = noise.shape[:2]
+    if piece is not None and p > piece:
+        parts = [noisy_logits_and_mean_jacobian(fn, x[s:s + piece], noise[s:s + piece])
+                 for s in range(0, p, piece)]
+        return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+
+    def summed(z):
+        out = fn((z[:, None] + noise).flatten(0, 1))
+        return out.view(p, n, -1).mean(1).sum(0), out
+
+    jac, out = torch.func.jacrev(summed, has_aux=True)(x)  # jac: (C, P, *shape)
+    return out.detach(), jac.detach().flatten(2).transpose(0, 1)
+
+
+def jacobian_piece(model: Classifier, max_forward_images: int) -> int:
+    """Images per Jacobian call such that its C vector-Jacobian products back-propagate at
+    most ``max_forward_images`` images (and the model's ``max_batch``) at once."""
+    budget = min(max_forward_images, model.max_batch or max_forward_images)
+    return max(1, budget // max(1, model.num_classes))
 
 
 def margins(logits: torch.Tensor, jac: torch.Tensor, target: torch.Tensor, sigma: float):
@@ -282,7 +321,8 @@ class AnalyticalRobustness(Metric):
         out: dict[str, torch.Tensor] = {}
         qmc_err = torch.zeros((), dtype=torch.float64, device=dev)
         if want & {"taylor", "mvs"}:
-            logits, jac = logits_and_jacobian(model.attack_module(), x)
+            logits, jac = logits_and_jacobian(model.attack_module(), x,
+                                             jacobian_piece(model, cfg.max_forward_images))
         if not want & {"taylor", "mvs"} or model.gradient_forward is not None:
             logits = model.logits(x)  # t is the deployed model's prediction
         target = logits.argmax(1)
@@ -300,12 +340,12 @@ class AnalyticalRobustness(Metric):
             half = (cfg.mmse_samples + 1) // 2
             n = 2 * half
             noise = torch.randn((len(x), half, *x.shape[1:]), generator=generator) * cfg.sigma
-            noise = torch.cat([noise, -noise], dim=1)
-            xn = (x[:, None] + to_device(noise, dev)).flatten(0, 1)
+            noise = to_device(torch.cat([noise, -noise], dim=1), dev)
             if want & {"mmse", "mmse_mvs"}:
-                nl, nj = logits_and_jacobian(model.attack_module(), xn)
+                nl, mj = noisy_logits_and_mean_jacobian(
+                    model.attack_module(), x, noise,
+                    max(1, jacobian_piece(model, cfg.max_forward_images) // n))
                 ml = nl.view(len(x), n, -1).mean(1)
-                mj = nj.view(len(x), n, *nj.shape[1:]).mean(1)
                 z, corr = margins(ml, mj, target, cfg.sigma)
                 if "mmse" in want:
                     p, e = mvn_cdf(z, corr, cfg.qmc_points, seed=seed)
@@ -313,7 +353,7 @@ class AnalyticalRobustness(Metric):
                 if "mmse_mvs" in want:
                     out["mmse_mvs"] = mvs(z)
             else:
-                nl = model.logits(xn)
+                nl = model.logits((x[:, None] + noise).flatten(0, 1))
             if "softmax" in want:
                 sm = nl.view(len(x), n, -1).softmax(2).mean(1)
                 out["softmax"] = sm.gather(1, target[:, None])[:, 0].double()

@@ -331,6 +331,9 @@ class RunContext:
     offset: int = 0
     #: points in the whole evaluation set; None when the ``data`` a metric gets is the whole set
     total: int | None = None
+    #: most images per forward pass, set by the engine after an out-of-memory retry (None:
+    #: the model's own ``max_batch``)
+    forward_cap: int | None = None
 
     def n_total(self, data: EvalSet) -> int:
         """Points in the whole evaluation set (``len(data)`` when ``data`` is the whole)."""
