@@ -46,6 +46,7 @@ bench: $(STAMP)  # speed targets as ratios against baselines measured in the sam
 	$(PY) bench/bench_adversarial.py  # the ART comparison row needs adversarial-robustness-toolbox
 	$(PY) bench/bench_resnet.py  # the production suite on ResNet-18 (~14 min on 2 cores)
 	$(PY) bench/bench_shard.py  # torchrun speed-up on 2 processes, certificates compared
+	$(PY) bench/bench_memory.py  # peak RSS of digits-adversarial.yaml (target < 500 MB)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

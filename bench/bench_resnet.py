@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from harness import CPU, best_of, measure_model, print_table, row, timed
+from harness import (
+    CPU,
+    best_of,
+    measure_model,
+    peak_rss_bytes,
+    print_table,
+    proc_status,
+    row,
+    timed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_SHAPE = (3, 32, 32)
@@ -216,24 +224,6 @@ class ImageCounter:
         unused = sum(r for r, v in self.calls if v == 0)
         return {"forward": self.nograd + unused, "fb": fb,
                 "grad_forward": sum(r for r, _ in self.calls)}
-
-
-def proc_status(field: str) -> int:
-    """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak RSS. ``ru_maxrss`` where it is the process's own; on Linux a child
-    started by fork + exec inherits its parent's ``ru_maxrss`` (the signal struct survives
-    exec), so this reads ``VmHWM``, the high-water mark of the process's own memory map."""
-    try:
-        return proc_status("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --------------------------------------------------------------------------- the child
@@ -400,6 +390,7 @@ def bench_plain(model, data, args) -> None:
     import torchattacks
 
     import robust_cert
+    from robust_cert import engine
     from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
     from robust_cert.metrics.base import RunContext
 
@@ -407,7 +398,7 @@ def bench_plain(model, data, args) -> None:
     eps, steps = EPS[-1], 10
     # forward passes of at most the batch size on CPU, as the engine runs them
     clf = engine.device_capped(robust_cert.load_model(model, input_shape=INPUT_SHAPE,
-                                                      device="cpu"), spec["batch"])
+                                                      device="cpu"), BATCH)
     for attack in ("pgd", "apgd_ce"):
         metric = RobustAccuracy(RobustAccuracyConfig(eps=[eps], attacks=[attack], steps=steps))
 

@@ -7,7 +7,9 @@ the import path.
 
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,3 +74,21 @@ def measure_model(model: torch.nn.Module, input_shape=(1, 8, 8),
         xg = torch.rand(batch, *input_shape, requires_grad=True)
         fb = max(fb, throughput(lambda xg=xg: torch.autograd.grad(model(xg).sum(), xg), batch))
     return fwd, fb, best_batch
+
+
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS. ``ru_maxrss`` where it is the process's own; on Linux a child
+    started by fork + exec inherits its parent's ``ru_maxrss`` (the signal struct survives
+    exec), so this reads ``VmHWM``, the high-water mark of the process's own memory map."""
+    try:
+        return proc_status("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -209,8 +209,8 @@ def run_with_memory(fn, ctx: RunContext, stage: str, retries: list,
                     models: tuple = ()) -> MetricResult:
     """``fn(ctx)``; on an out-of-memory error, frees the cache, halves ``ctx.batch_size`` and
     tries again, down to batch 1 (each halving appended to ``retries`` as ``{"stage",
-    "batch_size"}``; forward passes are capped at the same number of images). At batch 1 the error becomes a ModelError: the model (``models``, for
-    its size) does not fit."""
+    "batch_size"}``; forward passes are capped at the same number of images). At batch 1 the
+    error becomes a ModelError: the model (``models``, for its size) does not fit."""
     while True:
         try:
             return fn(ctx)

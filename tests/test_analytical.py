@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -125,9 +126,9 @@ def test_jacobians_in_pieces_are_the_whole_batch_jacobians_and_bounded() -> None
     x = torch.randn(23, 6)
     whole_l, whole_j = logits_and_jacobian(fn, x)
     sizes.clear()
-    l, j = logits_and_jacobian(fn, x, piece=4)
+    lg, j = logits_and_jacobian(fn, x, piece=4)
     assert sizes == [4] * 5 + [3]
-    np.testing.assert_allclose(l.numpy(), whole_l.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lg.numpy(), whole_l.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(j.numpy(), whole_j.numpy(), rtol=1e-5, atol=1e-6)
     clf = robust_cert.load_model(mlp, input_shape=(6,))
     assert jacobian_piece(clf, 4096) == 4096 // 5
@@ -152,9 +153,9 @@ def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians() -> None:
             sizes.append(z.shape[0])
             return mlp(z)
 
-        l, j = noisy_logits_and_mean_jacobian(fn, x, noise, piece)
+        lg, j = noisy_logits_and_mean_jacobian(fn, x, noise, piece)
         assert sizes == ([28] if piece is None else [8, 8, 8, 4])
-        np.testing.assert_allclose(l.numpy(), ref_l.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lg.numpy(), ref_l.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(j.numpy(), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -226,7 +226,8 @@ def test_cpu_forward_passes_take_at_most_batch_size_images(state):
     clf = robust_cert.load_model(rec, input_shape=(1, 8, 8))
     rec.sizes.clear()
     capped = engine.run_suite(clf, data, _smoothing_policy(16), progress=False)
-    assert rec.sizes and max(rec.sizes) == 16
+    assert rec.sizes
+    assert max(rec.sizes) == 16
     rec.sizes.clear()
     uncut = engine.run_suite(dataclasses.replace(clf, max_batch=10**9), data,
                              _smoothing_policy(16), progress=False)
@@ -241,7 +242,7 @@ def _same_up_to_rounding(a, b):
     split in the wrong order would change most of them)."""
     differ = a.per_point["p_lower"] != b.per_point["p_lower"]
     assert differ.sum() <= 1, differ.sum()
-    assert all(abs(p.k - q.k) <= 1 for p, q in zip(a.proportions, b.proportions))
+    assert all(abs(p.k - q.k) <= 1 for p, q in zip(a.proportions, b.proportions, strict=True))
 
 
 def test_out_of_memory_caps_the_large_forward_passes_of_probabilistic_metrics(state):
@@ -261,7 +262,8 @@ def test_out_of_memory_caps_the_large_forward_passes_of_probabilistic_metrics(st
                            progress=False)["randomized_smoothing"]
     # 40 points in one block: 64 → 32 → 16 (passes of 16 images fit under 20)
     assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [32, 16]
-    assert rec.sizes[0] > 20 and max(rec.sizes[-10:]) <= 16
+    assert rec.sizes[0] > 20
+    assert max(rec.sizes[-10:]) <= 16
     # the smoothed classifier's prediction at n0 = 16 draws, abstentions aside
     agree = (res.per_point["prediction"] == plain.per_point["prediction"]).mean()
     assert agree >= 0.9, agree

@@ -1,0 +1,109 @@
+"""Peak memory of a certification with a policy (default digits-adversarial.yaml), in one command:
+
+    python bench/bench_memory.py [--policy examples/policies/digits-adversarial.yaml] [--per-metric]
+
+In a fresh process (the measure is the process's own high-water mark, ``VmHWM``): import
+robust_cert, train the digits CNN (``train_digits_cnn``, a few seconds), load the 359 digits
+test points, record the resident memory (the baseline: what any certification of this model
+holds before its first metric), then certify with the policy on one thread and read the peak.
+Target (issue 14): digits-adversarial.yaml under 500 MB peak RSS (its first version: 2.1 GB).
+
+``--per-metric`` also runs each metric of the policy alone, each in its own fresh process, and
+prints its increment over the baseline: where the memory goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import peak_rss_bytes, print_table, proc_status, row
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_MB = 500.0
+
+
+def child(policy_path: str, only: str, out: str) -> None:
+    """Certify the digits CNN with the policy (or only its metric ``only``); write measures."""
+    import torch
+    import yaml
+
+    import robust_cert
+    from robust_cert.data import digits_split
+    from robust_cert.digits_cnn import train_digits_cnn
+    from robust_cert.policy import load_policy
+
+    torch.set_num_threads(1)
+    raw = yaml.safe_load(Path(policy_path).read_text())
+    if only:  # the metric alone, with its requirements (accuracy's stand in if it has none)
+        reqs = [r for r in raw["requirements"] if r["metric"] == only]
+        raw["metrics"] = {only: raw["metrics"][only]}
+        if not reqs:
+            raw["metrics"]["accuracy"] = {}
+            reqs = [{"metric": "accuracy", "at_least": 0.0}]
+        raw["requirements"] = reqs
+    policy = load_policy(raw)
+    model = train_digits_cnn(epochs=5, seed=0)
+    x, y = digits_split("test")
+    base = proc_status("VmRSS")
+    started = time.perf_counter()
+    cert = robust_cert.certify(model, (x, y), policy, progress=False, threads=1)
+    Path(out).write_text(json.dumps({
+        "peak": peak_rss_bytes(), "base": base, "seconds": time.perf_counter() - started,
+        "verdict": cert.verdict}))
+
+
+def measure(policy: Path, only: str = "") -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        proc = subprocess.run([sys.executable, __file__, "--child", str(policy), only, str(out)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": tail[0]}
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", type=Path,
+                        default=ROOT / "examples" / "policies" / "digits-adversarial.yaml")
+    parser.add_argument("--per-metric", action="store_true",
+                        help="also run each metric alone in a fresh process")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    mb = 2.0 ** 20
+    whole = measure(args.policy)
+    if "error" in whole:
+        row(f"{args.policy.name}: peak RSS", f"FAILED: {whole['error']}",
+            f"< {TARGET_MB:g} MB", False)
+    else:
+        peak, base = whole["peak"] / mb, whole["base"] / mb
+        row("baseline: imports, trained model, data", f"{base:,.0f} MB")
+        row(f"{args.policy.name}: peak RSS", f"{peak:,.0f} MB (+{peak - base:,.0f} MB over the "
+            f"baseline; {whole['seconds']:.0f} s, {whole['verdict']})",
+            f"< {TARGET_MB:g} MB", peak < TARGET_MB)
+    if args.per_metric:
+        import yaml
+
+        names = list(yaml.safe_load(args.policy.read_text())["metrics"])
+        for name in names:
+            r = measure(args.policy, name)
+            if "error" in r:
+                row(f"  {name} alone", f"FAILED: {r['error']}")
+                continue
+            row(f"  {name} alone", f"peak {r['peak'] / mb:,.0f} MB, "
+                f"+{(r['peak'] - r['base']) / mb:,.0f} MB; {r['seconds']:.0f} s")
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
