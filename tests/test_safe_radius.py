@@ -15,6 +15,7 @@ from robust_cert.metrics.safe_radius import (
     NotBoundable,
     SafeRadius,
     SafeRadiusConfig,
+    clever_score,
     lipschitz_bound,
     reverse_weibull_location,
 )
@@ -206,6 +207,45 @@ def test_weibull_location_and_config_errors() -> None:
         SafeRadiusConfig(property="reachability")
     with pytest.raises(ValueError, match="radii must be >= 0"):
         SafeRadiusConfig(radii=[-1])
+
+
+def test_clever_score_fits_only_the_margins_that_can_attain_the_minimum(monkeypatch) -> None:
+    """The score skips fits, never changes: on random points (fitted, constant, runaway and
+    zero maxima; negative and positive margins; caps that bind or not) it equals the
+    minimum over every margin's fit, and it fits fewer margins than there are."""
+    import robust_cert.metrics.safe_radius as sr
+
+    calls = []
+    real = sr.reverse_weibull_location
+
+    def counting(m):
+        calls.append(1)
+        return real(m)
+
+    monkeypatch.setattr(sr, "reverse_weibull_location", counting)
+    rng = np.random.default_rng(7)
+    fitted = total = 0
+    for trial in range(30):
+        m = 9
+        maxima = 5.0 - rng.weibull(2.0, size=(m, 10)) * rng.uniform(0.1, 2.0, size=(m, 1))
+        if trial % 2:  # nearly equal margins: the hard case, fits decide the minimum
+            h = 1.0 + rng.normal(0, 0.05, size=m)
+        else:
+            maxima[0] = 3.0  # constant: no spread to fit
+            maxima[1] = [17.2, 18.6, 17.9, 18.1, 17.5, 18.3, 17.8, 18.0, 17.4, 18.2]  # runaway
+            h = rng.normal(1.0, 1.5, size=m) * rng.uniform(0.5, 5.0, size=m)
+        if trial % 3 == 0:
+            maxima[2] = 0.0  # a margin whose gradients vanish: +inf
+        if trial % 6 == 4:
+            h[5] = -0.3  # a violated margin: the score is 0
+        cap = 0.05 if trial % 5 == 2 else 10.0
+        every = [max(h[j], 0.0) / loc if (loc := real(maxima[j])) > 0 else np.inf
+                 for j in range(m)]
+        calls.clear()
+        got = clever_score(maxima, h, cap)
+        assert got == min(cap, *every)
+        fitted, total = fitted + len(calls), total + m
+    assert fitted < total
 
 
 # --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------

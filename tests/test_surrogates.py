@@ -211,3 +211,32 @@ def test_points_with_a_zero_hessian_stop_alone() -> None:
     np.testing.assert_array_equal(res.per_point["hessian_top"][~active], 0.0)
     np.testing.assert_allclose(res.per_point["hessian_top"][active], top[active], rtol=1e-4)
     assert res.diagnostics["hessian_converged"] == POINTS
+
+
+def test_jacobian_metrics_do_not_import_torch_dynamo() -> None:
+    """Surrogates and the Han estimators take their Jacobians from batched vector-Jacobian
+    products, not torch.func, whose first use imports torch._dynamo (~35 MB of memory and
+    ~1.5 s in every certification process); checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from torch import nn
+import robust_cert
+from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.surrogates import Surrogates, SurrogatesConfig
+from robust_cert.metrics.analytical import AnalyticalRobustness, AnalyticalConfig
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+data = robust_cert.load_data((torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])))
+clf = robust_cert.load_model(model, input_shape=(4,))
+ctx = RunContext(torch.device("cpu"), batch_size=4, seed=0)
+Surrogates(SurrogatesConfig(power_iterations=3)).run(clf, data, ctx)
+AnalyticalRobustness(AnalyticalConfig(sigma=0.1, estimators=["taylor", "mmse"],
+                     primary="taylor", validate_points=0)).run(clf, data, ctx)
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -22,6 +22,7 @@ from robust_cert.metrics.base import (
     RunContext,
     value_list,
 )
+from robust_cert.metrics.jacobians import logits_and_jacobian, noisy_logits_and_mean_jacobian
 from robust_cert.metrics.local_probabilistic import to_device
 from robust_cert.models.base import Classifier
 
@@ -92,54 +93,6 @@ def mvn_cdf_scipy(upper: np.ndarray, corr: np.ndarray, seed: int = 0) -> np.ndar
 
 
 # --------------------------------------------------------------------------- estimators
-
-
-def logits_and_jacobian(fn, x: torch.Tensor,
-                        piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (P, C) and input Jacobians (P, C, d) of a batch, with torch.func.
-
-    Per-sample Jacobians from one batched forward: jacrev of x ↦ Σ_batch f(x) (the samples
-    are independent in eval mode), its C vector-Jacobian products vmapped, so one call
-    back-propagates C × P images at once. ``piece`` caps P per call (the batch is cut into
-    consecutive pieces); the result is the same up to float rounding.
-    """
-    x = x.detach()
-    if piece is not None and x.shape[0] > piece:
-        parts = [logits_and_jacobian(fn, x[s:s + piece]) for s in range(0, x.shape[0], piece)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def summed(z):
-        out = fn(z)
-        return out.sum(0), out
-
-    jac, out = torch.func.jacrev(summed, has_aux=True)(x)  # jac: (C, P, *shape)
-    return out.detach(), jac.detach().flatten(2).transpose(0, 1)
-
-
-def noisy_logits_and_mean_jacobian(fn, x: torch.Tensor, noise: torch.Tensor,
-                                   piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (P·n, C) of every noisy copy x_p + noise_pk (``noise``: (P, n, *shape)) and,
-    per point, the mean over k of the copies' input Jacobians (P, C, d).
-
-    The mean is the Jacobian of x_p ↦ mean_k f(x_p + noise_pk) (d(x + ε)/dx = I), so it is
-    back-propagated directly and the P·n per-copy Jacobians are never stored: memory
-    P·C·d for the result instead of P·n·C·d. ``piece`` caps the points per call (each
-    call back-propagates C × piece × n images at once); the result is the same up to
-    float rounding.
-    """
-    x = x.detach()
-    p, n = noise.shape[:2]
-    if piece is not None and p > piece:
-        parts = [noisy_logits_and_mean_jacobian(fn, x[s:s + piece], noise[s:s + piece])
-                 for s in range(0, p, piece)]
-        return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
-
-    def summed(z):
-        out = fn((z[:, None] + noise).flatten(0, 1))
-        return out.view(p, n, -1).mean(1).sum(0), out
-
-    jac, out = torch.func.jacrev(summed, has_aux=True)(x)  # jac: (C, P, *shape)
-    return out.detach(), jac.detach().flatten(2).transpose(0, 1)
 
 
 def jacobian_piece(model: Classifier, max_forward_images: int) -> int:
@@ -215,7 +168,9 @@ class AnalyticalConfig(MetricConfig):
     confidence: float = Field(default=0.95, gt=0, lt=1,
                               description="for the validation CP intervals and class-mean CIs")
     top_k: int = Field(default=10, ge=0, le=100_000, description="most vulnerable points listed")
-    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
+    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
+                                    description="noisy images per step (memory); on CPU "
+                                    "the model sees at most batch_size per forward pass")
 
     @field_validator("estimators")
     @classmethod
@@ -245,7 +200,7 @@ class AnalyticalRobustness(Metric):
     - ``mvs`` / ``mmse_mvs``: Φ_{C−1} replaced by 1/(1 + Σ_i exp(−z_i));
     - ``softmax``: the softmax probability of t averaged over the noisy copies.
 
-    Jacobians come from torch.func (one batched forward, vmapped vector-Jacobian products);
+    Jacobians come from one batched forward and C batched vector-Jacobian products;
     the MVN CDFs of all points are integrated at once on the device by randomized
     quasi-Monte Carlo (Genz separation of variables, scrambled Sobol points;
     :func:`mvn_cdf`), whose standard error is in ``diagnostics.qmc_std_error_max``.

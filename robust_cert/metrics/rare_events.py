@@ -167,7 +167,9 @@ class RareEventConfig(MetricConfig):
     p_max: Probabilities = Field(default=[1e-6], min_length=1,
                                description="proportions of points with estimated p_fail ≤ p")
     failure: Literal["misclassified", "prediction_changed"] = "misclassified"
-    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
+    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
+                                    description="noisy images per step (memory); on CPU "
+                                    "the model sees at most batch_size per forward pass")
 
     @model_validator(mode="after")
     def _scale_for_distribution(self):

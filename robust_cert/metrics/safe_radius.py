@@ -121,6 +121,36 @@ def reverse_weibull_location(maxima: np.ndarray) -> float:
     return loc if plausible else top
 
 
+def clever_score(maxima: np.ndarray, h: np.ndarray, cap: float) -> float:
+    """min(cap, min_j max(h_j, 0) / loc_j) over the margins j of one point, with loc_j =
+    :func:`reverse_weibull_location` of ``maxima[j]`` (its batch maxima of ‖∇h_j‖), +inf for a
+    margin whose location is not positive — fitting only the margins that can attain it.
+
+    Exactly the value of fitting every margin: loc_j is top_j = max(maxima[j]) or a fit in
+    [top_j, top_j + 2·ptp_j], so h_j⁺/loc_j ≥ h_j⁺/(top_j + 2·ptp_j) (IEEE division is
+    monotone in the divisor, and the end is computed as :func:`reverse_weibull_location`
+    computes it). Margins are visited by increasing lower end and the rest skipped once it
+    reaches the running minimum; a top that is not finite and positive is always evaluated.
+    The fits (one scipy maximum-likelihood fit each, ~0.08 s) are most of CLEVER's time on
+    small models.
+    """
+    lower = np.empty(len(h))
+    for j, row in enumerate(maxima):
+        top = float(np.max(row))
+        if np.isfinite(top) and top > 0:
+            lower[j] = max(float(h[j]), 0.0) / (top + 2 * float(np.ptp(row)))
+        else:
+            lower[j] = -math.inf
+    best = cap
+    for j in np.argsort(lower, kind="stable"):
+        if lower[j] >= best:
+            break
+        loc = reverse_weibull_location(maxima[j])
+        val = max(float(h[j]), 0.0) / loc if loc > 0 else math.inf
+        best = min(best, val)
+    return best
+
+
 def _ball_samples(x: torch.Tensor, count: int, radius: float, norm: str,
                   g: torch.Generator) -> torch.Tensor:
     """``count`` points uniform in the ``norm`` ball of ``radius`` around each x: (P, count, d)."""
@@ -484,12 +514,7 @@ class SafeRadius(Metric):
             maxima = maxima.amax(-1).cpu().numpy()
             hv = h[s:s + chunk].cpu().numpy()
             for i in range(q):
-                best = math.inf
-                for j in range(maxima.shape[1]):
-                    loc = reverse_weibull_location(maxima[i, j])
-                    val = max(hv[i, j], 0.0) / loc if loc > 0 else math.inf
-                    best = min(best, val, cfg.clever_radius)
-                scores[s + i] = best
+                scores[s + i] = clever_score(maxima[i], hv[i], cfg.clever_radius)
         return scores
 
 

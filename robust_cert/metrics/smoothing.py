@@ -128,7 +128,9 @@ class SmoothingConfig(MetricConfig):
     alpha: float = Field(default=0.001, gt=0, lt=1, description="per-point failure probability")
     radii: Radii = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
                                description="radii of the certified-accuracy curve")
-    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000)
+    max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
+                                    description="noisy images per step (memory); on CPU "
+                                    "the model sees at most batch_size per forward pass")
 
     @field_validator("radii")
     @classmethod

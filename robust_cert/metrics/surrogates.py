@@ -1,8 +1,8 @@
 """Robustness surrogates (Jung et al.; Family G): input-Jacobian norm and loss curvature.
 
-One algorithm: per point, the Frobenius norm of the input Jacobian of the logits
-(``torch.func.jacrev`` under ``vmap``) and the top eigenvalue of the input Hessian of the
-cross-entropy loss by power iteration on Hessian-vector products (batched over points: the
+One algorithm: per point, the Frobenius norm of the input Jacobian of the logits (one
+forward and C batched vector-Jacobian products) and the top eigenvalue of the input Hessian of
+the cross-entropy loss by power iteration on Hessian-vector products (batched over points: the
 loss is a sum of per-point losses, so its Hessian is block-diagonal and one HVP serves all
 points). Trend indicators: reported, never gated.
 """
@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, RunContext, batches
+from robust_cert.metrics.jacobians import logits_and_jacobian
 from robust_cert.models.base import Classifier
 
 #: Power iterations between two reads of the stop flags (a host sync): stopping early only
@@ -112,12 +113,8 @@ class Surrogates(Metric):
 
     @staticmethod
     def _jacobian_norms(fn, x: torch.Tensor) -> torch.Tensor:
-        def single(z):
-            return fn(z[None])[0]
-
-        with torch.enable_grad():
-            jac = torch.func.vmap(torch.func.jacrev(single))(x)
-        return jac.detach().flatten(1).double().norm(dim=1)
+        _, jac = logits_and_jacobian(fn, x)  # (P, C, d)
+        return jac.flatten(1).double().norm(dim=1)
 
     def _top_eigenvalues(self, fn, x, y, v):
         def hvp(vec):
