@@ -33,7 +33,8 @@ one as soon as another process runs):
   time" is the same ratio with the process's CPU time and throughputs in images per
   CPU-second: other processes on a shared machine inflate wall times, hardly CPU times;
 * peak memory of each metric's subprocess: its peak RSS (``VmHWM``, see :func:`peak_rss_bytes`)
-  and the increment over the RSS right after imports, model construction and data loading;
+  and the increment over the RSS right after imports, model construction, data loading and a
+  warm-up (one forward, one backward, one batched gradient);
 * robust_accuracy with ``[pgd]`` and with ``[apgd_ce]`` against a plain torchattacks loop
   (same points, batch size, model, input range, seed; the loop attacks the clean-correct
   points, as robust_accuracy does, and judges by argmax): target ≤ 1.1×.
@@ -244,20 +245,21 @@ def child(spec_path: str) -> None:
     model.eval()
     with np.load(spec["data"]) as f:
         data = robust_cert.load_data((f["x"], f["y"]), name="stripes-test")
-    base_rss = proc_status("VmRSS")
     counter = ImageCounter(model)
     # forward passes of at most the batch size on CPU, as the engine runs them
     clf = engine.device_capped(robust_cert.load_model(model, input_shape=INPUT_SHAPE,
                                                       device="cpu"), spec["batch"])
     twin = robust_cert.load_model(model, input_shape=INPUT_SHAPE, device="cpu")
     # warm-up (allocator, oneDNN primitives), as the throughput measurement had one, and the
-    # one-time import behind torch.func's first jacrev (torch._dynamo, ~1.5 s): a
-    # certification pays both once per process, not once per metric
+    # one-time import behind the first batched gradient (vmap): a certification pays both
+    # once per process, not once per metric; the memory baseline is read after it
     x = data.x[:32].clone().requires_grad_(True)
     torch.autograd.grad(model(x).sum(), x)
     with torch.no_grad():
         model(data.x[:32])
-    torch.func.jacrev(lambda z: z * 2)(torch.zeros(1))
+    z = torch.zeros(2, 3, requires_grad=True)
+    torch.autograd.grad(z * 2, z, grad_outputs=torch.ones(1, 2, 3), is_grads_batched=True)
+    base_rss = proc_status("VmRSS")
     cls = REGISTRY[spec["metric"]]
     metric = cls(cls.Config.model_validate(spec["config"]))
     ctx = RunContext(device=CPU, batch_size=spec["batch"], seed=0, gradient_twin=twin)

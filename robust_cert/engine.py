@@ -363,14 +363,19 @@ def run_suite(
     return results if world.main else None
 
 
+#: The smallest forward cap on CPU: a small ``batch_size`` (chosen to spread a small set over
+#: processes) must not cut the probabilistic families' passes into tiny calls.
+CPU_MIN_FORWARD = 64
+
+
 def device_capped(model: Classifier, batch_size: int) -> Classifier:
-    """``model`` with forward passes of at most ``batch_size`` images on CPU (unless it has
-    its own ``max_batch``); unchanged on other devices. The probabilistic families gather
-    up to max_forward_images (4,096) noisy images per pass, a size for GPUs: on CPU such a
-    pass runs at under half the throughput of a batch-sized one (ResNet-18 at width 16:
-    240 vs 567 img/s), for the same logits."""
+    """``model`` with forward passes of at most max(``batch_size``, 64) images on CPU (unless
+    it has its own ``max_batch``); unchanged on other devices. The probabilistic families
+    gather up to max_forward_images (4,096) noisy images per pass, a size for GPUs: on CPU
+    such a pass runs at under half the throughput of a batch-sized one (ResNet-18 at width
+    16: 240 vs 567 img/s), for the same logits."""
     if model.device.type == "cpu" and model.max_batch is None:
-        return dataclasses.replace(model, max_batch=batch_size)
+        return dataclasses.replace(model, max_batch=max(batch_size, CPU_MIN_FORWARD))
     return model
 
 

@@ -17,7 +17,7 @@ from robust_cert.metrics import REGISTRY
 from robust_cert.metrics.analytical import (
     AnalyticalConfig,
     AnalyticalRobustness,
-    jacobian_piece,
+    jacobian_budget,
     logits_and_jacobian,
     margins,
     monte_carlo_p,
@@ -110,53 +110,91 @@ def test_taylor_matches_scipy_and_monte_carlo_for_a_multiclass_affine_model() ->
         assert lo - 2e-3 <= p <= hi + 2e-3
 
 
-def test_jacobians_in_pieces_are_the_whole_batch_jacobians_and_bounded() -> None:
-    """A piece size cuts the batch of a Jacobian call (each call back-propagates classes ×
-    piece images at once): the logits and Jacobians are the whole batch's, in order, up to
-    float32 rounding (|Δ| ≤ 1e-5 relative on values of order 1), and no call sees more than
-    the piece; the piece keeps classes × piece within max_forward_images and max_batch."""
+def _per_sample_jacobians(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Reference: each sample's Jacobian on its own (autograd.functional), (P, C, d)."""
+    return torch.stack([torch.autograd.functional.jacobian(module, row) for row in x])
+
+
+class _Calls:
+    """Records forward batch sizes and, per autograd call, class rows × images."""
+
+    def __init__(self, module: nn.Module, monkeypatch):
+        self.module, self.sizes, self.backward = module, [], []
+        real = torch.autograd.grad
+
+        def grad(outputs, inputs, grad_outputs=None, **kw):
+            if kw.get("is_grads_batched"):
+                self.backward.append(grad_outputs.shape[0] * grad_outputs.shape[1])
+            return real(outputs, inputs, grad_outputs=grad_outputs, **kw)
+
+        monkeypatch.setattr(torch.autograd, "grad", grad)
+
+    def __call__(self, z):
+        self.sizes.append(z.shape[0])
+        return self.module(z)
+
+
+def test_jacobians_within_a_budget_are_the_per_sample_jacobians(monkeypatch) -> None:
+    """Jacobians from batched vector-Jacobian products equal each sample's own (float32
+    rounding: |Δ| ≤ 1e-5 relative on values of order 1), logits in order, and every
+    autograd call back-propagates at most ``budget`` images × class rows (points and class
+    rows split to fit)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
-    sizes: list[int] = []
-
-    def fn(z):
-        sizes.append(z.shape[0])
-        return mlp(z)
-
     x = torch.randn(23, 6)
-    whole_l, whole_j = logits_and_jacobian(fn, x)
-    sizes.clear()
-    lg, j = logits_and_jacobian(fn, x, piece=4)
-    assert sizes == [4] * 5 + [3]
-    np.testing.assert_allclose(lg.numpy(), whole_l.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(j.numpy(), whole_j.numpy(), rtol=1e-5, atol=1e-6)
+    ref = _per_sample_jacobians(mlp, x)
+    with torch.no_grad():
+        ref_logits = mlp(x)
+    for budget, sizes in ((None, [23]), (20, [4] * 5 + [3]), (3, [1] * 23)):
+        calls = _Calls(mlp, monkeypatch)
+        lg, j = logits_and_jacobian(calls, x, budget, classes=5)
+        assert calls.sizes == sizes
+        if budget is not None:
+            assert max(calls.backward) <= budget
+        np.testing.assert_allclose(lg.numpy(), ref_logits.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(j.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     clf = robust_cert.load_model(mlp, input_shape=(6,))
-    assert jacobian_piece(clf, 4096) == 4096 // 5
-    assert jacobian_piece(dataclasses.replace(clf, max_batch=64), 4096) == 64 // 5
-    assert jacobian_piece(clf, 3) == 1
+    assert jacobian_budget(clf, 4096) == 4096
+    assert jacobian_budget(dataclasses.replace(clf, max_batch=64), 4096) == 64
 
 
-def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians() -> None:
+def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians(monkeypatch) -> None:
     """The MMSE step's per-point mean Jacobian over n noisy copies, back-propagated through
-    x ↦ mean_k f(x + ε_k), equals the mean of the copies' own Jacobians (to float32
-    rounding), with the copies' logits in order; pieces of points change neither."""
+    x ↦ (1/n) Σ_k f(x + ε_k), equals the mean of the copies' own Jacobians (float32
+    rounding), with the copies' logits in order, whether points, copies or class rows are
+    split to keep every autograd call within the budget."""
     torch.manual_seed(1)
     mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
     x, noise = torch.randn(7, 6), 0.3 * torch.randn(7, 4, 6)
     copies = (x[:, None] + noise).flatten(0, 1)
-    ref_l, ref_j = logits_and_jacobian(mlp, copies)
-    ref_mean = ref_j.view(7, 4, 5, 6).mean(1)
-    for piece in (None, 2):
-        sizes: list[int] = []
+    ref_mean = _per_sample_jacobians(mlp, copies).view(7, 4, 5, 6).mean(1)
+    with torch.no_grad():
+        ref_logits = mlp(copies)
+    # budget → forward sizes: all at once; 2 points of 4 copies; 2 copies; 1 copy, 3 rows
+    for budget, sizes in ((None, [28]), (40, [8, 8, 8, 4]), (12, [2] * 14), (3, [1] * 28)):
+        calls = _Calls(mlp, monkeypatch)
+        lg, j = noisy_logits_and_mean_jacobian(calls, x, noise, budget, classes=5)
+        assert calls.sizes == sizes
+        if budget is not None:
+            assert max(calls.backward) <= budget
+        np.testing.assert_allclose(lg.numpy(), ref_logits.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(j.flatten(2).numpy(), ref_mean.numpy(), rtol=1e-5,
+                                   atol=1e-6)
 
-        def fn(z, sizes=sizes):
-            sizes.append(z.shape[0])
-            return mlp(z)
 
-        lg, j = noisy_logits_and_mean_jacobian(fn, x, noise, piece)
-        assert sizes == ([28] if piece is None else [8, 8, 8, 4])
-        np.testing.assert_allclose(lg.numpy(), ref_l.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(j.numpy(), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
+def test_outputs_that_ignore_the_input_have_zero_jacobians() -> None:
+    """A constant model, and one whose output depends on parameters only: zero Jacobian
+    rows (as torch.func.jacrev gives), not an autograd error."""
+    bias = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(4, 6)
+    for fn in (lambda z: torch.zeros(z.shape[0], 3), lambda z: bias.expand(z.shape[0], 3)):
+        lg, j = logits_and_jacobian(fn, x, 8, classes=3)
+        assert tuple(j.shape) == (4, 3, 6)
+        assert not j.any()
+        lg, j = noisy_logits_and_mean_jacobian(fn, x, torch.randn(4, 2, 6), 8, classes=3)
+        assert tuple(lg.shape) == (8, 3)
+        assert tuple(j.shape) == (4, 3, 6)
+        assert not j.any()
 
 
 def test_metric_on_a_small_mlp() -> None:

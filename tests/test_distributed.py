@@ -218,16 +218,20 @@ def _smoothing_policy(batch: int):
 
 
 def test_cpu_forward_passes_take_at_most_batch_size_images(state):
-    """On CPU the engine caps every forward pass at the policy's batch_size (passes of
-    max_forward_images images run at under half the throughput there): the smoothing
-    counts are those of uncut passes (the logits of a row do not depend on its batch)."""
+    """On CPU the engine caps every forward pass at the policy's batch_size, or 64 when it
+    is smaller (passes of max_forward_images images run at under half the throughput
+    there, tiny ones waste it): the smoothing counts are those of uncut passes (the logits
+    of a row do not depend on its batch)."""
     model, data = _trained(state)
     rec = _Recording(model)
     clf = robust_cert.load_model(rec, input_shape=(1, 8, 8))
+    for batch, cap in ((100, 100), (16, engine.CPU_MIN_FORWARD)):
+        rec.sizes.clear()
+        engine.run_suite(clf, data, _smoothing_policy(batch), progress=False)
+        assert rec.sizes
+        assert max(rec.sizes) == cap
     rec.sizes.clear()
     capped = engine.run_suite(clf, data, _smoothing_policy(16), progress=False)
-    assert rec.sizes
-    assert max(rec.sizes) == 16
     rec.sizes.clear()
     uncut = engine.run_suite(dataclasses.replace(clf, max_batch=10**9), data,
                              _smoothing_policy(16), progress=False)

@@ -246,6 +246,15 @@ def test_clever_score_fits_only_the_margins_that_can_attain_the_minimum(monkeypa
         assert got == min(cap, *every)
         fitted, total = fitted + len(calls), total + m
     assert fitted < total
+    # non-finite inputs: an infinite maximum (location inf: value 0) and a NaN margin (its
+    # value is NaN, which min() passes over in both computations)
+    maxima = 5.0 - rng.weibull(2.0, size=(4, 10))
+    maxima[1, 3] = np.inf
+    h = np.array([0.8, 0.5, np.nan, 1.2])
+    for hh in (h, np.where(np.isnan(h), 0.3, h)):
+        every = [max(hh[j], 0.0) / loc if (loc := real(maxima[j])) > 0 else np.inf
+                 for j in range(4)]
+        assert clever_score(maxima, hh, 10.0) == min(10.0, *every)
 
 
 # --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------

@@ -95,11 +95,10 @@ def mvn_cdf_scipy(upper: np.ndarray, corr: np.ndarray, seed: int = 0) -> np.ndar
 # --------------------------------------------------------------------------- estimators
 
 
-def jacobian_piece(model: Classifier, max_forward_images: int) -> int:
-    """Images per Jacobian call such that its C vector-Jacobian products back-propagate at
-    most ``max_forward_images`` images (and the model's ``max_batch``) at once."""
-    budget = min(max_forward_images, model.max_batch or max_forward_images)
-    return max(1, budget // max(1, model.num_classes))
+def jacobian_budget(model: Classifier, max_forward_images: int) -> int:
+    """Image-backward passes per Jacobian call (class rows × images): ``max_forward_images``,
+    or the model's ``max_batch`` (on CPU: the batch size) when smaller."""
+    return min(max_forward_images, model.max_batch or max_forward_images)
 
 
 def margins(logits: torch.Tensor, jac: torch.Tensor, target: torch.Tensor, sigma: float):
@@ -276,8 +275,9 @@ class AnalyticalRobustness(Metric):
         out: dict[str, torch.Tensor] = {}
         qmc_err = torch.zeros((), dtype=torch.float64, device=dev)
         if want & {"taylor", "mvs"}:
-            logits, jac = logits_and_jacobian(model.attack_module(), x,
-                                             jacobian_piece(model, cfg.max_forward_images))
+            logits, jac = logits_and_jacobian(
+                model.attack_module(), x, jacobian_budget(model, cfg.max_forward_images),
+                model.num_classes)
         if not want & {"taylor", "mvs"} or model.gradient_forward is not None:
             logits = model.logits(x)  # t is the deployed model's prediction
         target = logits.argmax(1)
@@ -299,7 +299,7 @@ class AnalyticalRobustness(Metric):
             if want & {"mmse", "mmse_mvs"}:
                 nl, mj = noisy_logits_and_mean_jacobian(
                     model.attack_module(), x, noise,
-                    max(1, jacobian_piece(model, cfg.max_forward_images) // n))
+                    jacobian_budget(model, cfg.max_forward_images), model.num_classes)
                 ml = nl.view(len(x), n, -1).mean(1)
                 z, corr = margins(ml, mj, target, cfg.sigma)
                 if "mmse" in want:

@@ -1,11 +1,14 @@
-"""Per-sample input Jacobians of a batch, from one forward pass and C batched
-vector-Jacobian products (``torch.autograd.grad(..., is_grads_batched=True)``).
+"""Per-sample input Jacobians of a batch, from one forward pass and batched vector-Jacobian
+products (``torch.autograd.grad(..., is_grads_batched=True)``).
 
 Row c of sample p is ∂f_c(x_p)/∂x_p: exact when the samples of a batch do not interact, as in
 eval mode (BatchNorm on its running statistics), which every model under certification is in.
-The C products are vmapped by autograd, so one call back-propagates C × P images at once;
-callers cap P (``piece``). This is what ``torch.func.jacrev`` of x ↦ Σ_p f(x_p) computes,
-without ``torch.func``'s first-use import of ``torch._dynamo`` (~35 MB of memory, ~1.5 s).
+The class rows' products are vmapped by autograd, so a call back-propagates (class rows) ×
+(images) at once; ``budget`` bounds that product: at most ``budget`` image-backward passes per
+autograd call (points, noisy copies and class rows are split to fit; the result is the same
+up to float rounding). This is what ``torch.func.jacrev`` of x ↦ Σ_p f(x_p) computes, without
+``torch.func``'s first-use import of ``torch._dynamo`` (~35 MB of memory, ~1.5 s).
+A class whose output does not depend on the input has a zero Jacobian row.
 """
 
 from __future__ import annotations
@@ -13,52 +16,88 @@ from __future__ import annotations
 import torch
 
 
-def _batched_rows(out: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
-    """(C, *wrt.shape): the gradient of Σ_p out[p, c] with respect to ``wrt``, for every c."""
+def split(budget: int | None, classes: int, images: int) -> tuple[int, int]:
+    """(class rows per call, images per call) such that their product is at most ``budget``
+    (None: everything in one call), for ``classes`` rows and ``images`` images in all."""
+    if budget is None:
+        return classes, images
+    rows = max(1, min(classes, budget))
+    return rows, max(1, min(images, budget // rows))
+
+
+def _rows(out: torch.Tensor, wrt: torch.Tensor, per_call: int) -> torch.Tensor:
+    """(C, *wrt.shape): the gradient of Σ_p out[p, c] with respect to ``wrt``, for every class
+    c, ``per_call`` classes per backward call (the graph is kept between calls)."""
     c = out.shape[1]
+    if not out.requires_grad:  # the output does not depend on anything differentiable
+        return torch.zeros((c, *wrt.shape), dtype=wrt.dtype, device=wrt.device)
     eye = torch.eye(c, dtype=out.dtype, device=out.device)
-    (rows,) = torch.autograd.grad(out, wrt, grad_outputs=eye[:, None, :].expand(c, *out.shape),
-                                  is_grads_batched=True)
-    return rows
+    parts = []
+    for s in range(0, c, per_call):
+        k = min(per_call, c - s)
+        grad_outputs = eye[s:s + k, None, :].expand(k, *out.shape)
+        (g,) = torch.autograd.grad(out, wrt, grad_outputs=grad_outputs, is_grads_batched=True,
+                                   allow_unused=True, retain_graph=s + k < c)
+        parts.append(g if g is not None else
+                     torch.zeros((k, *wrt.shape), dtype=wrt.dtype, device=wrt.device))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def logits_and_jacobian(fn, x: torch.Tensor,
-                        piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (P, C) and input Jacobians (P, C, d) of a batch (d: the flattened input).
-
-    ``piece`` caps P per call (the batch is cut into consecutive pieces); the result is the
-    same up to float rounding.
-    """
+def logits_and_jacobian(fn, x: torch.Tensor, budget: int | None = None,
+                        classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P, C) and input Jacobians (P, C, d) of a batch (d: the flattened input), with at
+    most ``budget`` image-backward passes per autograd call (``classes``: C, needed to plan
+    the split when a budget is given)."""
     x = x.detach()
-    if piece is not None and x.shape[0] > piece:
-        parts = [logits_and_jacobian(fn, x[s:s + piece]) for s in range(0, x.shape[0], piece)]
+    rows, piece = split(budget, classes or 1, x.shape[0])
+    if budget is not None and x.shape[0] > piece:
+        parts = [logits_and_jacobian(fn, x[s:s + piece], budget, classes)
+                 for s in range(0, x.shape[0], piece)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     x = x.requires_grad_(True)
     with torch.enable_grad():
         out = fn(x)
-        rows = _batched_rows(out, x)  # (C, P, *shape)
-    return out.detach(), rows.detach().flatten(2).transpose(0, 1)
+        jac = _rows(out, x, rows if budget is not None else out.shape[1])  # (C, P, *shape)
+    return out.detach(), jac.detach().flatten(2).transpose(0, 1)
 
 
 def noisy_logits_and_mean_jacobian(fn, x: torch.Tensor, noise: torch.Tensor,
-                                   piece: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (P·n, C) of every noisy copy x_p + noise_pk (``noise``: (P, n, *shape)) and,
-    per point, the mean over k of the copies' input Jacobians (P, C, d).
+                                   budget: int | None = None,
+                                   classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P·n, C) of every noisy copy x_p + noise_pk (``noise``: (P, n, *shape)), in that
+    order, and per point the mean over k of the copies' input Jacobians (P, C, d).
 
-    The mean is the Jacobian of x_p ↦ mean_k f(x_p + noise_pk) (d(x + ε)/dx = I), so it is
-    back-propagated directly and the P·n per-copy Jacobians are never stored: memory
-    P·C·d for the result instead of P·n·C·d. ``piece`` caps the points per call (each
-    call back-propagates C × piece × n images at once); the result is the same up to
-    float rounding.
+    The mean is the Jacobian of x_p ↦ (1/n) Σ_k f(x_p + noise_pk) (d(x + ε)/dx = I), so it is
+    back-propagated directly and the P·n per-copy Jacobians are never stored: memory P·C·d
+    for the result instead of P·n·C·d. At most ``budget`` image-backward passes per autograd
+    call: points are split, and when one point's n copies times the class rows exceed the
+    budget, its copies are split too and their Jacobians summed.
     """
     x = x.detach()
     p, n = noise.shape[:2]
-    if piece is not None and p > piece:
-        parts = [noisy_logits_and_mean_jacobian(fn, x[s:s + piece], noise[s:s + piece])
-                 for s in range(0, p, piece)]
+    rows, images = split(budget, classes or 1, p * n)
+    if budget is None:
+        rows, points, copies = None, p, n
+    elif images >= n:
+        points, copies = images // n, n
+    else:
+        points, copies = 1, images
+    if points < p:
+        parts = [noisy_logits_and_mean_jacobian(fn, x[s:s + points], noise[s:s + points],
+                                                budget, classes)
+                 for s in range(0, p, points)]
         return torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+    logits, total = [], None
     x = x.requires_grad_(True)
-    with torch.enable_grad():
-        out = fn((x[:, None] + noise).flatten(0, 1))
-        rows = _batched_rows(out.view(p, n, -1).mean(1), x)  # (C, P, *shape)
-    return out.detach(), rows.detach().flatten(2).transpose(0, 1)
+    for s in range(0, n, copies):
+        chunk = noise[:, s:s + copies]
+        k = chunk.shape[1]
+        with torch.enable_grad():
+            out = fn((x[:, None] + chunk).flatten(0, 1))
+            # the chunk's share of the mean: Σ_{k in chunk} f(x + ε_k) / n
+            share = out.view(p, k, -1).sum(1) / n
+            jac = _rows(share, x, rows or out.shape[1])  # (C, P, *shape)
+        logits.append(out.detach().view(p, k, -1))
+        total = jac.detach() if total is None else total + jac.detach()
+    out = torch.cat(logits, dim=1).flatten(0, 1)
+    return out, total.flatten(2).transpose(0, 1)
