@@ -444,12 +444,6 @@ def load_average() -> str:
         return "unknown"
 
 
-def torchrun_speedup() -> None:
-    """PLACEHOLDER — the distributed (torchrun) speed-up is measured by bench/bench_shard.py,
-    which is being built separately; this bench does not measure it."""
-    print("torchrun speed-up: measured by bench/bench_shard.py", flush=True)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=32, help="evaluation points (default 32)")
@@ -509,7 +503,6 @@ def main(argv=None) -> None:
         bench_suite(work, args, ideal, ideal_cpu)
     if not args.skip_plain and not args.only:
         bench_plain(model, data, args)
-    torchrun_speedup()
     total = time.perf_counter() - t0
     print(f"\nbench_resnet: ResNet-18 width {args.width}, {args.points} points, "
           f"{args.threads} thread(s), total {total:.0f} s; load average at the start "

@@ -168,8 +168,8 @@ class AnalyticalConfig(MetricConfig):
                               description="for the validation CP intervals and class-mean CIs")
     top_k: int = Field(default=10, ge=0, le=100_000, description="most vulnerable points listed")
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
-                                    description="noisy images per step (memory); on CPU "
-                                    "the model sees at most batch_size per forward pass")
+                                    description="noisy images per step, and image-backward "
+                                    "passes (× class rows) per Jacobian call (memory)")
 
     @field_validator("estimators")
     @classmethod

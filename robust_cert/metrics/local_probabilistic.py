@@ -120,8 +120,8 @@ class LocalProbabilisticConfig(MetricConfig):
         description="draws per point per forward pass; default: up to 16, 64, then the "
                     "fewest draws that can accept H1, then blocks of that size")
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
-                                    description="noisy images per step (memory); on CPU "
-                                    "the model sees at most batch_size per forward pass")
+                                    description="noisy images per step (memory); on CPU the "
+                                    "model gets at most max(batch_size, 64) per call")
     failure: Literal["misclassified", "prediction_changed"] = "misclassified"
 
     @field_validator("p1")

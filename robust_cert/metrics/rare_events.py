@@ -168,8 +168,8 @@ class RareEventConfig(MetricConfig):
                                description="proportions of points with estimated p_fail ≤ p")
     failure: Literal["misclassified", "prediction_changed"] = "misclassified"
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
-                                    description="noisy images per step (memory); on CPU "
-                                    "the model sees at most batch_size per forward pass")
+                                    description="noisy images per step (memory); on CPU the "
+                                    "model gets at most max(batch_size, 64) per call")
 
     @model_validator(mode="after")
     def _scale_for_distribution(self):

@@ -129,8 +129,8 @@ class SmoothingConfig(MetricConfig):
     radii: Radii = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
                                description="radii of the certified-accuracy curve")
     max_forward_images: int = Field(default=4096, ge=1, le=100_000_000,
-                                    description="noisy images per step (memory); on CPU "
-                                    "the model sees at most batch_size per forward pass")
+                                    description="noisy images per step (memory); on CPU the "
+                                    "model gets at most max(batch_size, 64) per call")
 
     @field_validator("radii")
     @classmethod
