@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 
 
-def split(budget: int | None, classes: int, images: int) -> tuple[int, int]:
-    """(class rows per call, images per call) such that their product is at most ``budget``
-    (None: everything in one call), for ``classes`` rows and ``images`` images in all."""
+def split(budget: int | None, classes: int, images: int) -> tuple[int | None, int]:
+    """(class rows per call, images per call) such that their product is at most ``budget``,
+    for ``classes`` rows and ``images`` images in all; budget None: (None = every row,
+    every image) in one call."""
     if budget is None:
-        return classes, images
+        return None, images
     rows = max(1, min(classes, budget))
     return rows, max(1, min(images, budget // rows))
 
@@ -50,14 +51,14 @@ def logits_and_jacobian(fn, x: torch.Tensor, budget: int | None = None,
     the split when a budget is given)."""
     x = x.detach()
     rows, piece = split(budget, classes or 1, x.shape[0])
-    if budget is not None and x.shape[0] > piece:
+    if x.shape[0] > piece:
         parts = [logits_and_jacobian(fn, x[s:s + piece], budget, classes)
                  for s in range(0, x.shape[0], piece)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     x = x.requires_grad_(True)
     with torch.enable_grad():
         out = fn(x)
-        jac = _rows(out, x, rows if budget is not None else out.shape[1])  # (C, P, *shape)
+        jac = _rows(out, x, rows or out.shape[1])  # (C, P, *shape)
     return out.detach(), jac.detach().flatten(2).transpose(0, 1)
 
 
@@ -76,9 +77,7 @@ def noisy_logits_and_mean_jacobian(fn, x: torch.Tensor, noise: torch.Tensor,
     x = x.detach()
     p, n = noise.shape[:2]
     rows, images = split(budget, classes or 1, p * n)
-    if budget is None:
-        rows, points, copies = None, p, n
-    elif images >= n:
+    if images >= n:
         points, copies = images // n, n
     else:
         points, copies = 1, images
