@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _PUBLIC = {
     "certify": "robust_cert.api",
-    "load_model": "robust_cert.api",
+    "load_model": "robust_cert.loaders",
+    "Loader": "robust_cert.loaders",
+    "register_loader": "robust_cert.loaders",
     "Certificate": "robust_cert.certificate",
     "EvalSet": "robust_cert.data",
     "load_data": "robust_cert.data",
@@ -32,13 +34,14 @@ _PUBLIC = {
     "Policy": "robust_cert.policy",
     "load_policy": "robust_cert.policy",
     # deployments load registered models through it (checks the signed certificate)
-    "load_verified": "robust_cert.mlflow_plugin.models",
+    "load_verified": "robust_cert.mlflow_plugin.verified",
 }
 
 __all__ = [
     "Certificate",
     "DataError",
     "EvalSet",
+    "Loader",
     "ModelError",
     "Policy",
     "PolicyError",
@@ -49,10 +52,11 @@ __all__ = [
     "load_model",
     "load_policy",
     "load_verified",
+    "register_loader",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
-    from robust_cert.api import certify, load_model
+    from robust_cert.api import certify
     from robust_cert.certificate import Certificate
     from robust_cert.data import EvalSet, load_data
     from robust_cert.errors import (
@@ -62,7 +66,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         RobustCertError,
         TrackingError,
     )
-    from robust_cert.mlflow_plugin.models import load_verified
+    from robust_cert.loaders import Loader, load_model, register_loader
+    from robust_cert.mlflow_plugin.verified import load_verified
     from robust_cert.policy import Policy, load_policy
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import platform
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from robust_cert import distributed, engine, verdict
+from robust_cert import devices, distributed, engine, verdict
 from robust_cert.certificate import SCHEMA, Certificate, library_versions, result_to_dict
 from robust_cert.data import EvalSet, check_fits, load_data
 from robust_cert.errors import DataError, ModelError, PolicyError
+from robust_cert.loaders import load_model
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
 from robust_cert.models.diagnose import model_failures, model_parts
-from robust_cert.models.torch import from_module, preserved_modes
+from robust_cert.models.torch import preserved_modes
 from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
 from robust_cert.policy import Policy, load_policy
 
@@ -30,39 +30,6 @@ DECISION_RULE = (
     "FAIL when the opposite bound excludes the threshold, else INCONCLUSIVE. The overall "
     "verdict is PASS only if every requirement passes."
 )
-
-
-def load_model(
-    model,
-    *,
-    input_shape: tuple[int, ...] | None = None,
-    device: str | torch.device | None = None,
-) -> Classifier:
-    """A Classifier from an ``nn.Module`` (``input_shape`` required), an ``.onnx`` file path
-    (onnxruntime, no gradients) or an MLflow model URI (``models:/name/version``,
-    ``models:/name@alias``, ``runs:/…``; MLflow is imported only then). A Classifier is
-    returned unchanged."""
-    if isinstance(model, Classifier):
-        return model
-    dev = engine.select_device(device)
-    if isinstance(model, nn.Module):
-        if input_shape is None:
-            raise ModelError("input_shape is needed to wrap an nn.Module")
-        return from_module(model, tuple(input_shape), device=dev)
-    if isinstance(model, (str, Path)):
-        uri = str(model)
-        is_uri = uri.startswith(("models:/", "runs:/")) or "://" in uri
-        if uri.lower().endswith(".onnx") and not is_uri:
-            from robust_cert.models.onnx import from_onnx
-
-            return from_onnx(uri, device=dev, name=Path(uri).stem, input_shape=input_shape)
-        if uri.startswith(("models:/", "runs:/", "m-")) or "://" in uri:
-            from robust_cert.mlflow_plugin.models import load_mlflow_model
-
-            return load_mlflow_model(uri, device=dev)
-        raise ModelError(f"cannot load model {uri!r}: give an nn.Module, an .onnx path "
-                         "or a models:/ URI")
-    raise ModelError(f"unsupported model of type {type(model).__name__}")
 
 
 def _restores_modes(fn):
@@ -95,7 +62,9 @@ def certify(
 ) -> Certificate | None:
     """Run ``policy``'s metric suite on ``model`` and ``data`` and decide every requirement.
 
-    ``model``: an ``nn.Module``, an ``.onnx`` path, a ``models:/`` URI, or a loaded Classifier.
+    ``model``: anything :func:`robust_cert.loaders.load_model` accepts — an ``nn.Module``, an
+    ``.onnx`` path, a loaded Classifier, and with the MLflow plugin ``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``, ``models:/m-ID`` or ``runs:/RUN_ID/PATH``.
     ``data``: ``"digits"``, an ``.npz`` path, ``(x, y)`` arrays/tensors, or an EvalSet.
     ``policy``: YAML path, dict, or Policy. Returns an unsigned Certificate; nothing is written
     anywhere. The verdict's family-wise error is at most 1 − policy.confidence (see
@@ -135,7 +104,7 @@ def certify(
     pol: Policy = load_policy(policy)
     world = distributed.world()
     device = distributed.device_for(world, device)
-    n_threads = engine.configure_threads(threads)
+    n_threads = devices.configure_threads(threads)
     evalset: EvalSet = load_data(data, input_range=pol.input_range)
     if tuple(evalset.input_range) != tuple(pol.input_range):
         log.info("data input range %s differs from the policy's %s; using the data's",

@@ -294,9 +294,9 @@ def _dispatch(args, argv) -> int:
     if args.command == "report":
         from robust_cert.certificate import Certificate
         from robust_cert.errors import RobustCertError
-        from robust_cert.mlflow_plugin.promotion import Verification, verify_certificate_file
         from robust_cert.report import write_report
         from robust_cert.signing import Keyring, SigningKeyError
+        from robust_cert.verification import Verification, verify_certificate_file
 
         cert = Certificate.load(args.certificate)
         try:
@@ -367,7 +367,7 @@ def _announce(estimate) -> None:
 
 
 def _client(tracking_uri: str | None):
-    from robust_cert.mlflow_plugin.tracking import connect
+    from robust_cert.mlflow_plugin.client import connect
 
     return connect(tracking_uri)
 
@@ -447,14 +447,14 @@ def _serve(args) -> int:
 def _plan(args) -> int:
     import json
 
-    from robust_cert import engine
-    from robust_cert.api import load_model
+    from robust_cert import devices
     from robust_cert.data import check_fits, load_data
+    from robust_cert.loaders import load_model
     from robust_cert.plan import plan
     from robust_cert.policy import load_policy
 
     pol = load_policy(args.policy)
-    engine.configure_threads(args.threads)
+    devices.configure_threads(args.threads)
     if args.model.startswith("models:/") or args.tracking_uri:
         _client(args.tracking_uri)
     data = load_data(args.data, input_range=pol.input_range)
@@ -551,8 +551,8 @@ def _verify(args) -> int:
 
     keyring = Keyring.from_env()
     if args.target.startswith("models:/"):
-        from robust_cert.mlflow_plugin.models import parse_model_uri
         from robust_cert.mlflow_plugin.promotion import verify_version
+        from robust_cert.mlflow_plugin.registry import parse_model_uri
 
         name, version, alias = parse_model_uri(args.target)
         client = _client(args.tracking_uri)
@@ -560,12 +560,12 @@ def _verify(args) -> int:
             version = client.get_model_version_by_alias(name, alias).version
         res = verify_version(client, name, str(version), keyring)
     elif _is_manifest(args.target):
-        from robust_cert.mlflow_plugin.promotion import verify_manifest_file
+        from robust_cert.verification import verify_manifest_file
 
         res = verify_manifest_file(args.target, keyring)
     else:
         from robust_cert.certificate import Certificate
-        from robust_cert.mlflow_plugin.promotion import verify_certificate_file
+        from robust_cert.verification import verify_certificate_file
 
         res = verify_certificate_file(Certificate.load(args.target), keyring)
     print(f"{args.target}: {'VERIFIED' if res.ok else 'NOT VERIFIED'}: {res.message}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import torch
 from tqdm.auto import tqdm
@@ -23,45 +22,6 @@ from robust_cert.models.diagnose import (
 from robust_cert.policy import Policy
 
 log = logging.getLogger(__name__)
-
-#: Default intra-op threads on CPU. On small shared machines more threads can be far slower
-#: (contention), and results may differ in the last bits between thread counts, so the
-#: default is 1 and the count used is recorded in the certificate.
-DEFAULT_THREADS = 1
-
-
-def select_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: CUDA if available, else CPU. An explicit device must exist."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise RobustCertError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N "
-                              "or auto") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise RobustCertError(f"device {device!r} is not supported: use cpu, cuda, cuda:N "
-                              "or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RobustCertError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RobustCertError(f"device {device!r} does not exist: this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads (argument, else $ROBUST_CERT_THREADS, else 1)."""
-    if threads is None:
-        env = os.environ.get("ROBUST_CERT_THREADS", "")
-        try:
-            threads = int(env) if env else DEFAULT_THREADS
-        except ValueError:
-            raise RobustCertError(f"ROBUST_CERT_THREADS={env!r} is not an integer") from None
-    if threads < 1:
-        raise RobustCertError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    return threads
 
 
 #: Two forward passes on the same batch count as the same when every logit agrees within

@@ -311,7 +311,7 @@ def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from robust_cert.mlflow_plugin.tracking import RUN_ID_TAG
+    from robust_cert.mlflow_plugin.names import RUN_ID_TAG
 
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_registry_uri(mlflow_server.url)

@@ -11,7 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from robust_cert.cli import main
-from robust_cert.mlflow_plugin.gate import CERT_TAG
+from robust_cert.mlflow_plugin.names import CERT_TAG
 from robust_cert.signing import Keyring, generate_private_key_pem, sign_claim, verify_claim
 from tests.conftest import DIGITS_POLICY
 

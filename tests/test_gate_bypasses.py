@@ -20,7 +20,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from robust_cert.cli import main
-from robust_cert.mlflow_plugin.gate import CERT_TAG, PROMPT_TAG
+from robust_cert.mlflow_plugin.gate import PROMPT_TAG
+from robust_cert.mlflow_plugin.names import CERT_TAG
 from robust_cert.signing import Keyring, generate_private_key_pem, sign_claim, verify_claim
 from tests.conftest import REPO
 
@@ -339,7 +340,7 @@ def test_load_verified_refuses_swapped_artifacts(gated, client, small_model, tmp
     import torch
 
     import robust_cert
-    from robust_cert.mlflow_plugin.promotion import VerificationError
+    from robust_cert.verification import VerificationError
 
     url, name = gated.url, _name("swapped", gated)
     version = _register(url, name, small_model)
@@ -367,7 +368,7 @@ def test_load_verified_refuses_swapped_artifacts(gated, client, small_model, tmp
 
 def test_load_verified_refuses_failed_and_uncertified(gated, client, small_model, tmp_path):
     import robust_cert
-    from robust_cert.mlflow_plugin.promotion import VerificationError
+    from robust_cert.verification import VerificationError
 
     url, name = gated.url, _name("not-loadable", gated)
     v1 = _register(url, name, small_model)

@@ -9,8 +9,9 @@ import pytest
 from mlflow.entities.model_registry import ModelVersionTag
 from mlflow.exceptions import MlflowException
 
-from robust_cert.mlflow_plugin.gate import CERT_TAG, GatedRegistryStore
-from robust_cert.mlflow_plugin.models import artifacts_sha256
+from robust_cert.mlflow_plugin.gate import GatedRegistryStore
+from robust_cert.mlflow_plugin.names import CERT_TAG
+from robust_cert.mlflow_plugin.registry import artifacts_sha256
 from robust_cert.signing import PUBLIC_KEYS_ENV, Keyring, now_us, sign_claim
 from tests.conftest import PUBLIC_KEY
 

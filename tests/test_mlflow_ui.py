@@ -20,16 +20,18 @@ import pytest
 
 from robust_cert.certificate import SCHEMA, Certificate
 from robust_cert.cli import main
-from robust_cert.mlflow_plugin.tracking import (
+from robust_cert.mlflow_plugin.client import redact_uri
+from robust_cert.mlflow_plugin.names import (
     DESCRIPTION_BEGIN,
     DESCRIPTION_END,
+    user_description,
+    with_summary,
+)
+from robust_cert.mlflow_plugin.summary import (
     curve_points,
     description_summary,
     headline_metrics,
-    redact_uri,
     short_name,
-    user_description,
-    with_summary,
 )
 
 MODEL = "digits-cnn"
@@ -127,7 +129,7 @@ def test_description_block_keeps_the_users_text():
 
 
 def test_only_summary_tags_are_replaced():
-    from robust_cert.mlflow_plugin.tracking import _summary_tag
+    from robust_cert.mlflow_plugin.versions import _summary_tag
 
     for key in ("robust_cert.metric.robust_accuracy.eps_0.1", "robust_cert.issued_at",
                 "robust_cert.policy_sha256", "robust_cert.robust_acc_0.05", "robust_cert.acc",
@@ -236,7 +238,7 @@ def test_certification_runs_names_kind_metrics_and_curves(demo, client, tmp_path
 
 @pytest.mark.integration
 def test_version_page_tags_and_description(demo, client):
-    from robust_cert.mlflow_plugin.tracking import STATUS_TAG
+    from robust_cert.mlflow_plugin.names import STATUS_TAG
 
     mv = client.get_model_version(MODEL, "2")
     tags = {k for k in mv.tags if k.startswith("robust_cert.")}

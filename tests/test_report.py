@@ -25,7 +25,6 @@ import robust_cert
 from robust_cert.certificate import Certificate
 from robust_cert.cli import main
 from robust_cert.data import digits_split, load_data
-from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 from robust_cert.mlflow_plugin.tracking import claim_for
 from robust_cert.report import PdfUnavailable, write_report
 from robust_cert.report.charts import (
@@ -38,6 +37,7 @@ from robust_cert.report.charts import (
 from robust_cert.report.html import render_html
 from robust_cert.report.present import fixed, interval
 from robust_cert.signing import Keyring, sign_claim, signature_block, verify_claim
+from robust_cert.verification import verify_certificate_file
 
 POLICY = {
     "name": "report-test", "version": "2", "confidence": 0.95,

@@ -412,7 +412,7 @@ class FakeClient:
 
 
 def _certificate_tag(name: str, version: str, policy_sha256: str) -> dict:
-    from robust_cert.mlflow_plugin.gate import CERT_TAG
+    from robust_cert.mlflow_plugin.names import CERT_TAG
     from robust_cert.signing import Keyring, sign_claim
 
     claim = {"model": name, "version": int(version), "verdict": "PASS",
@@ -452,7 +452,7 @@ def test_reconcile_uses_one_client_per_pass_and_only_this_policy_is_current(
     under any policy counted as current, so a policy change never re-certified anything."""
     import mlflow.tracking
 
-    import robust_cert.mlflow_plugin.tracking as tracking
+    import robust_cert.mlflow_plugin.client as mlflow_client
 
     monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
     policy = tmp_path / "policy.yaml"
@@ -470,7 +470,7 @@ def test_reconcile_uses_one_client_per_pass_and_only_this_policy_is_current(
         made, checked = [], []
         monkeypatch.setattr(mlflow.tracking, "MlflowClient",
                             lambda **kw: made.append(kw) or client)
-        monkeypatch.setattr(tracking, "check_server", checked.append)
+        monkeypatch.setattr(mlflow_client, "check_server", checked.append)
         counts = rec.reconcile_once()
         assert (len(made), len(checked)) == (1, 1)  # one client, one server check per pass
         assert (counts["versions"], counts["current"], counts["queued"]) == (4, 2, 2), counts

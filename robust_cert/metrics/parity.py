@@ -15,6 +15,7 @@ from pydantic import Field
 
 from robust_cert.data import EvalSet
 from robust_cert.errors import ModelError
+from robust_cert.loaders import load_model
 from robust_cert.metrics.base import (
     Metric,
     MetricConfig,
@@ -62,7 +63,7 @@ class Parity(Metric):
 
     Args (policy ``metrics.parity``):
         reference: an ``.onnx`` path or ``models:/NAME/VERSION`` (``@ALIAS``) URI, loaded
-            through :func:`robust_cert.load_model` when the metric runs; or ``twin``: the
+            through :func:`robust_cert.loaders.load_model` when the metric runs; or ``twin``: the
             gradient twin given to :func:`robust_cert.certify` (``ctx.gradient_twin``), so the
             policy states how closely the deployed graph must follow the model whose
             gradients crafted its attacks. ``twin`` without a twin is an error before any
@@ -107,8 +108,6 @@ class Parity(Metric):
         return n_points * (1 + len(self.config.eps))
 
     def _reference(self, data: EvalSet, ctx: RunContext) -> Classifier:
-        from robust_cert.api import load_model  # the API imports the metrics: no cycle
-
         cfg = self.config
         if cfg.reference == TWIN:
             ref = ctx.gradient_twin

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from robust_cert.certificate import Certificate
 from robust_cert.comparison import QuantityComparison, compare, paired_outcomes
 from robust_cert.errors import RobustCertError
+from robust_cert.mlflow_plugin.baseline import NotABaseline, load_certification_run
+from robust_cert.mlflow_plugin.names import RUN_ID_TAG
 from robust_cert.report.comparison import render_comparison_html, write_comparison_html
 
 log = logging.getLogger(__name__)
@@ -116,18 +115,34 @@ def _model_version(client, name: str, version: str):
         raise RobustCertError(f"cannot read {name} v{version}: {exc.message}") from None
 
 
-def _load_certification(client, name: str, version: str, tmp: Path):
+def _load_certification(client, name: str, version: str, tmp: Path, keyring):
+    """(certificate, per-point arrays, run id) of the version's certification, through the
+    one verified loader (:func:`~robust_cert.mlflow_plugin.baseline.load_certification_run`):
+    with ``keyring`` its certificate must verify for that run."""
     mv = _model_version(client, name, version)
-    run_id = mv.tags.get("robust_cert.run_id")
+    run_id = mv.tags.get(RUN_ID_TAG)
     if not run_id:
         raise RobustCertError(f"{name} v{version} has not been certified "
                               f"(run: robust-cert certify models:/{name}/{version} --policy P)")
-    where = tmp / version
-    where.mkdir()
-    cert = Certificate.load(client.download_artifacts(run_id, "certificate.json", str(where)))
-    with np.load(client.download_artifacts(run_id, "per_point.npz", str(where))) as f:
-        per_point = {k: f[k] for k in f.files}
+    try:
+        cert, per_point = load_certification_run(client, run_id, tmp / version,
+                                                 keyring=keyring)
+    except NotABaseline as exc:
+        raise RobustCertError(f"{name} v{version}: {exc}") from exc
     return cert, per_point, run_id
+
+
+def _verifying_keyring():
+    """The configured keys (public or private), or None with a warning: without keys the
+    certificates compared are not checked."""
+    from robust_cert.signing import Keyring, SigningKeyError
+
+    try:
+        return Keyring.from_env()
+    except SigningKeyError:
+        log.warning("no keys configured (ROBUST_CERT_PUBLIC_KEYS): the certificates compared "
+                    "are not verified")
+        return None
 
 
 def compare_versions(client, name: str, versions: list[str] | None = None,
@@ -143,7 +158,7 @@ def compare_versions(client, name: str, versions: list[str] | None = None,
     registered = _registered_model(client, name)
     if not versions:
         found = client.search_model_versions(f"name='{name}'")
-        versions = sorted((mv.version for mv in found if "robust_cert.run_id" in mv.tags),
+        versions = sorted((mv.version for mv in found if RUN_ID_TAG in mv.tags),
                           key=int)
         if len(versions) < 2:
             raise RobustCertError(f"{name} has {len(versions)} certified version(s); "
@@ -165,7 +180,9 @@ def compare_versions(client, name: str, versions: list[str] | None = None,
     for v in versions:  # every version exists before anything is downloaded or written
         _model_version(client, name, v)
     with tempfile.TemporaryDirectory(prefix="robust_cert_compare_") as tmp:
-        loaded = {v: _load_certification(client, name, v, Path(tmp)) for v in versions}
+        keyring = _verifying_keyring()
+        loaded = {v: _load_certification(client, name, v, Path(tmp), keyring)
+                  for v in versions}
     shas = {v: c.body["data"]["sha256"] for v, (c, _, _) in loaded.items()}
     if len(set(shas.values())) > 1:
         raise RobustCertError("the versions were certified on different data "

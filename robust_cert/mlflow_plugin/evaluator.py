@@ -42,8 +42,9 @@ def _evaluator_class():
                      **kwargs):
             import mlflow
 
-            from robust_cert.api import certify, load_model
-            from robust_cert.mlflow_plugin.tracking import summary_metrics
+            from robust_cert.api import certify
+            from robust_cert.loaders import load_model
+            from robust_cert.mlflow_plugin.summary import summary_metrics
 
             cfg = dict(evaluator_config or {})
             if "policy" not in cfg:

@@ -47,9 +47,10 @@ import os
 import tempfile
 import time
 
+from robust_cert.mlflow_plugin.names import CERT_TAG
+
 log = logging.getLogger(__name__)
 
-CERT_TAG = "robust_cert.certificate"
 PROMPT_TAG = "mlflow.prompt.is_prompt"
 #: MLflow's prompt source placeholders (the client's and the store's); MLflow's server refuses
 #: a prompt-marked version with any other source.
@@ -171,7 +172,7 @@ def _store_class():
                               "no longer match the certified SHA-256; re-certify the version")
 
         def _artifacts_sha256(self, mv) -> str:
-            from robust_cert.mlflow_plugin.models import artifacts_sha256
+            from robust_cert.mlflow_plugin.registry import artifacts_sha256
 
             try:
                 location = self.get_model_version_download_uri(mv.name, mv.version)

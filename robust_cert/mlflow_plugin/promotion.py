@@ -1,87 +1,23 @@
-"""Verify certificates, check that a registry is gated, and ask it to promote a version (the
-server decides)."""
+"""Verify a registered version's certificate, check that a registry is gated, and ask it to
+promote a version (the server decides). Certificate and manifest files are verified without
+MLflow, in :mod:`robust_cert.verification`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError, TrackingError
-from robust_cert.mlflow_plugin.gate import CERT_TAG
-from robust_cert.signing import (
-    Keyring,
-    SignatureError,
-    verify_claim,
-    verify_manifest,
-    verify_signature_block,
-)
+from robust_cert.mlflow_plugin.names import CERT_TAG
+from robust_cert.mlflow_plugin.registry import artifacts_sha256, download_version, resolve_version
+from robust_cert.signing import Keyring, SignatureError, verify_claim
+from robust_cert.verification import Verification
 
 log = logging.getLogger(__name__)
 
 #: Prefix of the registered models ``robust-cert doctor`` creates (and deletes) as probes.
 PROBE_PREFIX = "robust-cert-doctor-probe-"
-
-
-@dataclass
-class Verification:
-    ok: bool
-    message: str
-    claim: dict | None = None
-
-
-class VerificationError(RobustCertError):
-    """A model or certificate did not verify (signature, verdict, policy or artifact hash)."""
-
-
-def verify_certificate_file(cert: Certificate, keyring: Keyring) -> Verification:
-    """A certificate JSON verifies when its digest matches its content (checked on load),
-    it carries a signature block, the Ed25519 signature verifies under a trusted key, and the
-    signed claim names this digest and verdict."""
-    if cert.signature is None:
-        return Verification(False, "certificate is not signed")
-    try:
-        claim = verify_signature_block(cert.signature, keyring)
-    except SignatureError as exc:
-        return Verification(False, str(exc))
-    if claim["certificate_digest"] != cert.digest:
-        return Verification(False, "the signature covers another certificate (digest differs)")
-    if claim["verdict"] != cert.verdict:
-        return Verification(False, "the signed verdict differs from the certificate's")
-    return Verification(True, f"valid {cert.signature.get('alg', 'Ed25519')} signature (key "
-                              f"{claim['kid']}); verdict {claim['verdict']} for "
-                              f"{claim['model']} v{claim['version']}", claim)
-
-
-def verify_manifest_file(path: str | Path, keyring: Keyring) -> Verification:
-    """``manifest.json`` verifies when its signature does and every file it lists, beside it,
-    still has the recorded SHA-256 (the report files included)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        manifest = verify_manifest(doc, keyring, root=path.parent)
-    except (OSError, ValueError) as exc:
-        return Verification(False, f"cannot read {path}: {exc}")
-    except SignatureError as exc:
-        return Verification(False, str(exc))
-    claim = None
-    if manifest.get("claim") is not None:  # a certification's manifest: its signed claim too
-        try:
-            claim = verify_claim(manifest["claim"], keyring, name=manifest["model"],
-                                 version=manifest["version"])
-        except (SignatureError, KeyError) as exc:
-            return Verification(False, f"the manifest's claim does not verify: {exc}")
-        if (claim["verdict"], claim["certificate_digest"]) != \
-                (manifest.get("verdict"), manifest.get("certificate_digest")):
-            return Verification(False, "the manifest's verdict or certificate digest differs "
-                                       "from its signed claim")
-    what = f"; verdict {claim['verdict']}" if claim else ""
-    return Verification(True, f"valid signature (key {doc['kid']}); {len(manifest['files'])} "
-                              f"files match: {', '.join(sorted(manifest['files']))}{what}",
-                        claim)
 
 
 def verify_version(client, name: str, version, keyring: Keyring, *,
@@ -93,12 +29,6 @@ def verify_version(client, name: str, version, keyring: Keyring, *,
     ``allowed_policies``, the policy (name or SHA-256) must be one of them; with
     ``policy_sha256``, the certificate must have been issued under exactly that policy (its
     SHA-256: a policy of the same name but other content does not do)."""
-    from robust_cert.mlflow_plugin.models import (
-        artifacts_sha256,
-        download_version,
-        resolve_version,
-    )
-
     mv = resolve_version(client, f"models:/{name}/{version}")
     value = mv.tags.get(CERT_TAG)
     if not value:

@@ -1,4 +1,9 @@
-"""Certify a registered model version and record everything in MLflow.
+"""Certify a model MLflow holds and record everything in MLflow: the orchestration.
+
+A registered version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) gets a certification
+run, the signed certificate tag the registry gate trusts, summary tags and the summary in its
+description. A model not (yet) registered (``runs:/RUN_ID/PATH``, ``models:/m-ID``) gets the
+certification run and its report only: a check before registration, with nothing to tag.
 
 Order matters for safety: the suite runs and the certificate is complete before anything is
 written; then the version's signed certificate tag (and its status tag, then the summary in
@@ -15,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 import threading
 import warnings
@@ -25,10 +29,15 @@ from pathlib import Path
 from robust_cert.api import certify
 from robust_cert.certificate import Certificate
 from robust_cert.data import load_data
-from robust_cert.engine import select_device
-from robust_cert.errors import TrackingError
-from robust_cert.mlflow_plugin.gate import CERT_TAG
-from robust_cert.mlflow_plugin.models import load_mlflow_model
+from robust_cert.devices import select_device
+from robust_cert.errors import ModelError, TrackingError
+from robust_cert.loaders import REGISTRY as LOADERS_REGISTRY
+from robust_cert.mlflow_plugin.baseline import attach_comparison
+from robust_cert.mlflow_plugin.client import connect, current_tracking_uri, redact_uri
+from robust_cert.mlflow_plugin.loaders import LOADERS, load_reference
+from robust_cert.mlflow_plugin.names import CERT_TAG, DEFAULT_EXPERIMENT, KIND_TAG, MANIFEST
+from robust_cert.mlflow_plugin.summary import curve_points, headline_metrics, run_name
+from robust_cert.mlflow_plugin.versions import tag_version, withdraw_certificate
 from robust_cert.policy import load_policy
 from robust_cert.report import write_report
 from robust_cert.signing import (
@@ -44,39 +53,6 @@ from robust_cert.signing import (
 )
 
 log = logging.getLogger(__name__)
-
-TAG_PREFIX = "robust_cert."
-STATUS_TAG = "robust_cert.status"
-STATUS = {"PASS": "passed", "FAIL": "failed", "INCONCLUSIVE": "inconclusive"}
-DEFAULT_EXPERIMENT = "robust_cert"
-MANIFEST = "manifest.json"
-#: Run tag that marks what a robust_cert run is: ``certification`` or ``comparison``. Filter
-#: the experiment's runs with ``tags.robust_cert.kind = 'certification'``.
-KIND_TAG = "robust_cert.kind"
-#: The version description's robust_cert summary lies between these markers; the user's own
-#: text around them is kept, the block is replaced on re-certification.
-DESCRIPTION_BEGIN = "<!-- robust_cert:begin -->"
-DESCRIPTION_END = "<!-- robust_cert:end -->"
-#: Version tags of a certification besides the signed certificate (CERT_TAG) and the status;
-#: the headline metrics add ``robust_cert.<short name>`` (see :func:`headline_metrics`).
-RUN_ID_TAG = "robust_cert.run_id"
-POLICY_TAG = "robust_cert.policy"
-DIGEST_TAG = "robust_cert.certificate_digest"
-#: Short metric names for the run's headline metrics and the version's tags.
-SHORT_NAMES = {
-    "accuracy": "acc", "robust_accuracy": "robust_acc", "probabilistic_robustness": "fail_rate",
-    "randomized_smoothing": "cert_acc", "parity": "parity", "corruptions": "corr_acc",
-    "local_probabilistic_robustness": "local_robust", "calibration": "sel_risk",
-    "analytical_robustness": "analytic_robust", "rare_event_probability": "rare_event",
-    "safe_radius": "safe_frac", "divergence": "div_bounded",
-}
-#: Curves logged as metric histories, x value as the step (thousandths): metric -> (param,
-#: metric history name).
-CURVES = {
-    "robust_accuracy": ("eps", "curve.robust_accuracy"),
-    "randomized_smoothing": ("radius", "curve.certified_accuracy"),
-    "probabilistic_robustness": ("eps", "curve.failure_rate"),
-}
 
 
 class CertificationInterrupted(KeyboardInterrupt):
@@ -114,204 +90,6 @@ class Certification:
     certificate_path: Path
 
 
-def metric_key(metric: str, params: dict, suffix: str = "") -> str:
-    """MLflow metric name for one proportion, e.g. ``robust_accuracy.eps_0.1``."""
-    key = metric + "".join(f".{k}_{v:g}" if isinstance(v, float) else f".{k}_{v}"
-                           for k, v in sorted(params.items()))
-    return key + suffix
-
-
-def summary_metrics(cert: Certificate) -> dict[str, float]:
-    """Every proportion's estimate and CI ends, keyed by :func:`metric_key`."""
-    out = {}
-    for res in cert.results:
-        for v in res["values"]:
-            key = metric_key(res["metric"], v["params"])
-            out[key] = v["estimate"]
-            out[key + ".ci_lower"], out[key + ".ci_upper"] = v["ci"]
-    return out
-
-
-def _param_text(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def short_name(metric: str, params: dict) -> str:
-    """A short, distinct MLflow name for one quantity: ``acc``, ``robust_acc_0.1`` (ε),
-    ``fail_rate_0.1``, ``cert_acc_r0.25`` (L2 radius); other parameters as ``<name><value>``.
-    Only characters MLflow accepts in metric names and tags on every platform."""
-    parts = [SHORT_NAMES.get(metric, metric)]
-    for key, value in sorted(params.items()):
-        text = _param_text(value)
-        parts.append(text if key == "eps" else ("r" + text if key == "radius" else key + text))
-    return re.sub(r"[^\w.\-]", "_", "_".join(parts), flags=re.ASCII)
-
-
-def headline_metrics(cert: Certificate) -> dict[str, float]:
-    """The run's headline metrics: the estimate of every quantity a requirement is about, and
-    clean accuracy, by :func:`short_name`, rounded to 4 decimals; ``pass`` is 1 for PASS."""
-    out = {}
-    for res in cert.results:
-        if res["metric"] == "accuracy" and res["status"] == "ok" and res["values"]:
-            out["acc"] = round(float(res["values"][0]["estimate"]), 4)
-    for req in cert.requirements:
-        if req["estimate"] is not None:
-            out[short_name(req["metric"], req["params"])] = round(float(req["estimate"]), 4)
-    out["pass"] = float(cert.passed)
-    return out
-
-
-def curve_points(cert: Certificate) -> dict[str, list[tuple[int, float]]]:
-    """Each curve of :data:`CURVES` the certificate has, as (step, value) points with the step
-    the x value in thousandths (``round(1000·ε)``) and the value rounded to 4 decimals: logged
-    as metric histories, MLflow's chart view draws and overlays them across runs."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for res in cert.results:
-        spec = CURVES.get(res["metric"])
-        if spec is None or res["status"] != "ok":
-            continue
-        param, name = spec
-        points = {}
-        for v in res["values"]:
-            if set(v["params"]) == {param} and v["estimate"] is not None:
-                points[round(1000 * float(v["params"][param]))] = round(float(v["estimate"]), 4)
-        if points:
-            out[name] = sorted(points.items())
-    return out
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """``uri`` without credentials: ``user:password@`` and the query string are dropped."""
-    if not uri:
-        return uri
-    scheme, sep, rest = uri.partition("://")
-    if not sep:  # a local path
-        return uri
-    authority, slash, path = rest.split("?", 1)[0].split("#", 1)[0].partition("/")
-    return f"{scheme}://{authority.rsplit('@', 1)[-1]}{slash}{path}"
-
-
-def user_description(description: str | None) -> str:
-    """The user's own part of a version description: the text without the robust_cert
-    summary block (see :data:`DESCRIPTION_BEGIN`)."""
-    text = description or ""
-    while DESCRIPTION_BEGIN in text:
-        head, _, rest = text.partition(DESCRIPTION_BEGIN)
-        _, found, tail = rest.partition(DESCRIPTION_END)
-        if not found:  # the end marker was edited away: keep the text, drop the marker
-            tail = rest
-        text = head.rstrip() + ("\n\n" + tail.strip() if tail.strip() else "")
-    return text.strip()
-
-
-def with_summary(description: str | None, summary: str | None) -> str:
-    """``description`` with its robust_cert block replaced by ``summary`` (removed when None);
-    the user's text is kept, the summary first."""
-    own = user_description(description)
-    if summary is None:
-        return own
-    block = f"{DESCRIPTION_BEGIN}\n{summary.strip()}\n{DESCRIPTION_END}"
-    return block + ("\n\n" + own if own else "")
-
-
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.4f}"
-
-
-def requirement_label(metric: str, params: dict) -> str:
-    """``robust accuracy, ε = 0.1``; ``certified accuracy of the smoothed classifier, r =
-    0.25``: how the description names a quantity."""
-    from robust_cert.report.comparison import quantity_label
-
-    if not params or set(params) == {"eps"}:
-        return quantity_label(metric_key(metric, params))
-    symbols = {"eps": "ε", "radius": "r"}
-    return metric.replace("_", " ") + ", " + ", ".join(
-        f"{symbols.get(k, k)} = {_param_text(v)}" for k, v in sorted(params.items()))
-
-
-def description_summary(cert: Certificate, run_id: str, experiment_id: str) -> str:
-    """The markdown summary written into the version description: verdict, policy, each
-    requirement's estimate with its CI, threshold and verdict, the comparison with the
-    baseline when there is one, and links to the certification run and its report (relative
-    links of the MLflow UI)."""
-    body = cert.body
-    pol = body["policy"]
-    conf = float(pol.get("confidence") or 0.95)
-    run = f"#/experiments/{experiment_id}/runs/{run_id}"
-    lines = [
-        f"**Robustness: {cert.verdict}** under policy `{pol['name']}` "
-        f"{pol.get('version') or ''} ({conf:.0%} family-wise confidence), issued "
-        f"{str(body['issued_at']).replace('T', ' ').replace('+00:00', ' UTC')}",
-        "",
-        f"| Requirement | Estimate ({conf:.0%} CI) | Needed | Verdict |",
-        "|---|---|---|---|",
-    ]
-    for req in cert.requirements:
-        ci = req.get("ci")
-        ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        op = "≥" if req["direction"] == "at_least" else "≤"
-        lines.append(f"| {requirement_label(req['metric'], req['params'])} | "
-                     f"{_fmt(req['estimate'])}{ci_text} | {op} {req['threshold']:g} | "
-                     f"**{req['verdict']}** |")
-    comparison = body.get("comparison")
-    if isinstance(comparison, dict):
-        base = comparison.get("baseline") or {}
-        label = {q["key"]: q.get("label") or q["key"] for q in comparison.get("quantities", [])}
-        worse = [label.get(k, k) for k in comparison.get("regressions") or []]
-        better = [label.get(k, k) for k in comparison.get("improvements") or []]
-        lines += ["", f"Compared with v{base.get('version')} ({base.get('verdict')}): "
-                  + (f"**significantly worse**: {'; '.join(worse)}" if worse else
-                     "no significant regression")
-                  + (f"; significantly better: {'; '.join(better)}" if better else "") + "."]
-    lines += ["", f"[Certification run]({run}) · [report]({run}/artifacts/report.html) · "
-              f"certificate `{cert.digest[:12]}`"]
-    return "\n".join(lines)
-
-
-def connect(tracking_uri: str | None = None):
-    """An MlflowClient for ``tracking_uri`` (also the registry; default: MLflow's own
-    resolution), after checking that the server answers."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    check_server(mlflow.get_tracking_uri())
-    return MlflowClient()
-
-
-#: URI schemes an MLflow client can track to ("" is a local path).
-_TRACKING_SCHEMES = ("", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
-                     "databricks", "databricks-uc", "uc")
-
-
-def check_server(tracking_uri: str) -> None:
-    """Fail fast (seconds, not the client's minutes of retries) when the server is down, and
-    name an unsupported URI scheme before MLflow raises deep inside its store registry."""
-    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() \
-        if "://" in tracking_uri else ""
-    if scheme not in _TRACKING_SCHEMES:
-        raise TrackingError(f"unsupported MLflow tracking URI {tracking_uri!r}: use "
-                            "http(s)://HOST:PORT, sqlite:///PATH.db, postgresql://…, "
-                            "mysql://…, file:///DIR, databricks or a local path")
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10):
-            return
-    except urllib.error.HTTPError:
-        return  # it answers; auth or routing problems surface on the first real call
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"cannot reach the MLflow tracking server at {tracking_uri}: "
-                            f"{reason}") from None
-
-
 def certify_version(
     uri: str,
     policy,
@@ -328,7 +106,12 @@ def certify_version(
     allow_unsigned: bool = False,
     announce=None,
 ) -> Certification | None:
-    """Certify the version ``uri`` names against ``policy`` and log it to MLflow.
+    """Certify the model ``uri`` names against ``policy`` and log it to MLflow.
+
+    ``uri`` is a registered version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or a
+    model not yet registered (``runs:/RUN_ID/PATH``, ``models:/m-ID``: a certification run
+    and report only, in the experiment of the run or logged model; no tags, no signature,
+    since a claim names a registered version, and no comparison with other versions).
 
     Creates one certification run named ``certify NAME vN · VERDICT`` and tagged
     ``robust_cert.kind=certification`` (in the experiment of the version's logged model, so
@@ -366,6 +149,7 @@ def certify_version(
 def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, threads,
                      progress, command, gradient_twin, allow_unsigned,
                      announce=None) -> Certification | None:
+    check_reference(uri)  # an unknown reference: one line, before anything is touched
     client = connect(tracking_uri)
     keyring = signing_keyring()
     pol = load_policy(policy)
@@ -374,133 +158,42 @@ def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, 
 
     # under torchrun: join the others first, each process on its local GPU
     device = distributed.device_for(distributed.world(), device)
-    clf = load_mlflow_model(uri, device=select_device(device), client=client)
-    if keyring is None and not allow_unsigned and \
+    clf = load_reference(uri, device=select_device(device), client=client)
+    registered = clf.version is not None
+    if not registered:
+        keyring = None  # a claim names a registered version: nothing to sign or tag
+    elif keyring is None and not allow_unsigned and \
             client.get_model_version(clf.name, str(clf.version)).tags.get(CERT_TAG):
         raise TrackingError(
             f"{clf.name} v{clf.version} holds a signed certificate, and without a signing key "
             f"({KEY_ENV} / {KEY_FILE_ENV}) this certification would withdraw it and leave an "
             "unsigned one the gate refuses; set the key, or pass --unsigned to replace it")
-    out = Path(out_dir or Path("robust_cert_reports") / f"{clf.name}-v{clf.version}")
+    label = f"v{clf.version}" if registered else \
+        "run-" + (clf.extra.get("model_id") or clf.extra.get("run_id") or "model")
+    out = Path(out_dir or Path("robust_cert_reports") / f"{clf.name}-{label}")
     check_output_dir(out)  # before hours of work, and before any run exists
     cert = certify(clf, evalset, pol, seed=seed, threads=threads, progress=progress,
                    command=command, gradient_twin=gradient_twin, announce=announce)
     if cert is None:  # another process of a torchrun launch: rank 0 alone writes
         return None
     # both are covered by the digest and the signature: added before anything is signed
-    cert.body["tracking_uri"] = redact_uri(_current_tracking_uri())
-    attach_comparison(client, cert, clf.name, clf.version, keyring=keyring)
+    cert.body["tracking_uri"] = redact_uri(current_tracking_uri())
+    if registered:
+        attach_comparison(client, cert, clf.name, clf.version, keyring=keyring)
     return _record(client, clf, evalset, cert, out, keyring)
 
 
-def _current_tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-PRODUCTION_ALIAS = "production"
-
-
-def find_baseline(client, name: str, version, data_sha256: str,
-                  keyring: Keyring | None = None):
-    """The certification Section 8 compares with: ``(certificate, per-point arrays, version)``
-    of the version under the ``production`` alias when it is another certified version, else
-    of the highest certified version below ``version``; only versions whose certification run
-    holds ``certificate.json`` and ``per_point.npz`` and was made on the same data (SHA-256)
-    qualify, the next candidate is tried otherwise. With ``keyring`` (a signed certification),
-    the baseline's certificate must also carry a signature the keyring verifies, issued for
-    that run: run artifacts are writable by any user, and a signed report must not compare
-    with a forged baseline. None when nothing qualifies or the registry cannot be read (a
-    warning says why)."""
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-
-    version = int(version)
-    try:
-        aliases = client.get_registered_model(name).aliases or {}
-        found = client.search_model_versions("name='{}'".format(name.replace("'", "\\'")))
-    except MlflowException as exc:
-        log.warning("no comparison with an earlier version: cannot read %s from the registry "
-                    "(%s)", name, exc.message)
-        return None
-    certified = {int(mv.version): mv.tags[RUN_ID_TAG] for mv in found
-                 if mv.tags.get(RUN_ID_TAG) and str(mv.version).isdigit()}
-    order = [int(v) for alias, v in aliases.items()
-             if alias.lower() == PRODUCTION_ALIAS and str(v).isdigit()
-             and int(v) != version and int(v) in certified][:1]
-    order += [v for v in sorted(certified, reverse=True) if v < version and v not in order]
-    with tempfile.TemporaryDirectory(prefix="robust_cert_baseline_") as tmp:
-        for v in order:
-            loaded = _load_certification_run(client, certified[v], data_sha256,
-                                             Path(tmp) / str(v), keyring)
-            if loaded is not None:
-                return (*loaded, str(v))
-    return None
-
-
-def _load_certification_run(client, run_id: str, data_sha256: str, where: Path,
-                            keyring: Keyring | None = None):
-    """(certificate, per-point arrays) of a certification run made on ``data_sha256``, or
-    None (with the reason logged at INFO) when it lacks either file, used other data, or (with
-    ``keyring``) its certificate is not signed for this run by a key the keyring trusts."""
-    import numpy as np
-    from mlflow.exceptions import MlflowException
-
-    from robust_cert.errors import RobustCertError
-
-    try:
-        run = client.get_run(run_id)
-        if run.data.params.get("data_sha256", data_sha256) != data_sha256:
-            log.info("run %s was certified on other data: not a baseline", run_id)
-            return None
-        names = {f.path for f in client.list_artifacts(run_id)}
-        if not {"certificate.json", "per_point.npz"} <= names:
-            log.info("run %s lacks certificate.json or per_point.npz: not a baseline", run_id)
-            return None
-        where.mkdir(parents=True, exist_ok=True)
-        cert = Certificate.load(client.download_artifacts(run_id, "certificate.json",
-                                                          str(where)))
-        if cert.body["data"]["sha256"] != data_sha256:
-            return None
-        if keyring is not None:
-            from robust_cert.mlflow_plugin.promotion import verify_certificate_file
-
-            check = verify_certificate_file(cert, keyring)
-            if not check.ok or check.claim.get("run_id") != run_id:
-                log.warning("run %s cannot serve as the comparison baseline: its certificate "
-                            "does not verify for this run (%s)", run_id, check.message)
-                return None
-        with np.load(client.download_artifacts(run_id, "per_point.npz", str(where))) as f:
-            per_point = {k: f[k] for k in f.files}
-    except (MlflowException, RobustCertError, OSError, ValueError, KeyError) as exc:
-        log.warning("run %s cannot serve as the comparison baseline: %s", run_id,
-                    getattr(exc, "message", exc))
-        return None
-    return cert, per_point
-
-
-def attach_comparison(client, cert: Certificate, name: str, version,
-                      keyring: Keyring | None = None) -> dict | None:
-    """Put the paired comparison with the baseline of :func:`find_baseline` into
-    ``cert.body["comparison"]`` (the report's Section 8); return it, or None (the certificate
-    then has no comparison) when no earlier certification is comparable."""
-    from robust_cert.errors import RobustCertError
-    from robust_cert.report.comparison import comparison_entry
-
-    found = find_baseline(client, name, version, cert.body["data"]["sha256"], keyring)
-    if found is None:
-        return None
-    base_cert, base_pp, base_version = found
-    try:
-        entry = comparison_entry(cert, base_cert, current_per_point=cert.per_point,
-                                 baseline_per_point=base_pp)
-    except RobustCertError as exc:
-        log.warning("no comparison with %s v%s: %s", name, base_version, exc)
-        return None
-    cert.body["comparison"] = entry
-    return entry
+def check_reference(uri) -> None:
+    """Raise ModelError unless ``uri`` is an MLflow model reference: a reference no loader
+    accepts is refused with the forms the registered loaders accept; one another loader
+    accepts (an ``.onnx`` path, a module) is certified with :func:`robust_cert.certify`,
+    which records nothing in MLflow."""
+    loader = LOADERS_REGISTRY.find(uri)
+    if loader not in LOADERS:
+        raise ModelError(f"{uri!r} is {loader.form}: certify records in MLflow and takes "
+                         "models:/NAME/VERSION, models:/NAME@ALIAS, models:/m-ID or "
+                         "runs:/RUN_ID/PATH; certify other models with robust_cert.certify() "
+                         "in Python")
 
 
 def check_output_dir(out: Path) -> None:
@@ -554,16 +247,20 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    name, version = clf.name, str(int(clf.version))
-    # 1. withdraw the previous certificate before anything of this one is written
-    withdraw_certificate(client, name, version)
+    registered = clf.version is not None
+    name = clf.name
+    version = str(int(clf.version)) if registered else None
+    what = f"{name} v{version}" if registered else clf.uri
+    if registered:  # 1. withdraw the previous certificate before anything of this one is written
+        withdraw_certificate(client, name, version)
     model_id = clf.extra.get("model_id")
-    experiment_id = _experiment_for(client, model_id)
+    experiment_id = _experiment_for(client, model_id, clf.extra.get("experiment_id"))
     # the verdict names the run only once the version carries the signed certificate: a crash
     # before that must not leave a run that reads PASS
-    run = client.create_run(experiment_id, run_name=f"certify {name} v{version}",
-                            tags={KIND_TAG: "certification", "robust_cert.model": name,
-                                  "robust_cert.version": version})
+    tags = {KIND_TAG: "certification", "robust_cert.model": name}
+    tags.update({"robust_cert.version": version} if registered else
+                {"robust_cert.source": clf.uri})
+    run = client.create_run(experiment_id, run_name=f"certify {what}", tags=tags)
     run_id = run.info.run_id
     try:
         token = None
@@ -590,15 +287,15 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
         except Exception as exc:
             client.set_terminated(run_id, "FAILED")
             raise TrackingError(f"logging the certification run failed: {exc}") from None
-        # 2. the version's summary tags, then the signed certificate last
-        try:
-            _tag_version(client, name, version, cert, run_id, token,
-                         experiment_id=experiment_id)
-        except MlflowException as exc:
-            raise TrackingError(f"tagging {name} v{version} failed ({exc.message}); the version "
-                                "carries no certificate: certify it again") from None
+        if registered:  # 2. the version's summary tags, then the signed certificate last
+            try:
+                tag_version(client, name, version, cert, run_id, token,
+                            experiment_id=experiment_id)
+            except MlflowException as exc:
+                raise TrackingError(f"tagging {name} v{version} failed ({exc.message}); the "
+                                    "version carries no certificate: certify it again") from None
         client.set_tag(run_id, "robust_cert.verdict", cert.verdict)
-        client.update_run(run_id, name=run_name(name, version, cert.verdict))
+        client.update_run(run_id, name=run_name(what, cert.verdict))
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
@@ -620,11 +317,6 @@ def write_manifest(path: Path, name: str, version: str, run_id: str, cert: Certi
     doc = sign_manifest(manifest, keyring)
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
-
-
-def run_name(name: str, version, verdict: str) -> str:
-    """``certify digits-cnn v2 · PASS``: sorts by model and version, reads at a glance."""
-    return f"certify {name} v{version} · {verdict}"
 
 
 def _log_run(mlflow, clf, evalset, cert: Certificate, model_id, files: list[Path]) -> None:
@@ -661,28 +353,10 @@ def _log_curves(client, run_id: str, cert: Certificate) -> None:
         client.log_batch(run_id, metrics=metrics)
 
 
-def withdraw_certificate(client, name: str, version: str) -> None:
-    """Remove the version's signed certificate and status tags (the gate records the removal
-    in its ledger, so the old certificate can never be written back), then the robust_cert
-    summary from its description, so no earlier verdict is shown beside a new run. Raises
-    TrackingError when a removal fails: nothing of a new certification may be written
-    before it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = client.get_model_version(name, version)
-        for key in (CERT_TAG, STATUS_TAG):
-            if key in mv.tags:
-                client.delete_model_version_tag(name, version, key)
-        if DESCRIPTION_BEGIN in (mv.description or ""):
-            client.update_model_version(name, version,
-                                        description=with_summary(mv.description, None))
-    except MlflowException as exc:
-        raise TrackingError(f"cannot remove the previous certificate of {name} v{version} "
-                            f"({exc.message}); nothing was written") from None
-
-
-def _experiment_for(client, model_id: str | None) -> str:
+def _experiment_for(client, model_id: str | None, experiment_id: str | None = None) -> str:
+    """The logged model's experiment, else ``experiment_id`` (a run's), else robust_cert's."""
+    if experiment_id:
+        return experiment_id
     if model_id:
         try:
             return client.get_logged_model(model_id).experiment_id
@@ -693,57 +367,3 @@ def _experiment_for(client, model_id: str | None) -> str:
     return exp.experiment_id if exp else client.create_experiment(DEFAULT_EXPERIMENT)
 
 
-
-
-def version_tags(cert: Certificate, run_id: str) -> dict[str, str]:
-    """The version's summary tags (besides the signed certificate): run id, policy, digest,
-    the headline metrics (``robust_cert.<short name>``, 4 decimals) and the status last."""
-    tags = {
-        POLICY_TAG: cert.body["policy"]["name"],
-        RUN_ID_TAG: run_id,
-        DIGEST_TAG: cert.digest,
-    }
-    for key, value in headline_metrics(cert).items():
-        if key != "pass":
-            tags[f"{TAG_PREFIX}{key}"] = f"{value:.4f}"
-    tags[STATUS_TAG] = STATUS[cert.verdict]
-    return tags
-
-
-#: Summary tags of earlier releases of this plugin (replaced by the headline tags).
-_LEGACY_TAGS = ("robust_cert.metric.", "robust_cert.policy_sha256", "robust_cert.issued_at")
-
-
-def _summary_tag(key: str) -> bool:
-    """Whether ``key`` is a summary tag a certification writes (a headline metric or a
-    legacy summary tag), which a new certification replaces; other ``robust_cert.*`` tags
-    (the certificate, the status, tags of other tools) are not touched here."""
-    if key.startswith(_LEGACY_TAGS):
-        return True
-    if not key.startswith(TAG_PREFIX):
-        return False
-    short = key[len(TAG_PREFIX):]
-    return short == "pass" or any(short == n or short.startswith(n + "_")
-                                  for n in {*SHORT_NAMES.values(), *SHORT_NAMES})
-
-
-def _tag_version(client, name: str, version: str, cert: Certificate, run_id: str,
-                 signed: str | None, *, experiment_id: str) -> None:
-    """Summary tags, the description's summary, the status, and the signed certificate last
-    (see the module doc). robust_cert tags of an earlier certification that this one does not
-    sets (headline metrics of other requirements, older tag names) are removed, so none is
-    left stale."""
-    tags = version_tags(cert, run_id)
-    status = tags.pop(STATUS_TAG)
-    mv = client.get_model_version(name, version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    for key in sorted(mv.tags):
-        if key not in tags and _summary_tag(key):
-            client.delete_model_version_tag(name, version, key)
-    summary = description_summary(cert, run_id, experiment_id)
-    client.update_model_version(name, version, description=with_summary(mv.description,
-                                                                        summary))
-    client.set_model_version_tag(name, version, STATUS_TAG, status)
-    if signed is not None:
-        client.set_model_version_tag(name, version, CERT_TAG, signed)

@@ -299,7 +299,7 @@ class Receiver:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        from robust_cert.mlflow_plugin.tracking import check_server
+        from robust_cert.mlflow_plugin.client import check_server
 
         uri = self.tracking_uri or mlflow.get_tracking_uri()
         check_server(uri)

@@ -44,7 +44,7 @@ STYLESHEET = "report.css"
 
 class SignatureCheck(Protocol):
     """The outcome of checking a certificate's signature, e.g. what
-    :func:`robust_cert.mlflow_plugin.promotion.verify_certificate_file` returns."""
+    :func:`robust_cert.verification.verify_certificate_file` returns."""
 
     ok: bool
     message: str

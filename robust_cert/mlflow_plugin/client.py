@@ -1,0 +1,64 @@
+"""The MLflow client: connecting to a tracking server, checking it answers, URIs without
+credentials."""
+
+from __future__ import annotations
+
+from robust_cert.errors import TrackingError
+
+
+def connect(tracking_uri: str | None = None):
+    """An MlflowClient for ``tracking_uri`` (also the registry; default: MLflow's own
+    resolution), after checking that the server answers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    check_server(mlflow.get_tracking_uri())
+    return MlflowClient()
+#: URI schemes an MLflow client can track to ("" is a local path).
+_TRACKING_SCHEMES = ("", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                     "databricks", "databricks-uc", "uc")
+
+
+def check_server(tracking_uri: str) -> None:
+    """Fail fast (seconds, not the client's minutes of retries) when the server is down, and
+    name an unsupported URI scheme before MLflow raises deep inside its store registry."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() \
+        if "://" in tracking_uri else ""
+    if scheme not in _TRACKING_SCHEMES:
+        raise TrackingError(f"unsupported MLflow tracking URI {tracking_uri!r}: use "
+                            "http(s)://HOST:PORT, sqlite:///PATH.db, postgresql://…, "
+                            "mysql://…, file:///DIR, databricks or a local path")
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers; auth or routing problems surface on the first real call
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"cannot reach the MLflow tracking server at {tracking_uri}: "
+                            f"{reason}") from None
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without credentials: ``user:password@`` and the query string are dropped."""
+    if not uri:
+        return uri
+    scheme, sep, rest = uri.partition("://")
+    if not sep:  # a local path
+        return uri
+    authority, slash, path = rest.split("?", 1)[0].split("#", 1)[0].partition("/")
+    return f"{scheme}://{authority.rsplit('@', 1)[-1]}{slash}{path}"
+
+
+def current_tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
