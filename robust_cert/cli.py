@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "gradient twin).")
     p.add_argument("--workdir", default="demo_out",
                    help="where the sqlite store, artifacts and reports go (default: demo_out)")
-    p.add_argument("--policy", default="examples/policies/digits.yaml",
-                   help="policy YAML (default: examples/policies/digits.yaml)")
+    p.add_argument("--policy", default=None,
+                   help="policy YAML (default: the example digits.yaml shipped with "
+                        "robust_cert, examples/policies/ in the repository)")
     p.add_argument("--tracking-uri", default=None,
                    help="use this MLflow server instead of a local sqlite store")
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
@@ -699,11 +700,14 @@ def _print_certification(label: str, res) -> None:
 def _demo(args) -> int:
     from robust_cert.mlflow_plugin.demo import MODEL_NAME, run_demo
 
-    if not Path(args.policy).is_file():
+    if args.policy is None:  # the example shipped in the wheel: the demo runs from anywhere
+        from robust_cert.policy import example_policy
+
+        args.policy = str(example_policy("digits.yaml"))
+    elif not Path(args.policy).is_file():
         from robust_cert.errors import PolicyError
 
-        raise PolicyError(f"policy file not found: {args.policy} (run the demo from the "
-                          "repository root, or pass --policy)")
+        raise PolicyError(f"policy file not found: {args.policy}")
     versions = run_demo(args.workdir, args.policy, tracking_uri=args.tracking_uri,
                         epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     print(f"\nrobust_cert demo: {MODEL_NAME}, policy {args.policy}\n")

@@ -241,6 +241,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+def example_policy(name: str) -> Path:
+    """The example policy ``name`` (e.g. ``digits.yaml``) shipped with robust_cert: inside the
+    installed wheel (``robust_cert/policies/``), or the repository's ``examples/policies/`` in
+    an editable checkout. PolicyError when it is in neither."""
+    package = Path(__file__).resolve().parent
+    candidates = [package / "policies" / name,
+                  package.parent / "examples" / "policies" / name]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PolicyError(f"example policy {name!r} not found (looked in "
+                      f"{', '.join(str(p.parent) for p in candidates)}): the installation is "
+                      "incomplete; reinstall robust_cert or pass --policy")
+
+
 def load_policy(policy: str | Path | dict | Policy) -> Policy:
     """Load a policy from a YAML path, a dict, or return a Policy unchanged."""
     if isinstance(policy, Policy):

@@ -12,9 +12,9 @@ import pytest
 import robust_cert
 from robust_cert.certificate import Certificate
 from robust_cert.cli import build_parser, main
-from robust_cert.mlflow_plugin.promotion import verify_certificate_file
 from robust_cert.report import render_html, templates_dir
 from robust_cert.signing import Keyring
+from robust_cert.verification import verify_certificate_file
 from tests.conftest import DIGITS_POLICY, REPO
 
 
@@ -30,13 +30,17 @@ def test_wheel_ships_templates_and_finds_them_installed(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "robust_cert/templates/report.html.j2" in names
     assert "robust_cert/templates/report.css" in names
+    assert {"robust_cert/policies/digits.yaml", "robust_cert/policies/digits-onnx.yaml"} <= \
+        set(names)  # the demo's default policies
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True)
-    code = "from robust_cert.report import templates_dir; print(templates_dir())"
+    code = ("from robust_cert.report import templates_dir; print(templates_dir())\n"
+            "from robust_cert.policy import example_policy; print(example_policy('digits.yaml'))")
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(target)},
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(target / "robust_cert" / "templates")
+    assert out.split() == [str(target / "robust_cert" / "templates"),
+                           str(target / "robust_cert" / "policies" / "digits.yaml")]
 
 
 def test_help_lists_commands(capsys):
