@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import robust_cert
+from robust_cert.bounds import NotBoundable, lipschitz_bound
 from robust_cert.digits_cnn import DigitsCNN
 from robust_cert.metrics.base import RunContext
-from robust_cert.metrics.lipschitz import NotBoundable, lipschitz_bound
 from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
 
 CPU = torch.device("cpu")
@@ -199,7 +199,7 @@ def test_no_flip_inside_the_certified_ball_of_a_cnn(norm) -> None:
 def test_matmul_precision_maps_to_its_unit_roundoff(monkeypatch, device, precision, u) -> None:
     """"medium" is bfloat16 products (u = 2^-8), not TF32 (2^-11). No CUDA is needed: only the
     device's type is read."""
-    from robust_cert.metrics import lipschitz
+    from robust_cert.bounds import rounding as lipschitz
 
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -215,7 +215,7 @@ def test_matmul_precision_maps_to_its_unit_roundoff(monkeypatch, device, precisi
 
 
 def test_strict_float32_sets_and_restores_the_settings() -> None:
-    from robust_cert.metrics.lipschitz import strict_float32
+    from robust_cert.bounds import strict_float32
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
               torch.backends.cudnn.enabled)
@@ -283,7 +283,7 @@ def test_cuda_rounding_model_covers_the_strict_evaluation() -> None:
     """On CUDA with cuDNN benchmarking and bf16 products allowed, the certified margins and the
     rounding are of the strict float32 evaluation: the computed logits lie within the bound of
     a float64 evaluation."""
-    from robust_cert.metrics.lipschitz import strict_float32
+    from robust_cert.bounds import strict_float32
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -324,7 +324,7 @@ def _deep_wide_stack(depth: int, k: int = 4607, length: int = 8) -> nn.Module:
 def test_error_bound_safety_covers_a_deep_wide_stack(monkeypatch) -> None:
     """The old fixed ×1.01 is below ∏(1 + γ_fan-in) after ~37 such layers: the factor now is
     computed over the steps walked, ∏ 1/(1 − γ_k) ≥ ∏ (1 + γ_fan-in)."""
-    from robust_cert.metrics import lipschitz
+    from robust_cert.bounds import rounding as lipschitz
 
     depth = 40
     bound = lipschitz_bound(_deep_wide_stack(depth), (1, 8), 1)

@@ -6,7 +6,7 @@ safety property — the largest ε such that the property holds on the whole ε-
 * **lower bound** (sound, in floating point): min_j (ĥ_j(x) − rounding) / L_j, where the
   property holds while every margin h_j = a_j·f(x) − b_j stays positive, L_j is a true
   Lipschitz upper bound of h_j (op-by-op operator norms along the traced graph, residual
-  additions and pooling included: :mod:`robust_cert.metrics.lipschitz`) and "rounding" bounds
+  additions and pooling included: :mod:`robust_cert.bounds`) and "rounding" bounds
   the float error of the computed logits at x and anywhere in the ball
   (:func:`_certified_radius`);
 * **upper bound** (a witness): the distance of the closest violating input found by bisection
@@ -32,6 +32,12 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from robust_cert.bounds import (
+    LipschitzBound,
+    NotBoundable,
+    lipschitz_bound,
+    strict_float32,
+)
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import (
     Metric,
@@ -41,12 +47,6 @@ from robust_cert.metrics.base import (
     RunContext,
     batches,
     value_list,
-)
-from robust_cert.metrics.lipschitz import (
-    LipschitzBound,
-    NotBoundable,
-    lipschitz_bound,
-    strict_float32,
 )
 from robust_cert.models.base import Classifier
 

@@ -1,0 +1,149 @@
+"""Pooling: max pooling (a max over windows) and average pooling (a non-negative linear map)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import map_arg
+
+from robust_cert.bounds.base import (
+    BoundOp,
+    NotBoundable,
+    OpCall,
+    Step,
+    aten_targets,
+    expand,
+    first,
+    spec,
+)
+from robust_cert.bounds.registry import register_bound_op
+from robust_cert.bounds.rounding import NORM_SAFETY, unit_roundoff
+
+MAXPOOL = {F.max_pool1d, F.max_pool2d, F.max_pool3d} | aten_targets(
+    "max_pool1d", "max_pool2d", "max_pool3d")
+MAXPOOL_WITH_INDICES = {F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+                        F.max_pool3d_with_indices} | aten_targets(
+    "max_pool2d_with_indices", "max_pool3d_with_indices")
+MEAN = aten_targets("mean")
+AVGPOOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+           F.adaptive_avg_pool2d, F.adaptive_avg_pool3d} | aten_targets(
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d") | MEAN
+
+
+class MaxPoolParams(NamedTuple):
+    kernel_size: object
+    stride: object  # falsy: the kernel size
+    dilation: object
+    apply: object  # the pooling of a tensor (values only)
+    info: str
+
+
+@register_bound_op
+class MaxPool(BoundOp):
+    """Max pooling, any kernel, stride, padding and dilation (also ``*_with_indices``).
+
+    Lipschitz: in L∞ 1 (each output is the max of some inputs, |max a − max b| ≤ ‖a − b‖∞).
+    In L2 √c with c the most windows one input can fall in — ∏ ceil(k/s), or ∏ k with
+    dilation — since ‖y − y'‖₂² ≤ Σ over windows of the max squared difference in it ≤ c‖δ‖₂².
+    Rounding ("max"): a max is exact; the error of each output is at most the max of the
+    errors in its window, obtained by pooling the error tensor itself.
+    """
+
+    modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+    functions = MAXPOOL | MAXPOOL_WITH_INDICES
+
+    def params(self, call: OpCall) -> MaxPoolParams:
+        if call.form == "module":
+            m = call.target
+            return MaxPoolParams(m.kernel_size, m.stride, m.dilation, m, call.label)
+        fn = call.target
+        if not call.single:
+            raise call.unsupported()
+        k = call.arg(1, "kernel_size")
+        s = call.arg(2, "stride", None) or k
+        dil = call.arg(4, "dilation", 1)
+        call_args = map_arg(call.node.args[1:], call.const)
+        call_kwargs = map_arg(call.node.kwargs, call.const)
+        if fn is F.max_pool2d or fn is F.max_pool1d or fn is F.max_pool3d:
+            call_kwargs = {k2: v for k2, v in call_kwargs.items() if k2 != "return_indices"}
+        return MaxPoolParams(k, s, dil, lambda v: first(fn(v, *call_args, **call_kwargs)),
+                             call.label)
+
+    def lipschitz(self, call: OpCall, params: MaxPoolParams) -> Step:
+        k, s, dil, apply, info = params
+        if call.form == "function" and call.target in MAXPOOL_WITH_INDICES:
+            call.mark_tuple_output()
+        z = call.z
+        nd = z.ndim - 2 if z.ndim > 2 else 1
+        k, s = expand(k, nd), expand(s if s else k, nd)
+        dil = expand(dil, nd)
+        if any(d != 1 for d in dil):
+            count = float(np.prod(k))
+        else:
+            count = float(np.prod([math.ceil(ki / si) for ki, si in zip(k, s, strict=False)]))
+        return call.step("max", l2=math.sqrt(count), linf=1.0, apply=apply, info=info)
+
+
+class AvgPoolParams(NamedTuple):
+    apply: object  # the pooling of a tensor
+    spatial: bool  # windows within a channel (False: a mean over several dimensions)
+    info: str
+
+
+@register_bound_op
+class AvgPool(BoundOp):
+    """Average pooling, adaptive average pooling, and ``aten.mean`` over non-batch dimensions.
+
+    Lipschitz: the op is a linear map A with non-negative weights, so ‖A‖∞ = max(A·1) and
+    ‖A‖₁ = max(Aᵀ·1), both computed exactly (float64) by the op itself and by autograd;
+    ‖A‖₂ ≤ √(‖A‖₁‖A‖∞). Both × NORM_SAFETY. Rounding ("affine", |A| = A): each output is a
+    sum of at most the spatial size (a whole sample for a mean) terms and one division,
+    elementwise u. ``divisor_override`` and a mean over the batch are refused.
+    """
+
+    modules = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+               nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+    functions = AVGPOOL
+
+    def params(self, call: OpCall) -> AvgPoolParams:
+        if call.form == "module":
+            m = call.target
+            if getattr(m, "divisor_override", None):
+                raise call.unsupported("divisor_override")
+            return AvgPoolParams(m, True, call.label)
+        fn = call.target
+        if not call.single:
+            raise call.unsupported()
+        if fn in MEAN:
+            dims = spec(call.arg(1, "dim", None))
+            if None in dims or 0 in dims:
+                raise NotBoundable(f"cannot bound a mean over the batch at {call.where}")
+        if call.arg(6, "divisor_override", None):
+            raise NotBoundable(f"cannot bound average pooling with divisor_override at "
+                               f"{call.where}")
+        call_args = map_arg(call.node.args[1:], call.const)
+        call_kwargs = map_arg(call.node.kwargs, call.const)
+        return AvgPoolParams(lambda v: fn(v, *call_args, **call_kwargs), fn not in MEAN,
+                             call.label)
+
+    def lipschitz(self, call: OpCall, params: AvgPoolParams) -> Step:
+        apply, spatial, info = params
+        z = call.z
+        ones = torch.ones_like(z[:1], dtype=torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            out = apply(ones)
+            (col,) = torch.autograd.grad(out.sum(), ones)
+        linf, l1 = float(out.detach().max()), float(col.max())
+        # terms per output (the γ index): a window never spans channels, so at most the
+        # spatial size (the whole sample for a mean over several dimensions), + 1 division
+        fan = int(np.prod(z.shape[2:])) if spatial and z.ndim > 2 else z[0].numel()
+        return call.step("affine", l2=math.sqrt(l1 * linf) * NORM_SAFETY,
+                         linf=linf * NORM_SAFETY, apply=apply, apply_abs=apply, bias=None,
+                         fan_in=fan + 1, u=unit_roundoff(z.dtype, z.device), u_kind="",
+                         info=info)

@@ -1,0 +1,107 @@
+"""Ops that move elements: reshapes and views, basic indexing, dropout in eval mode,
+concatenation."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_cert.bounds.base import BoundOp, NotBoundable, OpCall, Step, aten_targets
+from robust_cert.bounds.registry import register_bound_op
+
+SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+                   torch.transpose, torch.clone} | aten_targets(
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "clone", "contiguous", "alias", "_unsafe_view", "view_copy", "slice",
+    "select", "detach", "lift_fresh_copy")
+SHAPE_METHODS = ("flatten", "view", "reshape", "squeeze", "unsqueeze", "permute",
+                 "transpose", "contiguous", "clone", "detach")
+DROPOUT = {F.dropout} | aten_targets("dropout")
+CAT = {torch.cat, torch.concat} | aten_targets("cat", "concat")
+
+
+@register_bound_op
+class Reshape(BoundOp):
+    """Identity, flatten, view, reshape, squeeze/unsqueeze, permute/transpose, contiguous,
+    clone, detach, aten slice/select: each output element is one input element, so L = 1 in
+    every norm (a slice or selection can only drop elements) and the op is exact in float
+    ("same"; a broadcast that copies an element to several outputs is refused by the walk).
+    """
+
+    modules = (nn.Identity, nn.Flatten, nn.Unflatten)
+    functions = SHAPE_FUNCTIONS
+    methods = SHAPE_METHODS
+
+    def lipschitz(self, call: OpCall, params: None) -> Step:
+        return call.step("same", info=f".{call.label}" if call.form == "method" else call.label)
+
+
+@register_bound_op
+class Dropout(BoundOp):
+    """Dropout in eval mode: the identity (L = 1, exact). In training mode it is random and
+    refused."""
+
+    modules = (nn.Dropout,)
+    functions = DROPOUT
+
+    def params(self, call: OpCall) -> None:
+        if call.form == "module":
+            if call.target.training:
+                raise call.unsupported("dropout in training mode")
+            return None
+        if not call.single:
+            raise call.unsupported()
+        if call.arg(2, "train", call.arg(2, "training", True)):
+            raise NotBoundable(f"cannot bound dropout in training mode at {call.where}")
+        return None
+
+    def lipschitz(self, call: OpCall, params: None) -> Step:
+        return call.step("same", info=call.label)
+
+
+@register_bound_op
+class Index(BoundOp):
+    """``x[...]`` with ints, slices, None and Ellipsis (each output one input element: L = 1,
+    exact, "same"), and element 0 of a (values, indices) tuple of an op that marked it
+    ("first"). Indexing with tensors is refused."""
+
+    functions = (operator.getitem,)
+
+    def params(self, call: OpCall) -> None:
+        if not call.single:
+            raise call.unsupported()
+        return None
+
+    def lipschitz(self, call: OpCall, params: None) -> Step:
+        n, src = call.node, call.deps[0]
+        if isinstance(call.values[src], torch.Tensor):
+            idx = n.args[1]
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+                return call.step("same", info="indexing")
+            raise NotBoundable(f"cannot bound indexing with tensors at {call.where}")
+        if n.args[1] == 0 and getattr(src, "_rc_tuple_first", False):
+            return call.step("first", info="getitem")
+        raise NotBoundable(f"cannot bound element {n.args[1]} of {src.name} at {call.where}")
+
+
+@register_bound_op
+class Concat(BoundOp):
+    """Concatenation along a non-batch dimension: ‖(a, b)‖₂² = ‖a‖₂² + ‖b‖₂², so L2 is the
+    root sum of squares of the inputs' constants and L∞ their max; exact in float ("cat")."""
+
+    functions = CAT
+
+    def params(self, call: OpCall) -> int:
+        if not call.deps:
+            raise call.unsupported()
+        dim = int(call.arg(1, "dim", 0))
+        if dim == 0 or dim == -call.values[call.node].ndim:
+            raise NotBoundable(f"cannot bound a concatenation along the batch at {call.where}")
+        return dim
+
+    def lipschitz(self, call: OpCall, params: int) -> Step:
+        return call.step("cat", info=call.label)
