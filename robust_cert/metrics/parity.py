@@ -90,6 +90,10 @@ class Parity(Metric):
     Config = ParityConfig
     shardable = True
 
+    #: the reference is the same model in every block; the largest |Δ logit| of the whole
+    #: set is the largest of the blocks'
+    merge_rules = {"reference": "same", "max_abs_logit_diff": "max"}
+
     def __init__(self, config: ParityConfig):
         super().__init__(config)
         #: loaded references by (reference, input shape, device): a sharded run loads a file
