@@ -41,6 +41,9 @@ class Accuracy(Metric):
     Config = AccuracyConfig
     shardable = True  # per-point outcomes; per-class counts add
 
+    #: per-class counts add
+    merge_rules = {"per_class_recall": {"*": {"k": "sum", "n": "sum"}}}
+
     def selectors(self):
         return [{}]
 

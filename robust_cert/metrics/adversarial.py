@@ -266,6 +266,30 @@ class RobustAccuracy(Metric):
     description = "P[f(x') = y for every attack's x' with ||x' - x|| <= ε] (upper bound)"
     Config = RobustAccuracyConfig
 
+    #: counts add and worst excesses take the max; the McNemar p-values and every state that
+    #: follows from the merged counts are recomputed by :meth:`finalize`
+    merge_rules = {
+        "broken_by_attack": "sum",  # attack -> counts per ε
+        "max_linf_excess": "max",
+        "max_l2_excess": "max",
+        "range_violations": "sum",
+        "attack_order": "same",
+        "norm": "same",
+        "zero_gradient_points": "sum",
+        "gradient_points_probed": "sum",
+        "square_only_breaks": "sum",
+        "square_vs_white_box": {"eps": "same", "white_box_only": "sum", "square_only": "sum",
+                                "p_value": "recompute"},
+        "clean_correct_points": "sum",
+        "view_mismatch_points": "sum",
+        "attacked_inputs": "sum",
+        "fallback": "same",
+        "sanity": "recompute",
+        "sanity_findings": "recompute",
+        "eps0_equals_clean": "recompute",
+        "attack_source": "same",
+    }
+
     def selectors(self):
         return [{"eps": e} for e in self.config.eps]
 

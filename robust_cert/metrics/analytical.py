@@ -248,6 +248,11 @@ class AnalyticalRobustness(Metric):
     Config = AnalyticalConfig
     shardable = True
 
+    #: the QMC error is a worst case; ranks, bias and validation are over all points
+    merge_rules = {"guarantee": "same", "primary": "same", "qmc_std_error_max": "max",
+                   "most_vulnerable": "recompute", "robustness_bias": "recompute",
+                   "validation": "recompute"}
+
     def __init__(self, config: AnalyticalConfig):
         super().__init__(config)
         self.needs_gradients = config.estimators != ["softmax"]

@@ -2,15 +2,19 @@
 
 A metric turns (model, data) into :class:`Proportion` counts — k of n trials, either one
 i.i.d. outcome per evaluation point or several draws per point (clustered) — plus per-point
-arrays. Counts add and per-point arrays concatenate, so results computed on shards of the data
-merge into the result on the whole (see :meth:`MetricResult.merge`).
+arrays and diagnostics. Counts add, per-point arrays concatenate and each diagnostic merges by
+the rule its family declares (:attr:`Metric.merge_rules`, :data:`MERGE_RULES`), so results
+computed on shards of the data merge into the result on the whole (see
+:meth:`MetricResult.merge`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -240,7 +244,9 @@ class MetricResult:
     """What one metric produced. ``per_point`` arrays have one row per evaluated point, except
     the ``example_*`` arrays (see :data:`EXAMPLE_PREFIX`): :meth:`merge` shifts the second
     shard's ``example_index`` by the first shard's number of points and keeps the examples the
-    whole would have kept."""
+    whole would have kept. ``merge_rules`` are the declared merge rules of the family's
+    diagnostics (:attr:`Metric.merge_rules`, set by :meth:`Metric.result`); :meth:`merge`
+    merges ``diagnostics`` by them alone."""
 
     metric: str
     kind: str
@@ -253,6 +259,7 @@ class MetricResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"  # "ok" | "not_applicable"
     reason: str = ""
+    merge_rules: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def points(self) -> int | None:
         """The number of evaluated points: the length of the first per-point array that has
@@ -264,7 +271,10 @@ class MetricResult:
         return next((p for p in self.proportions if params_match(p.params, params)), None)
 
     def merge(self, other: MetricResult) -> MetricResult:
-        """Combine the results of two disjoint shards of the same evaluation."""
+        """Combine the results of two disjoint shards of the same evaluation, ``self`` the
+        earlier: proportions merge (:meth:`Proportion.merged`), per-point arrays concatenate
+        and diagnostics merge by ``self.merge_rules`` (:func:`merge_diagnostics`; a key
+        without a rule raises :class:`MergeError` naming the metric and the key)."""
         if other.metric != self.metric or len(other.proportions) != len(self.proportions):
             raise ValueError(f"cannot merge results of {self.metric} and {other.metric}")
         props = []
@@ -289,26 +299,185 @@ class MetricResult:
                               if k.startswith(EXAMPLE_PREFIX)})
         return MetricResult(
             self.metric, self.kind, self.quantity, self.higher_is_better, self.description,
-            self.config, props, per_point, _merge_diag(self.diagnostics, other.diagnostics),
-            self.status, self.reason,
+            self.config, props, per_point,
+            merge_diagnostics(self.diagnostics, other.diagnostics, self.merge_rules,
+                              self.metric),
+            self.status, self.reason, self.merge_rules,
         )
 
 
-def _merge_diag(a, b):
-    """Diagnostics of two shards: counts (int) add, worst cases (float) take the max, flags
-    (bool) must all hold, dicts and equal-length lists merge item by item, equal values stay."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {k: _merge_diag(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
-                for k in {**a, **b}}
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if isinstance(a, int) and isinstance(b, int):
-        return a + b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return max(a, b)
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [_merge_diag(x, y) for x, y in zip(a, b, strict=True)]
-    return a if a == b else [a, b]
+#: The rules a metric family declares for merging a diagnostic of two consecutive blocks of
+#: points, ``a`` (the earlier block) and ``b`` (see :attr:`Metric.merge_rules`):
+#:
+#: - ``sum``, ``max``, ``min`` (numbers; max and min are NaN if either is NaN), ``all``,
+#:   ``any`` (flags): element by element — inside a dict key by key (a key one block lacks
+#:   keeps the other's value), inside lists of equal length item by item;
+#: - ``same``: the blocks must hold equal values (NaN equals NaN), kept; otherwise a
+#:   :class:`MergeError` naming the key;
+#: - ``concat``: lists (and arrays) concatenate in block order; dicts are a union of keys that
+#:   must be disjoint (e.g. keyed by the point's index in the whole set);
+#: - ``first``: the earlier block's value;
+#: - ``recompute``: :meth:`Metric.finalize` recomputes it from the merged result; until then
+#:   the merge holds the earlier block's value.
+#:
+#: A nested dict of rules declares the keys of a dict-valued diagnostic (and of each item of a
+#: list of dicts, item by item); its key ``"*"`` covers every key not named. A dotted key
+#: ``"a.b"`` is the same as ``{"a": {"b": ...}}``.
+MERGE_RULES = ("sum", "max", "min", "all", "any", "same", "concat", "first", "recompute")
+
+#: Diagnostics any result may carry whatever its family, with their merge rules (part of
+#: every family's :attr:`Metric.merge_rules`): the engine's out-of-memory retries.
+COMMON_MERGE_RULES: dict[str, Any] = {"memory_retries": "concat"}
+
+
+class MergeError(ValueError):
+    """Two blocks' diagnostics cannot be merged: an undeclared key, blocks that disagree on a
+    ``same`` value, or values the declared rule does not apply to. The message names the
+    metric and the key."""
+
+
+def _nan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _max(a, b):
+    return a if _nan(a) else b if _nan(b) else max(a, b)
+
+
+def _min(a, b):
+    return a if _nan(a) else b if _nan(b) else min(a, b)
+
+
+def _number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _flag(x) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+#: element-by-element rules: (applies to the leaf values, combine)
+_ELEMENTWISE: dict[str, tuple[Callable[[Any], bool], Callable[[Any, Any], Any]]] = {
+    "sum": (_number, lambda a, b: a + b),
+    "max": (_number, _max),
+    "min": (_number, _min),
+    "all": (_flag, lambda a, b: bool(a and b)),
+    "any": (_flag, lambda a, b: bool(a or b)),
+}
+
+
+def normalize_merge_rules(rules: Mapping[str, Any], where: str = "merge_rules") -> dict:
+    """``rules`` with dotted keys expanded into nested rule dicts, every rule checked: raises
+    ``TypeError`` (naming ``where`` and the key) for a rule not in :data:`MERGE_RULES`, a
+    value that is neither a rule nor a dict of rules, or a key declared twice."""
+    out: dict[str, Any] = {}
+    for key, rule in rules.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{where}: keys must be non-empty strings, got {key!r}")
+        head, _, rest = key.partition(".")
+        if rest:
+            rule = {rest: rule}
+        if isinstance(rule, Mapping):
+            rule = normalize_merge_rules(rule, f"{where}.{head}")
+        elif rule not in MERGE_RULES:
+            raise TypeError(f"{where}: {key!r} has merge rule {rule!r}, not one of "
+                            f"{', '.join(MERGE_RULES)}")
+        out[head] = _join_rules(out[head], rule, f"{where}: {head}") if head in out else rule
+    return out
+
+
+def _join_rules(a, b, where: str) -> dict:
+    """Two normalized declarations of one key joined (``"a.x"`` and ``"a.y"``); a rule
+    declared twice is a ``TypeError``."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        raise TypeError(f"{where} is declared twice")
+    return {**a, **{k: _join_rules(a[k], v, f"{where}.{k}") if k in a else v
+                    for k, v in b.items()}}
+
+
+def merge_diagnostics(a: Mapping, b: Mapping, rules: Mapping[str, Any],
+                      metric: str = "metric") -> dict:
+    """The diagnostics of two consecutive blocks ``a`` then ``b`` merged by ``rules`` (a
+    normalized declaration, see :func:`normalize_merge_rules` and :data:`MERGE_RULES`). Keys
+    keep ``a``'s order, then ``b``'s new ones. The inputs are not modified and share nothing
+    with the result. Raises :class:`MergeError` naming ``metric`` and the key for a key (of
+    either block, at any depth) without a rule, ``same`` values that differ, and values the
+    rule does not apply to."""
+    return _merge_dict(a, b, rules, metric, "")
+
+
+def _merge_dict(a: Mapping, b: Mapping, rules: Mapping[str, Any], metric: str,
+                path: str) -> dict:
+    out = {}
+    for k in {**a, **b}:
+        key = f"{path}{k}"
+        rule = rules.get(k, rules.get("*")) if isinstance(k, str) else rules.get("*")
+        if rule is None:
+            raise MergeError(f"{metric}: diagnostic {key!r} has no merge rule: declare it in "
+                             f"{metric}'s merge_rules (one of {', '.join(MERGE_RULES)})")
+        if k not in a or k not in b:
+            out[k] = copy.deepcopy(a[k] if k in a else b[k])
+        else:
+            out[k] = _merge_value(a[k], b[k], rule, metric, key)
+    return out
+
+
+def _merge_value(a, b, rule, metric: str, path: str):
+    def fail(why: str) -> MergeError:
+        return MergeError(f"{metric}: cannot merge diagnostic {path!r} by {rule!r}: {why}")
+
+    def items(a, b):
+        if len(a) != len(b):
+            raise fail(f"lists of different lengths {len(a)} and {len(b)}")
+        return zip(a, b, strict=True)
+
+    if isinstance(rule, dict):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            return _merge_dict(a, b, rule, metric, path + ".")
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return [_merge_value(x, y, rule, metric, f"{path}[{i}]")
+                    for i, (x, y) in enumerate(items(a, b))]
+        raise fail(f"nested rules need dicts or lists of dicts, got {type(a).__name__} and "
+                   f"{type(b).__name__}")
+    if rule in ("first", "recompute"):
+        return copy.deepcopy(a)
+    if rule == "same":
+        if not _equal(a, b):
+            raise fail(f"the blocks disagree: {a!r} and {b!r}")
+        return copy.deepcopy(a)
+    if rule == "concat":
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return np.concatenate([a, b])
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return copy.deepcopy([*a, *b])
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            both = [k for k in a if k in b]
+            if both:
+                raise fail(f"both blocks hold key {both[0]!r}")
+            return copy.deepcopy({**a, **b})
+        raise fail(f"needs two lists, arrays or dicts, got {type(a).__name__} and "
+                   f"{type(b).__name__}")
+    applies, combine = _ELEMENTWISE[rule]
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return _merge_dict(a, b, {"*": rule}, metric, path + ".")
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return [_merge_value(x, y, rule, metric, f"{path}[{i}]")
+                for i, (x, y) in enumerate(items(a, b))]
+    if not (applies(a) and applies(b)):
+        raise fail(f"got {a!r} and {b!r}")
+    return combine(a, b)
+
+
+def _equal(a, b) -> bool:
+    """Equal values, NaN equal to NaN, arrays compared element by element."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc"))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return (_nan(a) and _nan(b)) or bool(a == b)
 
 
 @dataclass
@@ -396,6 +565,17 @@ class Metric(ABC):
     #: processes of a ``torchrun`` launch, and the result does not depend on how many there
     #: are. False: :meth:`run` sees the whole set, in one process.
     shardable: ClassVar[bool] = False
+    #: How each diagnostic key the family produces merges over blocks (:data:`MERGE_RULES`,
+    #: torchmetrics' ``dist_reduce_fx``): key → rule, or a dict of rules for a dict-valued
+    #: diagnostic (dotted keys allowed). Checked and normalized when the class is defined
+    #: (:func:`normalize_merge_rules`), with :data:`COMMON_MERGE_RULES` added; a key the
+    #: family produces but does not declare makes :meth:`MetricResult.merge` raise.
+    merge_rules: ClassVar[dict[str, Any]] = dict(COMMON_MERGE_RULES)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.merge_rules = normalize_merge_rules(
+            {**COMMON_MERGE_RULES, **cls.merge_rules}, f"{cls.__name__}.merge_rules")
 
     def __init__(self, config: MetricConfig):
         self.config = config
@@ -415,9 +595,10 @@ class Metric(ABC):
     def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
                  ctx: RunContext) -> MetricResult:
         """The reported result from the merge of the blocks' results (shardable metrics
-        only): recompute what is not a sum of the blocks' — statistics over all points
-        (ECE, ranks, p-values of merged counts), sanity states from merged counts. ``data``
-        and ``ctx`` are the whole set's. The default returns ``result`` unchanged."""
+        only): recompute what no merge rule gives — the diagnostics declared ``recompute``
+        in :attr:`merge_rules` (statistics over all points: ECE, ranks, medians, p-values of
+        merged counts, sanity states from merged counts). ``data`` and ``ctx`` are the whole
+        set's. The default returns ``result`` unchanged."""
         return result
 
     def result(self, proportions, per_point=None, diagnostics=None, **kw) -> MetricResult:
@@ -431,6 +612,7 @@ class Metric(ABC):
             proportions=list(proportions),
             per_point=per_point or {},
             diagnostics=diagnostics or {},
+            merge_rules=self.merge_rules,
             **kw,
         )
 

@@ -100,6 +100,11 @@ class Calibration(Metric):
     Config = CalibrationConfig
     shardable = True  # per-point arrays and counts; summaries over all points in finalize
 
+    #: blocks carry no diagnostics; every summary is over all points (:meth:`finalize`)
+    merge_rules = {"ece": "recompute", "ece_ci": "recompute", "ece_ci_method": "same",
+                   "nll": "recompute", "brier": "recompute", "reliability": "recompute",
+                   "coverage": {"*": {"k": "sum", "n": "sum"}}, "kinds": "same"}
+
     def selectors(self):
         return [{"threshold": t} for t in self.config.thresholds]
 

@@ -429,6 +429,12 @@ class CorruptionAccuracy(Metric):
     Config = CorruptionsConfig
     shardable = True  # per-point outcomes; draws seeded by position; summaries in finalize
 
+    #: blocks carry no diagnostics; accuracies and p-values are over all points
+    merge_rules = {"clean_correct": "sum", "mean_corruption_accuracy": "recompute",
+                   "per_type_accuracy": "recompute",
+                   "mcnemar": {"*": {"*": {"b": "sum", "c": "sum", "p_value": "recompute"}}},
+                   "cells": "same"}
+
     def cells(self) -> list[tuple[str, int]]:
         return [(c, s) for c in self.config.corruptions for s in self.config.severities]
 

@@ -105,6 +105,10 @@ class DivergenceBound(Metric):
     Config = DivergenceConfig
     shardable = True
 
+    #: each block's surface candidates are keyed by index in the whole set: a disjoint union
+    merge_rules = {"norm": "same", _CANDIDATES: "concat", "distribution": "recompute",
+                   "surface": "recompute"}
+
     def selectors(self):
         return [{"eps": e, "kl_at_most": k} for e in self.config.eps
                 for k in self.config.thresholds]

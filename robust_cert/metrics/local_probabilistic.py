@@ -230,6 +230,16 @@ class LocalProbabilisticRobustness(Metric):
     Config = LocalProbabilisticConfig
     shardable = True
 
+    #: blocks carry ``forward_images`` only; the bounds are over all points (:meth:`finalize`)
+    merge_rules = {"guarantee": "same", "robust": "sum", "not_robust": "sum",
+                   "undecided": "sum", "decided_at_budget": "sum", "draws_used": "sum",
+                   "forward_images": "sum", "min_draws_to_decide_robust": "same",
+                   "wrong_robust_probability_per_point_at_most": "same",
+                   "wrong_not_robust_probability_per_point_at_most": "same",
+                   "expected_wrong_robust_decisions_at_most": "recompute",
+                   "expected_wrong_not_robust_decisions_at_most": "recompute",
+                   "robust_population_fraction_at_least": "recompute"}
+
     def selectors(self):
         return [{"p0": self.config.p0}]
 

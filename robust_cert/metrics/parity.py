@@ -7,8 +7,6 @@ carries over their results only as far as the two models agree.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from pydantic import Field
@@ -78,8 +76,8 @@ class Parity(Metric):
     and each point's largest |Δ logit|.
 
     Sharding (:attr:`shardable`): every outcome is per point; the noise δ is drawn per block
-    (from the seed and the block's first point), counts add, and :meth:`finalize` takes the
-    largest |Δ logit| over the merged per-point values. A file or registry reference is
+    (from the seed and the block's first point), counts add, and the largest |Δ logit| merges
+    as the largest of the blocks' (:attr:`merge_rules`). A file or registry reference is
     loaded once per metric instance, not once per block.
     """
 
@@ -90,6 +88,10 @@ class Parity(Metric):
     description = "P[argmax f(x') = argmax g(x')] for the reference g, x' = x or clip(x+δ)"
     Config = ParityConfig
     shardable = True
+
+    #: the reference is the same model in every block; the largest |Δ logit| of the whole
+    #: set is the largest of the blocks'
+    merge_rules = {"reference": "same", "max_abs_logit_diff": "max"}
 
     def __init__(self, config: ParityConfig):
         super().__init__(config)
@@ -156,13 +158,6 @@ class Parity(Metric):
                           "uri": ref.uri or cfg.reference},
             "max_abs_logit_diff": self._max_diff(per_point),
         })
-
-    def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
-                 ctx: RunContext) -> MetricResult:
-        """The largest |Δ logit| over all points, from the merged per-point values (the merge's
-        max of the blocks' maxima is the same number; recomputed so it cannot drift)."""
-        return dataclasses.replace(result, diagnostics={
-            **result.diagnostics, "max_abs_logit_diff": self._max_diff(result.per_point)})
 
     def _max_diff(self, per_point: dict[str, np.ndarray]) -> dict[str, float]:
         out = {"clean": float(per_point["max_abs_logit_diff"].max(initial=0.0))}

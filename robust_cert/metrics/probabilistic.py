@@ -171,6 +171,9 @@ class ProbabilisticRobustness(Metric):
     Config = ProbabilisticRobustnessConfig
     shardable = True
 
+    #: blocks carry no diagnostics; the bands are of the merged counts (:meth:`finalize`)
+    merge_rules = {"bands": "recompute"}
+
     def selectors(self):
         return [{"eps": e} for e in self.config.eps]
 

@@ -228,6 +228,11 @@ class RareEventProbability(Metric):
     Config = RareEventConfig
     shardable = True
 
+    #: blocks carry no diagnostics; the median spread is over all points (:meth:`finalize`)
+    merge_rules = {"guarantee": "same", "runs": "same", "points": "sum", "not_reached": "sum",
+                   "zero_estimates": "sum", "floor_log10_p": "same",
+                   "median_spread_log10": "recompute"}
+
     def selectors(self):
         return [{"p_max": p} for p in self.config.p_max]
 

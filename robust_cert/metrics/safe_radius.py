@@ -233,6 +233,13 @@ class SafeRadius(Metric):
     Config = SafeRadiusConfig
     shardable = True  # per-point radii; the bound is of the network alone; summaries in finalize
 
+    #: the bound is of the network alone; medians are over all points (:meth:`finalize`)
+    merge_rules = {"property": "same", "lower_bound": "same", "lipschitz": "same",
+                   "holds": "sum",
+                   **{norm: {"median_lower": "recompute", "median_upper": "recompute",
+                             "median_clever": "recompute", "no_witness": "sum",
+                             "sandwich_violations": "sum"} for norm in ("l2", "linf")}}
+
     def __init__(self, config: SafeRadiusConfig):
         super().__init__(config)
         self._bounds = _BoundCache()

@@ -193,6 +193,11 @@ class RandomizedSmoothing(Metric):
     Config = SmoothingConfig
     shardable = True
 
+    #: the bound on wrong certificates is ⌈m·α⌉ of all m points (:meth:`finalize`)
+    merge_rules = {"guarantee": "same", "abstained": "sum", "certified_correct": "sum",
+                   "radius_cap": "same", "expected_wrong_certificates_at_most": "recompute",
+                   "forward_images": "sum"}
+
     def selectors(self):
         return [{"radius": r} for r in self.config.radii]
 

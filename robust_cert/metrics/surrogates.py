@@ -77,6 +77,10 @@ class Surrogates(Metric):
     Config = SurrogatesConfig
     shardable = True
 
+    #: the summaries (mean, median, p90, max) are over all points (:meth:`finalize`)
+    merge_rules = {"jacobian_fro": "recompute", "hessian_top": "recompute",
+                   "hessian_converged": "sum"}
+
     def selectors(self):
         return []
 
@@ -104,8 +108,8 @@ class Surrogates(Metric):
 
     def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
                  ctx: RunContext) -> MetricResult:
-        """Summaries over all points (the merge took each one's max over the blocks);
-        ``hessian_converged`` is a count and the merge added it."""
+        """Summaries over all points, from the merged per-point values (declared
+        ``recompute``); ``hessian_converged`` is a count and the merge added it."""
         pp = result.per_point
         return dataclasses.replace(result, diagnostics={
             **result.diagnostics, "jacobian_fro": _summary(pp["jacobian_fro"]),
