@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -20,6 +21,7 @@ from tests.conftest import REPO
 #: written by ``robust_cert.certify`` (a linear model on 24 digits points, seed 1) with the
 #: code before the certificate schema existed; its recorded digest must keep verifying
 STORED = Path(__file__).parent / "data" / "certificate-v1-pre-schema.json"
+SCHEMA_FILE = REPO / "docs" / "certificate.schema.json"
 
 
 def _stored() -> dict:
@@ -158,6 +160,16 @@ def test_schema_and_verdict_import_no_torch():
     assert out.strip() == "False"
 
 
+def test_schema_command_prints_the_documented_schema(capsys):
+    from robust_cert.cli import main
+
+    assert main(["schema"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == certificate_json_schema()
+    assert out == SCHEMA_FILE.read_text(encoding="utf-8"), (
+        "docs/certificate.schema.json is stale: robust-cert schema > docs/certificate.schema.json")
+
+
 def test_json_schema_describes_the_file():
     schema = certificate_json_schema()
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -170,3 +182,14 @@ def test_json_schema_describes_the_file():
                                                                        "comparison"}
     assert schema["$defs"]["Verdict"]["enum"] == ["PASS", "FAIL", "INCONCLUSIVE"]
 
+
+def test_every_subcommand_names_its_handler():
+    from robust_cert.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"certify", "verify", "report", "schema", "policy", "promote"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        func = p.get_default("func")
+        assert callable(func), name
+        assert func.__module__ == "robust_cert.cli", name
