@@ -20,6 +20,7 @@ from robust_cert.models.diagnose import model_failures, model_parts
 from robust_cert.models.torch import preserved_modes
 from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
 from robust_cert.policy import Policy, load_policy
+from robust_cert.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +214,13 @@ def check_radii(pol: Policy, evalset: EvalSet) -> None:
 
 
 def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
-                       results: dict[str, MetricResult], overall: str, outcomes, *, seed: int,
+                       results: dict[str, MetricResult], overall: Verdict, outcomes, *, seed: int,
                        threads: int, sanity: dict, command: str | None,
                        twin: dict | None = None, processes: int = 1) -> Certificate:
     body = {
         "schema": SCHEMA,
         "issued_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "verdict": overall,
+        "verdict": Verdict(overall).value,
         "model": {
             "name": clf.name,
             "version": clf.version,
@@ -258,4 +259,6 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
     }
     per_point = {f"{name}/{key}": arr for name, res in results.items()
                  for key, arr in res.per_point.items()}
-    return Certificate(body=body, per_point=per_point)
+    cert = Certificate(body=body, per_point=per_point)
+    cert.validate()  # a body that does not match the schema is a bug here, not a certificate
+    return cert

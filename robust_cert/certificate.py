@@ -2,6 +2,8 @@
 
 Canonical form: keys sorted, no insignificant whitespace, UTF-8, no NaN. The digest is the
 SHA-256 of the canonical body (everything but the signature), so it identifies the content.
+The body's shape is declared in :mod:`robust_cert.schema`; a certificate built by
+:func:`robust_cert.certify` or loaded from JSON is validated against it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from robust_cert.errors import RobustCertError
+from robust_cert.schema import SCHEMA, CertificateBody, validate_body
+from robust_cert.verdicts import Verdict
 
-SCHEMA = "robust_cert/certificate/v1"
 _LIBRARIES = ("robust_cert", "torch", "torchattacks", "mlflow", "numpy", "scipy", "onnxruntime")
 
 
@@ -98,12 +101,12 @@ class Certificate:
     per_point: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def verdict(self) -> str:
-        return self.body["verdict"]
+    def verdict(self) -> Verdict:
+        return Verdict(self.body["verdict"])
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "PASS"
+        return self.verdict is Verdict.PASS
 
     @property
     def digest(self) -> str:
@@ -117,6 +120,11 @@ class Certificate:
     @property
     def results(self) -> list[dict]:
         return self.body["results"]
+
+    def validate(self) -> CertificateBody:
+        """The body's typed view (:class:`robust_cert.schema.CertificateBody`); raises
+        RobustCertError naming the first field that does not match. The body is unchanged."""
+        return validate_body(self.body)
 
     def to_dict(self) -> dict:
         out = {"certificate": self.body, "digest": self.digest}
@@ -143,7 +151,8 @@ class Certificate:
 
     @classmethod
     def from_json(cls, text: str) -> Certificate:
-        """Parse a certificate; the stored digest must match the content."""
+        """Parse a certificate; the stored digest must match the content, and the content
+        the schema (:mod:`robust_cert.schema`)."""
         try:
             raw = json.loads(text)
             body, digest = raw["certificate"], raw["digest"]
@@ -154,6 +163,7 @@ class Certificate:
         cert = cls(body=body, signature=raw.get("signature"))
         if cert.digest != digest:
             raise RobustCertError("certificate digest does not match its content: it was altered")
+        cert.validate()
         return cert
 
     @classmethod

@@ -3,7 +3,10 @@
 Exit codes: 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 2 error (bad input, unreachable server, ...).
 verify: 0 verified PASS, 1 not verified, 4 verified but its verdict is FAIL or INCONCLUSIVE.
 promote: 0 promoted, 1 refused (by the registry, or locally for a version that did not PASS),
-2 also for an ungated registry. doctor: 0 gated, 1 not gated. keygen, plan: 0 done.
+2 also for an ungated registry. doctor: 0 gated, 1 not gated. keygen, plan, schema: 0 done.
+
+Each subcommand's parser names its handler (``set_defaults(func=…)``); a handler takes the
+parsed arguments and returns the exit code.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import shlex
 import sys
 from pathlib import Path
 
-EXIT = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
+from robust_cert.verdicts import Verdict
+
+EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
 EXIT_ERROR = 2
 #: ``verify``: the signature is valid, the certified verdict is not PASS
 VERIFIED_NOT_PASS = 4
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "... (add --nnodes/--rdzv-endpoint for several machines) shards the points; "
                     "rank 0 writes everything, and the certificate is the same as on one "
                     "process.")
+    p.set_defaults(func=_certify)
     p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--policy", required=True, help="policy YAML (see examples/policies/)")
     p.add_argument("--data", default="digits",
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and reports) or models:/NAME/VERSION | models:/NAME@ALIAS (the signed tag "
                     "names the version and its artifacts still match). Needs the certifier's "
                     "public key(s) ($ROBUST_CERT_PUBLIC_KEYS) or its signing key.")
+    p.set_defaults(func=_verify)
     p.add_argument("target", help="certificate.json, manifest.json or models:/NAME/VERSION")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
 
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR/public-KID.pem (for the MLflow server's gate and for verify: "
                     "ROBUST_CERT_PUBLIC_KEYS, a PEM file or a directory of them). KID is the "
                     "key id certificates name. Never overwrites a file.")
+    p.set_defaults(func=_keygen)
     p.add_argument("dir", help="directory for the two key files (created if missing)")
 
     p = sub.add_parser(
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "alias, an unsigned certificate tag and the prompt marker on it, then "
                     "deletes the probe (needs the right to create and delete registered "
                     "models). Exit 0 when gated, 1 when not, 2 on errors.")
+    p.set_defaults(func=_doctor)
     p.add_argument("tracking_uri", metavar="TRACKING_URI", help="the MLflow server, e.g. "
                    "http://mlflow.internal:5000")
     p.add_argument("--alias", default="production",
@@ -109,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "robust-cert doctor does) and refuses an ungated one. If the version has no "
                     "certificate the key verifies, certify it with --policy; a version that did "
                     "not PASS is not promoted. Then request the alias: the server's gate decides.")
+    p.set_defaults(func=_promote)
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="version number")
     p.add_argument("--alias", default="production", help="alias to set (default: production)")
@@ -129,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation set: images, minutes and memory per metric, and the total. An "
                     "estimate, not a bound. A policy's time_budget_s makes certify do this "
                     "first and refuse a run estimated over budget.")
+    p.set_defaults(func=_plan)
     p.add_argument("policy", help="policy YAML")
     p.add_argument("--model", required=True,
                    help="models:/NAME/VERSION (or @ALIAS) or an .onnx file")
@@ -148,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "defaults filled in, which certificates record and the registry gate's "
                     "allow-list names. Exit 0 when valid, 2 with the offending key otherwise. "
                     "Examples: examples/policies/*.yaml.")
+    p.set_defaults(func=_policy)
     p.add_argument("path", help="policy YAML")
 
     p = sub.add_parser(
@@ -157,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "key(s) ($ROBUST_CERT_PUBLIC_KEYS) or its signing key; a certificate "
                     "that does not verify (or is unsigned, or no key is set) is rendered with "
                     "a NOT VERIFIED banner, or refused with --strict.")
+    p.set_defaults(func=_report)
     p.add_argument("certificate", help="certificate.json written by certify")
     p.add_argument("--out", default=".", help="output directory (default: .)")
     p.add_argument("--pdf", choices=("required", "auto", "off"), default="auto",
@@ -174,11 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact; default: per_point.npz beside the certificate, if present)")
 
     p = sub.add_parser(
+        "schema", help="print the JSON Schema of certificate.json files",
+        description="Prints the JSON Schema (draft 2020-12) that every certificate.json "
+                    "written by certify matches: the certified body (model, data, policy, "
+                    "environment, sanity checks, results, requirements, verdict), its digest "
+                    "and the signature block. Auditors can validate certificates against it "
+                    "without robust_cert; docs/certificate.schema.json holds a copy.")
+    p.set_defaults(func=_schema)
+
+    p = sub.add_parser(
         "demo", help="train, register and certify two digits CNNs in a local MLflow store",
         description="Trains a standard and an adversarially trained CNN on the built-in digits, "
                     "registers them as versions 1 and 2, exports version 2 to ONNX as "
                     "version 3, and certifies all three (version 3 with version 2 as its "
                     "gradient twin).")
+    p.set_defaults(func=_demo)
     p.add_argument("--workdir", default="demo_out",
                    help="where the sqlite store, artifacts and reports go (default: demo_out)")
     p.add_argument("--policy", default=None,
@@ -198,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "workers) and runs them; a reconciliation loop queues every watched "
                     "version without a current certificate, so no version is lost to a missed "
                     "webhook or an outage. Needs ROBUST_CERT_WEBHOOK_SECRET and a signing key.")
+    p.set_defaults(func=_serve)
     p.add_argument("--policy", required=True, help="policy YAML every version is certified with")
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -235,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "compares every version with the baseline on each shared quantity "
                     "(exact McNemar test, Holm across quantities, paired deltas with CIs), "
                     "prints the verdicts and logs a comparison run.")
+    p.set_defaults(func=_compare)
     p.add_argument("name", help="registered model name")
     p.add_argument("--versions", nargs="+", default=None,
                    help="versions to compare (default: every certified version)")
@@ -283,84 +308,90 @@ def _error(message: str) -> int:
 
 
 def _dispatch(args, argv) -> int:
-    command_line = "robust-cert " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.command == "policy":
-        from robust_cert.policy import load_policy
-
-        pol = load_policy(args.path)
-        print(f"{args.path}: valid policy {pol.name!r} (version {pol.version}), "
-              f"{len(pol.metrics)} metrics, {len(pol.requirements)} requirements")
-        print(f"sha256 {pol.sha256}")
-        return 0
-    if args.command == "report":
-        from robust_cert.certificate import Certificate
-        from robust_cert.errors import RobustCertError
-        from robust_cert.report import write_report
-        from robust_cert.signing import Keyring, SigningKeyError
-        from robust_cert.verification import Verification, verify_certificate_file
-
-        cert = Certificate.load(args.certificate)
-        try:
-            check = verify_certificate_file(cert, Keyring.from_env())
-        except SigningKeyError as exc:
-            check = Verification(False, f"cannot check the signature: {exc}")
-        if args.strict and not check.ok:
-            raise RobustCertError(f"{args.certificate}: NOT VERIFIED ({check.message}); "
-                                  "refused by --strict, nothing written")
-        per_point = Path(args.per_point or Path(args.certificate).with_name("per_point.npz"))
-        if per_point.is_file():
-            import numpy as np
-
-            with np.load(per_point) as arrays:
-                cert.per_point = {k: arrays[k] for k in arrays.files}
-        elif args.per_point:
-            raise RobustCertError(f"--per-point {args.per_point}: file not found")
-        data = None
-        if args.data is not None:
-            from robust_cert.data import load_data
-
-            # render_html refuses data whose SHA-256 is not the certified data's
-            data = load_data(args.data, input_range=tuple(cert.body["data"]["input_range"]))
-        files = write_report(cert, args.out, pdf=args.pdf, verification=check, data=data)
-        print(files.html)
-        if files.pdf is not None:  # else write_report has logged why (auto mode)
-            print(files.pdf)
-        if not check.ok:
-            print(f"robust-cert: warning: NOT VERIFIED: {check.message}", file=sys.stderr)
-        return 0
+    """Run the subcommand's handler (``set_defaults(func=…)`` in :func:`build_parser`)."""
+    args.command_line = "robust-cert " + shlex.join(sys.argv[1:] if argv is None else argv)
     if getattr(args, "threads", None) is not None:
         os.environ["ROBUST_CERT_THREADS"] = str(args.threads)
-    if args.command == "certify":
-        from robust_cert.mlflow_plugin.tracking import certify_version
+    return args.func(args)
 
-        res = certify_version(
-            args.model, args.policy, args.data, tracking_uri=args.tracking_uri,
-            out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
-            progress=not args.no_progress, command=command_line,
-            gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned,
-            announce=_announce if (sys.stderr.isatty() if args.estimate is None
-                                   else args.estimate) else None)
-        if res is None:  # a non-zero rank of a torchrun launch: rank 0 reports
-            return 0
-        _print_certification(args.model, res)
-        return EXIT[res.certificate.verdict]
-    if args.command == "plan":
-        return _plan(args)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "verify":
-        return _verify(args)
-    if args.command == "keygen":
-        return _keygen(args)
-    if args.command == "doctor":
-        return _doctor(args)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "promote":
-        return _promote(args, command_line)
-    raise AssertionError(args.command)
+
+def _policy(args) -> int:
+    from robust_cert.policy import load_policy
+
+    pol = load_policy(args.path)
+    print(f"{args.path}: valid policy {pol.name!r} (version {pol.version}), "
+          f"{len(pol.metrics)} metrics, {len(pol.requirements)} requirements")
+    print(f"sha256 {pol.sha256}")
+    return 0
+
+
+def _schema(args) -> int:
+    print(schema_text(), end="")
+    return 0
+
+
+def schema_text() -> str:
+    """What ``robust-cert schema`` prints: the JSON Schema of certificate.json, indented, with
+    a final newline (``docs/certificate.schema.json`` holds the same text)."""
+    import json
+
+    from robust_cert.schema import certificate_json_schema
+
+    return json.dumps(certificate_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _report(args) -> int:
+    from robust_cert.certificate import Certificate
+    from robust_cert.errors import RobustCertError
+    from robust_cert.report import write_report
+    from robust_cert.signing import Keyring, SigningKeyError
+    from robust_cert.verification import Verification, verify_certificate_file
+
+    cert = Certificate.load(args.certificate)
+    try:
+        check = verify_certificate_file(cert, Keyring.from_env())
+    except SigningKeyError as exc:
+        check = Verification(False, f"cannot check the signature: {exc}")
+    if args.strict and not check.ok:
+        raise RobustCertError(f"{args.certificate}: NOT VERIFIED ({check.message}); "
+                              "refused by --strict, nothing written")
+    per_point = Path(args.per_point or Path(args.certificate).with_name("per_point.npz"))
+    if per_point.is_file():
+        import numpy as np
+
+        with np.load(per_point) as arrays:
+            cert.per_point = {k: arrays[k] for k in arrays.files}
+    elif args.per_point:
+        raise RobustCertError(f"--per-point {args.per_point}: file not found")
+    data = None
+    if args.data is not None:
+        from robust_cert.data import load_data
+
+        # render_html refuses data whose SHA-256 is not the certified data's
+        data = load_data(args.data, input_range=tuple(cert.body["data"]["input_range"]))
+    files = write_report(cert, args.out, pdf=args.pdf, verification=check, data=data)
+    print(files.html)
+    if files.pdf is not None:  # else write_report has logged why (auto mode)
+        print(files.pdf)
+    if not check.ok:
+        print(f"robust-cert: warning: NOT VERIFIED: {check.message}", file=sys.stderr)
+    return 0
+
+
+def _certify(args) -> int:
+    from robust_cert.mlflow_plugin.tracking import certify_version
+
+    res = certify_version(
+        args.model, args.policy, args.data, tracking_uri=args.tracking_uri,
+        out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
+        progress=not args.no_progress, command=args.command_line,
+        gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned,
+        announce=_announce if (sys.stderr.isatty() if args.estimate is None
+                               else args.estimate) else None)
+    if res is None:  # a non-zero rank of a torchrun launch: rank 0 reports
+        return 0
+    _print_certification(args.model, res)
+    return EXIT[res.certificate.verdict]
 
 
 def _announce(estimate) -> None:
@@ -410,7 +441,7 @@ def _serve(args) -> int:
             if fresh:
                 for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
                     Path(f"{args.queue}{suffix}").unlink(missing_ok=True)
-            raise _webhook_refused(args.register, exc) from None
+            raise _webhook_refused(args.register, exc) from exc
         print(f"registered webhook {hook} -> {args.register}")
     threads = [threading.Thread(target=receiver.work_forever, name="certifier", daemon=True)]
     if args.reconcile_every > 0:
@@ -483,7 +514,7 @@ def _check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise RobustCertError(f"cannot listen on {host}:{port}: {exc}") from None
+        raise RobustCertError(f"cannot listen on {host}:{port}: {exc}") from exc
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -491,7 +522,7 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as exc:
             raise RobustCertError(f"cannot listen on {host}:{port}: {exc.strerror} (is another "
-                                  "robust-cert serve running? choose another --port)") from None
+                                  "robust-cert serve running? choose another --port)") from exc
 
 
 def _webhook_refused(url: str, exc: Exception):
@@ -575,7 +606,7 @@ def _verify(args) -> int:
     # a validly signed FAIL is genuine, but it is not a licence to deploy: `verify && deploy`
     # (a manifest vouches for its files' integrity; it names no verdict)
     verdict = (res.claim or {}).get("verdict")
-    return 0 if verdict in (None, "PASS") else VERIFIED_NOT_PASS
+    return 0 if verdict in (None, Verdict.PASS) else VERIFIED_NOT_PASS
 
 
 def _is_manifest(path: str) -> bool:
@@ -624,7 +655,7 @@ def _doctor(args) -> int:
     return 0 if _gate_check(client, args.alias, args.tracking_uri) else 1
 
 
-def _promote(args, command_line: str) -> int:
+def _promote(args) -> int:
     import mlflow
 
     from robust_cert.errors import PolicyError
@@ -655,7 +686,7 @@ def _promote(args, command_line: str) -> int:
         res = certify_version(
             f"models:/{args.name}/{args.version}", args.policy, args.data, out_dir=args.out,
             device=args.device, seed=args.seed, threads=args.threads,
-            progress=not args.no_progress, command=command_line)
+            progress=not args.no_progress, command=args.command_line)
         _print_certification(f"models:/{args.name}/{args.version}", res)
     try:
         checker = keyring or Keyring.from_env()
@@ -663,7 +694,7 @@ def _promote(args, command_line: str) -> int:
         checker = None  # no key here: the server's gate alone decides
     local = checker and verify_version(client, args.name, args.version, checker,
                                        check_artifacts=False)
-    if local and not (local.ok and local.claim and local.claim["verdict"] == "PASS"):
+    if local and not (local.ok and local.claim and local.claim["verdict"] == Verdict.PASS):
         # the server decides, but never ask it to promote what is known not to pass
         print(f"not promoting {args.name} v{args.version}: "
               + (f"verdict {local.claim['verdict']}" if local.claim else local.message),
@@ -685,7 +716,7 @@ def _print_certification(label: str, res) -> None:
         est = "n/a" if r["estimate"] is None else f"{r['estimate']:.4f}"
         op = ">=" if r["direction"] == "at_least" else "<="
         print(f"  {r['verdict']:<12} {r['id']:<40} {est} (need {op} {r['threshold']:g})")
-        if r["verdict"] != "PASS" and r.get("reason"):
+        if r["verdict"] != Verdict.PASS and r.get("reason"):
             print(f"{'':16}{r['reason']}")
     for s in cert.body.get("sanity", {}).get("checks", []):
         if s.get("state") == "failed":

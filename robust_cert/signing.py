@@ -41,6 +41,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from robust_cert.errors import RobustCertError
+from robust_cert.verdicts import Verdict
 
 KEY_ENV = "ROBUST_CERT_SIGNING_KEY"
 KEY_FILE_ENV = "ROBUST_CERT_SIGNING_KEY_FILE"
@@ -51,7 +52,8 @@ _DOMAIN = b"robust_cert claim v1\n"
 _MANIFEST_DOMAIN = b"robust_cert manifest v1\n"
 CLAIM_FIELDS = ("model", "version", "verdict", "policy", "policy_sha256", "model_sha256",
                 "certificate_digest", "run_id", "issued_us", "kid")
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+#: the verdicts a claim may carry, as written in the token
+VERDICTS = tuple(v.value for v in Verdict)
 # \A…\Z, not ^…$: "$" also matches before a trailing newline ("1\n" is not canonical)
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _KID = re.compile(r"\A[0-9a-f]{16}\Z")
@@ -297,6 +299,7 @@ def _check_claim(claim: dict) -> dict:
         raise ValueError("claim names no model")
     if out["verdict"] not in VERDICTS:
         raise ValueError(f"claim verdict {out['verdict']!r} is not one of {VERDICTS}")
+    out["verdict"] = Verdict(out["verdict"]).value  # a plain string, as the token reads back
     for f in ("policy_sha256", "model_sha256", "certificate_digest"):
         if not isinstance(out[f], str) or not _HEX64.match(out[f]):
             raise ValueError(f"claim {f} is not a lower-case hex SHA-256")

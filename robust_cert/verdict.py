@@ -10,6 +10,10 @@ while its true proportion violates the threshold is at most α (Holm's step-down
 controls the family-wise error rate under any dependence between the tests). FAIL means the
 opposite one-sided bound, at the same level, excludes the threshold; INCONCLUSIVE means the
 data can show neither (more points or draws are needed).
+
+Verdicts are :class:`Verdict` members (defined in :mod:`robust_cert.verdicts`, torch-free, and
+re-exported here with the aliases ``PASS``, ``FAIL``, ``INCONCLUSIVE``); certificates store
+their plain strings.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import asdict, dataclass
 from robust_cert import stats
 from robust_cert.metrics.base import MetricResult
 from robust_cert.policy import Policy, Requirement
+from robust_cert.verdicts import Verdict
 
-PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
+PASS, FAIL, INCONCLUSIVE = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class RequirementOutcome:
     adjusted_p_value: float | None  # Holm
     level: float | None  # the Holm level this requirement was tested at
     bound: float | None  # one-sided bound at ``level``: lower for at_least, upper for at_most
-    verdict: str
+    verdict: Verdict
     reason: str = ""
     population: str = ""  # what ci, p_value and bound cover (Proportion.population)
     interval_method: str = ""  # how they were computed (Proportion.interval_method)
@@ -48,10 +53,12 @@ class RequirementOutcome:
     upper_bound: float | None = None  # by the opposite one (upper for at_least)
 
     def to_dict(self) -> dict:
-        """JSON-ready: the CI as a list, as it reads back from the certificate."""
+        """JSON-ready, as it reads back from the certificate: the CI as a list, the verdict
+        as its plain string."""
         out = asdict(self)
         if out["ci"] is not None:
             out["ci"] = list(out["ci"])
+        out["verdict"] = Verdict(out["verdict"]).value
         return out
 
 
@@ -69,7 +76,7 @@ def _counts(req: Requirement, results: dict[str, MetricResult]):
 
 def decide(
     policy: Policy, results: dict[str, MetricResult]
-) -> tuple[str, list[RequirementOutcome]]:
+) -> tuple[Verdict, list[RequirementOutcome]]:
     """Test every requirement of ``policy`` on ``results``; return (overall verdict, outcomes)."""
     alpha = 1.0 - policy.confidence
     found = [_counts(r, results) for r in policy.requirements]
@@ -122,9 +129,7 @@ def decide(
             population=prop.population, interval_method=prop.interval_method,
             lower_bound=lower, upper_bound=upper))
 
-    verdicts = {o.verdict for o in outcomes}
-    overall = FAIL if FAIL in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else PASS
-    return overall, outcomes
+    return Verdict.overall(o.verdict for o in outcomes), outcomes
 
 
 # --------------------------------------------------------------------------- sanity checks
@@ -155,7 +160,7 @@ def apply_sanity(
     outcomes: list[RequirementOutcome],
     *,
     model_findings: dict[str, dict] | None = None,
-) -> tuple[str, list[RequirementOutcome], list[dict]]:
+) -> tuple[Verdict, list[RequirementOutcome], list[dict]]:
     """Let failed sanity checks decide: return (overall verdict, outcomes, check records).
 
     A metric lists its failed checks in ``diagnostics["sanity_findings"]`` (check ->
@@ -226,9 +231,7 @@ def apply_sanity(
                         o, reason="; ".join(x for x in (o.reason, f"also {why}") if x))
             rec["action"] = "inconclusive" if changed else "none"
             rec["made_inconclusive"] = changed
-    verdicts = {o.verdict for o in outcomes}
-    overall = FAIL if FAIL in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else PASS
-    return overall, outcomes, records
+    return Verdict.overall(o.verdict for o in outcomes), outcomes, records
 
 
 def _undermined(req: Requirement, metric: str | None, finding: dict) -> bool:
