@@ -48,9 +48,8 @@ def _load(entry: MetricEntry) -> type[Metric]:
     return cls
 
 
-for _entry in CATALOG.values():
-    register(_load(_entry), _entry)
-del _entry
+for _e in CATALOG.values():
+    register(_load(_e), _e)
 
 __all__ = ["FACTS", "REGISTRY", "Metric", "MetricResult", "Proportion", "RunContext",
            "register"]

@@ -721,7 +721,7 @@ def generic_curve(metric: str, inp: ChartInputs) -> Chart | None:
     curve = entry.curve
     res = inp.result(metric)
     rows = _eps_values(res, curve.param) if curve is not None else None
-    if curve is None or rows is None:
+    if curve is None or res is None or rows is None:
         return None
     xs, est, lo, hi = rows.T
     fig = _figure()
