@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from robust_cert import stats
+from robust_cert import catalog, stats
 from robust_cert.errors import RobustCertError
 
 BETTER, WORSE, SAME = "significantly better", "significantly worse", "no detectable difference"
@@ -75,23 +75,27 @@ class QuantityComparison:
 def paired_outcomes(per_point: dict[str, np.ndarray], body: dict) -> dict[str, tuple]:
     """Per-point outcomes by quantity key from a certificate's per-point arrays.
 
-    Returns ``{key: (good array, higher_is_better)}``; a failure-rate quantity's good array is
+    Returns ``{key: (good array, higher_is_better)}``, ``higher_is_better`` the family's in
+    the catalog (:mod:`robust_cert.catalog`); a failure-rate quantity's good array is
     "did not fail", and its rate is reported as the failure rate. Noise failure rates add a
     third item, the evaluation point of each draw (several draws per point), or None.
     """
     out = {}
     configs = {r["metric"]: r["config"] for r in body["results"]}
+    better = {name: catalog.entry(name).higher_is_better
+              for name in ("accuracy", "robust_accuracy", "probabilistic_robustness")}
     if "accuracy/correct" in per_point:
-        out["accuracy"] = (np.asarray(per_point["accuracy/correct"], bool), True)
+        out["accuracy"] = (np.asarray(per_point["accuracy/correct"], bool), better["accuracy"])
     if "robust_accuracy/robust" in per_point and "robust_accuracy" in configs:
         robust = np.asarray(per_point["robust_accuracy/robust"], bool)
         for j, eps in enumerate(configs["robust_accuracy"]["eps"]):
-            out[f"robust_accuracy.eps_{eps:g}"] = (robust[:, j], True)
+            out[f"robust_accuracy.eps_{eps:g}"] = (robust[:, j], better["robust_accuracy"])
     for name, arr in per_point.items():
         if name.startswith("probabilistic_robustness/failed@"):
             eps = name.split("@", 1)[1]
             idx = per_point.get(f"probabilistic_robustness/index@{eps}")
-            out[f"probabilistic_robustness.eps_{eps}"] = (~np.asarray(arr, bool), False, idx)
+            out[f"probabilistic_robustness.eps_{eps}"] = (
+                ~np.asarray(arr, bool), better["probabilistic_robustness"], idx)
     return out
 
 

@@ -23,11 +23,9 @@ import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 from robust_cert import stats
+from robust_cert.catalog import KINDS  # noqa: F401  (what kind of number: the catalog's)
 from robust_cert.data import EvalSet
 from robust_cert.models.base import Classifier
-
-#: What kind of number a metric produces, as the report labels it.
-KINDS = ("certified", "statistical", "empirical", "estimate")
 
 
 def value_list(name: str, *, low: float | None = None, high: float | None = None,

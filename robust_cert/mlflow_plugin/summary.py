@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+from robust_cert import catalog
 from robust_cert.certificate import Certificate
 from robust_cert.mlflow_plugin.names import (
     DIGEST_TAG,
@@ -15,22 +16,6 @@ from robust_cert.mlflow_plugin.names import (
     STATUS_TAG,
     TAG_PREFIX,
 )
-
-#: Short metric names for the run's headline metrics and the version's tags.
-SHORT_NAMES = {
-    "accuracy": "acc", "robust_accuracy": "robust_acc", "probabilistic_robustness": "fail_rate",
-    "randomized_smoothing": "cert_acc", "parity": "parity", "corruptions": "corr_acc",
-    "local_probabilistic_robustness": "local_robust", "calibration": "sel_risk",
-    "analytical_robustness": "analytic_robust", "rare_event_probability": "rare_event",
-    "safe_radius": "safe_frac", "divergence": "div_bounded",
-}
-#: Curves logged as metric histories, x value as the step (thousandths): metric -> (param,
-#: metric history name).
-CURVES = {
-    "robust_accuracy": ("eps", "curve.robust_accuracy"),
-    "randomized_smoothing": ("radius", "curve.certified_accuracy"),
-    "probabilistic_robustness": ("eps", "curve.failure_rate"),
-}
 
 
 def metric_key(metric: str, params: dict, suffix: str = "") -> str:
@@ -59,7 +44,7 @@ def short_name(metric: str, params: dict) -> str:
     """A short, distinct MLflow name for one quantity: ``acc``, ``robust_acc_0.1`` (ε),
     ``fail_rate_0.1``, ``cert_acc_r0.25`` (L2 radius); other parameters as ``<name><value>``.
     Only characters MLflow accepts in metric names and tags on every platform."""
-    parts = [SHORT_NAMES.get(metric, metric)]
+    parts = [catalog.entry(metric).short]
     for key, value in sorted(params.items()):
         text = _param_text(value)
         parts.append(text if key == "eps" else ("r" + text if key == "radius" else key + text))
@@ -81,12 +66,13 @@ def headline_metrics(cert: Certificate) -> dict[str, float]:
 
 
 def curve_points(cert: Certificate) -> dict[str, list[tuple[int, float]]]:
-    """Each curve of :data:`CURVES` the certificate has, as (step, value) points with the step
-    the x value in thousandths (``round(1000·ε)``) and the value rounded to 4 decimals: logged
-    as metric histories, MLflow's chart view draws and overlays them across runs."""
+    """Each catalog curve (``catalog.entry(metric).curve``) the certificate has, as (step,
+    value) points with the step the x value in thousandths (``round(1000·ε)``) and the value
+    rounded to 4 decimals: logged as metric histories, MLflow's chart view draws and overlays
+    them across runs."""
     out: dict[str, list[tuple[int, float]]] = {}
     for res in cert.results:
-        spec = CURVES.get(res["metric"])
+        spec = catalog.entry(res["metric"]).curve
         if spec is None or res["status"] != "ok":
             continue
         param, name = spec

@@ -3,6 +3,7 @@ tags, the description's summary and the signed certificate (last)."""
 
 from __future__ import annotations
 
+from robust_cert import catalog
 from robust_cert.certificate import Certificate
 from robust_cert.errors import TrackingError
 from robust_cert.mlflow_plugin.names import (
@@ -12,7 +13,7 @@ from robust_cert.mlflow_plugin.names import (
     TAG_PREFIX,
     with_summary,
 )
-from robust_cert.mlflow_plugin.summary import SHORT_NAMES, description_summary, version_tags
+from robust_cert.mlflow_plugin.summary import description_summary, version_tags
 
 
 def withdraw_certificate(client, name: str, version: str) -> None:
@@ -48,7 +49,7 @@ def _summary_tag(key: str) -> bool:
         return False
     short = key[len(TAG_PREFIX):]
     return short == "pass" or any(short == n or short.startswith(n + "_")
-                                  for n in {*SHORT_NAMES.values(), *SHORT_NAMES})
+                                  for n in catalog.short_names())
 
 
 def tag_version(client, name: str, version: str, cert: Certificate, run_id: str,

@@ -6,7 +6,8 @@ in-memory per-point arrays (``Certificate.per_point``) and evaluation inputs: a 
 re-rendered from the certificate JSON alone has neither, so those charts are left out rather
 than drawn from guesses. :data:`CHARTS` maps a metric family to its chart functions (a
 function may return several charts, e.g. one per norm); a new family slots in by adding its
-functions there.
+functions there. A family without functions there whose catalog entry declares a curve
+(:attr:`robust_cert.catalog.MetricEntry.curve`) gets :func:`generic_curve`; otherwise none.
 
 Determinism: every chart is drawn under matplotlib's default style plus :data:`_RC` (never
 the caller's rcParams), with a fixed ``svg.hashsalt`` (clip-path and marker ids), no date in
@@ -31,7 +32,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from robust_cert import stats
+from robust_cert import catalog, stats
 
 #: Colours shared with report.css (verdicts) and a neutral series colour.
 PASS_COLOUR, FAIL_COLOUR, INCONCLUSIVE_COLOUR = "#1b7a3a", "#b3261e", "#8a6d00"
@@ -711,10 +712,51 @@ CHARTS: dict[str, tuple[Callable[[ChartInputs], Chart | list[Chart] | None], ...
 }
 
 
+def generic_curve(metric: str, inp: ChartInputs) -> Chart | None:
+    """The estimates of a family's proportions indexed by its catalog curve's parameter
+    alone, over that parameter, with their intervals and the requirements' thresholds; None
+    when the family declares no curve or has no such proportion. Labels and units are the
+    catalog entry's; nothing else about the family is assumed."""
+    entry = catalog.entry(metric)
+    curve = entry.curve
+    res = inp.result(metric)
+    rows = _eps_values(res, curve.param) if curve is not None else None
+    if curve is None or res is None or rows is None:
+        return None
+    xs, est, lo, hi = rows.T
+    fig = _figure()
+    ax = fig.axes[0]
+    ax.errorbar(xs, est, yerr=[est - lo, hi - est], color=SERIES, marker="o", markersize=4,
+                capsize=4, label=entry.label)
+    _requirement_marks(ax, [r for r in inp.requirements(metric)
+                            if set(r["params"]) == {curve.param}],
+                       x_of=lambda r: r["params"].get(curve.param))
+    ax.set_xlabel(f"{curve.param} ({entry.unit})" if entry.unit else curve.param)
+    ax.set_ylabel(entry.label)
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    return Chart(
+        f"chart-{re.sub(r'[^a-z0-9]+', '-', metric.lower())}-curve",
+        f"{entry.label[:1].upper()}{entry.label[1:]} over {curve.param}",
+        to_svg(fig),
+        f"Estimate of {entry.label} ({res['kind']}) at each {curve.param}, with the "
+        f"certificate's two-sided {_pct(inp.confidence)} intervals (not Holm-adjusted); the "
+        f"bars mark the requirements' thresholds.")
+
+
+def _draws(metric: str) -> tuple[Callable[[ChartInputs], Chart | list[Chart] | None], ...]:
+    """The family's chart functions: its own in :data:`CHARTS`, else the generic curve."""
+    own = CHARTS.get(metric)
+    if own is not None:
+        return own
+    return (lambda inp: generic_curve(metric, inp),) if catalog.entry(metric).curve else ()
+
+
 def charts_for(metric: str, inp: ChartInputs) -> list[Chart]:
-    """The charts of one metric family that its data allows (none for unknown families)."""
+    """The charts of one metric family that its data allows: its own functions, else the
+    generic curve of its catalog entry, else none (also for families the catalog lacks)."""
     charts = []
-    for draw in CHARTS.get(metric, ()):
+    for draw in _draws(metric):
         with _style():
             drawn = draw(inp)
         if isinstance(drawn, Chart):
@@ -726,7 +768,7 @@ def charts_for(metric: str, inp: ChartInputs) -> list[Chart]:
 
 def omitted_for(metric: str, inp: ChartInputs) -> list[str]:
     """Titles of the family's figures that need per-point data this rendering lacks."""
-    return [draw.per_point_title for draw in CHARTS.get(metric, ())
+    return [draw.per_point_title for draw in _draws(metric)
             if hasattr(draw, "per_point_title")
             and (not inp.per_point or draw.needs_inputs and inp.x is None)]
 

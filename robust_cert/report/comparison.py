@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robust_cert import catalog
 from robust_cert.certificate import Certificate
 from robust_cert.comparison import WORSE, compare, paired_outcomes
 from robust_cert.errors import RobustCertError
@@ -32,16 +33,15 @@ METHOD = ("Paired per-point outcomes of the two versions on the same evaluation 
           "confidence on its own. A difference is called significant only when Holm rejects and "
           "the interval excludes 0 on the same side.")
 _KEY = re.compile(r"^(?P<metric>[a-z_]+)(?:\.eps_(?P<eps>.+))?$")
-_LABELS = {"accuracy": "clean accuracy", "robust_accuracy": "robust accuracy",
-           "probabilistic_robustness": "failure rate under random noise"}
 
 
 def quantity_label(key: str) -> str:
-    """``robust_accuracy.eps_0.1`` -> ``robust accuracy, ε = 0.1``."""
+    """``robust_accuracy.eps_0.1`` -> ``robust accuracy, ε = 0.1``: the family's catalog label
+    (:func:`robust_cert.catalog.label`), then ε."""
     m = _KEY.match(key)
     if not m:
         return key
-    name = _LABELS.get(m["metric"], m["metric"].replace("_", " "))
+    name = catalog.label(m["metric"])
     return f"{name}, ε = {m['eps']}" if m["eps"] is not None else name
 
 

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import jinja2
 from markupsafe import Markup
 
+from robust_cert.catalog import CATALOG
 from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError
-from robust_cert.metrics import REGISTRY
 from robust_cert.report import present
 from robust_cert.report.charts import ChartInputs, charts_for, comparison_chart, omitted_for
 from robust_cert.report.threats import threat_model
@@ -197,7 +197,7 @@ def _context(cert: Certificate, verification: SignatureCheck | None, data) -> di
         "threats": threat_model(results),
         "sections": sections,
         "not_run": [r for r in results if r["status"] != "ok"],
-        "untested": sorted(set(REGISTRY) - {r["metric"] for r in results}),
+        "untested": sorted(set(CATALOG) - {r["metric"] for r in results}),
         "kinds": sorted({r["kind"] for r in ran}),
         "class_balance": [(i, n, n / total) for i, n in enumerate(counts)],
         "model_extra": present.kv_rows({k: body["model"][k] for k in sorted(body["model"])

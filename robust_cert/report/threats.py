@@ -3,13 +3,16 @@
 A reviewer asks "robust against what?": which perturbations, how large, and what the
 attacker was assumed to know. The answer must come from the configuration that ran (with
 defaults filled in), not from prose written beside it, so each family that has a threat
-describes its own config here; a family without an entry is listed with its raw parameters.
+describes its own config here; a family without an entry is listed with its raw parameters
+and, where its catalog entry declares a curve, the values along it (:func:`generic_threat`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from robust_cert import catalog
 
 
 @dataclass(frozen=True)
@@ -115,16 +118,30 @@ THREATS: dict[str, Callable[[dict], Threat]] = {
 }
 
 
+def generic_threat(res: dict) -> Threat:
+    """The row of a family without a description in :data:`THREATS`: its configuration as
+    recorded, and as radii the values of its catalog curve's parameter that its proportions
+    were computed at (with the entry's unit; ``–`` when it declares no curve or has none)."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(res["config"].items())) or "–"
+    entry = catalog.entry(res["metric"])
+    radii = "–"
+    if entry.curve is not None:
+        axis = entry.curve.param
+        values = sorted({float(v["params"][axis]) for v in res.get("values", [])
+                         if set(v["params"]) == {axis}})
+        if values:
+            symbol = "ε" if axis == "eps" else axis
+            radii = ", ".join(f"{symbol} = {v:g}" for v in values) + (
+                f" ({entry.unit})" if entry.unit else "")
+    return Threat(res["metric"], f"as configured: {params}", radii, "see the definition")
+
+
 def threat_model(results: list[dict]) -> list[Threat]:
     """One row per metric in the certificate (not-applicable ones say so)."""
     rows = []
     for res in results:
         describe = THREATS.get(res["metric"])
-        if describe is not None:
-            row = describe(res)
-        else:
-            params = ", ".join(f"{k}={v}" for k, v in sorted(res["config"].items())) or "–"
-            row = Threat(res["metric"], f"as configured: {params}", "–", "see the definition")
+        row = describe(res) if describe is not None else generic_threat(res)
         if res["status"] != "ok":
             row = Threat(row.metric, f"not tested ({res['reason']})", row.radii, row.knowledge)
         rows.append(row)
