@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from torch import nn
 
 from robust_cert.bounds.base import BoundOp
-from robust_cert.errors import RobustCertError
+from robust_cert.plugins import PluginError
 
 #: Entry-point group of bound-op plugins: each names a BoundOp (class or instance, registered
 #: under its own keys) or a module whose import registers ops with :func:`register_bound_op`.
@@ -28,7 +28,7 @@ _METHODS: dict[str, tuple[BoundOp, Callable | None]] = {}
 _LOADED_PLUGINS: set[str] = set()
 
 
-class BoundOpPluginError(RobustCertError):
+class BoundOpPluginError(PluginError):
     """A plugin of the ``robust_cert.bound_ops`` entry-point group failed to load; the message
     names the plugin in one line."""
 

@@ -34,12 +34,8 @@ class Accuracy(Metric):
     """
 
     name = "accuracy"
-    kind = "statistical"
-    quantity = "accuracy"
-    higher_is_better = True
     description = "P[argmax f(x) = y] over the evaluation set"
     Config = AccuracyConfig
-    shardable = True  # per-point outcomes; per-class counts add
 
     #: per-class counts add
     merge_rules = {"per_class_recall": {"*": {"k": "sum", "n": "sum"}}}

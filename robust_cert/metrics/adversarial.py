@@ -258,11 +258,6 @@ class RobustAccuracy(Metric):
     """
 
     name = "robust_accuracy"
-    kind = "empirical"
-    quantity = "robust accuracy"
-    higher_is_better = True
-    needs_gradients = True
-    shardable = True
     description = "P[f(x') = y for every attack's x' with ||x' - x|| <= ε] (upper bound)"
     Config = RobustAccuracyConfig
 

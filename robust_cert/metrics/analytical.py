@@ -240,13 +240,8 @@ class AnalyticalRobustness(Metric):
     """
 
     name = "analytical_robustness"
-    kind = "estimate"
-    quantity = "fraction of points with estimated p_σ ≥ τ"
-    higher_is_better = True
     description = "estimated P_ε[argmax f(x+ε) = argmax f(x)], ε ~ N(0, σ²I) (Han et al.)"
-    needs_gradients = True
     Config = AnalyticalConfig
-    shardable = True
 
     #: the QMC error is a worst case; ranks, bias and validation are over all points
     merge_rules = {"guarantee": "same", "primary": "same", "qmc_std_error_max": "max",

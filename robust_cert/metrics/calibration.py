@@ -93,12 +93,8 @@ class Calibration(Metric):
     """
 
     name = "calibration"
-    kind = "statistical"
-    quantity = "selective risk"
-    higher_is_better = False
     description = "P[argmax f(x) != y | max softmax f(x) >= τ]; ECE, NLL and Brier as estimates"
     Config = CalibrationConfig
-    shardable = True  # per-point arrays and counts; summaries over all points in finalize
 
     #: blocks carry no diagnostics; every summary is over all points (:meth:`finalize`)
     merge_rules = {"ece": "recompute", "ece_ci": "recompute", "ece_ci_method": "same",

@@ -422,12 +422,8 @@ class CorruptionAccuracy(Metric):
     """
 
     name = "corruptions"
-    kind = "statistical"
-    quantity = "corruption accuracy"
-    higher_is_better = True
     description = "P[argmax f(corrupt(x)) = y] per corruption type and severity"
     Config = CorruptionsConfig
-    shardable = True  # per-point outcomes; draws seeded by position; summaries in finalize
 
     #: blocks carry no diagnostics; accuracies and p-values are over all points
     merge_rules = {"clean_correct": "sum", "mean_corruption_accuracy": "recompute",

@@ -97,13 +97,8 @@ class DivergenceBound(Metric):
     """
 
     name = "divergence"
-    kind = "empirical"
-    quantity = "fraction with bounded divergence"
-    higher_is_better = True
-    needs_gradients = True
     description = "P[max_{||δ||<=ε} KL(softmax f(x) || softmax f(x+δ)) <= κ] (upper bound)"
     Config = DivergenceConfig
-    shardable = True
 
     #: each block's surface candidates are keyed by index in the whole set: a disjoint union
     merge_rules = {"norm": "same", _CANDIDATES: "concat", "distribution": "recompute",

@@ -223,12 +223,8 @@ class LocalProbabilisticRobustness(Metric):
     """
 
     name = "local_probabilistic_robustness"
-    kind = "statistical"
-    quantity = "fraction of points decided robust"
-    higher_is_better = True
     description = "per point SPRT of P_δ[f(clip(x+δ)) fails] ≤ p1 vs ≥ p0"
     Config = LocalProbabilisticConfig
-    shardable = True
 
     #: blocks carry ``forward_images`` only; the bounds are over all points (:meth:`finalize`)
     merge_rules = {"guarantee": "same", "robust": "sum", "not_robust": "sum",

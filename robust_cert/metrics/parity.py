@@ -82,12 +82,8 @@ class Parity(Metric):
     """
 
     name = "parity"
-    kind = "statistical"
-    quantity = "argmax agreement"
-    higher_is_better = True
     description = "P[argmax f(x') = argmax g(x')] for the reference g, x' = x or clip(x+δ)"
     Config = ParityConfig
-    shardable = True
 
     #: the reference is the same model in every block; the largest |Δ logit| of the whole
     #: set is the largest of the blocks'

@@ -164,12 +164,8 @@ class ProbabilisticRobustness(Metric):
     """
 
     name = "probabilistic_robustness"
-    kind = "statistical"
-    quantity = "failure rate"
-    higher_is_better = False
     description = "P_{x~data, δ~U(B∞(ε))}[f(clip(x+δ)) fails]"
     Config = ProbabilisticRobustnessConfig
-    shardable = True
 
     #: blocks carry no diagnostics; the bands are of the merged counts (:meth:`finalize`)
     merge_rules = {"bands": "recompute"}

@@ -221,12 +221,8 @@ class RareEventProbability(Metric):
     """
 
     name = "rare_event_probability"
-    kind = "estimate"
-    quantity = "fraction of points with estimated p_fail ≤ p_max"
-    higher_is_better = True
     description = "AMS estimate of log P_δ[f(clip(x+δ)) fails] per point"
     Config = RareEventConfig
-    shardable = True
 
     #: blocks carry no diagnostics; the median spread is over all points (:meth:`finalize`)
     merge_rules = {"guarantee": "same", "runs": "same", "points": "sum", "not_reached": "sum",

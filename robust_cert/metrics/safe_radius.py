@@ -224,14 +224,9 @@ class SafeRadius(Metric):
     """
 
     name = "safe_radius"
-    kind = "certified"
-    quantity = "certified fraction"
-    higher_is_better = True
-    needs_gradients = True
     description = ("P[property holds on the whole ball of radius r] by a sound Lipschitz lower "
                    "bound on the maximum safe radius")
     Config = SafeRadiusConfig
-    shardable = True  # per-point radii; the bound is of the network alone; summaries in finalize
 
     #: the bound is of the network alone; medians are over all points (:meth:`finalize`)
     merge_rules = {"property": "same", "lower_bound": "same", "lipschitz": "same",

@@ -186,12 +186,8 @@ class RandomizedSmoothing(Metric):
     """
 
     name = "randomized_smoothing"
-    kind = "certified"
-    quantity = "certified accuracy of the smoothed classifier"
-    higher_is_better = True
     description = "P[g(x) = y certified with L2 radius ≥ r], g = Gaussian-smoothed f"
     Config = SmoothingConfig
-    shardable = True
 
     #: the bound on wrong certificates is ⌈m·α⌉ of all m points (:meth:`finalize`)
     merge_rules = {"guarantee": "same", "abstained": "sum", "certified_correct": "sum",

@@ -69,13 +69,8 @@ class Surrogates(Metric):
     """
 
     name = "surrogates"
-    kind = "estimate"
-    quantity = "Jacobian norm and loss curvature"
-    higher_is_better = False
-    needs_gradients = True
     description = "mean ||∂f/∂x||_F and top eigenvalue of ∂²CE/∂x² (trend indicators)"
     Config = SurrogatesConfig
-    shardable = True
 
     #: the summaries (mean, median, p90, max) are over all points (:meth:`finalize`)
     merge_rules = {"jacobian_fro": "recompute", "hessian_top": "recompute",
