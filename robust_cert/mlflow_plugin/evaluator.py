@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from robust_cert.errors import ModelError, PolicyError
+from robust_cert.verdicts import Verdict
 
 MODEL_TYPE = "robustness"
 
@@ -68,7 +69,7 @@ def _evaluator_class():
             metrics = summary_metrics(cert)
             metrics["verdict_pass"] = float(cert.passed)
             for req in cert.requirements:
-                metrics[f"requirement_pass.{req['id']}"] = float(req["verdict"] == "PASS")
+                metrics[f"requirement_pass.{req['id']}"] = float(req["verdict"] == Verdict.PASS)
             metrics = {_clean(k): v for k, v in metrics.items()}
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "robust_cert_certificate.json"

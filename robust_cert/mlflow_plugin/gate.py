@@ -48,6 +48,7 @@ import tempfile
 import time
 
 from robust_cert.mlflow_plugin.names import CERT_TAG
+from robust_cert.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _store_class():
                 raise _denied(f"{action} refused: the certificate tag of {name} v{number} is not "
                               "the one the registry recorded as current (it was revoked, "
                               "superseded, or written around the gate); " + how)
-            if claim["verdict"] != "PASS":
+            if claim["verdict"] != Verdict.PASS:
                 raise _denied(f"{action} refused: {name} v{number} did not pass certification "
                               f"(verdict {claim['verdict']} under policy {claim['policy']!r}); "
                               "promote a version that passes")

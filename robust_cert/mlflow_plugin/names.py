@@ -9,12 +9,15 @@ description's robust_cert summary lies between :data:`DESCRIPTION_BEGIN` and
 
 from __future__ import annotations
 
+from robust_cert.verdicts import Verdict
+
 #: The signed certificate token on a model version: what the gate verifies.
 CERT_TAG = "robust_cert.certificate"
 
 TAG_PREFIX = "robust_cert."
 STATUS_TAG = "robust_cert.status"
-STATUS = {"PASS": "passed", "FAIL": "failed", "INCONCLUSIVE": "inconclusive"}
+#: The version tag robust_cert.status of each verdict.
+STATUS = {Verdict.PASS: "passed", Verdict.FAIL: "failed", Verdict.INCONCLUSIVE: "inconclusive"}
 DEFAULT_EXPERIMENT = "robust_cert"
 MANIFEST = "manifest.json"
 #: Run tag that marks what a robust_cert run is: ``certification`` or ``comparison``. Filter

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from robust_cert.errors import ModelError
 from robust_cert.mlflow_plugin.registry import artifacts_sha256, download_version, resolve_version
+from robust_cert.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def load_verified(uri: str, *, allowed_policies=None, keyring=None, client=None,
     if not check.ok:
         raise VerificationError(f"{label} NOT VERIFIED: {check.message}")
     claim = check.claim
-    if claim["verdict"] != "PASS":
+    if claim["verdict"] != Verdict.PASS:
         raise VerificationError(f"{label} NOT VERIFIED: verdict {claim['verdict']} under "
                                 f"policy {claim['policy']!r}")
     if not ({claim["policy"], claim["policy_sha256"]} & allowed):

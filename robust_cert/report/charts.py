@@ -33,11 +33,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from robust_cert import catalog, stats
+from robust_cert.verdicts import Verdict
 
 #: Colours shared with report.css (verdicts) and a neutral series colour.
 PASS_COLOUR, FAIL_COLOUR, INCONCLUSIVE_COLOUR = "#1b7a3a", "#b3261e", "#8a6d00"
 SERIES = "#1f5fa8"
-VERDICT_COLOURS = {"PASS": PASS_COLOUR, "FAIL": FAIL_COLOUR, "INCONCLUSIVE": INCONCLUSIVE_COLOUR}
+VERDICT_COLOURS = {Verdict.PASS: PASS_COLOUR, Verdict.FAIL: FAIL_COLOUR,
+                   Verdict.INCONCLUSIVE: INCONCLUSIVE_COLOUR}
 #: How many vulnerable examples the report shows.
 MAX_EXAMPLES = 8
 #: The printable width of an A4 page in the PDF (210 mm less 2 × 16 mm margins), in inches.

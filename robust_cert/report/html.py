@@ -37,6 +37,7 @@ from robust_cert.errors import RobustCertError
 from robust_cert.report import present
 from robust_cert.report.charts import ChartInputs, charts_for, comparison_chart, omitted_for
 from robust_cert.report.threats import threat_model
+from robust_cert.verdicts import Verdict
 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
@@ -209,7 +210,7 @@ def _context(cert: Certificate, verification: SignatureCheck | None, data) -> di
         "decisive": {q["id"]: present.decisive_bound(q) for q in body["requirements"]},
         "tracking_uri": tracking_uri(body),
         "comparison": _comparison(body),
-        "tally": {v: verdicts.count(v) for v in ("PASS", "FAIL", "INCONCLUSIVE")},
+        "tally": {str(v): verdicts.count(v) for v in Verdict},
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from robust_cert import stats
+from robust_cert.verdicts import Verdict
 
 # --------------------------------------------------------------------------- numbers
 
@@ -378,7 +379,7 @@ def decisive_bound(req: dict) -> dict:
     INCONCLUSIVE: the bound that failed to clear the threshold (``bound``)."""
     at_least = req.get("direction") == "at_least"
     pass_side = "lower" if at_least else "upper"
-    if req.get("verdict") != "FAIL":
+    if req.get("verdict") != Verdict.FAIL:
         return {"side": pass_side, "value": req.get("bound")}
     side = "upper" if at_least else "lower"
     if req.get(f"{side}_bound") is not None:
