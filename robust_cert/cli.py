@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(exc))
     except (FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         return _error(str(exc))
-    except KeyboardInterrupt:
-        print("robust-cert: interrupted; nothing was certified", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a certification's says what it left as it was
+        what = str(exc) if getattr(exc, "described", False) else "nothing was certified"
+        print(f"robust-cert: interrupted: {what}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         mlflow_exceptions = sys.modules.get("mlflow.exceptions")

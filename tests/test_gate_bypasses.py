@@ -267,63 +267,139 @@ def test_forged_and_copied_certificates(gated, client, small_model, tmp_path):
     _alias_refused(url, client, name, v1, "no signed")
 
 
-# ---- 4. crash between writes -----------------------------------------------------------------
-_KILLED_CERTIFY = textwrap.dedent("""
+# ---- 4. interrupted and killed re-certifications -------------------------------------------
+_STALLED_CERTIFY = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
 
-    marker, url, uri, policy, out = sys.argv[1:6]
-    real = MlflowClient.set_model_version_tag
+    marker, where, stall, url, uri, policy, out = sys.argv[1:8]
+    if where == "tags":  # the first summary tag: after the old certificate was withdrawn
+        real = MlflowClient.set_model_version_tag
 
-    def blocking(self, name, version, key, value):
-        if key == "robust_cert.policy":  # the first summary tag of the new certification
-            Path(marker).write_text("writing tags")
-            time.sleep(300)
-        return real(self, name, version, key, value)
+        def stalled(self, name, version, key, value):
+            if key == "robust_cert.policy":
+                Path(marker).write_text(where)
+                time.sleep(float(stall))
+            return real(self, name, version, key, value)
 
-    MlflowClient.set_model_version_tag = blocking
+        MlflowClient.set_model_version_tag = stalled
+    else:  # logging the certification run: before the version is touched
+        real = MlflowClient.log_artifact
+
+        def stalled(self, *args, **kwargs):
+            Path(marker).write_text(where)
+            time.sleep(float(stall))
+            return real(self, *args, **kwargs)
+
+        MlflowClient.log_artifact = stalled
     from robust_cert.cli import main
     sys.exit(main(["certify", uri, "--policy", policy, "--tracking-uri", url, "--out", out,
                    "--no-progress"]))
 """)
 
 
-def test_killed_certification_leaves_no_pass(gated, client, small_model, tmp_path):
-    url, name = gated.url, _name("killed", gated)
-    version = _register(url, name, small_model)
-    assert _certify(url, name, version, EASY, tmp_path) == 0
-    client.set_registered_model_alias(name, "production", version)  # a PASS, promoted
-    client.delete_registered_model_alias(name, "production")
+def _stalled_certification(gated, name, version, tmp_path, where, stall, sig):
+    """Re-certify ``name`` v``version`` under STRICT (a FAIL) in a subprocess that stalls at
+    ``where`` for ``stall`` seconds; send ``sig`` when it gets there. (exit code, output)."""
     policy = tmp_path / "strict.yaml"
     policy.write_text(STRICT)
     marker, tmp = tmp_path / "marker", tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CERTIFY, str(marker), url, f"models:/{name}/{version}",
-         str(policy), str(tmp_path / "out")], env=env, cwd=REPO,
+        [sys.executable, "-c", _STALLED_CERTIFY, str(marker), where, str(stall), gated.url,
+         f"models:/{name}/{version}", str(policy), str(tmp_path / "out")], env=env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while not marker.exists():
         assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline, "the certification never reached the tags"
+        assert time.time() < deadline, f"the certification never reached {where}"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 2, out
-    assert "interrupted" in out
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0].decode()
+    if sig != signal.SIGKILL:
+        assert not [p for p in tmp.iterdir() if p.name.startswith("robust_cert_")], \
+            "temporary folders left behind"
+    return proc.returncode, out
+
+
+def _last_run(client, name, version):
     mv = client.get_model_version(name, version)
-    assert CERT_TAG not in mv.tags, "the previous PASS must be gone before the new run"
-    model_id = mv.source.removeprefix("models:/")
-    experiment = client.get_logged_model(model_id).experiment_id
-    killed = client.search_runs([experiment], f"tags.`robust_cert.model` = '{name}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert killed.info.status == "KILLED"
-    assert not [p for p in tmp.iterdir() if p.name.startswith("robust_cert_")], \
-        "temporary folders left behind"
-    _alias_refused(url, client, name, version, "no signed")
-    assert main(["verify", f"models:/{name}/{version}", "--tracking-uri", url]) == 1
+    experiment = client.get_logged_model(mv.source.removeprefix("models:/")).experiment_id
+    return client.search_runs([experiment], f"tags.`robust_cert.model` = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def _certified_and_promotable(gated, client, name, small_model, tmp_path):
+    version = _register(gated.url, name, small_model)
+    assert _certify(gated.url, name, version, EASY, tmp_path) == 0
+    client.set_registered_model_alias(name, "production", version)  # a PASS, promoted
+    client.delete_registered_model_alias(name, "production")
+    return version
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["sigterm", "sigint", "sigkill"])
+def test_interrupted_recertification_changes_nothing(gated, client, small_model, tmp_path,
+                                                     sig):
+    """Stopped while logging its run, a re-certification leaves the version's tags,
+    description and certificate exactly as they were, and the files in --out too; the
+    previous PASS stays promotable."""
+    name = _name(f"interrupted-{sig.name.lower()}", gated)
+    version = _certified_and_promotable(gated, client, name, small_model, tmp_path)
+    before = client.get_model_version(name, version)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "certificate.json").write_text("previous")  # an earlier certification's file
+    code, out = _stalled_certification(gated, name, version, tmp_path, "logging", 300, sig)
+    after = client.get_model_version(name, version)
+    assert (after.tags, after.description) == (before.tags, before.description)
+    assert (out_dir / "certificate.json").read_text() == "previous"
+    if sig == signal.SIGKILL:  # nothing runs after SIGKILL: the staging folder stays
+        assert code == -signal.SIGKILL
+    else:
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+        assert code == 2, out
+        assert f"{name} v{version} keeps its previous certificate" in out
+        assert _last_run(client, name, version).info.status == "KILLED"
+    client.set_registered_model_alias(name, "production", version)  # still a valid PASS
+    assert client.get_registered_model(name).aliases["production"] == version
+    client.delete_registered_model_alias(name, "production")
+
+
+def test_interrupt_while_writing_the_version_is_held_back(gated, client, small_model,
+                                                          tmp_path):
+    """SIGTERM while the version's tags are written waits until the new certificate is in
+    place: the version carries the complete new certificate (a FAIL here), never half of it."""
+    name = _name("held-back", gated)
+    version = _certified_and_promotable(gated, client, name, small_model, tmp_path)
+    code, out = _stalled_certification(gated, name, version, tmp_path, "tags", 3,
+                                       signal.SIGTERM)
+    assert code == 2, out
+    assert "held back until the new certificate was in place" in out
+    mv = client.get_model_version(name, version)
+    assert mv.tags["robust_cert.status"] == "failed"
+    assert mv.tags[CERT_TAG]
+    run = _last_run(client, name, version)
+    assert run.info.run_name.endswith("· FAIL")
+    assert run.info.run_id == mv.tags["robust_cert.run_id"]
+    assert (tmp_path / "out" / "certificate.json").is_file()
+    _alias_refused(gated.url, client, name, version, "did not pass")
+
+
+def test_killed_while_writing_the_version_leaves_no_pass(gated, client, small_model, tmp_path):
+    """SIGKILL inside the version's writes (which nothing can hold back): the old PASS was
+    withdrawn first, the new certificate is not there yet, so the version carries none."""
+    name = _name("killed", gated)
+    version = _certified_and_promotable(gated, client, name, small_model, tmp_path)
+    code, out = _stalled_certification(gated, name, version, tmp_path, "tags", 300,
+                                       signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    mv = client.get_model_version(name, version)
+    assert CERT_TAG not in mv.tags, "the previous PASS must be gone before the new tags"
+    _alias_refused(gated.url, client, name, version, "no signed")
+    assert main(["verify", f"models:/{name}/{version}", "--tracking-uri", gated.url]) == 1
     db = gated.root / "mlflow.db"
     if db.exists():  # the sqlite server: the ledger recorded the removal, with its sequence
         import sqlalchemy

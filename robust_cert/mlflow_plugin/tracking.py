@@ -5,14 +5,18 @@ run, the signed certificate tag the registry gate trusts, summary tags and the s
 description. A model not (yet) registered (``runs:/RUN_ID/PATH``, ``models:/m-ID``) gets the
 certification run and its report only: a check before registration, with nothing to tag.
 
-Order matters for safety: the suite runs and the certificate is complete before anything is
-written; then the version's signed certificate tag (and its status tag, then the summary in
-its description) is removed — the gate records the removal in its ledger — before anything
-of the new certification is written, and the new signed tag is written last. A crash or
-kill at any point therefore leaves either the new certificate or none, never the previous
-PASS beside a new run. SIGTERM (like SIGINT) interrupts a certification cleanly in the main
-thread: the run ends KILLED (FAILED on an error) and temporary folders are removed; only
-SIGKILL can leave a run RUNNING, and then the version still carries no certificate.
+Order matters for safety, and interrupted work changes nothing:
+
+1. the suite runs and the certificate is complete before anything is written;
+2. the certification run, its files (written beside ``--out`` and moved in only at the end)
+   and the signature are made next — an error, Ctrl-C or SIGTERM up to here marks the run
+   FAILED or KILLED and leaves the version's tags, description and certificate exactly as
+   they were (the message says the previous certificate stands);
+3. then, with SIGINT and SIGTERM held back, the version's previous signed certificate tag
+   (and status, and the description's summary) is removed — the gate records the removal in
+   its ledger — the new summary is written, and the new signed tag last. Only SIGKILL can
+   cut this short, and then the version carries the new certificate or none, never the
+   previous PASS beside new results.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -57,7 +63,44 @@ log = logging.getLogger(__name__)
 
 class CertificationInterrupted(KeyboardInterrupt):
     """SIGTERM (or SIGINT) arrived during a certification; raised so that every ``finally``
-    and context manager runs (run marked KILLED, temporary folders removed)."""
+    and context manager runs (run marked KILLED, temporary folders removed). Its message says
+    what the version carries now; ``after_version_written`` when the interrupt was held back
+    until the version's new certificate was in place."""
+
+    def __init__(self, message: str = "", *, after_version_written: bool = False,
+                 described: bool = False):
+        super().__init__(message)
+        self.after_version_written = after_version_written
+        #: the message says what the interrupted certification left (the CLI prints it)
+        self.described = described or after_version_written
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back while the block runs, and raise
+    :class:`CertificationInterrupted` after it when one arrived (main thread only: Python
+    delivers signals there; elsewhere this does nothing). For the few registry writes that
+    must not be cut in the middle: SIGKILL still can, and then no stale PASS is left (the old
+    certificate is withdrawn first and the new one written last)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise CertificationInterrupted(
+            f"received {signal.Signals(received[0]).name} while the version was being "
+            "written; it was held back until the new certificate was in place",
+            after_version_written=True)
 
 
 @contextlib.contextmanager
@@ -140,10 +183,19 @@ def certify_version(
     Certification; the other processes return None.
     """
     with terminate_as_interrupt():
-        return _certify_version(uri, policy, data, tracking_uri=tracking_uri, out_dir=out_dir,
-                                device=device, seed=seed, threads=threads, progress=progress,
-                                command=command, gradient_twin=gradient_twin,
-                                allow_unsigned=allow_unsigned, announce=announce)
+        try:
+            return _certify_version(uri, policy, data, tracking_uri=tracking_uri,
+                                    out_dir=out_dir, device=device, seed=seed, threads=threads,
+                                    progress=progress, command=command,
+                                    gradient_twin=gradient_twin,
+                                    allow_unsigned=allow_unsigned, announce=announce)
+        except KeyboardInterrupt as exc:  # before anything was recorded: nothing changed
+            if getattr(exc, "described", False):
+                raise
+            raise CertificationInterrupted(
+                f"{exc or 'interrupted'} before anything was recorded: nothing was changed "
+                f"({uri} keeps its previous certificate, if it had one)",
+                described=True) from None
 
 
 def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, threads,
@@ -244,6 +296,12 @@ def sign_certificate(cert: Certificate, name: str, version, run_id: str,
 
 def _record(client, clf, evalset, cert: Certificate, out: Path,
             keyring: Keyring | None) -> Certification:
+    """Record a finished certification: first everything that does not touch the version (a
+    run, its files, the signature), then — with SIGINT and SIGTERM held back — the version's
+    state in one short stretch: the old certificate withdrawn, the summary, the status and the
+    new signed certificate last. An interrupt or error in the first part leaves the version
+    (and the files in ``out``) exactly as they were; one in the second part waits until the
+    version carries the new certificate."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -251,55 +309,98 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
     name = clf.name
     version = str(int(clf.version)) if registered else None
     what = f"{name} v{version}" if registered else clf.uri
-    if registered:  # 1. withdraw the previous certificate before anything of this one is written
-        withdraw_certificate(client, name, version)
     model_id = clf.extra.get("model_id")
     experiment_id = _experiment_for(client, model_id, clf.extra.get("experiment_id"))
-    # the verdict names the run only once the version carries the signed certificate: a crash
-    # before that must not leave a run that reads PASS
+    # the verdict names the run only once the version carries the signed certificate: a run
+    # that stops before that never reads PASS
     tags = {KIND_TAG: "certification", "robust_cert.model": name}
     tags.update({"robust_cert.version": version} if registered else
                 {"robust_cert.source": clf.uri})
     run = client.create_run(experiment_id, run_name=f"certify {what}", tags=tags)
     run_id = run.info.run_id
+    staging = _staging_dir(out)
     try:
         token = None
         if keyring is not None:
             token = sign_certificate(cert, name, version, run_id, keyring)
         try:
-            report = write_report(cert, out, data=evalset)
-            report_path = report.html
-            cert_path = cert.save(out / "certificate.json")
-            per_point = cert.save_per_point(out / "per_point.npz")
-            files = [cert_path, report_path, per_point]
-            if report.pdf is not None:
-                files.append(Path(report.pdf))
-            manifest_path = None
-            if keyring is not None:
-                manifest_path = write_manifest(out / MANIFEST, name, version, run_id, cert,
-                                               token, files, keyring)
-            else:  # an earlier signed manifest here would vouch for other files
-                (out / MANIFEST).unlink(missing_ok=True)
+            files = _write_files(cert, evalset, staging, name, version, run_id, token, keyring)
             with mlflow.start_run(run_id=run_id):
-                _log_run(mlflow, clf, evalset, cert, model_id, files + (
-                    [manifest_path] if manifest_path else []))
+                _log_run(mlflow, clf, evalset, cert, model_id, files)
                 _log_curves(client, run_id, cert)
         except Exception as exc:
             client.set_terminated(run_id, "FAILED")
-            raise TrackingError(f"logging the certification run failed: {exc}") from None
-        if registered:  # 2. the version's summary tags, then the signed certificate last
-            try:
-                tag_version(client, name, version, cert, run_id, token,
-                            experiment_id=experiment_id)
-            except MlflowException as exc:
-                raise TrackingError(f"tagging {name} v{version} failed ({exc.message}); the "
-                                    "version carries no certificate: certify it again") from None
-        client.set_tag(run_id, "robust_cert.verdict", cert.verdict)
-        client.update_run(run_id, name=run_name(what, cert.verdict))
-    except KeyboardInterrupt:
+            raise TrackingError(f"logging the certification run failed: {exc}; "
+                                f"{_unchanged(what, registered)}") from None
+        with signals_deferred():
+            if registered:  # the version: withdraw, summary, status, signed certificate last
+                try:
+                    withdraw_certificate(client, name, version)
+                    tag_version(client, name, version, cert, run_id, token,
+                                experiment_id=experiment_id)
+                except (MlflowException, TrackingError) as exc:
+                    client.set_terminated(run_id, "FAILED")
+                    reason = getattr(exc, "message", exc)
+                    raise TrackingError(f"tagging {name} v{version} failed ({reason}); the "
+                                        "version carries no certificate: certify it again") \
+                        from None
+            client.set_tag(run_id, "robust_cert.verdict", cert.verdict)
+            client.update_run(run_id, name=run_name(what, cert.verdict))
+            paths = _publish(staging, out, files)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, CertificationInterrupted) and exc.after_version_written:
+            client.set_terminated(run_id, "FINISHED")  # complete: the version carries it
+            raise
         client.set_terminated(run_id, "KILLED")
-        raise
-    return Certification(cert, run_id, experiment_id, out, report_path, cert_path)
+        raise CertificationInterrupted(f"{exc or 'interrupted'}: "
+                                       f"{_unchanged(what, registered)}",
+                                       described=True) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Certification(cert, run_id, experiment_id, out, paths["report.html"],
+                         paths["certificate.json"])
+
+
+def _unchanged(what: str, registered: bool) -> str:
+    return (f"{what} keeps its previous certificate (its tags and description are unchanged)"
+            if registered else f"nothing was recorded for {what}")
+
+
+def _staging_dir(out: Path) -> Path:
+    """A new folder beside ``out`` where the files are written before they replace those in
+    ``out`` (so an interrupted certification leaves ``out`` as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+
+
+def _write_files(cert: Certificate, evalset, where: Path, name: str, version, run_id: str,
+                 token: str | None, keyring: Keyring | None) -> list[Path]:
+    """The report (HTML, PDF), certificate.json, per_point.npz and, when signed,
+    manifest.json, written into ``where``; returns their paths."""
+    report = write_report(cert, where, data=evalset)
+    files = [cert.save(where / "certificate.json"), report.html,
+             cert.save_per_point(where / "per_point.npz")]
+    if report.pdf is not None:
+        files.append(Path(report.pdf))
+    if keyring is not None and token is not None:
+        files.append(write_manifest(where / MANIFEST, name, version, run_id, cert, token,
+                                    files, keyring))
+    return [Path(f) for f in files]
+
+
+def _publish(staging: Path, out: Path, files: list[Path]) -> dict[str, Path]:
+    """Move the certification's files from ``staging`` into ``out`` (each replaced
+    atomically); a manifest.json of an earlier certification that this one does not replace
+    is removed, since it would vouch for other files. Returns the new paths by file name."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = {f.name for f in files}
+    if MANIFEST not in names:
+        (out / MANIFEST).unlink(missing_ok=True)
+    paths = {}
+    for f in files:
+        os.replace(f, out / f.name)
+        paths[f.name] = out / f.name
+    return paths
 
 
 def write_manifest(path: Path, name: str, version: str, run_id: str, cert: Certificate,
