@@ -111,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "http://mlflow.internal:5000")
     p.add_argument("--alias", default="production",
                    help="the protected alias to probe (default: production)")
+    p.add_argument("--routes", default=None, metavar="ROUTES.yaml",
+                   help="the routes file the server was started with ($ROBUST_CERT_ROUTES): "
+                        "print its digest (compare it with the server's log) and, with "
+                        "--model, the rule a model falls under")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="with --routes: the registered model whose rule to print")
+
+    p = sub.add_parser(
+        "routes", help="validate a routes file and explain which rule applies to a model",
+        description="Validates a routes file (which policy, evaluation data and gate each "
+                    "registered model gets; see docs/deployment.md): every policy it names is "
+                    "loaded, every data file must exist and match its pin. Prints the file's "
+                    "SHA-256 and its rules, warns about rules no model can reach and, with "
+                    "--model, says which rule applies to that model and why. With "
+                    "--tracking-uri, also warns about globs that match no registered model. "
+                    "Exit 0 when valid, 2 otherwise.")
+    p.set_defaults(func=_routes)
+    p.add_argument("path", help="routes YAML")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a registered model name: print the rule that applies and why")
+    p.add_argument("--tracking-uri", default=None,
+                   help="an MLflow registry: warn about globs that match none of its models")
 
     p = sub.add_parser(
         "promote", help="certify a version if needed, then ask the server to set an alias",
@@ -124,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="production", help="alias to set (default: production)")
     p.add_argument("--policy", default=None, help="policy YAML, used if certification is needed")
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    p.add_argument("--routes", default=None, metavar="ROUTES.yaml",
+                   help="take the policy and data from the model's rule in this routes file "
+                        "(default: $ROBUST_CERT_ROUTES when set); an exempt model is promoted "
+                        "without certification")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
     p.add_argument("--out", default=None, help="report directory if certification runs")
     p.add_argument("--no-gate-check", action="store_true",
@@ -222,8 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "version without a current certificate, so no version is lost to a missed "
                     "webhook or an outage. Needs ROBUST_CERT_WEBHOOK_SECRET and a signing key.")
     p.set_defaults(func=_serve)
-    p.add_argument("--policy", required=True, help="policy YAML every version is certified with")
-    p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", help="policy YAML every version is certified with")
+    which.add_argument("--routes", metavar="ROUTES.yaml",
+                       help="a routes file: each model's rule names its policy, data and "
+                            "gradient twin; exempt models and models no rule matches are not "
+                            "certified; a changed policy or data file re-certifies the versions "
+                            "of its rule (read at start: restart to apply a changed file)")
+    p.add_argument("--data", default="digits",
+                   help="evaluation data with --policy (default: digits)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     p.add_argument("--queue-url", "--queue", dest="queue", default="robust_cert_jobs.db",
@@ -428,7 +461,7 @@ def _serve(args) -> int:
     # behind), then the webhook (a refused URL must not leave a new queue file behind)
     local = "://" not in str(args.queue)
     fresh = local and not Path(args.queue).exists()
-    receiver = make_receiver(args.policy, args.queue, data=args.data,
+    receiver = make_receiver(args.policy, args.queue, routes_path=args.routes, data=args.data,
                              certify_on_alias=args.certify_on_alias,
                              tracking_uri=args.tracking_uri, out_dir=Path(args.out),
                              seed=args.seed, lease_s=args.lease, receive=not args.worker_only,
@@ -452,20 +485,23 @@ def _serve(args) -> int:
                                          "re-queued" if receiver.queue.recovered else "")
     reconcile = (f"reconcile every {args.reconcile_every:g} s" if args.reconcile_every > 0
                  else "no reconciliation")
+    certifies = (f"policy {receiver.policy.name!r}" if receiver.routes is None else
+                 f"routes {receiver.routes.path} (sha256 {receiver.routes.digest[:12]}…)")
+    for warning in receiver.routes.warnings if receiver.routes is not None else ():
+        print(f"robust-cert: warning: {warning}", file=sys.stderr)
     server = None
     try:
         for t in threads:
             t.start()
         if args.worker_only:
-            print(f"robust-cert serve: worker {receiver.worker_id}, policy "
-                  f"{receiver.policy.name!r}, queue {queue}, {reconcile}", flush=True)
+            print(f"robust-cert serve: worker {receiver.worker_id}, {certifies}, queue "
+                  f"{queue}, {reconcile}", flush=True)
             threads[0].join()  # until Ctrl-C
         else:
             server = WebhookServer(receiver, args.host, args.port,
                                    limit_concurrency=args.limit_concurrency)
             print(f"robust-cert serve: listening on http://{args.host}:{args.port}/webhook "
-                  f"(health: /health), policy {receiver.policy.name!r}, queue {queue}, "
-                  f"{reconcile}", flush=True)
+                  f"(health: /health), {certifies}, queue {queue}, {reconcile}", flush=True)
             server.run()  # until SIGINT/SIGTERM
     except KeyboardInterrupt:
         pass
@@ -652,8 +688,40 @@ def _gate_check(client, alias: str, url: str) -> bool:
 
 
 def _doctor(args) -> int:
+    if args.model and not args.routes:
+        from robust_cert.errors import RobustCertError
+
+        raise RobustCertError("--model needs --routes (the routes file the server uses)")
+    if args.routes:
+        from robust_cert.routes import describe_route, load_routes
+
+        routes = load_routes(args.routes, check_data=False)
+        print(f"routes {routes.path}: sha256 {routes.digest}")
+        if args.model:
+            print(describe_route(routes, args.model))
     client = _client(args.tracking_uri)
     return 0 if _gate_check(client, args.alias, args.tracking_uri) else 1
+
+
+def _routes(args) -> int:
+    from robust_cert.routes import describe_route, load_routes
+
+    routes = load_routes(args.path)
+    print(routes.describe())
+    for warning in routes.warnings:
+        print(f"robust-cert: warning: {warning}", file=sys.stderr)
+    if args.tracking_uri:
+        client = _client(args.tracking_uri)
+        names = [m.name for m in client.search_registered_models()]
+        import fnmatch
+
+        for i, rule in enumerate(routes.document.routes, start=1):
+            if not any(fnmatch.fnmatchcase(n, rule.match) for n in names):
+                print(f"robust-cert: warning: rule {i} ({rule.match!r}) matches none of the "
+                      f"{len(names)} registered models", file=sys.stderr)
+    if args.model:
+        print(describe_route(routes, args.model))
+    return 0
 
 
 def _promote(args) -> int:
@@ -679,15 +747,33 @@ def _promote(args) -> int:
                       f"{args.alias!r} (start mlflow server with --registry-store-uri "
                       "robustcert+sqlite:// or robustcert+postgresql://, and make the alias "
                       "protected; see docs/deployment.md), or pass --no-gate-check")
+    policy, data, twin, policy_sha256 = args.policy, args.data, None, None
+    routes_file = args.routes or os.environ.get("ROBUST_CERT_ROUTES")
+    if routes_file:  # the model's rule decides the policy and data
+        from robust_cert.routes import load_routes
+
+        route = load_routes(routes_file).route_for(args.name)
+        if route.gate == "exempt":
+            print(f"{args.name} is exempt ({route.label} of {routes_file}): promoting without "
+                  "certification")
+            return _request(client, args, PromotionRefused, request_alias)
+        if route.rule is not None:
+            if args.policy:
+                raise PolicyError(f"--policy conflicts with {route.label} of {routes_file}, "
+                                  "which names the policy: drop one")
+            policy, data = str(route.policies[0].path), str(route.data)
+            policy_sha256 = route.policies[0].sha256
+            twin = route.gradient_twin(args.version)
     keyring = signing_keyring()
-    if not has_current_certificate(client, args.name, args.version, keyring):
-        if not args.policy:
+    if not has_current_certificate(client, args.name, args.version, keyring,
+                                   policy_sha256=policy_sha256):
+        if not policy:
             raise PolicyError(f"{args.name} v{args.version} has no current certificate; pass "
                               "--policy to certify it before promotion")
         res = certify_version(
-            f"models:/{args.name}/{args.version}", args.policy, args.data, out_dir=args.out,
+            f"models:/{args.name}/{args.version}", policy, data, out_dir=args.out,
             device=args.device, seed=args.seed, threads=args.threads,
-            progress=not args.no_progress, command=args.command_line)
+            progress=not args.no_progress, command=args.command_line, gradient_twin=twin)
         _print_certification(f"models:/{args.name}/{args.version}", res)
     try:
         checker = keyring or Keyring.from_env()
@@ -701,9 +787,14 @@ def _promote(args) -> int:
               + (f"verdict {local.claim['verdict']}" if local.claim else local.message),
               file=sys.stderr)
         return 1
+    return _request(client, args, PromotionRefused, request_alias)
+
+
+def _request(client, args, refused, request_alias) -> int:
+    """Ask the server to set the alias; its gate decides."""
     try:
         request_alias(client, args.name, args.version, args.alias)
-    except PromotionRefused as exc:
+    except refused as exc:
         print(f"refused by the registry: {exc}", file=sys.stderr)
         return 1
     print(f"{args.name} v{args.version} is now @{args.alias}")

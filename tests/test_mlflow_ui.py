@@ -244,7 +244,7 @@ def test_version_page_tags_and_description(demo, client):
     tags = {k for k in mv.tags if k.startswith("robust_cert.")}
     assert tags == {"robust_cert.status", "robust_cert.run_id", "robust_cert.policy",
                     "robust_cert.certificate_digest", "robust_cert.certificate",
-                    "robust_cert.acc", "robust_cert.robust_acc_0.1",
+                    "robust_cert.data_sha256", "robust_cert.acc", "robust_cert.robust_acc_0.1",
                     "robust_cert.fail_rate_0.1"}
     assert mv.tags[STATUS_TAG] == "passed"
     run_id = mv.tags["robust_cert.run_id"]

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -847,3 +848,106 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     assert proc.returncode == 0, out
     assert "listening on http://127.0.0.1:" in out
     assert "queue sqlite " in out
+
+
+# -- a routes file: one certifier for a registry of many models ---------------------------------
+
+ROUTES = """\
+routes:
+  - match: "vision-*"
+    policy: vision.yaml
+    data: vision.npz
+  - match: "fraud-*"
+    policy: fraud.yaml
+    data: fraud.npz
+  - match: "forecast-*"
+    gate: exempt
+default: required
+"""
+
+
+def test_routes_decide_policy_data_and_scope(tmp_path, monkeypatch, registry):
+    """Each new version is certified with its rule's policy and data; exempt and unmatched
+    models are not; jobs are keyed by policy and data, so a changed data file (or policy)
+    re-queues the versions of its rule, and only those."""
+    import mlflow.tracking
+
+    import robust_cert.mlflow_plugin.client as mlflow_client
+    from robust_cert.data import digits_split, load_data
+    from robust_cert.mlflow_plugin.names import DATA_TAG
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    (tmp_path / "vision.yaml").write_text(LENIENT.replace("digits-production", "vision"))
+    (tmp_path / "fraud.yaml").write_text(LENIENT.replace("digits-production", "fraud"))
+    x, y = digits_split("test")
+    np.savez(tmp_path / "vision.npz", x=x[:30], y=y[:30])
+    np.savez(tmp_path / "fraud.npz", x=x[30:60], y=y[30:60])
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    jobs = []
+
+    def certify(job):
+        plan = rec.assignment(job.name)
+        jobs.append((job.name, plan.policy.name, Path(plan.data).name, plan.data_sha256))
+        return Certified("PASS", "run")
+
+    rec = make_receiver(None, tmp_path / "jobs.db", routes_path=str(tmp_path / "routes.yaml"),
+                        lookup=registry.lookup, certify=certify,
+                        is_current=lambda n, v: False)
+    try:
+        for name in ("vision-cnn", "fraud-gbm", "forecast-sales", "llm-prompt"):
+            registry.versions[(name, "1")] = 1000
+            status, body = rec.handle(*_delivery(_created(name, "1")))
+            assert (status, body["status"]) == ((202, "queued") if name[0] in "vf" and
+                                                name != "forecast-sales" else (200, "ignored"))
+        _drain(rec)
+        vision_sha = load_data(str(tmp_path / "vision.npz")).sha256
+        fraud_sha = load_data(str(tmp_path / "fraud.npz")).sha256
+        assert sorted(jobs) == [("fraud-gbm", "fraud", "fraud.npz", fraud_sha),
+                                ("vision-cnn", "vision", "vision.npz", vision_sha)]
+        assert rec.assignment("forecast-sales") is None
+        assert rec.assignment("llm-prompt") is None
+    finally:
+        rec.queue.close()
+
+    # the vision data changes: a new certifier (read at start) re-queues vision's versions
+    np.savez(tmp_path / "vision.npz", x=x[:31], y=y[:31])
+    new_sha = load_data(str(tmp_path / "vision.npz")).sha256
+    rec = make_receiver(None, tmp_path / "jobs.db", routes_path=str(tmp_path / "routes.yaml"),
+                        tracking_uri="http://registry:5000", lookup=registry.lookup,
+                        certify=certify)
+    try:
+        client = FakeClient([
+            FakeVersion("vision-cnn", "1", 1000, {
+                **_certificate_tag("vision-cnn", "1", rec.assignment("vision-cnn").policy.sha256),
+                DATA_TAG: vision_sha}),
+            FakeVersion("fraud-gbm", "1", 1000, {
+                **_certificate_tag("fraud-gbm", "1", rec.assignment("fraud-gbm").policy.sha256),
+                DATA_TAG: fraud_sha}),
+            FakeVersion("forecast-sales", "1", 1000), FakeVersion("llm-prompt", "1", 1000)])
+        monkeypatch.setattr(mlflow.tracking, "MlflowClient", lambda **kw: client)
+        monkeypatch.setattr(mlflow_client, "check_server", lambda uri: None)
+        counts = rec.reconcile_once()
+        # exempt and unmatched models are not even looked at; fraud's certificate is current
+        assert (counts["versions"], counts["current"], counts["queued"]) == (2, 1, 1), counts
+        queued = [j for j in rec.queue.jobs() if j.state == "queued"]
+        assert [(j.name, j.version) for j in queued] == [("vision-cnn", "1")]
+        assert rec.assignment("vision-cnn").data_sha256 == new_sha
+    finally:
+        rec.queue.close()
+
+
+def test_serve_takes_a_policy_or_routes_not_both(tmp_path, monkeypatch, capsys):
+    from robust_cert.cli import main
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(LENIENT)
+    with pytest.raises(SystemExit):
+        main(["serve", "--policy", str(policy), "--routes", str(tmp_path / "r.yaml")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text("routes:\n  - match: 'a-*'\n    gate: later\n")
+    assert main(["serve", "--routes", str(tmp_path / "r.yaml"), "--worker-only",
+                 "--queue", str(tmp_path / "q.db")]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml:3: routes.0.gate: Input should be 'required' or 'exempt'" in err
+    assert not (tmp_path / "q.db").exists()  # refused before the queue was made

@@ -34,6 +34,11 @@ saying what to do. Settings (environment of the server):
   ``production,champion``).
 - ``ROBUST_CERT_ALLOWED_POLICIES``: comma-separated policy names or SHA-256 hashes allowed
   for production (default: any policy).
+- ``ROBUST_CERT_ROUTES``: a routes file (:mod:`robust_cert.routes`): models of an exempt rule
+  are promoted freely; a model of a required rule needs a PASS under a policy its rule names
+  (name and SHA-256); a model no rule matches follows the file's ``default`` (required: the
+  allowed policies above; exempt). Read at start (an invalid file stops the server); a
+  restart applies a changed file.
 
 mlflow internals are imported inside functions and in the class factory: a store module that
 imports mlflow at its top can hit a circular import, which MLflow turns into a warning and an
@@ -87,6 +92,23 @@ def _version_number(version) -> int | None:
     return number if number > 0 else None
 
 
+def _routes_from_env():
+    """The routes file named by ``ROBUST_CERT_ROUTES``, loaded (its policies hashed; the gate
+    never reads evaluation data), or None. An invalid file raises: ``mlflow server`` then
+    refuses to start, naming the file and line. Read once, when the server starts: a changed
+    file applies after a restart."""
+    from robust_cert.routes import ROUTES_ENV, load_routes
+
+    path = os.environ.get(ROUTES_ENV)
+    if not path:
+        return None
+    routes = load_routes(path, check_data=False)
+    for warning in routes.warnings:
+        log.warning("robust_cert gate: %s: %s", path, warning)
+    log.info("robust_cert gate: routes %s (sha256 %s)", path, routes.digest)
+    return routes
+
+
 def _store_class():
     from mlflow.entities.model_registry.model_version_stages import get_canonical_stage
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
@@ -126,6 +148,7 @@ def _store_class():
             self.protected = {a.lower() for a in _setting_list(
                 "ROBUST_CERT_PROTECTED_ALIASES", DEFAULT_PROTECTED)}
             self.allowed_policies = set(_setting_list("ROBUST_CERT_ALLOWED_POLICIES", ()))
+            self.routes = _routes_from_env()  # an invalid file stops the server from starting
             super().__init__(store_uri.removeprefix(SCHEME_PREFIX))
             self.ledger = Ledger(self.engine)
 
@@ -141,7 +164,19 @@ def _store_class():
             return (model_tags.get(PROMPT_TAG) == "true" and mv.tags.get(PROMPT_TAG) == "true"
                     and mv.source in PROMPT_SOURCES)
 
-        def _require_certificate(self, name: str, version, action: str) -> None:
+        def _gated(self, name: str, version, action: str) -> None:
+            """Refuse ``action`` unless the routes exempt the model or it holds a
+            certificate its route accepts (see :meth:`_require_certificate`)."""
+            if self._is_prompt(name, version):
+                return
+            route = self.routes.route_for(name) if self.routes is not None else None
+            if route is not None and route.gate == "exempt":
+                log.info("robust_cert gate: %s: %s is exempt (%s of %s)", action, name,
+                         route.label, self.routes.path)
+                return
+            self._require_certificate(name, version, action, route)
+
+        def _require_certificate(self, name: str, version, action: str, route=None) -> None:
             number = _version_number(version)
             mv = self.get_model_version(name, version)  # MLflow's own error if absent
             how = (f"certify it first: robust-cert promote {name} {number} (or robust-cert "
@@ -162,7 +197,16 @@ def _store_class():
                 raise _denied(f"{action} refused: {name} v{number} did not pass certification "
                               f"(verdict {claim['verdict']} under policy {claim['policy']!r}); "
                               "promote a version that passes")
-            if self.allowed_policies and not (
+            if route is not None and route.rule is not None:
+                if not route.accepts(claim["policy"], claim["policy_sha256"]):
+                    wanted = " or ".join(f"{p.name!r} (sha256 {p.sha256[:12]}…)"
+                                         for p in route.policies)
+                    raise _denied(f"{action} refused: {name} falls under {route.label} of the "
+                                  f"routes file, which requires a certificate under policy "
+                                  f"{wanted}; v{number} was certified under "
+                                  f"{claim['policy']!r} (sha256 {claim['policy_sha256'][:12]}…)"
+                                  f"; {how}")
+            elif self.allowed_policies and not (
                     {claim["policy"], claim["policy_sha256"]} & self.allowed_policies):
                 raise _denied(f"{action} refused: policy {claim['policy']!r} is not allowed for "
                               f"production (allowed: {', '.join(sorted(self.allowed_policies))}); "
@@ -186,15 +230,14 @@ def _store_class():
 
         # ---- gated operations ---------------------------------------------------------
         def set_registered_model_alias(self, name, alias, version):
-            if str(alias).lower() in self.protected and not self._is_prompt(name, version):
-                self._require_certificate(name, version, f"setting alias {alias!r}")
+            if str(alias).lower() in self.protected:
+                self._gated(name, version, f"setting alias {alias!r}")
             return super().set_registered_model_alias(name, alias, version)
 
         def transition_model_version_stage(self, name, version, stage,
                                            archive_existing_versions):
-            if (get_canonical_stage(str(stage)) == "Production"
-                    and not self._is_prompt(name, version)):
-                self._require_certificate(name, version, "transition to Production")
+            if get_canonical_stage(str(stage)) == "Production":
+                self._gated(name, version, "transition to Production")
             return super().transition_model_version_stage(name, version, stage,
                                                           archive_existing_versions)
 

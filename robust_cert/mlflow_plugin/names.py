@@ -32,6 +32,9 @@ DESCRIPTION_END = "<!-- robust_cert:end -->"
 RUN_ID_TAG = "robust_cert.run_id"
 POLICY_TAG = "robust_cert.policy"
 DIGEST_TAG = "robust_cert.certificate_digest"
+#: The SHA-256 of the data the version was certified on (the certifier re-certifies a version
+#: whose routes rule names other data; scheduling only: the gate never reads it).
+DATA_TAG = "robust_cert.data_sha256"
 PRODUCTION_ALIAS = "production"
 
 

@@ -9,6 +9,7 @@ import re
 from robust_cert import catalog
 from robust_cert.certificate import Certificate
 from robust_cert.mlflow_plugin.names import (
+    DATA_TAG,
     DIGEST_TAG,
     POLICY_TAG,
     RUN_ID_TAG,
@@ -147,6 +148,7 @@ def version_tags(cert: Certificate, run_id: str) -> dict[str, str]:
         POLICY_TAG: cert.body["policy"]["name"],
         RUN_ID_TAG: run_id,
         DIGEST_TAG: cert.digest,
+        DATA_TAG: cert.body["data"]["sha256"],
     }
     for key, value in headline_metrics(cert).items():
         if key != "pass":

@@ -59,6 +59,7 @@ from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.jobqueue import Job, JobQueue, QueueError, default_worker_id, open_queue
 from robust_cert.mlflow_plugin.promotion import PROBE_PREFIX
 from robust_cert.policy import Policy, load_policy
+from robust_cert.routes import Routes, data_digest, load_routes
 from robust_cert.signing import Keyring, canonical_version
 
 log = logging.getLogger(__name__)
@@ -197,15 +198,35 @@ class Certified:
 
 # -- the receiver, workers and reconciliation ------------------------------------------------
 
-@dataclass
-class Receiver:
-    """Decides which events become jobs, runs them, and reconciles with the registry."""
+@dataclass(frozen=True)
+class Assignment:
+    """What a model's versions are certified with: the policy, the data, the gradient twin,
+    and the job key (the policy's SHA-256; with a routes file, the SHA-256 of the policy's and
+    the data's, so a changed policy or data file makes new jobs)."""
 
     policy: Policy
+    policy_source: str
+    data: str
+    data_sha256: str | None
+    key: str
+    gradient_twin: str | None = None
+    rule: str | None = None
+
+
+@dataclass
+class Receiver:
+    """Decides which events become jobs, runs them, and reconciles with the registry.
+
+    One ``policy`` (and ``data``) for every watched model, or a ``routes`` file
+    (:mod:`robust_cert.routes`): each model's rule names its policy, data and gradient twin;
+    models of exempt rules, and those no rule matches, are not certified."""
+
+    policy: Policy | None
     policy_source: str
     queue: JobQueue
     secret: str
     data: str = "digits"
+    routes: Routes | None = None
     certify_on_alias: str | None = None
     tracking_uri: str | None = None
     out_dir: Path = Path("robust_cert_reports")
@@ -228,6 +249,7 @@ class Receiver:
     certify: Callable[[Job], Certified] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _keyring: Keyring | None = field(default=None, repr=False)
+    _assignments: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.lookup is None:
@@ -239,6 +261,34 @@ class Receiver:
             self.is_current = self._has_current_certificate
         if self.certify is None:
             self.certify = self._certify_version
+        if (self.policy is None) == (self.routes is None):
+            raise RobustCertError("a receiver certifies with one policy or with a routes file")
+        if self.routes is not None:  # every rule's policy and data, loaded and hashed now
+            for index, _rule in self.routes.required_rules():
+                self._rule_assignment(index)
+
+    def _rule_assignment(self, index: int) -> Assignment:
+        if index not in self._assignments:
+            route = self.routes.route_for_rule(index)
+            first = route.policies[0]
+            policy = load_policy(first.path)
+            data_sha = route.data_sha256 or data_digest(route.data)
+            key = hashlib.sha256(f"{policy.sha256}:{data_sha}".encode()).hexdigest()
+            self._assignments[index] = Assignment(
+                policy, str(first.path), str(route.data), data_sha, key,
+                route.rule.gradient_twin, route.label)
+        return self._assignments[index]
+
+    def assignment(self, name: str) -> Assignment | None:
+        """How ``name``'s versions are certified; None when they are not (an exempt rule, or
+        no rule matches)."""
+        if self.routes is None:
+            return Assignment(self.policy, self.policy_source, self.data, None,
+                              self.policy.sha256)
+        route = self.routes.route_for(name)
+        if route.rule is None or route.gate == "exempt":
+            return None
+        return self._rule_assignment(route.index)
 
     # -- edges: webhook deliveries --------------------------------------------------------
     def job_for(self, event: dict) -> tuple[str, str, bool] | None:
@@ -273,6 +323,11 @@ class Receiver:
         name, version, on_demand = target
         if name.startswith(PROBE_PREFIX):  # `robust-cert doctor`'s throw-away probe model
             return 200, {"status": "ignored", "reason": "doctor probe", "model": name}
+        plan = self.assignment(name)
+        if plan is None:
+            label = self.routes.route_for(name).label
+            return 200, {"status": "ignored", "model": name,
+                         "reason": f"not certified under the routes ({label})"}
         try:
             created = self.lookup(name, version)
         except RobustCertError as exc:
@@ -283,7 +338,7 @@ class Receiver:
             return 200, {"status": "ignored", "reason": "no such version",
                          "model": name, "version": version}
         try:
-            status = self.queue.enqueue(name, version, created, self.policy.sha256,
+            status = self.queue.enqueue(name, version, created, plan.key,
                                         event["_delivery_id"], force=on_demand)
         except QueueError as exc:
             log.error("cannot queue %s v%s: %s", name, version, exc)
@@ -306,14 +361,23 @@ class Receiver:
         return MlflowClient(tracking_uri=uri, registry_uri=self.tracking_uri or None)
 
     def _has_current_certificate(self, name: str, version: str, client=None) -> bool:
-        """A certificate verifying under the certifier's keys, issued under this policy (its
-        SHA-256): one under another policy is not current. ``client``: reuse one (the
-        reconciliation pass) instead of building and health-checking a new one."""
+        """A certificate verifying under the certifier's keys, issued under the model's policy
+        (its SHA-256): one under another policy is not current; with a routes file, also made
+        on the rule's data (the version's data tag, written by the certification). ``client``:
+        reuse one (the reconciliation pass) instead of building and health-checking a new
+        one."""
+        from robust_cert.mlflow_plugin.names import DATA_TAG
         from robust_cert.mlflow_plugin.promotion import has_current_certificate
 
-        return has_current_certificate(client if client is not None else self._client(), name,
-                                       version, self._keyring,
-                                       policy_sha256=self.policy.sha256)
+        plan = self.assignment(name)
+        if plan is None:
+            return True  # nothing to certify
+        client = client if client is not None else self._client()
+        if plan.data_sha256 is not None and \
+                client.get_model_version(name, version).tags.get(DATA_TAG) != plan.data_sha256:
+            return False
+        return has_current_certificate(client, name, version, self._keyring,
+                                       policy_sha256=plan.policy.sha256)
 
     def _current_check(self, client) -> Callable[[str, str], bool]:
         """``is_current`` for one reconciliation pass: the default check on ``client``."""
@@ -333,6 +397,8 @@ class Receiver:
                     break
         for name in names:
             if name.startswith(PROBE_PREFIX):  # `robust-cert doctor`'s probe: never certified
+                continue
+            if self.assignment(name) is None:  # exempt, or no rule names its policy
                 continue
             escaped = name.replace("'", "\\'")
             token = None
@@ -368,7 +434,8 @@ class Receiver:
             counts["versions"] += 1
             name, version = mv.name, str(mv.version)
             created = int(mv.creation_timestamp)
-            job = self.queue.find(name, version, created, self.policy.sha256)
+            key = self.assignment(name).key
+            job = self.queue.find(name, version, created, key)
             if job is not None and job.state in ("queued", "running"):
                 counts["pending"] += 1
                 continue
@@ -379,10 +446,9 @@ class Receiver:
                 counts["current"] += 1
                 continue
             if job is None or job.state == "failed":  # new, or failed with no retry time
-                status = self.queue.enqueue(name, version, created, self.policy.sha256)
+                status = self.queue.enqueue(name, version, created, key)
             elif now - (job.updated_at or 0) > self.reconcile_every_s:
-                status = self.queue.enqueue(name, version, created, self.policy.sha256,
-                                            force=True)
+                status = self.queue.enqueue(name, version, created, key, force=True)
             else:
                 counts["pending"] += 1
                 continue
@@ -410,11 +476,17 @@ class Receiver:
     def _certify_version(self, job: Job) -> Certified:
         from robust_cert.mlflow_plugin.tracking import certify_version
 
-        res = certify_version(f"models:/{job.name}/{job.version}", self.policy, self.data,
+        plan = self.assignment(job.name)
+        if plan is None:
+            raise RobustCertError(f"{job.name} is no longer certified under the routes")
+        twin = plan.gradient_twin.replace("{version}", str(job.version)) \
+            if plan.gradient_twin else None
+        where = f"policy {plan.policy_source}" + (f", {plan.rule}" if plan.rule else "")
+        res = certify_version(f"models:/{job.name}/{job.version}", plan.policy, plan.data,
                               tracking_uri=self.tracking_uri,
                               out_dir=self.out_dir / f"{job.name}-v{job.version}",
-                              seed=self.seed, progress=False,
-                              command=f"robust-cert serve (policy {self.policy_source})")
+                              seed=self.seed, progress=False, gradient_twin=twin,
+                              command=f"robust-cert serve ({where})")
         return Certified(res.certificate.verdict, res.run_id)
 
     def _heartbeat(self, job: Job, done: threading.Event) -> None:
@@ -507,8 +579,9 @@ class Receiver:
         self._stop.set()
 
 
-def make_receiver(policy_path: str, queue_url: str | Path, *, lease_s: float | None = None,
-                  receive: bool = True, **kw) -> Receiver:
+def make_receiver(policy_path: str | None, queue_url: str | Path, *,
+                  lease_s: float | None = None, receive: bool = True,
+                  routes_path: str | None = None, **kw) -> Receiver:
     """Build a Receiver, refusing to start (naming the setting) without its secrets.
 
     ``queue_url``: a sqlite file path (the embedded default) or ``postgresql://…``.
@@ -520,10 +593,18 @@ def make_receiver(policy_path: str, queue_url: str | Path, *, lease_s: float | N
                               "--register creates one with it)")
     # a certifier signs: raises naming ROBUST_CERT_SIGNING_KEY[_FILE] without a private key
     Keyring.from_env(require_private=True)
-    policy = load_policy(policy_path)
+    if (policy_path is None) == (routes_path is None):
+        raise RobustCertError("give the certifier a policy (--policy) or a routes file "
+                              "(--routes), not both")
+    policy = load_policy(policy_path) if policy_path is not None else None
+    routes = load_routes(routes_path) if routes_path is not None else None
     queue = open_queue(queue_url, **({} if lease_s is None else {"lease_s": lease_s}))
-    return Receiver(policy=policy, policy_source=str(policy_path), queue=queue, secret=secret,
-                    **kw)
+    try:
+        return Receiver(policy=policy, policy_source=str(policy_path or routes_path),
+                        queue=queue, secret=secret, routes=routes, **kw)
+    except BaseException:
+        queue.close()
+        raise
 
 
 # -- HTTP: uvicorn + Starlette ------------------------------------------------------------------
