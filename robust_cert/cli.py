@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="refuse a certificate whose signature does not verify")
     p.add_argument("--data", default=None,
-                   help="the evaluation data it was certified on ('digits' or an .npz): with "
+                   help="the evaluation data it was certified on (any --data of certify): with "
                         "--per-point, restores the figures drawn from the inputs (most "
                         "vulnerable examples), which the certificate alone does not hold; "
                         "refused unless its SHA-256 matches the certificate's")
