@@ -18,8 +18,9 @@ and int64 labels exactly as the model sees them). The core registers, in this or
 
 Other packages add sources through the entry-point group ``robust_cert.data_sources`` (see
 :mod:`robust_cert.plugins`), read the first time no source registered so far accepts a
-reference; robust_cert's MLflow plugin would register MLflow datasets that way, so this
-module never imports MLflow. A reference no source accepts is refused with the list of what
+reference; robust_cert's MLflow plugin registers ``runs:/RUN_ID/PATH`` (data a run logged as
+an artifact, :mod:`robust_cert.mlflow_plugin.datasets`) that way, so this module never imports
+MLflow. A reference no source accepts is refused with the list of what
 the registered sources accept. In code, :func:`register_source` adds one (first match wins)::
 
     from robust_cert.sources import Loaded, Source, register_source
@@ -243,7 +244,7 @@ def _load_digits(ref: str, *, input_range) -> Loaded:
 
 def _has_suffix(*suffixes: str) -> Callable[[object], bool]:
     def accepts(ref) -> bool:
-        return isinstance(ref, (str, Path)) and "://" not in str(ref) and \
+        return isinstance(ref, (str, Path)) and ":/" not in str(ref) and \
             str(ref).lower().endswith(suffixes)
     return accepts
 
@@ -387,7 +388,7 @@ def _plain(value):
 
 
 def _is_folder(ref) -> bool:
-    return isinstance(ref, (str, Path)) and "://" not in str(ref) and Path(ref).is_dir()
+    return isinstance(ref, (str, Path)) and ":/" not in str(ref) and Path(ref).is_dir()
 
 
 def read_image_folder(ref, *, input_range=(0.0, 1.0), image_size=None,

@@ -481,3 +481,53 @@ def test_cli_plan_reads_a_table_with_its_label_column(tmp_path, onnx_model, caps
     assert capsys.readouterr().err.strip() == \
         "robust-cert: error: --image-size '3': give H,W, e.g. 64,64"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+# --------------------------------------------------------------------------- MLflow runs
+
+
+def test_mlflow_run_artifact_source(tmp_path, monkeypatch):
+    """runs:/RUN_ID/PATH reads a run's artifact through the core source its suffix selects,
+    pinned by @sha256:; the MLflow plugin registers it through its entry point."""
+    import hashlib
+
+    import mlflow
+
+    from robust_cert.mlflow_plugin.datasets import SOURCES
+
+    declared = (REPO / "pyproject.toml").read_text()
+    assert '[project.entry-points."robust_cert.data_sources"]' in declared
+    assert 'mlflow = "robust_cert.mlflow_plugin.datasets:SOURCES"' in declared
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    frame = _frame(10)
+    frame.to_csv(tmp_path / "eval.csv", index=False)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "eval.csv"), artifact_path="data")
+    digest = hashlib.sha256((tmp_path / "eval.csv").read_bytes()).hexdigest()
+    uri = f"runs:/{run.info.run_id}/data/eval.csv"
+    for source in SOURCES:
+        register_source(source)
+    try:
+        d = load_data(uri)
+        assert d.sha256 == load_data(tmp_path / "eval.csv").sha256
+        assert (d.kind, d.source) == ("mlflow-run-artifact", f"{uri}@sha256:{digest}")
+        assert d.details["format"] == "csv"
+        assert d.details["artifact_sha256"] == digest
+        assert load_data(f"{uri}@sha256:{digest}").sha256 == d.sha256
+        wrong = "0" * 64
+        assert _error(f"{uri}@sha256:{wrong}") == (
+            f"{uri}@sha256:{wrong}: the artifact's SHA-256 is {digest}, not the pinned "
+            f"{wrong}; refused")
+        assert _error(f"runs:/{run.info.run_id}/data/absent.csv").startswith(
+            f"runs:/{run.info.run_id}/data/absent.csv: cannot download the run's artifact "
+            "'data/absent.csv'")
+        renamed = frame.rename(columns={"label": "y"})
+        renamed.to_csv(tmp_path / "eval.csv", index=False)
+        with mlflow.start_run() as run2:
+            mlflow.log_artifact(str(tmp_path / "eval.csv"))
+        assert load_data(f"runs:/{run2.info.run_id}/eval.csv", label="y").sha256 == d.sha256
+    finally:
+        for source in SOURCES:
+            REGISTRY.unregister(source)
+        mlflow.set_tracking_uri(None)
