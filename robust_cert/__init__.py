@@ -26,6 +26,9 @@ _PUBLIC = {
     "Certificate": "robust_cert.certificate",
     "EvalSet": "robust_cert.data",
     "load_data": "robust_cert.data",
+    "DataSpec": "robust_cert.sources",
+    "Source": "robust_cert.sources",
+    "register_source": "robust_cert.sources",
     "DataError": "robust_cert.errors",
     "ModelError": "robust_cert.errors",
     "PolicyError": "robust_cert.errors",
@@ -40,12 +43,14 @@ _PUBLIC = {
 __all__ = [
     "Certificate",
     "DataError",
+    "DataSpec",
     "EvalSet",
     "Loader",
     "ModelError",
     "Policy",
     "PolicyError",
     "RobustCertError",
+    "Source",
     "TrackingError",
     "certify",
     "load_data",
@@ -53,6 +58,7 @@ __all__ = [
     "load_policy",
     "load_verified",
     "register_loader",
+    "register_source",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
@@ -69,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from robust_cert.loaders import Loader, load_model, register_loader
     from robust_cert.mlflow_plugin.verified import load_verified
     from robust_cert.policy import Policy, load_policy
+    from robust_cert.sources import DataSpec, Source, register_source
 
 
 def __getattr__(name: str):

@@ -35,6 +35,44 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+#: --data's help: the sources robust_cert.sources registers, inferred from the reference
+DATA_HELP = ("evaluation data: 'digits' (built-in), an .npz with x and y, a .csv or .parquet "
+             "table (every column but the label is a feature), a folder of PNG/JPEG images "
+             "with one subfolder per class, or a factory package.module:function returning a "
+             "map-style torch Dataset; the source follows from the suffix or folder")
+
+
+def _data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", default=default,
+                   help=DATA_HELP + (f" (default: {default})" if default else ""))
+    p.add_argument("--label", default=None, metavar="COLUMN",
+                   help="a table's label column (default: label)")
+    p.add_argument("--image-size", default=None, metavar="H,W",
+                   help="an image folder's image size: every image is resized to it "
+                        "(default: all images must have the first one's size)")
+    p.add_argument("--image-mode", choices=("L", "RGB"), default=None,
+                   help="an image folder's colour mode (default: the first image's, L for "
+                        "one band, else RGB)")
+
+
+def _data(args):
+    """--data with its options, as robust_cert.sources reads it (a DataSpec when options are
+    given, else the reference itself)."""
+    from robust_cert.errors import DataError
+    from robust_cert.sources import DataSpec
+
+    size = None
+    if args.image_size is not None:
+        try:
+            size = tuple(int(v) for v in args.image_size.replace("x", ",").split(","))
+        except ValueError:
+            size = ()
+        if len(size) != 2:
+            raise DataError(f"--image-size {args.image_size!r}: give H,W, e.g. 64,64")
+    spec = DataSpec(args.data, label=args.label, image_size=size, mode=args.image_mode)
+    return spec if spec.options else args.data
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robust-cert",
@@ -56,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_certify)
     p.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--policy", required=True, help="policy YAML (see examples/policies/)")
-    p.add_argument("--data", default="digits",
-                   help="evaluation data: 'digits' (built-in) or an .npz with x and y "
-                        "(default: digits)")
+    _data_options(p)
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or "
                         "MLflow's default)")
@@ -169,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy YAML")
     p.add_argument("--model", required=True,
                    help="models:/NAME/VERSION (or @ALIAS) or an .onnx file")
-    p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    _data_options(p)
     p.add_argument("--gradient-twin", default=None, help="for an ONNX model: its PyTorch twin")
     p.add_argument("--pilot-points", type=int, default=8,
                    help="points each metric runs on in the pilot (default 8)")
@@ -204,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="refuse a certificate whose signature does not verify")
     p.add_argument("--data", default=None,
-                   help="the evaluation data it was certified on ('digits' or an .npz): with "
+                   help="the evaluation data it was certified on (any --data of certify): with "
                         "--per-point, restores the figures drawn from the inputs (most "
                         "vulnerable examples), which the certificate alone does not hold; "
                         "refused unless its SHA-256 matches the certificate's")
@@ -416,7 +452,7 @@ def _certify(args) -> int:
     from robust_cert.mlflow_plugin.tracking import certify_version
 
     res = certify_version(
-        args.model, args.policy, args.data, tracking_uri=args.tracking_uri,
+        args.model, args.policy, _data(args), tracking_uri=args.tracking_uri,
         out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
         progress=not args.no_progress, command=args.command_line,
         gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned,
@@ -526,7 +562,7 @@ def _plan(args) -> int:
     devices.configure_threads(args.threads)
     if args.model.startswith("models:/") or args.tracking_uri:
         _client(args.tracking_uri)
-    data = load_data(args.data, input_range=pol.input_range)
+    data = load_data(_data(args), input_range=pol.input_range)
     model = load_model(args.model, input_shape=data.input_shape, device=args.device)
     check_fits(data, model.input_shape, model.num_classes)
     twin = None

@@ -1,25 +1,30 @@
-"""Evaluation data: loading (.npz, arrays, tensors, built-in digits), validation and hashing."""
+"""Evaluation data: loading through the data-source registry (:mod:`robust_cert.sources`),
+validation and hashing."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from robust_cert import sources
 from robust_cert.errors import DataError
 
-DIGITS = "digits"
-#: Fraction of the digits set held out for evaluation; the rest is for training demos.
-DIGITS_TEST_FRACTION = 0.2
-_DIGITS_SPLIT_SEED = 20240601
+# the built-in digits live with the sources that read them; imported from here too
+from robust_cert.sources import DIGITS as DIGITS
+from robust_cert.sources import DIGITS_TEST_FRACTION as DIGITS_TEST_FRACTION
+from robust_cert.sources import _digits as _digits
+from robust_cert.sources import digits_split as digits_split
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Inputs ``x`` (float32, N × input shape) in ``input_range`` and integer labels ``y``."""
+    """Inputs ``x`` (float32, N × input shape) in ``input_range`` and integer labels ``y``;
+    ``kind`` is the source that read them (``digits``, ``npz``, ``csv``, ``parquet``,
+    ``image-folder``, ``factory``, ``arrays``, or a plugin's), ``details`` what it recorded
+    (a table's feature columns, an image folder's classes)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -27,6 +32,8 @@ class EvalSet:
     source: str
     input_range: tuple[float, float] = (0.0, 1.0)
     sha256: str = field(default="")
+    kind: str = "arrays"
+    details: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -48,6 +55,8 @@ class EvalSet:
             "input_shape": list(self.input_shape),
             "input_range": list(self.input_range),
             "class_counts": self.class_counts(num_classes),
+            "kind": self.kind,
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -62,101 +71,45 @@ def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """The digits images (1797, 8, 8) and labels, read from the CSV scikit-learn ships
-    (what ``sklearn.datasets.load_digits`` reads) without importing scikit-learn: its import
-    costs ~80 MB of memory, a sixth of a digits certification's peak. Falls back to
-    ``load_digits`` where the file is not found."""
-    from importlib.util import find_spec
-
-    spec = find_spec("sklearn")
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    for root in roots:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            table = np.loadtxt(path, delimiter=",")
-            return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return bunch.images, bunch.target
-
-
-def digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 bundled 8×8 digits, scaled to [0, 1], shape (N, 1, 8, 8).
-
-    A fixed permutation holds out 20% as ``test`` (359 images); ``train`` is the rest.
-    """
-    if split not in ("test", "train"):
-        raise DataError(f"unknown digits split {split!r}; use 'test' or 'train'")
-    images, target = _digits()
-    x = (images / 16.0).astype(np.float32)[:, None, :, :]
-    y = target.astype(np.int64)
-    order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(y))
-    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
-    idx = order[:n_test] if split == "test" else order[n_test:]
-    return x[idx], y[idx]
-
-
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
-            if missing:
-                raise DataError(
-                    f"{path}: missing array(s) {', '.join(missing)}; an .npz needs 'x' and 'y' "
-                    f"(found: {', '.join(f.files) or 'none'})"
-                )
-            return f["x"], f["y"]
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"cannot read {path} as .npz: {exc}") from exc
-
-
 def load_data(
     data,
     *,
     input_range: tuple[float, float] = (0.0, 1.0),
     name: str | None = None,
+    **options,
 ) -> EvalSet:
     """Load and validate evaluation data.
 
-    ``data`` is ``"digits"`` (the built-in test split), a path to an ``.npz`` holding ``x`` and
-    ``y``, a pair ``(x, y)`` of arrays or tensors, or an :class:`EvalSet` (returned as is).
-    Raises :class:`DataError` naming the problem: wrong shapes, non-numeric inputs, NaN or
-    infinite values, values outside ``input_range``, non-integer or negative labels.
+    ``data`` is any reference a registered data source accepts (:mod:`robust_cert.sources`):
+    ``"digits"`` (the built-in test split; ``"digits:train"``), a path to an ``.npz`` holding
+    ``x`` and ``y``, a ``.csv`` or ``.parquet`` table, a folder of images with one subfolder
+    per class, a factory ``"package.module:function"`` returning a map-style torch
+    ``Dataset``, a pair ``(x, y)`` of arrays or tensors, a
+    :class:`~robust_cert.sources.DataSpec` (a reference with its options), or an
+    :class:`EvalSet` (returned as is). ``options`` go to the source that reads ``data``
+    (tables: ``label``, ``categories``; image folders: ``image_size``, ``mode``); one it does
+    not take is refused. ``input_range`` is the inputs' declared range (image pixels are
+    scaled onto it); the digits are always in [0, 1].
+
+    Raises :class:`DataError` naming the problem: the file, column, row or item a source
+    cannot read, wrong shapes, non-numeric inputs, NaN or infinite values, values outside
+    ``input_range``, non-integer or negative labels. The EvalSet's ``sha256`` is
+    :func:`data_sha256` of its float32 inputs and int64 labels, exactly as the model sees
+    them; its ``kind`` names the source that read it.
     """
-    if isinstance(data, EvalSet):
-        return data
-    if isinstance(data, (str, Path)):
-        spec = str(data)
-        if spec in (DIGITS, f"{DIGITS}:test"):
-            x, y = digits_split("test")
-            return _build(x, y, name or "digits-test", "sklearn.datasets.load_digits (test split)",
-                          (0.0, 1.0))
-        if spec == f"{DIGITS}:train":
-            x, y = digits_split("train")
-            return _build(x, y, name or "digits-train",
-                          "sklearn.datasets.load_digits (train split)", (0.0, 1.0))
-        path = Path(spec)
-        if path.suffix != ".npz":
-            raise DataError(f"unsupported data {spec!r}: give 'digits' or a path to an .npz file")
-        x, y = _load_npz(path)
-        return _build(x, y, name or path.stem, str(path.resolve()), input_range)
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = (d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else np.asarray(d)
-                for d in data)
-        return _build(x, y, name or "arrays", "in-memory arrays", input_range)
-    raise DataError(
-        f"unsupported data of type {type(data).__name__}: give 'digits', an .npz path, "
-        "or a pair (x, y)"
-    )
+    loaded = sources.REGISTRY.load(data, input_range=input_range,
+                                   options={k: v for k, v in options.items() if v is not None})
+    if isinstance(loaded, EvalSet):
+        return loaded
+    if not isinstance(loaded, sources.Loaded):
+        raise DataError(f"the data source for {sources.REGISTRY.find(data).form} returned "
+                        f"{type(loaded).__name__}, not a robust_cert.sources.Loaded")
+    return _build(loaded.x, loaded.y, name or loaded.name, loaded.source,
+                  loaded.input_range or input_range, kind=loaded.kind, details=loaded.details)
 
 
-def _build(x, y, name: str, source: str, input_range: tuple[float, float]) -> EvalSet:
+def _build(x, y, name: str, source: str, input_range: tuple[float, float], *,
+           kind: str = "arrays", details: dict | None = None) -> EvalSet:
     lo, hi = (float(v) for v in input_range)
     if not lo < hi:
         raise DataError(f"input range [{lo}, {hi}] is empty: its lower end must be below its upper")
@@ -199,6 +152,8 @@ def _build(x, y, name: str, source: str, input_range: tuple[float, float]) -> Ev
         source=source,
         input_range=(lo, hi),
         sha256=data_sha256(x, y),
+        kind=kind,
+        details=dict(details or {}),
     )
 
 

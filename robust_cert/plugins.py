@@ -5,6 +5,8 @@ robust_cert imports it the first time that kind of thing is looked up. The group
 
 - ``robust_cert.model_loaders``: a :class:`robust_cert.loaders.Loader`, or an iterable of
   them (robust_cert's own MLflow loaders are registered this way);
+- ``robust_cert.data_sources``: a :class:`robust_cert.sources.Source`, or an iterable of
+  them (evaluation-data references the core's sources do not accept);
 - ``robust_cert.bound_ops``: bound ops for the safe-radius bounds, a BoundOp or a module that
   registers some (:func:`robust_cert.bounds.load_bound_op_plugins`).
 

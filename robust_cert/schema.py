@@ -102,6 +102,12 @@ class DataRecord(_Closed):
     input_shape: list[int]
     input_range: tuple[float, float]
     class_counts: list[int]
+    kind: str | None = Field(
+        default=None, description="the data source that read it: digits, npz, csv, parquet, "
+        "image-folder, factory, arrays, or a plugin's (absent in certificates before sources)")
+    details: dict[str, Any] | None = Field(
+        default=None, description="what the source recorded: a table's features, label column "
+        "and categories; an image folder's classes (label order), image_size and mode")
 
 
 class PolicyRecord(_Closed):

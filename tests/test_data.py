@@ -250,7 +250,7 @@ def test_empty_set() -> None:
     assert "empty" in _error((x[:0], y[:0]))
 
 
-@pytest.mark.parametrize("spec", ["foo.csv", "digits:validation", "data.npy"])
+@pytest.mark.parametrize("spec", ["foo.xlsx", "digits:validation", "data.npy"])
 def test_unsupported_spec(spec: str) -> None:
     msg = _error(spec)
     assert spec in msg
