@@ -862,7 +862,9 @@ def _demo(args) -> int:
     if args.policy is None:  # the example shipped in the wheel: the demo runs from anywhere
         from robust_cert.policy import example_policy
 
-        args.policy = str(example_policy("digits.yaml"))
+        found = example_policy("digits.yaml")
+        here = Path.cwd()  # shown (and recorded as the command) relative when it is here
+        args.policy = str(found.relative_to(here) if found.is_relative_to(here) else found)
     elif not Path(args.policy).is_file():
         from robust_cert.errors import PolicyError
 
