@@ -232,8 +232,10 @@ def test_certification_runs_names_kind_metrics_and_curves(demo, client, tmp_path
     values = next(r for r in cert.results if r["metric"] == "robust_accuracy")["values"]
     assert by_step == {round(1000 * v["params"]["eps"]): round(v["estimate"], 4)
                        for v in values}
-    assert sorted(by_step) == [50, 100]
-    assert by_step[50] >= by_step[100]
+    assert sorted(by_step) == [25, 50, 75, 100]  # the demo policy's four radii
+    assert by_step[25] >= by_step[50] >= by_step[75] >= by_step[100]
+    noise = client.get_metric_history(run.info.run_id, "curve.failure_rate")
+    assert sorted(m.step for m in noise) == [25, 50, 75, 100]
 
 
 @pytest.mark.integration
@@ -257,7 +259,8 @@ def test_version_page_tags_and_description(demo, client):
     assert f"(#/experiments/{exp}/runs/{run_id})" in text
     assert f"(#/experiments/{exp}/runs/{run_id}/artifacts/report.html)" in text
     assert "Compared with v1" in text
-    assert "significantly better: robust accuracy, ε = 0.05; robust accuracy, ε = 0.1" in text
+    assert ("significantly better: robust accuracy, ε = 0.05; robust accuracy, ε = 0.075; "
+            "robust accuracy, ε = 0.1") in text
     v3 = client.get_model_version(MODEL, "3")
     assert v3.tags["robust_cert.robust_acc_0.1"] == mv.tags["robust_cert.robust_acc_0.1"]
     assert float(v3.tags["robust_cert.parity"]) == 1.0
