@@ -47,6 +47,7 @@ bench: $(STAMP)  # speed targets as ratios against baselines measured in the sam
 	$(PY) bench/bench_resnet.py  # the production suite on ResNet-18 (~14 min on 2 cores)
 	$(PY) bench/bench_shard.py  # torchrun speed-up on 2 processes, certificates compared
 	$(PY) bench/bench_memory.py  # peak RSS of digits-adversarial.yaml (target < 500 MB)
+	$(PY) bench/bench_blackbox.py  # Square vs the model's own predict_proba (target <= 1.2x)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info
