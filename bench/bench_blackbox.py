@@ -7,12 +7,14 @@ One CPU thread. For each model, robust accuracy with Square alone runs on a tabu
 features, 3 classes) through robust_cert's black-box Classifier, recording every array it
 sends to ``predict_proba``; the *ideal* time is then ``predict_proba`` replayed on exactly
 those arrays (the same queries, the same batch sizes; the attack is seeded, so every run
-sends the same ones). Both are run 3 times, interleaved, and the fastest of each kept. The cost is Square's wall
-time ÷ the ideal: what Square, the Classifier's numpy round trips and the output checks add
-to the model's own work. Target (issue 22): ≤ 1.2× on models whose predict_proba is the work
-(a random forest, gradient boosting). A logistic regression, whose predict_proba on a batch
-takes microseconds, is listed with the fixed overhead per query batch (µs) instead: its
-ratio measures the attack loop, not the model. Exit 1 when a target is missed.
+sends the same ones). Both run 3 times, interleaved, and the fastest of each is kept. The
+cost is Square's wall time ÷ the ideal: what Square, the Classifier's numpy round trips and
+the output checks add to the model's own work.
+
+Target (issue 22): ≤ 1.2× on models whose predict_proba is the work (a random forest,
+gradient boosting). A logistic regression, whose predict_proba on a batch takes
+microseconds, is listed with the fixed overhead per query batch (µs) instead: its ratio
+measures the attack loop, not the model. Exit 1 when a target is missed.
 """
 
 from __future__ import annotations
