@@ -48,6 +48,7 @@ bench: $(STAMP)  # speed targets as ratios against baselines measured in the sam
 	$(PY) bench/bench_shard.py  # torchrun speed-up on 2 processes, certificates compared
 	$(PY) bench/bench_memory.py  # peak RSS of digits-adversarial.yaml (target < 500 MB)
 	$(PY) bench/bench_data.py  # a 100,000 × 30 CSV loads and hashes in <= 5 s
+	$(PY) bench/bench_blackbox.py  # Square vs the model's own predict_proba (target <= 1.2x)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

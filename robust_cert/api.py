@@ -131,6 +131,7 @@ def certify(
         else:
             log.info("the model has its own input gradients; the gradient twin serves only as "
                      "a parity reference")
+    refuse_white_box(pol, clf)
     with model_failures("the first forward passes", model_parts(clf, twin), pol.batch_size):
         deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
         clf = engine.check_outputs(clf, evalset, pol.batch_size, pol.model.outputs)
@@ -186,6 +187,46 @@ def certify(
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
                               threads=n_threads, sanity=sanity, command=command,
                               twin=twin_record, processes=world.size)
+
+
+def refuse_white_box(pol: Policy, clf: Classifier) -> None:
+    """Refuse, before anything runs, a policy that asks a black-box model (a format of
+    :data:`robust_cert.models.blackbox.FORMATS`: scikit-learn, XGBoost, LightGBM, pyfunc;
+    no gradient twin) for a metric or attack that needs input gradients: PolicyError naming
+    the metric (and the attacks or estimators), the format and the alternatives — the
+    black-box attack ``square``, a gradient twin, or an ONNX export with a twin.
+
+    Which configurations need gradients is the metrics' own ``needs_gradients`` (from the
+    catalog, refined per configuration: robust accuracy with Square alone and analytical
+    robustness with the softmax estimator alone need none). ONNX models keep their
+    behaviour: a gradient metric is reported "not applicable" there, since the twin route is
+    what ONNX is certified with."""
+    from robust_cert.models.blackbox import FORMATS
+
+    if clf.differentiable or clf.format not in FORMATS:
+        return
+    model = f"{clf.name} v{clf.version}" if clf.version else clf.name
+    routes = ("certify with a gradient twin (--gradient-twin / gradient_twin=: a "
+              "differentiable model with the same predictions), or an ONNX export of the "
+              "model with such a twin")
+    for name in pol.metrics:
+        metric = pol.metric(name)
+        if not metric.needs_gradients:
+            continue
+        config = metric.config
+        if name == "robust_accuracy":
+            white = [a for a in config.attacks if a != "square"]
+            what = f"attack{'s' if len(white) > 1 else ''} {', '.join(white)}"
+            fix = "use attacks: [square] (the black-box attack), or " + routes
+        elif name == "analytical_robustness":
+            grads = [e for e in config.estimators if e != "softmax"]
+            what = f"estimator{'s' if len(grads) > 1 else ''} {', '.join(grads)}"
+            fix = "use estimators: [softmax], primary: softmax (outputs only), or " + routes
+        else:
+            what, fix = "this metric", routes
+        raise PolicyError(f"metrics.{name}: {what} needs input gradients, which the "
+                          f"{clf.format} model {model} does not give (a black-box model: "
+                          f"outputs only); {fix}")
 
 
 def check_radii(pol: Policy, evalset: EvalSet) -> None:

@@ -132,7 +132,7 @@ _ENTRIES = (
                 shardable=True, impl="robust_cert.metrics.accuracy:Accuracy"),
     MetricEntry("robust_accuracy", "robust accuracy", "empirical", "robust accuracy",
                 short="robust_acc", higher_is_better=True, needs_gradients=True,
-                forward_only=False, shardable=True, axis="eps",
+                forward_only=True, shardable=True, axis="eps",
                 unit="radius in the configured norm (L∞ or L2), data units",
                 history="curve.robust_accuracy",
                 impl="robust_cert.metrics.adversarial:RobustAccuracy"),

@@ -3,8 +3,10 @@
 A :class:`Loader` says which references it accepts (a predicate, e.g. "a string starting
 with ``runs:/``") and loads one onto a device. :func:`load_model` asks the registered
 loaders in order and the first that accepts the reference loads it. The core registers
-three: a :class:`~robust_cert.models.base.Classifier` (returned unchanged), an
-``nn.Module`` (``input_shape`` needed) and a path to an ``.onnx`` file. Other packages add
+four: a :class:`~robust_cert.models.base.Classifier` (returned unchanged), an
+``nn.Module`` (``input_shape`` needed), a path to an ``.onnx`` file and a fitted classifier
+with ``predict_proba`` or a native XGBoost / LightGBM booster (a black-box model,
+:mod:`robust_cert.models.blackbox`; its ``sha256`` is that of its pickle). Other packages add
 loaders through the entry-point group ``robust_cert.model_loaders`` (see
 :mod:`robust_cert.plugins`); robust_cert's MLflow plugin registers ``models:/NAME/VERSION``,
 ``models:/NAME@ALIAS``, ``models:/m-ID`` (MLflow 3 logged models) and ``runs:/RUN_ID/PATH``
@@ -138,6 +140,16 @@ def _is_onnx_path(ref) -> bool:
         ":/" not in str(ref) and str(ref).lower().endswith(".onnx")
 
 
+def _is_estimator(ref) -> bool:
+    """A fitted classifier with ``predict_proba`` (scikit-learn, XGBoost, LightGBM) or a native
+    XGBoost / LightGBM Booster; read from the class alone, nothing imported."""
+    if isinstance(ref, (str, Path)) or _is_module(ref) or _is_classifier(ref):
+        return False
+    top = type(ref).__module__.split(".")[0]
+    return hasattr(ref, "predict_proba") or (
+        top in ("xgboost", "lightgbm") and type(ref).__name__ == "Booster")
+
+
 def _load_classifier(ref, *, input_shape, device):
     return ref
 
@@ -156,11 +168,20 @@ def _load_onnx(ref, *, input_shape, device):
     return from_onnx(str(ref), device=device, name=Path(str(ref)).stem, input_shape=input_shape)
 
 
+def _load_estimator(ref, *, input_shape, device):
+    from robust_cert.models.blackbox import from_estimator
+
+    return from_estimator(ref, input_shape=input_shape)
+
+
 #: The registry :func:`load_model` uses.
 REGISTRY = LoaderRegistry()
 for _loader in (Loader("a robust_cert Classifier", _is_classifier, _load_classifier),
                 Loader("an nn.Module (with input_shape)", _is_module, _load_module),
-                Loader("a path to an .onnx file", _is_onnx_path, _load_onnx)):
+                Loader("a path to an .onnx file", _is_onnx_path, _load_onnx),
+                Loader("a fitted classifier with predict_proba (scikit-learn, XGBoost, "
+                       "LightGBM) or a native XGBoost / LightGBM Booster",
+                       _is_estimator, _load_estimator)):
     REGISTRY.register(_loader)
 
 

@@ -60,8 +60,15 @@ def test_forward_only_family_that_needs_gradients_by_default_has_a_forward_only_
     only = AnalyticalRobustness(AnalyticalConfig(sigma=0.1, estimators=["softmax"],
                                                  primary="softmax"))
     assert only.needs_gradients is False
+    from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
+
+    assert CATALOG["robust_accuracy"].forward_only
+    square = RobustAccuracy(RobustAccuracyConfig(eps=[0.1], attacks=["square"]))
+    assert square.needs_gradients is False
+    mixed = RobustAccuracy(RobustAccuracyConfig(eps=[0.1], attacks=["square", "pgd"]))
+    assert mixed.needs_gradients is True
     gradient_families = [n for n, e in CATALOG.items() if e.needs_gradients and e.forward_only]
-    assert gradient_families == ["analytical_robustness"]
+    assert gradient_families == ["robust_accuracy", "analytical_robustness"]
 
 
 def test_short_names_and_curves_are_those_mlflow_runs_recorded():

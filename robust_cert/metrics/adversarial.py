@@ -285,6 +285,12 @@ class RobustAccuracy(Metric):
         "attack_source": "same",
     }
 
+    def __init__(self, config: RobustAccuracyConfig):
+        super().__init__(config)
+        #: only the black-box attack (Square) needs no input gradients: such a configuration
+        #: runs on any model, ONNX and scikit-learn-style models included, by queries alone
+        self.needs_gradients = any(a not in BLACK_BOX for a in config.attacks)
+
     def selectors(self):
         return [{"eps": e} for e in self.config.eps]
 
@@ -399,7 +405,10 @@ class RobustAccuracy(Metric):
         attacks, fallback = self.plan(model.num_classes)
         lo, hi = data.input_range
         self._scale = hi - lo
-        view = _UnitRangeView(model.attack_module(), lo, hi, data.input_shape)
+        # a model without gradients is attacked by queries alone (Square; white-box attacks
+        # make needs_gradients true, and the engine does not run them on such a model)
+        inner = model.attack_module() if model.differentiable else model.query_module()
+        view = _UnitRangeView(inner, lo, hi, data.input_shape)
         small = [a for a in attacks if a in ("square", "autoattack")]
         if cfg.norm == "l2" and small:
             h, w = view.to_attack(data.x[:1]).shape[-2:]

@@ -210,7 +210,8 @@ def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, 
 
     # under torchrun: join the others first, each process on its local GPU
     device = distributed.device_for(distributed.world(), device)
-    clf = load_reference(uri, device=select_device(device), client=client)
+    clf = load_reference(uri, device=select_device(device), client=client,
+                         input_shape=evalset.input_shape)
     registered = clf.version is not None
     if not registered:
         keyring = None  # a claim names a registered version: nothing to sign or tag

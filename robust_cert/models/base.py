@@ -79,6 +79,12 @@ class Classifier:
             raise ModelError(f"{self.format} model has no input gradients")
         return _AttackView(self.gradient_forward or self.forward, self.device)
 
+    def query_module(self) -> nn.Module:
+        """An ``nn.Module`` view of ``forward`` itself for gradient-free (query) attacks such as
+        Square: it needs no input gradients, so any model has one, and its queries reach the
+        judged model, never a gradient twin."""
+        return _AttackView(self.forward, self.device)
+
 
 class _AttackView(nn.Module):
     def __init__(self, fn, device: torch.device):
