@@ -79,7 +79,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return bunch.images, bunch.target
+    return bunch.images, bunch.target  # pyright: ignore[reportAttributeAccessIssue]  (a Bunch: sklearn's inferred type is a tuple too)
 
 
 def digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
