@@ -252,6 +252,7 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
     version = str(int(clf.version)) if registered else None
     what = f"{name} v{version}" if registered else clf.uri
     if registered:  # 1. withdraw the previous certificate before anything of this one is written
+        assert version is not None  # registered
         withdraw_certificate(client, name, version)
     model_id = clf.extra.get("model_id")
     experiment_id = _experiment_for(client, model_id, clf.extra.get("experiment_id"))
@@ -275,7 +276,9 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
             if report.pdf is not None:
                 files.append(Path(report.pdf))
             manifest_path = None
-            if keyring is not None:
+            if keyring is not None:  # only a registered version is signed (and was, above)
+                assert version is not None
+                assert token is not None
                 manifest_path = write_manifest(out / MANIFEST, name, version, run_id, cert,
                                                token, files, keyring)
             else:  # an earlier signed manifest here would vouch for other files
@@ -288,6 +291,7 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
             client.set_terminated(run_id, "FAILED")
             raise TrackingError(f"logging the certification run failed: {exc}") from None
         if registered:  # 2. the version's summary tags, then the signed certificate last
+            assert version is not None
             try:
                 tag_version(client, name, version, cert, run_id, token,
                             experiment_id=experiment_id)
