@@ -170,6 +170,7 @@ def certify(
                                gradient_twin=twin, world=world, expected_s=expected)
     if not world.main:
         return None
+    assert results is not None  # run_suite returns the results on the main process
     overall, outcomes = verdict.decide(pol, results)
     overall, outcomes, checks = verdict.apply_sanity(pol, results, outcomes,
                                                      model_findings=model_findings)

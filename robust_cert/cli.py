@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
             # an MLflow refusal we did not anticipate (missing alias, permissions, ...)
             logging.getLogger(__name__).debug("MLflow error", exc_info=True)
-            return _error(f"MLflow: {exc.message.splitlines()[0] if exc.message else exc}")
+            # (exc is an MlflowException: found through sys.modules, not narrowed)
+            return _error(f"MLflow: {exc.message.splitlines()[0] if exc.message else exc}")  # pyright: ignore[reportAttributeAccessIssue]
         raise
     finally:
         if "WORLD_SIZE" in os.environ:  # leave the process group of a torchrun launch
@@ -704,6 +705,7 @@ def _keygen(args) -> int:
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(pem)
+    assert keyring.private is not None  # from_private_pem: a certifier's keyring
     with public_path.open("x") as f:
         f.write(public_pem(keyring.private.public_key()))
     print(f"key id {kid}")

@@ -162,6 +162,7 @@ def _clustered_delta(p: PairedOutcomes, confidence: float
     so E y_i = (Δ + 1)/2. p = min(1, 1/E) with E the average of the two one-sided betting
     e-values at 1/2 (an e-value under H0); the interval is the two-sided betting interval,
     both with bets tuned for (1 − confidence)/2."""
+    assert p.index is not None  # clustered draws: the caller checked
     draws = np.bincount(p.index)
     seen = draws > 0
     diff = np.bincount(p.index, weights=p.b_good.astype(float) - p.a_good.astype(float),

@@ -25,8 +25,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 from robust_cert.errors import RobustCertError
+
+if TYPE_CHECKING:  # torch.distributed is imported when a run has several processes
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    group: object = field(default=None, repr=False)
+    group: ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def main(self) -> bool:
@@ -155,8 +159,9 @@ def world() -> World:
                 f"{join:g} s ({first}): check that every node was started with the same "
                 f"--nnodes/--nproc-per-node and can reach {where}; raise {JOIN_TIMEOUT_ENV} "
                 "for slow starts") from None
+    # every rank is a member, so a ProcessGroup (not new_group's int for a non-member)
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=exchange))
-    _WORLD = World(rank=rank, size=size, local_rank=local, group=group)
+    _WORLD = World(rank=rank, size=size, local_rank=local, group=cast("ProcessGroup", group))
     # leave the group before the interpreter tears down: a live gloo group at exit can
     # abort the process (std::terminate from its threads), which torchrun reports as a crash
     import atexit

@@ -135,7 +135,7 @@ class SeededForward:
         devices = [self.device] if self.device.type == "cuda" else []
         seed = _derive_seed(self.seed, f"{self.label}/{self.calls}")
         with torch.random.fork_rng(devices=devices):
-            torch.random.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # (torch.random's: the same object)
             if devices:  # this device only: fork_rng restores only the devices it is given
                 with torch.cuda.device(self.device):
                     torch.cuda.manual_seed(seed)

@@ -30,9 +30,13 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robust_cert.errors import ModelError, RobustCertError
 from robust_cert.plugins import PluginError, load_group
+
+if TYPE_CHECKING:  # not imported at run time: this module stays torch-free
+    from robust_cert.models.base import Classifier
 
 #: The entry-point group of third-party loaders.
 ENTRY_POINT_GROUP = "robust_cert.model_loaders"
@@ -53,7 +57,7 @@ class Loader:
 
     form: str
     accepts: Callable[[object], bool]
-    load: Callable[..., object]
+    load: Callable[..., Classifier]
 
 
 class LoaderRegistry:
@@ -103,7 +107,8 @@ class LoaderRegistry:
         self._read_plugins()
         return [loader.form for loader in self._loaders]
 
-    def load(self, ref, *, input_shape: tuple[int, ...] | None = None, device=None):
+    def load(self, ref, *, input_shape: tuple[int, ...] | None = None,
+             device=None) -> Classifier:
         """``ref`` loaded by the first loader that accepts it, on ``device`` (a
         ``torch.device``, a name such as ``"cuda:0"``, or None for the best present)."""
         from robust_cert.devices import select_device
@@ -192,6 +197,7 @@ def register_loader(loader: Loader) -> Loader:
     return loader
 
 
-def load_model(ref, *, input_shape: tuple[int, ...] | None = None, device=None):
+def load_model(ref, *, input_shape: tuple[int, ...] | None = None,
+               device=None) -> Classifier:
     """A Classifier from any reference a registered loader accepts (see the module doc)."""
     return REGISTRY.load(ref, input_shape=input_shape, device=device)

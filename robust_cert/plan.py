@@ -164,6 +164,7 @@ def _throughput(model: Classifier, x: torch.Tensor, batch: int, gradient: bool) 
         chunk = chunk.to(model.device)
         if gradient:
             chunk = chunk.clone().requires_grad_(True)
+            assert view is not None  # gradient: the attack view
             with torch.enable_grad():
                 view(chunk).sum().backward()
         else:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -69,7 +69,8 @@ class Requirement(BaseModel):
 
     @property
     def threshold(self) -> float:
-        return self.at_least if self.at_least is not None else self.at_most
+        # _one_threshold: exactly one of the two is given
+        return self.at_least if self.at_least is not None else cast(float, self.at_most)
 
     @property
     def direction(self) -> str:

@@ -38,10 +38,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from robust_cert.errors import RobustCertError
 from robust_cert.verdicts import Verdict
+
+if TYPE_CHECKING:  # cryptography is imported where it is used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KEY_ENV = "ROBUST_CERT_SIGNING_KEY"
 KEY_FILE_ENV = "ROBUST_CERT_SIGNING_KEY_FILE"
@@ -117,7 +121,7 @@ def public_pem(public_key) -> str:
     return public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def _load_private(pem: str, where: str):
+def _load_private(pem: str, where: str) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -171,7 +175,7 @@ class Keyring:
     then also trusted, plus every listed public key)."""
 
     public: dict = field(default_factory=dict)
-    private: object | None = None
+    private: Ed25519PrivateKey | None = None
 
     @property
     def signing_kid(self) -> str | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import numpy as np
 from scipy import stats as _st
@@ -65,11 +66,12 @@ def _check_kn(k: object, n: object) -> tuple[int, int]:
 
 def _check_unit_interval(name: str, value: object, *, closed: bool) -> float:
     """Validate a probability: in [0, 1] if closed else in (0, 1)."""
-    ok = isinstance(value, numbers.Real) and (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)
+    # (typeshed's numbers.Real has no comparisons; every Real here compares with a float)
+    ok = isinstance(value, numbers.Real) and (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)  # pyright: ignore[reportOperatorIssue]
     if not ok:
         rng = "[0, 1]" if closed else "the open interval (0, 1)"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
-    return float(value)
+    return float(cast(numbers.Real, value))  # ok: a Real
 
 
 # --------------------------------------------------------------------------- binomial
@@ -254,7 +256,10 @@ class BettingBound:
         validate_confidence(alpha, name="alpha")
         if side not in ("upper", "lower"):
             raise ValueError(f"side must be 'upper' or 'lower', got {side!r}")
-        from scipy.optimize import brentq
+        from scipy.optimize import brentq as _brentq
+
+        # scipy's inferred signature: rtol a float64, and full_output's tuple in the return
+        brentq = cast(Callable[..., float], _brentq)
 
         target = math.log(1.0 / alpha)
         gap = lambda m: self.log_evalue(m, side) - target  # increasing (upper) / decreasing
@@ -343,7 +348,10 @@ def tango_interval(b: int, c: int, n: int, confidence: float = 0.95) -> tuple[fl
     ``confidence`` for moderate n (Tango 1998; Newcombe 1998), checked in
     tests/test_paired_interval.py by exact enumeration of the multinomial.
     """
-    from scipy.optimize import brentq
+    from scipy.optimize import brentq as _brentq
+
+    # scipy's inferred signature: rtol a float64, and full_output's tuple in the return
+    brentq = cast(Callable[..., float], _brentq)
 
     n = _check_int("n", n, 1)
     b = _check_int("b", b, 0)

@@ -187,6 +187,7 @@ def apply_sanity(
     by_id = {o.id: i for i, o in enumerate(outcomes)}
     original, outcomes = list(outcomes), list(outcomes)
     records: list[dict] = []
+    sources: list[tuple[str | None, dict, dict, bool]]
     sources = [(name, res.diagnostics.get("sanity") or {},
                 res.diagnostics.get("sanity_findings") or {}, res.higher_is_better)
                for name, res in results.items()]

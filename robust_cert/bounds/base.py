@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,9 @@ class Step:
     l2: float = 1.0  # operator constants (affine, max, act, scale)
     linf: float = 1.0
     coef: list[float] = field(default_factory=list)  # add: |coefficient| of each input
-    apply: object = None  # affine: z ↦ A z (no bias); max: the pooling
-    apply_abs: object = None  # affine: z ↦ |A| z
+    # affine: z ↦ A z (no bias); max: the pooling
+    apply: Callable[[torch.Tensor], torch.Tensor] | None = None
+    apply_abs: Callable[[torch.Tensor], torch.Tensor] | None = None  # affine: z ↦ |A| z
     bias: torch.Tensor | None = None  # affine: |b| (broadcastable to the output)
     fan_in: int = 1  # affine: products per output (the γ index)
     ulps: float = 0.0  # act/scale/add: rounding of the op itself, in units of u·|out|
@@ -76,7 +77,7 @@ def label(fn) -> str:
     return f"{mod}.{name}" if mod and mod != "builtins" and mod != "_operator" else name
 
 
-def first(v):
+def first(v: Any) -> Any:
     """The tensor of a (tensor, indices)-style tuple output; anything else as it is."""
     if isinstance(v, (tuple, list)) and v and isinstance(v[0], torch.Tensor):
         return v[0]
@@ -147,7 +148,7 @@ class OpCall:
         return f"{self.node.target} ({type(self.target).__name__})"
 
     @property
-    def z(self):
+    def z(self) -> torch.Tensor | None:
         """The value of the first dependent input (None when there is none)."""
         return self.values[self.deps[0]] if self.deps else None
 
@@ -159,19 +160,19 @@ class OpCall:
         n = self.node
         return len(self.deps) == 1 and bool(n.args) and n.args[0] is self.deps[0]
 
-    def arg(self, i: int, name: str, default=None):
+    def arg(self, i: int, name: str, default=None) -> Any:
         """Argument ``i`` of the call (positional, else keyword ``name``, else default)."""
         if len(self.node.args) > i:
             return self.node.args[i]
         return self.node.kwargs.get(name, default)
 
-    def const(self, a):
+    def const(self, a) -> Any:
         """The value of an argument that does not depend on the input."""
         if isinstance(a, torch.fx.Node):
             return self.values[a]
         return a
 
-    def is_dep(self, a) -> bool:
+    def is_dep(self, a) -> TypeGuard[torch.fx.Node]:
         """Whether the argument ``a`` depends on the network input."""
         return isinstance(a, torch.fx.Node) and bool(self.depends[a])
 

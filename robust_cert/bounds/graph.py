@@ -7,7 +7,9 @@ logits (:meth:`LipschitzBound.rounding`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -140,23 +142,24 @@ class GraphBound:
         ctx = {"values": self.values, "depends": self.depends,
                "power_iterations": self.power_iterations}
         if n.op == "call_module":
-            mod = dict(self.gm.named_modules())[n.target]
+            mod = dict(self.gm.named_modules())[cast(str, n.target)]  # fx: a module's path
             call = OpCall(n, "module", mod, deps, type(mod).__name__, **ctx)
             if len(deps) != 1:
                 raise NotBoundable(f"cannot bound layer {call.layer}: it takes several inputs")
             op = registry.module_op(type(mod))
         elif n.op == "call_method":
-            found = registry.method_op(n.target)
+            method = cast(str, n.target)  # fx: a method's target is its name
+            found = registry.method_op(method)
             if found is None:
                 raise NotBoundable(f"cannot bound the method .{n.target}() at {where}")
             op, alias = found
             if alias is None:
-                call = OpCall(n, "method", n.target, deps, n.target, **ctx)
+                call = OpCall(n, "method", method, deps, method, **ctx)
             else:  # the method is this function, self first
                 call = OpCall(n, "function", alias, deps, label(alias), **ctx)
         elif n.op == "call_function":
             call = OpCall(n, "function", n.target, deps, label(n.target), **ctx)
-            op = registry.function_op(n.target)
+            op = registry.function_op(cast(Callable, n.target))  # fx: the callable
         else:
             raise NotBoundable(f"cannot bound node {where} ({n.op})")
         if op is None:
@@ -197,14 +200,17 @@ class GraphBound:
             vals = self._evaluate(x.to(self.dtype))
         col = 0 if norm == "l2" else 1
         shape = (-1,)
-        err_c: dict = {self.input: torch.zeros_like(x, dtype=self.dtype)}
-        err_b: dict = {self.input: torch.zeros_like(x, dtype=self.dtype)}
+        err_c: dict[torch.fx.Node, torch.Tensor] = {
+            self.input: torch.zeros_like(x, dtype=self.dtype)}
+        err_b: dict[torch.fx.Node, torch.Tensor] = {
+            self.input: torch.zeros_like(x, dtype=self.dtype)}
         # magnitudes of computed values: at x (|ẑ| of this evaluation, +2e for another run of
         # the same ops), and in the ball (|ẑ(x)| + 2e(x) + L·r + e_ball)
-        mag_c: dict = {}
-        mag_b: dict = {}
+        mag_c: dict[torch.fx.Node, torch.Tensor] = {}
+        mag_b: dict[torch.fx.Node, torch.Tensor] = {}
 
         def r_view(t):
+            assert radius is not None  # called for the ball only
             return radius.to(t.device, t.dtype).view(shape + (1,) * (t.ndim - 1))
 
         def mags(a):
@@ -222,8 +228,8 @@ class GraphBound:
         # deep networks do not compound |W|-products (the elementwise bound alone grows like
         # the L∞ operator norms).
         zero = torch.zeros(x.shape[0], dtype=self.dtype, device=x.device)
-        norm_c: dict = {self.input: zero}
-        norm_b: dict = {self.input: zero}
+        norm_c: dict[torch.fx.Node, torch.Tensor] = {self.input: zero}
+        norm_b: dict[torch.fx.Node, torch.Tensor] = {self.input: zero}
 
         def pnorm(t):
             # in float64 (a sum of numel squares would lose γ_numel in float32), cast back
@@ -240,9 +246,12 @@ class GraphBound:
                         continue
                     e_in = [err[a] for a in step.inputs]
                     n_in = [nrm[a] for a in step.inputs]
-                    m_in = [mags(a)[1 if ball else 0] for a in step.inputs]
+                    # the ball's magnitudes exist when there is a radius (else no ball pass)
+                    m_in = cast("list[torch.Tensor]",
+                                [mags(a)[1 if ball else 0] for a in step.inputs])
                     local = None  # the op's own rounding, elementwise
                     if step.kind == "affine":
+                        assert step.apply_abs is not None  # an affine step has both maps
                         g = gamma(step.fan_in, step.u)
                         local = g * step.apply_abs(m_in[0])
                         if step.bias is not None:
@@ -250,6 +259,7 @@ class GraphBound:
                         e = step.apply_abs(e_in[0])
                         en = step.l2 * n_in[0]
                     elif step.kind == "max":
+                        assert step.apply is not None  # a max step has the pooling
                         e, en = step.apply(e_in[0]), step.l2 * n_in[0]
                     elif step.kind == "act":
                         slope = max(step.l2, step.linf)
@@ -266,13 +276,13 @@ class GraphBound:
                     elif step.kind == "first":
                         e, en = e_in[0], n_in[0]
                     elif step.kind == "add":
-                        e = sum(c * ei for c, ei in zip(step.coef, e_in, strict=True))
-                        en = sum(c * ni for c, ni in zip(step.coef, n_in, strict=True))
-                        local = gamma(2, step.u) * sum(
+                        e = _tsum(c * ei for c, ei in zip(step.coef, e_in, strict=True))
+                        en = _tsum(c * ni for c, ni in zip(step.coef, n_in, strict=True))
+                        local = gamma(2, step.u) * _tsum(
                             c * mi for c, mi in zip(step.coef, m_in, strict=True))
                     elif step.kind == "cat":
                         e = _reapply_cat(n, vals, step.inputs, e_in, self)
-                        en = torch.sqrt(sum(ni ** 2 for ni in n_in))
+                        en = torch.sqrt(_tsum(ni ** 2 for ni in n_in))
                     else:
                         raise AssertionError(step.kind)
                     if local is not None:
@@ -288,6 +298,11 @@ class GraphBound:
         return (err_c[self.output].double() * safety,
                 err_b[self.output].double() * safety if radius is not None else None)
 
+
+
+def _tsum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum`` of tensors (never of none: a step has at least one input), typed as such."""
+    return cast(torch.Tensor, sum(terms))
 
 
 def _flatten_args(args):
@@ -308,11 +323,11 @@ def _reapply(n: torch.fx.Node, vals: dict, src: torch.fx.Node, t: torch.Tensor,
     args = map_arg(n.args, lambda a: env[a])
     kwargs = map_arg(n.kwargs, lambda a: env[a])
     if n.op == "call_function":
-        out = n.target(*args, **kwargs)
+        out = cast(Callable, n.target)(*args, **kwargs)
     elif n.op == "call_method":
-        out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        out = getattr(args[0], cast(str, n.target))(*args[1:], **kwargs)
     else:
-        out = dict(gb.gm.named_modules())[n.target](*args, **kwargs)
+        out = dict(gb.gm.named_modules())[cast(str, n.target)](*args, **kwargs)
     return -out if negates else out  # an error bound stays non-negative
 
 

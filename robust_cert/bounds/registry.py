@@ -74,6 +74,7 @@ def register_bound_op(op=None, *, modules: Iterable[type] | None = None,
                    + [(_FUNCTIONS, f, inst, repr(f)) for f in funcs]
                    + [(_METHODS, n, (inst, a), f".{n}()") for n, a in meths.items()])
         todo = []
+        table: dict  # three tables, three key types
         for table, key, value, shown in entries:
             old = table.get(key)
             old_op = old[0] if isinstance(old, tuple) else old

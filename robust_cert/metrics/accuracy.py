@@ -21,7 +21,7 @@ class AccuracyConfig(MetricConfig):
     """Clean accuracy has no parameters."""
 
 
-class Accuracy(Metric):
+class Accuracy(Metric[AccuracyConfig]):
     """Top-1 accuracy on the evaluation set.
 
     Kind: statistical. The points are treated as i.i.d. draws from the deployment distribution;

@@ -8,7 +8,7 @@ in the style of AutoAttack are recorded with the result (see :class:`RobustAccur
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -71,7 +71,10 @@ TRANSFER = ("transfer from the PyTorch twin: attacks crafted on the twin's gradi
             "judged on the deployed model")
 
 
-Radii = value_list("ε", low=0)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+else:
+    Radii = value_list("ε", low=0)
 
 
 class RobustAccuracyConfig(MetricConfig):
@@ -171,7 +174,7 @@ def _project(adv: torch.Tensor, u: torch.Tensor, eps01: float, norm: str) -> tor
     return (u + d).clamp(0.0, 1.0)
 
 
-class RobustAccuracy(Metric):
+class RobustAccuracy(Metric[RobustAccuracyConfig]):
     """Robust accuracy at each ε: the fraction of points classified correctly at x and under
     every configured attack within the ε-ball (L∞ or L2, clipped to the input range).
 

@@ -4,7 +4,7 @@ Family E): p_σ(x) from a local linear model and a multivariate normal CDF."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ def mvn_cdf(upper: torch.Tensor, corr: torch.Tensor, points: int = 1024, shifts:
         est = torch.special.ndtr(upper[:, 0] / corr[:, 0, 0].sqrt())
         return est, torch.zeros_like(est)
     per = max(1, points // shifts)
-    w = np.stack([qmc.Sobol(d=k - 1, scramble=True, seed=seed + s).random(per)
+    # scipy >= 1.15 names it rng in its signature (seed still accepted); scipy 1.11 has no rng
+    w = np.stack([qmc.Sobol(d=k - 1, scramble=True, seed=seed + s).random(per)  # pyright: ignore[reportCallIssue]
                   for s in range(shifts)])  # (shifts, per, k-1)
     w = to_device(torch.from_numpy(w.reshape(shifts * per, k - 1)), upper.device)
     order = upper.argsort(dim=1)
@@ -145,7 +146,10 @@ def monte_carlo_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, sigm
     return k.cpu().numpy()
 
 
-Thresholds = value_list("thresholds", low=0, high=1, low_open=True)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Thresholds = list[float]
+else:
+    Thresholds = value_list("thresholds", low=0, high=1, low_open=True)
 
 
 class AnalyticalConfig(MetricConfig):
@@ -185,7 +189,7 @@ class AnalyticalConfig(MetricConfig):
         return v
 
 
-class AnalyticalRobustness(Metric):
+class AnalyticalRobustness(Metric[AnalyticalConfig]):
     """Estimates of p_σ(x) = P_{ε~N(0,σ²I)}[argmax f(x+ε) = t], t = argmax f(x) (Han et al.).
 
     With g_i = f_t − f_i (i ≠ t), z_i = g_i/(σ‖∇g_i‖), Σ_ij = cos(∇g_i, ∇g_j) + 1e-5·I:
@@ -425,7 +429,7 @@ def _bias(p: np.ndarray, y: np.ndarray, confidence: float) -> dict:
         per_class[str(int(c))] = {"n": int(len(v)), "mean": mean,
                                   "ci": [max(0.0, mean - half), min(1.0, mean + half)]}
     means = {c: d["mean"] for c, d in per_class.items()}
-    lo, hi = min(means, key=means.get), max(means, key=means.get)
+    lo, hi = min(means, key=means.__getitem__), max(means, key=means.__getitem__)
     return {"per_class": per_class, "largest_gap": float(means[hi] - means[lo]),
             "least_robust_class": lo, "most_robust_class": hi,
             "ci_method": "Hoeffding (two-sided)"}

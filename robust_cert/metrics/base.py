@@ -16,7 +16,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ class MetricConfig(BaseModel):
     """Base for a metric's policy parameters: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: The config class of a metric family (``Metric[SafeRadiusConfig]``): what ``self.config`` is.
+ConfigT = TypeVar("ConfigT", bound=MetricConfig)
 
 
 def params_match(selector: dict, params: dict) -> bool:
@@ -160,7 +164,7 @@ class Proportion:
     @property
     def points(self) -> int:
         """Independent units behind the interval: points with a draw, or n."""
-        return int((self.cluster_n > 0).sum()) if self.clustered else self.n
+        return int((self.cluster_n > 0).sum()) if self.cluster_n is not None else self.n
 
     @property
     def interval_method(self) -> str:
@@ -170,6 +174,8 @@ class Proportion:
         """Per-point success rates of the points with at least one draw (clustered only)."""
         if not self.clustered:
             raise ValueError("rates exist only for clustered proportions")
+        assert self.cluster_k is not None  # clustered: __post_init__ set both arrays
+        assert self.cluster_n is not None
         keep = self.cluster_n > 0
         return self.cluster_k[keep] / self.cluster_n[keep]
 
@@ -224,6 +230,11 @@ class Proportion:
             raise ValueError(f"cannot merge proportions of different kinds for {self.params}")
         ck = cn = None
         if self.clustered:
+            # both clustered: __post_init__ checked that each has both arrays
+            assert self.cluster_k is not None
+            assert self.cluster_n is not None
+            assert other.cluster_k is not None
+            assert other.cluster_n is not None
             ck = np.concatenate([self.cluster_k, other.cluster_k])
             cn = np.concatenate([self.cluster_n, other.cluster_n])
         return Proportion(self.params, self.k + other.k, self.n + other.n, ck, cn,
@@ -542,14 +553,14 @@ def _derive_seed(seed: int, label: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class Metric(ABC):
+class Metric(ABC, Generic[ConfigT]):
     """One metric family. Subclasses set the class attributes and implement :meth:`run`."""
 
     name: ClassVar[str]
     kind: ClassVar[str]
     quantity: ClassVar[str]
     higher_is_better: ClassVar[bool]
-    needs_gradients: ClassVar[bool] = False
+    needs_gradients: bool = False  # a class fact; a family may refine it per instance
     #: True when :meth:`run` needs ``ctx.gradient_twin`` (checked before any metric runs).
     uses_twin: bool = False
     description: ClassVar[str]
@@ -575,7 +586,7 @@ class Metric(ABC):
         cls.merge_rules = normalize_merge_rules(
             {**COMMON_MERGE_RULES, **cls.merge_rules}, f"{cls.__name__}.merge_rules")
 
-    def __init__(self, config: MetricConfig):
+    def __init__(self, config: ConfigT):
         self.config = config
 
     @abstractmethod

@@ -7,6 +7,7 @@ function of the per-point softmax and label. Forward only, so it runs on ONNX mo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +25,10 @@ from robust_cert.metrics.base import (
 )
 from robust_cert.models.base import Classifier
 
-Thresholds = value_list("confidence thresholds", low=0, high=1)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Thresholds = list[float]
+else:
+    Thresholds = value_list("confidence thresholds", low=0, high=1)
 
 
 class CalibrationConfig(MetricConfig):
@@ -54,7 +58,7 @@ def _ece_many(conf: np.ndarray, correct: np.ndarray, bins: int) -> np.ndarray:
     return np.abs(gap).reshape(r, bins).sum(1) / n
 
 
-class Calibration(Metric):
+class Calibration(Metric[CalibrationConfig]):
     """How well the top-1 softmax probability matches the chance of being right.
 
     Per point (``per_point``): ``confidence`` (max softmax probability), ``correct``, ``nll``

@@ -376,7 +376,7 @@ class CorruptionsConfig(MetricConfig):
         return sorted(set(v))
 
 
-class CorruptionAccuracy(Metric):
+class CorruptionAccuracy(Metric[CorruptionsConfig]):
     """Accuracy under common corruptions, per (type, severity) cell and on average.
 
     Kind: statistical. Each cell's accuracy is k correct of the n evaluation points, corrupted

@@ -11,7 +11,7 @@ spanned by the ascent direction and a random direction.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,8 +30,12 @@ from robust_cert.metrics.base import (
 )
 from robust_cert.models.base import Classifier
 
-Radii = value_list("ε", low=0, low_open=True)
-KLThresholds = value_list("KL thresholds", low=0)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+    KLThresholds = list[float]
+else:
+    Radii = value_list("ε", low=0, low_open=True)
+    KLThresholds = value_list("KL thresholds", low=0)
 #: diagnostics key of a block's surface candidates (whole-set index → ascent direction);
 #: :meth:`DivergenceBound.finalize` replaces it with ``surface``
 _CANDIDATES = "surface_candidates"
@@ -59,7 +63,7 @@ def kl_softmax(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(1)
 
 
-class DivergenceBound(Metric):
+class DivergenceBound(Metric[DivergenceConfig]):
     """ψ(x) = max over ‖δ‖ ≤ ε of KL(softmax f(x) ‖ softmax f(x+δ)), found by ascent.
 
     Kind: empirical — each ψ(x) found is a **lower bound** on the true maximum (the ascent may

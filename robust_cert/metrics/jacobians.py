@@ -99,4 +99,5 @@ def noisy_logits_and_mean_jacobian(fn, x: torch.Tensor, noise: torch.Tensor,
         logits.append(out.detach().view(p, k, -1))
         total = jac.detach() if total is None else total + jac.detach()
     out = torch.cat(logits, dim=1).flatten(0, 1)
+    assert total is not None  # n >= 1 copies: the loop ran
     return out, total.flatten(2).transpose(0, 1)

@@ -168,7 +168,7 @@ class LocalProbabilisticConfig(MetricConfig):
         return SPRT(self.p0, self.p1, self.alpha, self.beta)
 
 
-class LocalProbabilisticRobustness(Metric):
+class LocalProbabilisticRobustness(Metric[LocalProbabilisticConfig]):
     """Per input, Wald's SPRT of H0: p_fail(x) ≥ p0 (not robust) vs H1: p_fail(x) ≤ p1 (robust).
 
     p_fail(x) = P_δ[f(clip(x + δ)) fails], δ drawn from ``distribution`` (uniform in the L∞

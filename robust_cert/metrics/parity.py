@@ -7,6 +7,8 @@ carries over their results only as far as the two models agree.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -29,7 +31,10 @@ from robust_cert.models.base import Classifier
 TWIN = "twin"
 
 
-Radii = value_list("ε", low=0, low_open=True, hint=" (clean agreement is always measured)")
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+else:
+    Radii = value_list("ε", low=0, low_open=True, hint=" (clean agreement is always measured)")
 
 
 class ParityConfig(MetricConfig):
@@ -46,7 +51,7 @@ class ParityConfig(MetricConfig):
     )
 
 
-class Parity(Metric):
+class Parity(Metric[ParityConfig]):
     """Argmax agreement between the model and a reference model, on clean and perturbed data.
 
     Proportions: ``{}`` is the clean agreement — k points of n where both models predict the

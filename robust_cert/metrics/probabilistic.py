@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -89,7 +89,10 @@ def failure_rate_bands(k: int, n: int, confidence: float, bands=IEC_BANDS) -> di
             "more_failure_free_draws": None if more is None else int(more)}
 
 
-Radii = value_list("ε", low=0, low_open=True)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+else:
+    Radii = value_list("ε", low=0, low_open=True)
 
 #: What the verdict's interval of :class:`ProbabilisticRobustness` covers.
 POPULATION = ("inputs drawn like the evaluation points × uniform L∞ noise (mean of the per-point "
@@ -112,7 +115,7 @@ class ProbabilisticRobustnessConfig(MetricConfig):
     )
 
 
-class ProbabilisticRobustness(Metric):
+class ProbabilisticRobustness(Metric[ProbabilisticRobustnessConfig]):
     """Failure rate of the model under random perturbation, certified by an exact test.
 
     Draws ``samples`` pairs (x_i, δ_i): x_i uniformly from the evaluation set (with

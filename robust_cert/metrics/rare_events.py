@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -147,7 +147,10 @@ def ams_log_p(model: Classifier, x: torch.Tensor, target: torch.Tensor, *, distr
     return log_p.cpu(), levels.cpu(), reached.cpu()
 
 
-Probabilities = value_list("p_max", low=0, high=1, low_open=True, high_open=True)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Probabilities = list[float]
+else:
+    Probabilities = value_list("p_max", low=0, high=1, low_open=True, high_open=True)
 
 
 class RareEventConfig(MetricConfig):
@@ -181,7 +184,7 @@ class RareEventConfig(MetricConfig):
         return noise_scale(self.distribution, self.eps, self.sigma)
 
 
-class RareEventProbability(Metric):
+class RareEventProbability(Metric[RareEventConfig]):
     """Per-point failure probability p_fail(x) = P_δ[f(clip(x + δ)) fails] estimated by adaptive
     multilevel splitting (AMS, Webb et al. 2019), down to 1e-6 and far below.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -58,7 +58,10 @@ log = logging.getLogger(__name__)
 Norm = Literal["l2", "linf"]
 
 
-Radii = value_list("radii", low=0)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+else:
+    Radii = value_list("radii", low=0)
 
 
 class SafeRadiusConfig(MetricConfig):
@@ -116,7 +119,7 @@ def reverse_weibull_location(maxima: np.ndarray) -> float:
         return top
     _, loc, _ = weibull_min.fit(-np.asarray(maxima, dtype=np.float64), 1.0,
                                 optimizer=scipy.optimize.fmin)
-    loc = -float(loc)
+    loc = -float(loc)  # pyright: ignore[reportArgumentType]  (scipy's fit: inferred | None)
     plausible = np.isfinite(loc) and top <= loc <= top + 2 * float(np.ptp(maxima))
     return loc if plausible else top
 
@@ -168,7 +171,7 @@ def _ball_samples(x: torch.Tensor, count: int, radius: float, norm: str,
 # --------------------------------------------------------------------------- metric
 
 
-class SafeRadius(Metric):
+class SafeRadius(Metric[SafeRadiusConfig]):
     """Per-point sandwich of the maximum safe radius for one safety property, in L2 and L∞.
 
     Properties (``property``):
@@ -365,7 +368,7 @@ class SafeRadius(Metric):
                 for r in cfg.radii:
                     k = int((holds & (out[f"lower@{nm}"] > r)).sum())
                     props.append(Proportion({"norm": nm, "radius": r}, k, n))
-        diagnostics = {
+        diagnostics: dict[str, object] = {
             "property": cfg.property,
             "lower_bound": "not applicable: " + why if bound is None else "ok",
         }
@@ -606,6 +609,7 @@ def _certified_radius(bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor, h
     r0 = (h.clamp_min(0) / lip).amin(1)
     r0 = torch.where(torch.isfinite(r0), r0, torch.zeros_like(r0))
     e_center, e_ball = bound.rounding(x, r0, norm)
+    assert e_ball is not None  # a radius was given
     a_abs = a.abs().double()
     slack = (torch.einsum("pmc,pc->pm", a_abs, e_center.to(a_abs.device))
              + torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)))

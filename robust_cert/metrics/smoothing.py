@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -116,7 +117,10 @@ def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: flo
     return np.where(pval <= alpha, top.indices[:, 0].numpy(), ABSTAIN).astype(np.int64)
 
 
-Radii = value_list("radii", low=0)
+if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
+    Radii = list[float]
+else:
+    Radii = value_list("radii", low=0)
 
 
 class SmoothingConfig(MetricConfig):
@@ -147,7 +151,7 @@ class SmoothingConfig(MetricConfig):
         return v
 
 
-class RandomizedSmoothing(Metric):
+class RandomizedSmoothing(Metric[SmoothingConfig]):
     """Certified accuracy of the *smoothed* classifier g(x) = argmax_c P_δ[f(x+δ) = c],
     δ ~ N(0, σ²I), at L2 radii r (Cohen et al. 2019, CERTIFY).
 

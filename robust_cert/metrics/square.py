@@ -97,7 +97,9 @@ def full_square_inside(attack):
             if type(a) is Square:
                 subs[i] = FullSquare(a.model, norm=a.norm, eps=a.eps, n_queries=a.n_queries,
                                      n_restarts=a.n_restarts, p_init=a.p_init, loss=a.loss,
-                                     resc_schedule=a.rescale_schedule, seed=a.seed,
+                                     resc_schedule=a.rescale_schedule,
+                                     # torchattacks infers int from its default 0
+                                     seed=a.seed,  # pyright: ignore[reportArgumentType]
                                      verbose=a.verbose)
             else:
                 full_square_inside(a)

@@ -39,7 +39,7 @@ def _summary(v: np.ndarray) -> dict[str, float]:
             "p90": float(np.quantile(v, 0.9)), "max": float(v.max())}
 
 
-class Surrogates(Metric):
+class Surrogates(Metric[SurrogatesConfig]):
     """Mean input-Jacobian Frobenius norm and top input-Hessian eigenvalue of the loss.
 
     Per point (``per_point``): ``jacobian_fro`` = ‖∂f(x)/∂x‖_F (logits f, data units) and

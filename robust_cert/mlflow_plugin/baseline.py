@@ -88,7 +88,7 @@ def load_certification_run(client, run_id: str, where: Path, *,
             raise NotABaseline(f"run {run_id} was certified on other data")
         if keyring is not None:
             check = verify_certificate_file(cert, keyring)
-            if not check.ok or check.claim.get("run_id") != run_id:
+            if not check.ok or (check.claim or {}).get("run_id") != run_id:  # ok: a claim
                 raise NotABaseline(f"the certificate of run {run_id} does not verify for this "
                                    f"run ({check.message})")
         with np.load(client.download_artifacts(run_id, "per_point.npz", str(where))) as f:

@@ -66,8 +66,9 @@ def register(model, *, training: str, fmt: str, experiment_id: str) -> str:
         mlflow.log_params({"augmentation": training, "architecture": "DigitsCNN"})
         mlflow_pytorch_log.setLevel(logging.ERROR if fmt == "pickle" else level)
         try:
-            info = mlflow.pytorch.log_model(
-                model, name="model", input_example=x[:4], serialization_format=fmt,
+            # (mlflow loads its flavours lazily; its Literal formats: fmt is one of them)
+            info = mlflow.pytorch.log_model(  # pyright: ignore[reportPrivateImportUsage]
+                model, name="model", input_example=x[:4], serialization_format=fmt,  # pyright: ignore[reportArgumentType]
                 registered_model_name=MODEL_NAME, pip_requirements=["torch"])
         finally:
             mlflow_pytorch_log.setLevel(level)
@@ -98,7 +99,7 @@ def register_onnx(model, *, source_version: str, experiment_id: str) -> str:
     with mlflow.start_run(experiment_id=experiment_id, run_name="export onnx"):
         mlflow.log_params({"exported_from": f"models:/{MODEL_NAME}/{source_version}",
                            "format": "onnx", "opset": 17})
-        info = mlflow.onnx.log_model(
+        info = mlflow.onnx.log_model(  # pyright: ignore[reportPrivateImportUsage]  (lazy)
             graph, name="model", signature=infer_signature(example.numpy(), logits.numpy()),
             onnx_execution_providers=["CPUExecutionProvider"],
             registered_model_name=MODEL_NAME, pip_requirements=["onnxruntime"])
@@ -127,6 +128,7 @@ def demo_signing_key(workdir: Path) -> Path | None:
     with os.fdopen(fd, "w") as f:
         f.write(pem)
     keyring = Keyring.from_private_pem(pem)
+    assert keyring.private is not None  # from a private key
     (workdir / "demo-public.pem").write_text(public_pem(keyring.private.public_key()))
     os.environ[KEY_FILE_ENV] = str(path)
     log.info("no signing key configured: the demo signs with %s (key id %s)", path,
@@ -176,6 +178,7 @@ def run_demo(
             f"models:/{MODEL_NAME}/{version}", policy, "digits", out_dir=workdir /
             "reports" / f"{MODEL_NAME}-v{version}", seed=seed, progress=progress,
             command=f"robust-cert certify models:/{MODEL_NAME}/{version} --policy {policy}")
+        assert cert is not None  # one process: the certification
         out.append(DemoVersion(version, training, cert))
 
     source = out[-1].version  # the adversarially trained model, exported as it would ship
@@ -190,6 +193,7 @@ def run_demo(
         / f"{MODEL_NAME}-v{version}", seed=seed, progress=progress, gradient_twin=twin,
         command=f"robust-cert certify models:/{MODEL_NAME}/{version} --policy {onnx_policy} "
                 f"--gradient-twin {twin}")
+    assert cert is not None  # one process: the certification
     out.append(DemoVersion(version, "onnx export", cert,
                            label=f"ONNX export of version {source}"))
     return out

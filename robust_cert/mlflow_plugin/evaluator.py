@@ -66,6 +66,7 @@ def _evaluator_class():
             clf = load_model(raw, input_shape=x.shape[1:], device=cfg.get("device"))
             cert = certify(clf, (x, y), cfg["policy"], seed=int(cfg.get("seed", 0)),
                            progress=False)
+            assert cert is not None  # one process: the certificate
             metrics = summary_metrics(cert)
             metrics["verdict_pass"] = float(cert.passed)
             for req in cert.requirements:

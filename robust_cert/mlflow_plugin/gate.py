@@ -51,6 +51,7 @@ import logging
 import os
 import tempfile
 import time
+from typing import cast
 
 from robust_cert.mlflow_plugin.names import CERT_TAG
 from robust_cert.verdicts import Verdict
@@ -189,7 +190,8 @@ def _store_class():
                 claim = verify_claim(value, self.keyring, name=name, version=number)
             except SignatureError as exc:
                 raise _denied(f"{action} refused: {exc}; {how}") from None
-            if self.ledger.current(name, number) != token_sha256(value):
+            # (number is an int: MLflow refused a version without one above)
+            if self.ledger.current(name, cast(int, number)) != token_sha256(value):
                 raise _denied(f"{action} refused: the certificate tag of {name} v{number} is not "
                               "the one the registry recorded as current (it was revoked, "
                               "superseded, or written around the gate); " + how)

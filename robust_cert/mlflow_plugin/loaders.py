@@ -25,6 +25,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
@@ -47,7 +48,7 @@ _LOGGED = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)$")
 _RUN = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+?)/?$")
 
 
-def is_registered_reference(ref) -> bool:
+def is_registered_reference(ref) -> TypeGuard[str]:
     """A ``models:/`` URI that is not a logged model's id: ``models:/NAME/VERSION`` or
     ``models:/NAME@ALIAS``, or a malformed one that loading refuses with a precise message
     (``models:/NAME`` names no version)."""
@@ -120,6 +121,7 @@ def load_logged_model(uri: str, *, device: torch.device, client=None,
             experiment_id = lm.experiment_id
         else:
             found = _RUN.match(uri)
+            assert found is not None  # the loader accepted a runs:/ reference
             run_id, name = found["run"], found["path"]
             experiment_id = client.get_run(run_id).info.experiment_id
             model_id = _run_model_id(client, experiment_id, run_id, name)
@@ -131,7 +133,7 @@ def load_logged_model(uri: str, *, device: torch.device, client=None,
         raise TrackingError(f"registry error for {uri}: {exc.message}") from None
     with tempfile.TemporaryDirectory(prefix="robust_cert_model_") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)  # pyright: ignore[reportPrivateImportUsage]  (lazy)
         except Exception as exc:
             raise ModelError(f"cannot download the artifacts of {uri}: {exc}") from None
         clf = _from_local(local, uri, name, device, input_shape)
@@ -174,7 +176,7 @@ def _from_local(local: str, label: str, name: str, device: torch.device,
     fmt = "pytorch-pt2" if (data_dir / "model.pt2").exists() else "pytorch-pickle"
     try:
         kwargs = {} if fmt == "pytorch-pt2" else {"map_location": "cpu", "weights_only": False}
-        module = mlflow.pytorch.load_model(local, **kwargs)
+        module = mlflow.pytorch.load_model(local, **kwargs)  # pyright: ignore[reportPrivateImportUsage]  (lazy)
     except Exception as exc:
         raise ModelError(f"cannot load {label} ({fmt}): {type(exc).__name__}: {exc}") from None
     if fmt == "pytorch-pt2":

@@ -78,7 +78,7 @@ def download_version(name: str, version, dst: str) -> str:
     import mlflow
 
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+        return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",  # pyright: ignore[reportPrivateImportUsage]  (lazy)
                                                    dst_path=dst)
     except Exception as exc:
         raise ModelError(f"cannot download the artifacts of {name} v{version}: {exc}") from None

@@ -67,6 +67,7 @@ def load_verified(uri: str, *, allowed_policies=None, keyring=None, client=None,
     check = verify_version(client, mv.name, mv.version, keyring, check_artifacts=False)
     if not check.ok:
         raise VerificationError(f"{label} NOT VERIFIED: {check.message}")
+    assert check.claim is not None  # a version that verifies has its signed claim
     claim = check.claim
     if claim["verdict"] != Verdict.PASS:
         raise VerificationError(f"{label} NOT VERIFIED: verdict {claim['verdict']} under "

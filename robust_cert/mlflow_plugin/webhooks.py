@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.jobqueue import Job, JobQueue, QueueError, default_worker_id, open_queue
@@ -61,6 +62,9 @@ from robust_cert.mlflow_plugin.promotion import PROBE_PREFIX
 from robust_cert.policy import Policy, load_policy
 from robust_cert.routes import Routes, data_digest, load_routes
 from robust_cert.signing import Keyring, canonical_version
+
+if TYPE_CHECKING:  # mlflow is imported where it is used
+    from mlflow.entities.webhook import WebhookEvent, WebhookEventStr
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,7 @@ def registry_lookup(tracking_uri: str | None, timeout_s: float = 5.0
             except Exception as exc:  # requests/urllib3 errors, MlflowException on timeouts
                 raise TrackingError(f"cannot reach the MLflow registry at {uri}: "
                                     f"{exc}") from None
+            assert resp is not None  # an http(s) registry: requests' response
             if resp.status_code == 200:
                 try:
                     return int(resp.json()["model_version"]["creation_timestamp"])
@@ -328,6 +333,7 @@ class Receiver:
             label = self.routes.route_for(name).label
             return 200, {"status": "ignored", "model": name,
                          "reason": f"not certified under the routes ({label})"}
+        assert self.lookup is not None  # set in __post_init__
         try:
             created = self.lookup(name, version)
         except RobustCertError as exc:
@@ -383,6 +389,7 @@ class Receiver:
         """``is_current`` for one reconciliation pass: the default check on ``client``."""
         if self.is_current == self._has_current_certificate:  # not replaced (by a test)
             return lambda name, version: self._has_current_certificate(name, version, client)
+        assert self.is_current is not None  # set in __post_init__
         return self.is_current
 
     def _watched_versions(self, client):
@@ -487,6 +494,7 @@ class Receiver:
                               out_dir=self.out_dir / f"{job.name}-v{job.version}",
                               seed=self.seed, progress=False, gradient_twin=twin,
                               command=f"robust-cert serve ({where})")
+        assert res is not None  # one process: the certification
         return Certified(res.certificate.verdict, res.run_id)
 
     def _heartbeat(self, job: Job, done: threading.Event) -> None:
@@ -520,6 +528,10 @@ class Receiver:
         uri = f"models:/{job.name}/{job.version}"
         q, me = self.queue, self.worker_id
         retry_in = next_round_in(job.failures, self.retry_base_s, self.retry_cap_s)
+        # set in __post_init__
+        assert self.lookup is not None
+        assert self.is_current is not None
+        assert self.certify is not None
         if job.attempts > self.max_attempts:  # only lease expiries push it past: workers died
             q.fail(job.id, me, f"attempt {job.attempts} of at most {self.max_attempts}: "
                                "earlier workers stopped mid-job (killed, out of memory?); "
@@ -742,7 +754,7 @@ def register_webhook(url: str, secret: str, *, certify_on_alias: str | None,
     """Create the webhook on the MLflow server (events: version created, alias created)."""
     from mlflow.tracking import MlflowClient
 
-    events = ["model_version.created"]
+    events: list[WebhookEventStr | WebhookEvent] = ["model_version.created"]
     if certify_on_alias:
         events.append("model_version_alias.created")
     hook = MlflowClient().create_webhook(name=name, url=url, events=events, secret=secret,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ class Classifier:
     sizes), and to the halved batch size after an out-of-memory retry on any device.
     """
 
-    forward: object  # Callable[[Tensor], Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor]
     input_shape: tuple[int, ...]
     num_classes: int
     sha256: str
@@ -45,7 +46,7 @@ class Classifier:
     version: str | None = None
     uri: str | None = None
     extra: dict = field(default_factory=dict)
-    gradient_forward: object | None = None  # Callable[[Tensor], Tensor] with input gradients
+    gradient_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # input gradients
     max_batch: int | None = None  # images per forward call; None: any batch in one call
 
     @torch.no_grad()
@@ -87,6 +88,8 @@ class Classifier:
 
 
 class _AttackView(nn.Module):
+    _fn: Callable[[torch.Tensor], torch.Tensor]  # a plain attribute, not a submodule
+
     def __init__(self, fn, device: torch.device):
         super().__init__()
         object.__setattr__(self, "_fn", fn)

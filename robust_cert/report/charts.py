@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -34,6 +34,9 @@ from matplotlib.ticker import PercentFormatter
 
 from robust_cert import catalog, stats
 from robust_cert.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 #: Colours shared with report.css (verdicts) and a neutral series colour.
 PASS_COLOUR, FAIL_COLOUR, INCONCLUSIVE_COLOUR = "#1b7a3a", "#b3261e", "#8a6d00"
@@ -50,7 +53,7 @@ EXAMPLE_TITLE_PT = 7.5
 #: Examples per row (two panels each: clean and perturbed).
 EXAMPLES_PER_ROW = 3
 
-_RC = {
+_RC: dict[RcKeyType, Any] = {
     "svg.hashsalt": "robust_cert",
     "svg.fonttype": "path",
     "font.family": "DejaVu Sans",
@@ -157,7 +160,7 @@ def robustness_curve(inp: ChartInputs) -> Chart | None:
     """Robust accuracy over ε with its confidence band; ε = 0 is clean accuracy."""
     res = inp.result("robust_accuracy")
     rows = _eps_values(res)
-    if rows is None:
+    if rows is None or res is None:  # (no result gives no rows)
         return None
     eps, est, lo, hi = rows.T
     clean = inp.result("accuracy")
@@ -195,7 +198,7 @@ def per_class_recall(inp: ChartInputs) -> Chart | None:
     """Recall per class with exact intervals: where the model is weakest."""
     res = inp.result("accuracy")
     per_class = (res or {}).get("diagnostics", {}).get("per_class_recall")
-    if not per_class:
+    if not per_class or res is None:  # (no result gives none)
         return None
     classes = sorted(per_class, key=lambda c: (len(c), c))
     k = np.array([per_class[c]["k"] for c in classes])
@@ -319,7 +322,7 @@ def failure_rate_curve(inp: ChartInputs) -> Chart | None:
     """Failure rate under random noise over ε, with intervals and the required maxima."""
     res = inp.result("probabilistic_robustness")
     rows = _eps_values(res)
-    if rows is None:
+    if rows is None or res is None:  # (no result gives no rows)
         return None
     eps, est, lo, hi = rows.T
     # several draws per point: the interval is the population (betting) one, not pooled CP
@@ -483,7 +486,7 @@ def certified_accuracy_curve(inp: ChartInputs) -> Chart | None:
     """Certified accuracy of the smoothed classifier over the L2 radius, with its CI band."""
     res = inp.result("randomized_smoothing")
     rows = _eps_values(res, "radius")
-    if rows is None:
+    if rows is None or res is None:  # (no result gives no rows)
         return None
     r, est, lo, hi = rows.T
     fig = _figure()
@@ -533,7 +536,8 @@ def p_sigma_histogram(inp: ChartInputs) -> Chart | None:
     p = np.clip(np.asarray(p, dtype=float), 0, 1)
     fig = _figure(6.4, 2.8)
     ax = fig.axes[0]
-    ax.hist(p, bins=np.linspace(0, 1, 21), color=SERIES, alpha=0.75, edgecolor="white",
+    # (matplotlib's stubs: bins a Sequence[float], which an ndarray is not, though it works)
+    ax.hist(p, bins=np.linspace(0, 1, 21), color=SERIES, alpha=0.75, edgecolor="white",  # pyright: ignore[reportArgumentType]
             linewidth=0.6)
     for tau in res["config"].get("thresholds", []):
         ax.axvline(tau, color="#555555", linestyle="--", linewidth=1)
@@ -646,7 +650,7 @@ def decision_surfaces(inp: ChartInputs) -> Chart | None:
     res = inp.result("divergence")
     surfaces = (res or {}).get("diagnostics", {}).get("surface") or []
     surfaces = [s for s in surfaces if s.get("margin") and s.get("axis")][:MAX_EXAMPLES]
-    if not surfaces:
+    if not surfaces or res is None:  # (no result gives none)
         return None
     eps = max(res["config"]["eps"])
     norm = res["config"].get("norm", "linf")

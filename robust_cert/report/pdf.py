@@ -16,6 +16,7 @@ import hashlib
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import cast
 
 from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError
@@ -103,8 +104,8 @@ def pdf_a3b(html: str, *, attachment: str, name: str, description: str,
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        return weasyprint.HTML(string=html, base_url=None).write_pdf(
-            pdf_variant="pdf/a-3b", attachments=[embedded])
+        return cast(bytes, weasyprint.HTML(string=html, base_url=None).write_pdf(  # (no target)
+            pdf_variant="pdf/a-3b", attachments=[embedded]))
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

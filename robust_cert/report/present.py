@@ -191,7 +191,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def kv_rows(mapping: dict | None, *, skip: tuple[str, ...] = (), prefix: str = "",
+def kv_rows(mapping: dict[str, Any] | None, *, skip: tuple[str, ...] = (), prefix: str = "",
             parent: str = "", depth: int = 0) -> list[tuple[str, str]]:
     """(label, text) rows of a JSON mapping for a two-column table: human labels, nulls and
     empty values left out, nested mappings flattened as "Parent › child" (four levels),
@@ -387,7 +387,8 @@ def decisive_bound(req: dict) -> dict:
     # certificates issued before both bounds were recorded
     method = str(req.get("interval_method") or "")
     k, n, level = req.get("k"), req.get("n"), req.get("level")
-    if method.startswith("clopper-pearson") and None not in (k, n, level) and n:
+    if (method.startswith("clopper-pearson") and k is not None and n is not None
+            and level is not None and n):
         lo, hi = stats.clopper_pearson(int(k), int(n), 1.0 - float(level), side)
         return {"side": side, "value": lo if side == "lower" else hi}
     m = _BOUND_IN_REASON.search(str(req.get("reason") or ""))

@@ -3,7 +3,7 @@ leaky ReLU, ELU."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ class Activation(BoundOp):
             info = self.method_info or call.label
         else:
             info = call.label
-        fields = {} if params is None else {"l2": params, "linf": params}
+        fields: dict[str, Any] = {} if params is None else {"l2": params, "linf": params}
         if self.ulps:
             fields["ulps"] = self.ulps
         return call.step("act", info=info, **fields)

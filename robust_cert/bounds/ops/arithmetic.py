@@ -35,7 +35,7 @@ class Add(BoundOp):
     def params(self, call: OpCall) -> tuple[list[torch.fx.Node], list[float]]:
         fn, n = call.target, call.node
         plain = fn in (operator.add, operator.sub, operator.iadd, operator.isub)
-        alpha = 1.0 if plain else abs(float(n.kwargs.get("alpha", 1.0)))
+        alpha = 1.0 if plain else abs(float(n.kwargs.get("alpha", 1.0)))  # pyright: ignore[reportArgumentType]  (fx arg: a number)
         rsub = fn in RSUB
         coefs = [(a, (alpha if rsub else 1.0) if i == 0 else (1.0 if rsub else alpha))
                  for i, a in enumerate(n.args[:2])]

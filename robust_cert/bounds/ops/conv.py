@@ -64,7 +64,7 @@ class Conv(BoundOp):
             if n.args[6]:
                 raise NotBoundable(f"cannot bound a transposed convolution at {call.where}")
             w, b = call.const(n.args[1]), call.const(n.args[2])
-            return ConvParams(w, b, n.args[3], n.args[4], n.args[5], int(n.args[8]),
+            return ConvParams(w, b, n.args[3], n.args[4], n.args[5], int(n.args[8]),  # pyright: ignore[reportArgumentType]  (fx arg: a number)
                               f"Conv{w.ndim - 2}d ({call.label})")
         raise call.unsupported()
 
@@ -91,7 +91,9 @@ class Conv(BoundOp):
         def apply_abs(v):
             return conv(v, wabs, None, stride, padding_arg, dilation, groups)
 
-        in_shape = tuple(call.z.shape[1:])
+        z = call.z
+        assert z is not None  # the op's one dependent input (params checked it)
+        in_shape = tuple(z.shape[1:])
         w64 = w.double()
         ones = torch.ones((1, *in_shape), dtype=torch.float64, device=w.device)
         row = conv(ones, w64.abs(), None, stride, padding_arg, dilation, groups)

@@ -51,8 +51,8 @@ class Linear(BoundOp):
                                 call.const(call.arg(2, "bias")), call.label)
         if fn in ADDMM and len(deps) == 1 and n.args[1] is deps[0]:
             wt = call.const(n.args[2])
-            beta = float(n.kwargs.get("beta", 1.0))
-            alpha = float(n.kwargs.get("alpha", 1.0))
+            beta = float(n.kwargs.get("beta", 1.0))  # pyright: ignore[reportArgumentType]  (fx arg: a number)
+            alpha = float(n.kwargs.get("alpha", 1.0))  # pyright: ignore[reportArgumentType]  (fx arg: a number)
             b = call.const(n.args[0])
             b = None if b is None else b * beta
             return LinearParams((wt * alpha).t(), b, "addmm")

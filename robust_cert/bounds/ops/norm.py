@@ -56,11 +56,11 @@ class BatchNorm(BoundOp):
             w, b = call.const(n.args[1]), call.const(n.args[2])
             mean, var = call.const(n.args[3]), call.const(n.args[4])
             if "legit" in str(fn):  # (input, weight, bias, mean, var, momentum, eps)
-                eps = float(n.args[6])
+                eps = float(n.args[6])  # pyright: ignore[reportArgumentType]  (fx arg: a number)
             else:  # aten.batch_norm(input, weight, bias, mean, var, training, mom, eps, …)
                 if n.args[5]:
                     raise NotBoundable(f"cannot bound batch norm in training mode at {where}")
-                eps = float(n.args[7])
+                eps = float(n.args[7])  # pyright: ignore[reportArgumentType]  (fx arg: a number)
         if mean is None or var is None:
             raise NotBoundable(f"cannot bound batch norm without running statistics at "
                                f"{where}")
@@ -71,6 +71,7 @@ class BatchNorm(BoundOp):
         if call.form == "function" and "legit" in str(call.target):
             call.mark_tuple_output()  # (output, save_mean, save_rstd)
         z = call.z
+        assert z is not None  # the op's one dependent input (params checked it)
         scale = 1.0 / torch.sqrt(var.detach().double() + eps)
         if w is not None:
             scale = scale * w.detach().double()

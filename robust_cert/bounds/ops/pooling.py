@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -40,7 +41,7 @@ class MaxPoolParams(NamedTuple):
     kernel_size: object
     stride: object  # falsy: the kernel size
     dilation: object
-    apply: object  # the pooling of a tensor (values only)
+    apply: Callable[[torch.Tensor], torch.Tensor]  # the pooling of a tensor (values only)
     info: str
 
 
@@ -80,6 +81,7 @@ class MaxPool(BoundOp):
         if call.form == "function" and call.target in MAXPOOL_WITH_INDICES:
             call.mark_tuple_output()
         z = call.z
+        assert z is not None  # the op's one dependent input (params checked it)
         nd = z.ndim - 2 if z.ndim > 2 else 1
         k, s = expand(k, nd), expand(s if s else k, nd)
         dil = expand(dil, nd)
@@ -91,7 +93,7 @@ class MaxPool(BoundOp):
 
 
 class AvgPoolParams(NamedTuple):
-    apply: object  # the pooling of a tensor
+    apply: Callable[[torch.Tensor], torch.Tensor]  # the pooling of a tensor
     spatial: bool  # windows within a channel (False: a mean over several dimensions)
     info: str
 
@@ -135,6 +137,7 @@ class AvgPool(BoundOp):
     def lipschitz(self, call: OpCall, params: AvgPoolParams) -> Step:
         apply, spatial, info = params
         z = call.z
+        assert z is not None  # the op's one dependent input (params checked it)
         ones = torch.ones_like(z[:1], dtype=torch.float64).requires_grad_(True)
         with torch.enable_grad():
             out = apply(ones)
