@@ -26,10 +26,17 @@ clone and basic indexing, additions and subtractions (residual connections), mul
 or division by a constant, negation, concatenation. Anything else raises :class:`NotBoundable`
 naming the op and the node — unless an op is registered for it: :func:`register_bound_op`,
 or a plugin in the ``robust_cert.bound_ops`` entry-point group.
+
+Local bounds (:func:`local_bounds`, :mod:`~robust_cert.bounds.local`): sound lower bounds of
+margins over a ball around each point, by interval bound propagation (IBP) and backward linear
+relaxations (CROWN), from each op's ``interval`` and ``linear`` methods — all the ops above
+have them (tanh, sigmoid, softsign and ELU by constant relaxations in CROWN; max pooling in
+CROWN 2-D without ``ceil_mode``); an op without one raises :class:`NotBoundable` naming it.
 """
 
 from robust_cert.bounds.base import BoundOp, NotBoundable, OpCall, Step
 from robust_cert.bounds.graph import LipschitzBound, lipschitz_bound
+from robust_cert.bounds.local import LocalMargins, local_bounds
 from robust_cert.bounds.registry import (
     ENTRY_POINT_GROUP,
     BoundOpPluginError,
@@ -48,6 +55,7 @@ from robust_cert.bounds.rounding import (
 )
 
 __all__ = ["ENTRY_POINT_GROUP", "ERROR_BOUND_SAFETY", "MATMUL_PRECISION_U", "NORM_SAFETY",
-           "BoundOp", "BoundOpPluginError", "LipschitzBound", "NotBoundable", "OpCall", "Step",
-           "evaluation_safety", "gamma", "lipschitz_bound", "load_bound_op_plugins",
+           "BoundOp", "BoundOpPluginError", "LipschitzBound", "LocalMargins", "NotBoundable",
+           "OpCall", "Step", "evaluation_safety", "gamma", "lipschitz_bound",
+           "load_bound_op_plugins", "local_bounds",
            "matmul_precision_u", "register_bound_op", "strict_float32", "unit_roundoff"]

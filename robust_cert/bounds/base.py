@@ -211,15 +211,30 @@ class BoundOp(abc.ABC):
     * :meth:`lipschitz` returns the :class:`Step`: Lipschitz constants in L2 and L∞ and the
       rounding model of the op. Its class docstring states why they are upper bounds.
 
-    Other bounds of the same op go here beside :meth:`lipschitz`, reading the same
-    :meth:`params`: interval bound propagation (``interval(call, params, lower, upper)``)
-    and linear relaxations (``linear(call, params, …)``, CROWN). The graph walk calls only
-    :meth:`params` and :meth:`lipschitz`.
+    * :meth:`interval` (IBP) returns sound elementwise bounds [lo, hi] of the node's output
+      over a region, given those of its inputs (``ctx.lower``/``ctx.upper``).
+    * :meth:`linear` (CROWN) back-substitutes a linear lower bound through the node: given
+      coefficients A on the output (a lower bound Σ A·out + c of some quantity), it returns
+      coefficients on the inputs and adds the constant it introduces (``ctx.add_bias``), such
+      that Σ A·out ≥ Σ A_in·in + bias everywhere in the region (the input intervals of a
+      ``relaxed`` op are the region it holds on).
+    * ``relaxed`` ops (activations, max pooling) relax a non-linear map from the bounds of
+      their input: the local bound refines those bounds by CROWN first (:meth:`refine` says
+      which input elements need it).
+
+    Both take ``ctx`` (:class:`robust_cert.bounds.local.Region`): the interval of every node
+    so far, the values of every node at the centres (constants at the batch size), ``rerun``
+    (the node's own op on other inputs) and ``transpose`` (the adjoint of a linear node). An
+    op without them raises :class:`NotBoundable` naming it (the local bound then falls back to
+    the Lipschitz bound). :mod:`robust_cert.bounds.local` runs them; the Lipschitz graph walk
+    calls only :meth:`params` and :meth:`lipschitz`.
     """
 
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()
     functions: ClassVar[Iterable[Callable]] = ()
     methods: ClassVar[Iterable[str] | Mapping[str, Callable]] = ()
+    #: the op relaxes a non-linear map from its input bounds (refined by CROWN first)
+    relaxed: ClassVar[bool] = False
 
     def params(self, call: OpCall) -> Any:
         """The op's parameters for ``call``; raises :class:`NotBoundable` (usually
@@ -232,3 +247,21 @@ class BoundOp(abc.ABC):
     @abc.abstractmethod
     def lipschitz(self, call: OpCall, params: Any) -> Step:
         """The :class:`Step` of ``call`` (sound Lipschitz constants and rounding model)."""
+
+    def interval(self, call: OpCall, params: Any, ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sound elementwise bounds (lo, hi) of the output (float64, batch of the region) from
+        the input bounds ``ctx.lower[node]``/``ctx.upper[node]`` (IBP)."""
+        raise NotBoundable(f"no interval bound (IBP) for {call.label} at {call.where}")
+
+    def linear(self, call: OpCall, params: Any, a: torch.Tensor,
+               ctx: Any) -> list[tuple[torch.fx.Node, torch.Tensor]]:
+        """Back-substitution of the lower-bound coefficients ``a`` (batch, specs, *output
+        shape) through the node (CROWN): the coefficients of each dependent input (a node may
+        appear twice; they add up), with the constant terms passed to ``ctx.add_bias``."""
+        raise NotBoundable(f"no linear relaxation (CROWN) for {call.label} at {call.where}")
+
+    def refine(self, call: OpCall, params: Any, lo: torch.Tensor,
+               hi: torch.Tensor) -> torch.Tensor | None:
+        """For a ``relaxed`` op: the input elements (a bool mask of ``lo``'s shape) whose
+        bounds change the relaxation, so are worth tightening; None: all."""
+        return None

@@ -74,6 +74,8 @@ class GraphBound:
         if not self.depends[self.output]:
             raise NotBoundable("cannot bound the model: its output does not depend on the input")
         self.steps: list[Step] = []
+        #: the registered op, its call and its params of every bounded node (local bounds)
+        self.calls: dict[torch.fx.Node, tuple] = {}
         self.lip: dict[torch.fx.Node, tuple[float, float]] = {self.input: (1.0, 1.0)}
         self.layers: list[dict] = []
         for n in self.order:
@@ -164,7 +166,9 @@ class GraphBound:
             raise NotBoundable(f"cannot bound node {where} ({n.op})")
         if op is None:
             raise call.unsupported()
-        return op.lipschitz(call, op.params(call))
+        params = op.params(call)
+        self.calls[n] = (op, call, params)
+        return op.lipschitz(call, params)
 
     def _propagate_lip(self, step: Step) -> tuple[float, float]:
         ins = [self.lip[a] for a in step.inputs]

@@ -3,6 +3,7 @@ leaky ReLU, ELU."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -20,9 +21,15 @@ class Activation(BoundOp):
     roundoff of its result, |φ(ẑ)| ≤ |φ(0)| + L|ẑ| with |φ(0)| ≤ 1/2.
 
     ``module_info``/``method_info`` name a module or method form in the report (default: the
-    module's class name, the method name)."""
+    module's class name, the method name).
+
+    Local bounds: every φ here is monotone, or piecewise linear with its only kink at 0, so
+    over [l, u] its extremes are among φ(l), φ(u) and φ(0) (when l < 0 < u): IBP takes their
+    min and max (φ evaluated by the node's own op in float64). CROWN, by default, relaxes φ by
+    those constant bounds (slope 0: sound for any φ); piecewise-linear ops relax tighter."""
 
     ulps: ClassVar[float] = 0.0
+    relaxed: ClassVar[bool] = True
     module_info: ClassVar[str | None] = None
     method_info: ClassVar[str | None] = None
 
@@ -47,6 +54,38 @@ class Activation(BoundOp):
             fields["ulps"] = self.ulps
         return call.step("act", info=info, **fields)
 
+    def interval(self, call: OpCall, params, ctx):
+        src = call.deps[0]
+        lo, hi = ctx.lower[src], ctx.upper[src]
+        f_lo = ctx.rerun(call.node, {src: lo.clone()}).double()
+        f_hi = ctx.rerun(call.node, {src: hi.clone()}).double()
+        f_0 = ctx.rerun(call.node, {src: torch.zeros_like(lo)}).double()
+        kink = (lo < 0) & (hi > 0)
+        out_lo = torch.minimum(f_lo, f_hi)
+        out_hi = torch.maximum(f_lo, f_hi)
+        return (torch.where(kink, torch.minimum(out_lo, f_0), out_lo),
+                torch.where(kink, torch.maximum(out_hi, f_0), out_hi))
+
+    def linear(self, call: OpCall, params, a: torch.Tensor, ctx):
+        # constant relaxation: φ ∈ [lo_out, hi_out] on the region
+        ctx.add_bias(a.clamp(min=0), ctx.lower[call.node])
+        ctx.add_bias(a.clamp(max=0), ctx.upper[call.node])
+        return []
+
+    @staticmethod
+    def relax(a: torch.Tensor, lower: tuple, upper: tuple, ctx) -> torch.Tensor:
+        """Back-substitution through φ(z) ≥ αL·z + βL and φ(z) ≤ αU·z + βU (elementwise, on
+        the region): positive coefficients take the lower line, negative ones the upper."""
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        (al, bl), (au, bu) = lower, upper
+        ctx.add_bias(pos, bl)
+        ctx.add_bias(neg, bu)
+        return pos * al.unsqueeze(1) + neg * au.unsqueeze(1)
+
+
+RELU6 = {F.relu6} | aten_targets("relu6")
+HARDTANH = {F.hardtanh} | aten_targets("hardtanh", "hardtanh_")
+
 
 @register_bound_op
 class ReLU(Activation):
@@ -58,6 +97,70 @@ class ReLU(Activation):
         "relu", "relu_", "hardtanh", "hardtanh_", "relu6")
     methods = ("relu", "relu_")
     method_info = "relu"
+
+    # Local bounds: clamp(z, a, b) (ReLU: a = 0, b = ∞; ReLU6: 0, 6; Hardtanh: its range)
+    # with lines valid on [l, u] (each checked at the kinks and the ends):
+    #   stable pieces exactly; l < a < u ≤ b: upper chord of (l, a), (u, u), lower
+    #   a + α(z − a) with α = 1 if u − a > a − l else 0 (CROWN's adaptive slope);
+    #   a ≤ l < b < u: lower chord of (l, l), (u, b), upper b + α(z − b) (α likewise);
+    #   l < a, b < u: lower through (a, a) and (u, b), upper through (l, a) and (b, b).
+
+    def clamp_range(self, call: OpCall) -> tuple[float, float]:
+        if call.form == "module":
+            m = call.target
+            if isinstance(m, nn.Hardtanh):
+                return float(m.min_val), float(m.max_val)
+            return 0.0, math.inf
+        if call.form == "method":
+            return 0.0, math.inf
+        fn = call.target
+        if fn in RELU6:
+            return 0.0, 6.0
+        if fn in HARDTANH:
+            return float(call.arg(1, "min_val", -1.0)), float(call.arg(2, "max_val", 1.0))
+        return 0.0, math.inf
+
+    def refine(self, call: OpCall, params, lo, hi):
+        a, b = self.clamp_range(call)
+        return ((lo < a) & (hi > a)) | ((lo < b) & (hi > b))
+
+    def linear(self, call: OpCall, params, coef: torch.Tensor, ctx):
+        src = call.deps[0]
+        lo, up = ctx.lower[src], ctx.upper[src]
+        a, b = self.clamp_range(call)
+        one, zero = torch.ones_like(lo), torch.zeros_like(lo)
+        bf = b  # ∞ for ReLU: the cases at b never hold (their unselected values are unused)
+        width = (up - lo).clamp(min=1e-300)
+        below, above = up <= a, lo >= bf
+        inside = (lo >= a) & (up <= bf)
+        left = (lo < a) & (up > a) & (up <= bf)  # crosses a only
+        right = (lo >= a) & (lo < bf) & (up > bf)  # crosses b only
+        # lower line
+        al = torch.where(inside, one, zero)
+        bl = torch.where(below, a * one, torch.where(above, bf * one, zero))
+        alpha = (up - a > a - lo).double()
+        al = torch.where(left, alpha, al)
+        bl = torch.where(left, a * (1 - alpha), bl)
+        s_r = (bf - lo) / width
+        al = torch.where(right, s_r, al)
+        bl = torch.where(right, lo * (1 - s_r), bl)
+        both = (lo < a) & (up > bf)
+        s_b = (bf - a) / (up - a).clamp(min=1e-300)
+        al = torch.where(both, s_b, al)
+        bl = torch.where(both, a * (1 - s_b), bl)
+        # upper line
+        au = torch.where(inside, one, zero)
+        bu = torch.where(below, a * one, torch.where(above, bf * one, zero))
+        s_l = (up - a) / width
+        au = torch.where(left, s_l, au)
+        bu = torch.where(left, a - s_l * lo, bu)
+        beta = (bf - lo > up - bf).double()
+        au = torch.where(right, beta, au)
+        bu = torch.where(right, bf * (1 - beta), bu)
+        s_t = (bf - a) / (bf - lo).clamp(min=1e-300)
+        au = torch.where(both, s_t, au)
+        bu = torch.where(both, bf * (1 - s_t), bu)
+        return [(src, self.relax(coef, (al, bl), (au, bu), ctx))]
 
 
 @register_bound_op
@@ -96,10 +199,33 @@ class LeakyReLU(Activation):
     ulps = 1.0
     module_info = "LeakyReLU"
 
+    def negative_slope(self, call: OpCall) -> float:
+        return float(call.target.negative_slope if call.form == "module" else call.arg(
+            1, "negative_slope", 0.01))
+
     def slope(self, call: OpCall) -> float:
-        a = call.target.negative_slope if call.form == "module" else call.arg(
-            1, "negative_slope", 0.01)
-        return max(1.0, abs(float(a)))
+        return max(1.0, abs(self.negative_slope(call)))
+
+    def refine(self, call: OpCall, params, lo, hi):
+        return (lo < 0) & (hi > 0)
+
+    def linear(self, call: OpCall, params, coef: torch.Tensor, ctx):
+        """Slopes s (z < 0) and 1: convex when s ≤ 1 (upper chord, lower α·z with α = 1 if
+        up > −lo else s), concave when s > 1 (lower chord, upper α·z likewise); exact on
+        stable elements."""
+        src = call.deps[0]
+        lo, up = ctx.lower[src], ctx.upper[src]
+        s = self.negative_slope(call)
+        zero = torch.zeros_like(lo)
+        stable = torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, s))
+        cross = (lo < 0) & (up > 0)
+        k = (up - s * lo) / (up - lo).clamp(min=1e-300)
+        chord_b = s * lo - k * lo
+        alpha = torch.where(up > -lo, torch.ones_like(lo), torch.full_like(lo, s))
+        line = (torch.where(cross, alpha, stable), zero)
+        chord = (torch.where(cross, k, stable), torch.where(cross, chord_b, zero))
+        lower, upper = (line, chord) if s <= 1 else (chord, line)
+        return [(src, self.relax(coef, lower, upper, ctx))]
 
 
 @register_bound_op

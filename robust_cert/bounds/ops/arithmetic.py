@@ -26,6 +26,9 @@ class Add(BoundOp):
     Lipschitz: the sum of the dependent operands' constants times |coefficient| (triangle
     inequality), so a residual x + f(x) has L ≤ 1 + L_f. Rounding ("add"): the errors add
     with the same coefficients, plus one rounding of the result, γ₂ of Σ|c_i||z_i|.
+
+    Local bounds: exact (affine). IBP: the op at the centres ± Σ|c_i|·radius_i; CROWN: each
+    operand takes c_i·A (signed), the constant operand the bias A·(op at zero).
     """
 
     functions = ADD | SUB
@@ -49,6 +52,34 @@ class Add(BoundOp):
         nodes, coef = params
         return call.step("add", nodes, coef=coef, ulps=2.0, info=call.label)
 
+    @staticmethod
+    def signed(call: OpCall) -> list[tuple[torch.fx.Node, float]]:
+        """The dependent operands with their signed coefficients."""
+        fn, n = call.target, call.node
+        plain = fn in (operator.add, operator.sub, operator.iadd, operator.isub)
+        alpha = 1.0 if plain else float(n.kwargs.get("alpha", 1.0))
+        if fn in RSUB:
+            coefs = [-alpha, 1.0]
+        elif fn in SUB:
+            coefs = [1.0, -alpha]
+        else:
+            coefs = [1.0, alpha]
+        return [(a, c) for a, c in zip(n.args[:2], coefs, strict=False) if call.is_dep(a)]
+
+    def interval(self, call: OpCall, params, ctx):
+        terms = self.signed(call)
+        lo = {a: ctx.lower[a] for a, _ in terms}
+        hi = {a: ctx.upper[a] for a, _ in terms}
+        mid = ctx.rerun(call.node, {a: (hi[a] + lo[a]) / 2 for a in lo}).double()
+        rad = sum(abs(c) * (hi[a] - lo[a]) / 2 for a, c in terms)
+        return mid - rad, mid + rad
+
+    def linear(self, call: OpCall, params, a: torch.Tensor, ctx):
+        terms = self.signed(call)
+        const = ctx.rerun(call.node, {n: torch.zeros_like(ctx.lower[n]) for n, _ in terms})
+        ctx.add_bias(a, const)
+        return [(n, c * a) for n, c in terms]
+
 
 @register_bound_op
 class Scale(BoundOp):
@@ -59,6 +90,9 @@ class Scale(BoundOp):
     that much, in every p-norm). Rounding ("scale"): errors scale by the same factor, plus one
     rounding of the result, γ₂ of its magnitude. A rounding division and a division by a
     constant containing zero are refused.
+
+    Local bounds: exact. The elementwise factor f (the op applied to ones): IBP centre·f ±
+    radius·|f|, CROWN A·f.
     """
 
     functions = MUL | DIV
@@ -87,6 +121,21 @@ class Scale(BoundOp):
     def lipschitz(self, call: OpCall, params: float) -> Step:
         return call.step("scale", l2=params, linf=params, ulps=2.0, info=call.label)
 
+    @staticmethod
+    def factor(call: OpCall, ctx) -> torch.Tensor:
+        src = call.deps[0]
+        return ctx.rerun(call.node, {src: torch.ones_like(ctx.lower[src])}).double()
+
+    def interval(self, call: OpCall, params: float, ctx):
+        src = call.deps[0]
+        f = self.factor(call, ctx)
+        lo, hi = ctx.lower[src], ctx.upper[src]
+        mid, rad = (hi + lo) / 2 * f, (hi - lo) / 2 * f.abs()
+        return mid - rad, mid + rad
+
+    def linear(self, call: OpCall, params: float, a: torch.Tensor, ctx):
+        return [(call.deps[0], a * self.factor(call, ctx).unsqueeze(1))]
+
 
 @register_bound_op
 class Neg(BoundOp):
@@ -102,3 +151,10 @@ class Neg(BoundOp):
 
     def lipschitz(self, call: OpCall, params: None) -> Step:
         return call.step("same", negates=True, info=call.label)
+
+    def interval(self, call: OpCall, params: None, ctx):
+        src = call.deps[0]
+        return -ctx.upper[src], -ctx.lower[src]
+
+    def linear(self, call: OpCall, params: None, a: torch.Tensor, ctx):
+        return [(call.deps[0], -a)]

@@ -42,6 +42,12 @@ class Conv(BoundOp):
     is reported as ``l2_lower``, never used. Rounding ("affine"): every output is a sum of
     C_in/groups·∏k products plus the bias, u of the convolution arithmetic (TF32 when cuDNN
     may use it; the bounds hold for the :func:`strict_float32` evaluation).
+
+    Local bounds: exact (float64 from the float32 weights). IBP by centre and radius
+    (K c + b ± |K| r); CROWN A ↦ Kᵀ A (the transposed convolution, by
+    ``torch.nn.grad.conv*d_input``, which matches the input size whatever the stride; a
+    "same" padding of odd total, padded asymmetrically, by the op's own adjoint) with the
+    constant A·b.
     """
 
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -113,6 +119,54 @@ class Conv(BoundOp):
                          l2_lower=power_iteration(apply, in_shape, w, call.power_iterations))
 
 
+    def _setup(self, params: ConvParams, ref: torch.Tensor):
+        w, b, stride, padding, dilation, groups, _ = params
+        w64 = w.detach().to(ref.device, torch.float64)
+        nd = w.ndim - 2
+        stride, dilation = expand(stride, nd), expand(dilation, nd)
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0,) * nd
+            else:
+                tot = [d * (k - 1) for d, k in zip(dilation, w.shape[2:], strict=True)]
+                padding = tuple(t // 2 for t in tot) if all(t % 2 == 0 for t in tot) \
+                    else padding
+        else:
+            padding = expand(padding, nd)
+        return w64, b, stride, padding, dilation, groups, nd
+
+    def interval(self, call: OpCall, params: ConvParams, ctx):
+        lo, hi = ctx.lower[call.deps[0]], ctx.upper[call.deps[0]]
+        w64, b, stride, padding, dilation, groups, nd = self._setup(params, lo)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        b64 = None if b is None else b.detach().to(lo.device, torch.float64)
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        mid = conv(c, w64, b64, stride, padding, dilation, groups)
+        rad = conv(r, w64.abs(), None, stride, padding, dilation, groups)
+        return mid - rad, mid + rad
+
+    def linear(self, call: OpCall, params: ConvParams, a: torch.Tensor, ctx):
+        src = call.deps[0]
+        z = ctx.lower[src]
+        w64, b, stride, padding, dilation, groups, nd = self._setup(params, z)
+        if b is not None:
+            ctx.add_bias(a, b.detach().view(-1, *([1] * nd)))
+        if isinstance(padding, str):  # asymmetric "same": the op's own adjoint
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+            zz = torch.zeros_like(z[:1])
+            _, vjp = torch.func.vjp(
+                lambda t: conv(t, w64, None, stride, padding, dilation, groups), zz)
+            flat = a.reshape(-1, 1, *a.shape[2:])
+            out = torch.func.vmap(lambda g: vjp(g)[0])(flat)
+            return [(src, out.reshape(*a.shape[:2], *z.shape[1:]))]
+        grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+                      3: torch.nn.grad.conv3d_input}[nd]
+        bs = a.shape[0] * a.shape[1]
+        out = grad_input((bs, *z.shape[1:]), w64, a.reshape(bs, *a.shape[2:]), stride,
+                         padding, dilation, groups)
+        return [(src, out.view(*a.shape[:2], *z.shape[1:]))]
+
+
 def conv_fourier_bound(w: torch.Tensor, in_shape: tuple[int, ...], pad: tuple[int, ...],
                        dilation: tuple[int, ...], groups: int) -> float:
     """max over DFT frequencies of ‖Ŵ(f)‖₂ on a grid holding the padded input: an upper bound
@@ -146,3 +200,4 @@ def power_iteration(apply, in_shape, w: torch.Tensor, iters: int) -> float:
             u = apply(vv)
             (v,) = torch.autograd.grad(u, vv, grad_outputs=u.detach())
     return float(u.detach().norm()) if u is not None else 0.0
+

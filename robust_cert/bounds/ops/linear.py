@@ -36,6 +36,9 @@ class Linear(BoundOp):
     rounded products plus the bias (n the input features), so |ŷ − y| ≤ |W|·e_in +
     γ_{n+1}(|W||ẑ| + |b|) with u of the matmul arithmetic (read when rounding). W is kept as
     ``matrix``: a final Linear becomes the head of the bound.
+
+    Local bounds: exact. IBP by centre and radius (W c + b ± |W| r); CROWN back-substitutes
+    A ↦ A W with the constant A·b, in float64 from the float32 parameters.
     """
 
     modules = (nn.Linear,)
@@ -75,3 +78,18 @@ class Linear(BoundOp):
                          bias=None if b is None else b.detach().abs(), fan_in=w.shape[1] + 1,
                          u=unit_roundoff(w.dtype, w.device, "matmul"), u_kind="matmul",
                          matrix=w, info=info)
+
+    def interval(self, call: OpCall, params: LinearParams, ctx):
+        w, b, _ = params
+        lo, hi = ctx.lower[call.deps[0]], ctx.upper[call.deps[0]]
+        w64 = w.detach().to(lo.device, torch.float64)
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        mid = F.linear(c, w64, None if b is None else b.detach().to(lo.device, torch.float64))
+        rad = F.linear(r, w64.abs())
+        return mid - rad, mid + rad
+
+    def linear(self, call: OpCall, params: LinearParams, a: torch.Tensor, ctx):
+        w, b, _ = params
+        if b is not None:
+            ctx.add_bias(a, b.detach())
+        return [(call.deps[0], a @ w.detach().to(a.device, torch.float64))]

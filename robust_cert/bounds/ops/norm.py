@@ -31,6 +31,9 @@ class BatchNorm(BoundOp):
     Rounding ("affine", diagonal): folded or not, each output takes a handful of rounded
     operations, so |BN(ẑ) − BN(z)| ≤ |s|·e + γ₆(|s||ẑ| + |s||μ| + |β|). Training mode (batch
     statistics) and missing running statistics are refused.
+
+    Local bounds: the affine map x ↦ s·x + (β − s·μ) per channel (folded, float64): IBP by
+    centre and radius, CROWN A ↦ A·s with the constant A·(β − s·μ); exact.
     """
 
     modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -86,3 +89,28 @@ class BatchNorm(BoundOp):
                          apply=lambda v: v * sabs, apply_abs=lambda v: v * sabs,
                          bias=const, fan_in=6,
                          u=unit_roundoff(z.dtype, z.device), u_kind="", info="BatchNorm (eval)")
+
+    @staticmethod
+    def _affine(params: BatchNormParams, z: torch.Tensor):
+        w, b, mean, var, eps = params
+        dev = z.device
+        scale = 1.0 / torch.sqrt(var.detach().to(dev, torch.float64) + eps)
+        if w is not None:
+            scale = scale * w.detach().to(dev, torch.float64)
+        shift = -scale * mean.detach().to(dev, torch.float64)
+        if b is not None:
+            shift = shift + b.detach().to(dev, torch.float64)
+        view = (-1, *([1] * (z.ndim - 2)))
+        return scale.view(view), shift.view(view)
+
+    def interval(self, call: OpCall, params: BatchNormParams, ctx):
+        lo, hi = ctx.lower[call.deps[0]], ctx.upper[call.deps[0]]
+        s, t = self._affine(params, lo)
+        c, r = (hi + lo) / 2, (hi - lo) / 2
+        mid, rad = c * s + t, r * s.abs()
+        return mid - rad, mid + rad
+
+    def linear(self, call: OpCall, params: BatchNormParams, a: torch.Tensor, ctx):
+        s, t = self._affine(params, ctx.lower[call.deps[0]])
+        ctx.add_bias(a, t)
+        return [(call.deps[0], a * s)]

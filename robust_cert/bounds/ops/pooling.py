@@ -43,6 +43,8 @@ class MaxPoolParams(NamedTuple):
     dilation: object
     apply: Callable[[torch.Tensor], torch.Tensor]  # the pooling of a tensor (values only)
     info: str
+    padding: object = 0
+    ceil_mode: bool = False
 
 
 @register_bound_op
@@ -54,15 +56,62 @@ class MaxPool(BoundOp):
     dilation — since ‖y − y'‖₂² ≤ Σ over windows of the max squared difference in it ≤ c‖δ‖₂².
     Rounding ("max"): a max is exact; the error of each output is at most the max of the
     errors in its window, obtained by pooling the error tensor itself.
+
+    Local bounds: IBP is exact (max is monotone: the pooling of the lower and of the upper
+    bounds). CROWN (2-D, without ``ceil_mode``; otherwise NotBoundable) relaxes each window as
+    DeepPoly does: y ≥ z_k with k the element of the largest lower bound (y is at least any
+    element); y = z_k exactly when l_k ≥ the upper bounds of all the others, else
+    y ≤ max_i u_i.
     """
 
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
     functions = MAXPOOL | MAXPOOL_WITH_INDICES
+    relaxed = True
+
+    def interval(self, call: OpCall, params: MaxPoolParams, ctx):
+        src = call.deps[0]
+        return first(params.apply(ctx.lower[src])), first(params.apply(ctx.upper[src]))
+
+    def linear(self, call: OpCall, params: MaxPoolParams, a: torch.Tensor, ctx):
+        src = call.deps[0]
+        zl, zu = ctx.lower[src], ctx.upper[src]
+        if zl.ndim != 4 or params.ceil_mode:
+            raise NotBoundable(f"no linear relaxation (CROWN) for {call.label} at {call.where}"
+                               " (2-D max pooling without ceil_mode only)")
+        k = expand(params.kernel_size, 2)
+        st = expand(params.stride if params.stride else params.kernel_size, 2)
+        pad, dil = expand(params.padding, 2), expand(params.dilation, 2)
+        b, c, h, w = zl.shape
+        spec = (pad[1], pad[1], pad[0], pad[0])
+
+        def windows(t, fill):
+            t = F.pad(t.reshape(b * c, 1, h, w), spec, value=fill)
+            out = F.unfold(t, k, dilation=dil, stride=st)  # (b·c, kk, L)
+            return out.view(b, c, out.shape[1], out.shape[2])
+
+        wl, wu = windows(zl, -math.inf), windows(zu, -math.inf)
+        index = torch.arange(h * w, dtype=torch.float64, device=zl.device).view(1, 1, h, w)
+        wi = F.unfold(F.pad(index, spec, value=-1.0), k, dilation=dil, stride=st)
+        best = wl.argmax(2, keepdim=True)  # (b, c, 1, L)
+        lk = wl.gather(2, best).squeeze(2)
+        others = wu.scatter(2, best, -math.inf).amax(2)
+        exact = lk >= others
+        umax = wu.amax(2)
+        flat = wi[0].expand(b, c, -1, -1).gather(2, best).squeeze(2).long()  # (b, c, L)
+        s = a.shape[1]
+        coef = a.reshape(b, s, c, -1)
+        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
+        ctx.add_bias(neg * (~exact).unsqueeze(1), umax)
+        on_k = pos + neg * exact.unsqueeze(1)
+        out = torch.zeros((b, s, c, h * w), dtype=a.dtype, device=a.device)
+        out.scatter_add_(3, flat.unsqueeze(1).expand(b, s, c, -1), on_k)
+        return [(src, out.view(b, s, c, h, w))]
 
     def params(self, call: OpCall) -> MaxPoolParams:
         if call.form == "module":
             m = call.target
-            return MaxPoolParams(m.kernel_size, m.stride, m.dilation, m, call.label)
+            return MaxPoolParams(m.kernel_size, m.stride, m.dilation, m, call.label, m.padding,
+                                 bool(m.ceil_mode))
         fn = call.target
         if not call.single:
             raise call.unsupported()
@@ -74,10 +123,11 @@ class MaxPool(BoundOp):
         if fn is F.max_pool2d or fn is F.max_pool1d or fn is F.max_pool3d:
             call_kwargs = {k2: v for k2, v in call_kwargs.items() if k2 != "return_indices"}
         return MaxPoolParams(k, s, dil, lambda v: first(fn(v, *call_args, **call_kwargs)),
-                             call.label)
+                             call.label, call.const(call.arg(3, "padding", 0)),
+                             bool(call.const(call.arg(5, "ceil_mode", False))))
 
     def lipschitz(self, call: OpCall, params: MaxPoolParams) -> Step:
-        k, s, dil, apply, info = params
+        k, s, dil, apply, info = params[:5]
         if call.form == "function" and call.target in MAXPOOL_WITH_INDICES:
             call.mark_tuple_output()
         z = call.z
@@ -107,6 +157,9 @@ class AvgPool(BoundOp):
     ‖A‖₂ ≤ √(‖A‖₁‖A‖∞). Both × NORM_SAFETY. Rounding ("affine", |A| = A): each output is a
     sum of at most the spatial size (a whole sample for a mean) terms and one division,
     elementwise u. ``divisor_override`` and a mean over the batch are refused.
+
+    Local bounds: exact. IBP pools the lower and the upper bounds (non-negative weights);
+    CROWN back-substitutes through the op's adjoint (its vector-Jacobian product).
     """
 
     modules = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -150,3 +203,10 @@ class AvgPool(BoundOp):
                          linf=linf * NORM_SAFETY, apply=apply, apply_abs=apply, bias=None,
                          fan_in=fan + 1, u=unit_roundoff(z.dtype, z.device), u_kind="",
                          info=info)
+
+    def interval(self, call: OpCall, params: AvgPoolParams, ctx):
+        src = call.deps[0]
+        return params.apply(ctx.lower[src]), params.apply(ctx.upper[src])
+
+    def linear(self, call: OpCall, params: AvgPoolParams, a: torch.Tensor, ctx):
+        return [(call.deps[0], ctx.transpose(call.node, call.deps[0], a))]

@@ -29,6 +29,9 @@ class Reshape(BoundOp):
     clone, detach, aten slice/select: each output element is one input element, so L = 1 in
     every norm (a slice or selection can only drop elements) and the op is exact in float
     ("same"; a broadcast that copies an element to several outputs is refused by the walk).
+
+    Local bounds: exact. IBP moves the lower and the upper bounds as the values; CROWN moves
+    the coefficients back by the op's adjoint (its vector-Jacobian product).
     """
 
     modules = (nn.Identity, nn.Flatten, nn.Unflatten)
@@ -37,6 +40,20 @@ class Reshape(BoundOp):
 
     def lipschitz(self, call: OpCall, params: None) -> Step:
         return call.step("same", info=f".{call.label}" if call.form == "method" else call.label)
+
+    def interval(self, call: OpCall, params: None, ctx):
+        return _moved(call, ctx)
+
+    def linear(self, call: OpCall, params: None, a: torch.Tensor, ctx):
+        return [(call.deps[0], ctx.transpose(call.node, call.deps[0], a))]
+
+
+def _moved(call: OpCall, ctx):
+    """The op applied to the lower and to the upper bounds of its input (an op that moves
+    elements maps bounds to bounds)."""
+    src = call.deps[0]
+    return (ctx.rerun(call.node, {src: ctx.lower[src]}),
+            ctx.rerun(call.node, {src: ctx.upper[src]}))
 
 
 @register_bound_op
@@ -60,6 +77,13 @@ class Dropout(BoundOp):
 
     def lipschitz(self, call: OpCall, params: None) -> Step:
         return call.step("same", info=call.label)
+
+    def interval(self, call: OpCall, params: None, ctx):
+        src = call.deps[0]
+        return ctx.lower[src], ctx.upper[src]  # the identity in eval mode
+
+    def linear(self, call: OpCall, params: None, a: torch.Tensor, ctx):
+        return [(call.deps[0], a)]
 
 
 @register_bound_op
@@ -87,6 +111,21 @@ class Index(BoundOp):
             return call.step("first", info="getitem")
         raise NotBoundable(f"cannot bound element {n.args[1]} of {src.name} at {call.where}")
 
+    # Local bounds: element 0 of a tuple is the bounded value itself; basic indexing moves
+    # elements (exact, as Reshape).
+
+    def interval(self, call: OpCall, params: None, ctx):
+        src = call.deps[0]
+        if not isinstance(ctx.values[src], torch.Tensor):
+            return ctx.lower[src], ctx.upper[src]
+        return _moved(call, ctx)
+
+    def linear(self, call: OpCall, params: None, a: torch.Tensor, ctx):
+        src = call.deps[0]
+        if not isinstance(ctx.values[src], torch.Tensor):
+            return [(src, a)]
+        return [(src, ctx.transpose(call.node, src, a))]
+
 
 @register_bound_op
 class Concat(BoundOp):
@@ -105,3 +144,21 @@ class Concat(BoundOp):
 
     def lipschitz(self, call: OpCall, params: int) -> Step:
         return call.step("cat", info=call.label)
+
+    # Local bounds: exact. IBP concatenates the inputs' bounds (constants as they are);
+    # CROWN gives each input its slice of the coefficients.
+
+    def interval(self, call: OpCall, params: int, ctx):
+        return (ctx.rerun(call.node, {a: ctx.lower[a] for a in call.deps}).double(),
+                ctx.rerun(call.node, {a: ctx.upper[a] for a in call.deps}).double())
+
+    def linear(self, call: OpCall, params: int, a: torch.Tensor, ctx):
+        dim = params if params < 0 else params + 1  # in (batch, specs, ...)
+        out, offset = [], 0
+        for t in call.node.args[0]:
+            v = ctx.value(t) if isinstance(t, torch.fx.Node) else t
+            size = v.shape[params]
+            if call.is_dep(t):
+                out.append((t, a.narrow(dim, offset, size)))
+            offset += size
+        return out
