@@ -26,6 +26,10 @@ from robust_cert.bounds.rounding import NORM_SAFETY, gamma, strict_float32, unit
 class GraphBound:
     """The analysed graph: steps in execution order, constants per node."""
 
+    #: the graph's LocalBound, cached by :func:`robust_cert.bounds.local.local_analysis` (typed
+    #: object here: that module imports this one)
+    _local: object
+
     def __init__(self, gm: torch.fx.GraphModule, input_shape: tuple[int, ...],
                  power_iterations: int):
         self.gm = gm

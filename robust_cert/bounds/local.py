@@ -39,7 +39,9 @@ L2 bound serves): ``lower`` = CROWN/IBP bound − |C|·E_ball holds for both eva
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch.fx.node import map_arg
@@ -86,11 +88,11 @@ class Region:
         args = map_arg(node.args, lambda a: env[a])
         kwargs = map_arg(node.kwargs, lambda a: env[a])
         if node.op == "call_function":
-            out = node.target(*args, **kwargs)
+            out = cast(Callable, node.target)(*args, **kwargs)  # fx: the callable
         elif node.op == "call_method":
-            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            out = getattr(args[0], cast(str, node.target))(*args[1:], **kwargs)
         else:
-            out = self._modules[node.target](*args, **kwargs)
+            out = self._modules[cast(str, node.target)](*args, **kwargs)  # fx: a module's path
         return first(out)
 
     def transpose(self, node: torch.fx.Node, src: torch.fx.Node,
@@ -98,12 +100,17 @@ class Region:
         """Aᵀ of a node that is *linear* in its input ``src`` (shape ops, pooling): the
         vector-Jacobian products of the rows a[:, s] (batch, specs, *output shape)."""
         z = self.value(src).double()
-        _, vjp = torch.func.vjp(lambda t: self.rerun(node, {src: t}), z)
+        # (vjp returns a third element, the aux, only with has_aux)
+        _, vjp = cast("tuple[Any, Callable]",
+                      torch.func.vjp(lambda t: self.rerun(node, {src: t}), z))
         return torch.func.vmap(lambda g: vjp(g)[0], in_dims=1, out_dims=1)(a)
 
     def add_bias(self, a: torch.Tensor, t) -> None:
         """Add Σ a·t (over the output elements, per point and spec) to the bound's constant;
         ``t`` is a number or a tensor broadcastable to (batch, *output shape)."""
+        # set by _backward, the only caller of the ops' linear (which call this)
+        assert self.bias is not None
+        assert self.mag is not None
         if isinstance(t, torch.Tensor):
             tb = torch.broadcast_to(t.to(a.device, torch.float64),
                                     (a.shape[0], *a.shape[2:])).unsqueeze(1)
@@ -329,6 +336,7 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
         raise ValueError("radii must be finite and non-negative")
     if spec is None:
         with strict_float32(), torch.no_grad():
+            assert bound.graph is not None  # local_analysis refused a bound without one
             logits = bound.graph._evaluate(x0.to(bound.graph.dtype))[bound.graph.output]
         spec = default_spec(first(logits).flatten(1).double())
     spec = spec.to(x0.device, torch.float64)
@@ -342,5 +350,6 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
     if ball_error is None:
         _, ball_error = bound.rounding(x0, radius, "linf" if norm == "linf" else "l2")
+        assert ball_error is not None  # with a radius: the ball's bound
     rnd = torch.einsum("psc,pc->ps", spec.abs(), ball_error.to(spec.device, torch.float64))
     return LocalMargins(exact - rnd, exact, rnd, method)

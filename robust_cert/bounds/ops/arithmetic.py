@@ -57,7 +57,7 @@ class Add(BoundOp):
         """The dependent operands with their signed coefficients."""
         fn, n = call.target, call.node
         plain = fn in (operator.add, operator.sub, operator.iadd, operator.isub)
-        alpha = 1.0 if plain else float(n.kwargs.get("alpha", 1.0))
+        alpha = 1.0 if plain else float(n.kwargs.get("alpha", 1.0))  # pyright: ignore[reportArgumentType]  (fx arg: a number)
         if fn in RSUB:
             coefs = [-alpha, 1.0]
         elif fn in SUB:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -154,13 +155,14 @@ class Conv(BoundOp):
         if isinstance(padding, str):  # asymmetric "same": the op's own adjoint
             conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
             zz = torch.zeros_like(z[:1])
-            _, vjp = torch.func.vjp(
-                lambda t: conv(t, w64, None, stride, padding, dilation, groups), zz)
+            # (vjp returns a third element, the aux, only with has_aux)
+            _, vjp = cast("tuple[Any, Callable]", torch.func.vjp(
+                lambda t: conv(t, w64, None, stride, padding, dilation, groups), zz))
             flat = a.reshape(-1, 1, *a.shape[2:])
             out = torch.func.vmap(lambda g: vjp(g)[0])(flat)
             return [(src, out.reshape(*a.shape[:2], *z.shape[1:]))]
-        grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
-                      3: torch.nn.grad.conv3d_input}[nd]
+        grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,  # pyright: ignore[reportAttributeAccessIssue]  (torch.nn.grad: missing in the stubs)
+                      3: torch.nn.grad.conv3d_input}[nd]  # pyright: ignore[reportAttributeAccessIssue]
         bs = a.shape[0] * a.shape[1]
         out = grad_input((bs, *z.shape[1:]), w64, a.reshape(bs, *a.shape[2:]), stride,
                          padding, dilation, groups)

@@ -4,6 +4,7 @@ concatenation."""
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,7 @@ class Concat(BoundOp):
     def linear(self, call: OpCall, params: int, a: torch.Tensor, ctx):
         dim = params if params < 0 else params + 1  # in (batch, specs, ...)
         out, offset = [], 0
-        for t in call.node.args[0]:
+        for t in cast(list, call.node.args[0]):  # fx: cat's first argument, the tensors
             v = ctx.value(t) if isinstance(t, torch.fx.Node) else t
             size = v.shape[params]
             if call.is_dep(t):
