@@ -45,7 +45,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -209,7 +209,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return bunch.images, bunch.target
+    return bunch.images, bunch.target  # pyright: ignore[reportAttributeAccessIssue]  (a Bunch: sklearn's inferred type is a tuple too)
 
 
 def digits_split(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
@@ -371,7 +371,7 @@ def _numeric_column(col, path: Path, what: str, name: str, mapping, where) -> np
         return col.to_numpy(dtype=np.float64)
     if types.is_numeric_dtype(col.dtype):
         return col.to_numpy(dtype=np.float64)
-    numbers = pd.to_numeric(col, errors="coerce")
+    numbers = cast("pd.Series", pd.to_numeric(col, errors="coerce"))  # of a Series: a Series
     text = np.flatnonzero(numbers.isna().to_numpy())
     first = int(text[0]) if text.size else 0  # else numbers stored as text
     raise DataError(f"{path}: {what} {name!r} is not numeric ({_plain(col.iloc[first])!r} at "
@@ -461,6 +461,9 @@ def read_image_folder(ref, *, input_range=(0.0, 1.0), image_size=None,
             x = np.empty((len(files), 1 if mode == "L" else 3, *size), dtype=np.uint8)
         x[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         y[i] = label
+    # (at least one class, each with an image, checked above: the loop set both)
+    assert x is not None
+    assert size is not None
     lo, hi = (float(v) for v in input_range)
     return Loaded(scale_pixels(x, (lo, hi)), y, root.name, str(root.resolve()), "image-folder",
                   details={"classes": classes, "image_size": list(size), "mode": mode})
