@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TypeGuard
+from typing import TypeGuard, cast
 
 import torch
 
@@ -259,7 +259,8 @@ def _load_black_box(local: str, meta, label: str, name: str, sha: str,
         except Exception as exc:
             raise ModelError(f"cannot load {label} (python_function flavor): "
                              f"{type(exc).__name__}: {_first_line(exc)}") from None
-        count = spec["n_features"] or math.prod(int(d) for d in input_shape)
+        # (input_shape is given when the signature has no feature count: checked above)
+        count = spec["n_features"] or math.prod(int(d) for d in cast(tuple, input_shape))
         clf = from_predict(
             model.predict, n_features=count, fmt="pyfunc", sha256=sha, name=label,
             input_shape=input_shape, columns=spec["columns"],

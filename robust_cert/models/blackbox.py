@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 from robust_cert.errors import DataError, ModelError
 from robust_cert.models.base import Classifier
@@ -103,7 +104,8 @@ class ProbaForward:
     probabilities (:func:`check_probabilities`) are returned as float32 log-probabilities,
     clamped at log(float32 tiny), on the batch's device."""
 
-    def __init__(self, predict: Callable, *, n_features: int, source: str, dtype=np.float64,
+    def __init__(self, predict: Callable, *, n_features: int, source: str,
+                 dtype: DTypeLike = np.float64,
                  columns: Sequence[str] | None = None, column_dtypes: dict | None = None,
                  feature_shape: tuple[int, ...] | None = None, pyfunc: bool = False,
                  max_batch: int = DEFAULT_MAX_BATCH):
@@ -154,7 +156,7 @@ def from_predict(
     columns: Sequence[str] | None = None,
     column_dtypes: dict | None = None,
     feature_shape: tuple[int, ...] | None = None,
-    dtype=np.float64,
+    dtype: DTypeLike = np.float64,
     classes: Sequence | None = None,
     extra: dict | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -311,6 +313,7 @@ def from_estimator(
         raise ModelError(f"{label}: {what} has no predict_proba; robust_cert certifies "
                          "classifiers that give class probabilities (e.g. SVC(probability="
                          "True), or a classifier rather than a regressor)")
+    assert fmt is not None  # given, or the estimator's format: kind, not None
     classes = getattr(estimator, "classes_", None)
     dtype = np.float32 if kind == "xgboost" else np.float64
     native = type(estimator).__name__ == "Booster"
