@@ -17,8 +17,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from robust_cert.verdicts import Verdict
+
+if TYPE_CHECKING:  # the commands import what they use
+    from robust_cert.policy import Policy
 
 EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
 EXIT_ERROR = 2
@@ -522,7 +526,8 @@ def _serve(args) -> int:
                                          "re-queued" if receiver.queue.recovered else "")
     reconcile = (f"reconcile every {args.reconcile_every:g} s" if args.reconcile_every > 0
                  else "no reconciliation")
-    certifies = (f"policy {receiver.policy.name!r}" if receiver.routes is None else
+    # (a receiver without routes has its one policy: Receiver.__post_init__)
+    certifies = (f"policy {cast('Policy', receiver.policy).name!r}" if receiver.routes is None else
                  f"routes {receiver.routes.path} (sha256 {receiver.routes.digest[:12]}…)")
     for warning in receiver.routes.warnings if receiver.routes is not None else ():
         print(f"robust-cert: warning: {warning}", file=sys.stderr)

@@ -58,7 +58,7 @@ def load_run_artifact(ref: str, *, input_range, **options) -> Loaded:
     run_id, path, pinned = match["run"], match["path"], match["digest"]
     with tempfile.TemporaryDirectory(prefix="robust_cert_data_") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,  # pyright: ignore[reportPrivateImportUsage]  (lazy)
                                                              dst_path=tmp))
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

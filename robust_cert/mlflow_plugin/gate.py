@@ -172,6 +172,7 @@ def _store_class():
                 return
             route = self.routes.route_for(name) if self.routes is not None else None
             if route is not None and route.gate == "exempt":
+                assert self.routes is not None  # the route is theirs
                 log.info("robust_cert gate: %s: %s is exempt (%s of %s)", action, name,
                          route.label, self.routes.path)
                 return

@@ -31,6 +31,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from robust_cert.api import certify
 from robust_cert.certificate import Certificate
@@ -136,7 +137,7 @@ class Certification:
 def certify_version(
     uri: str,
     policy,
-    data="digits",
+    data: Any = "digits",  # anything load_data reads: a name, a path, a DataSpec, (x, y), …
     *,
     tracking_uri: str | None = None,
     out_dir: str | Path | None = None,
@@ -335,6 +336,7 @@ def _record(client, clf, evalset, cert: Certificate, out: Path,
                                 f"{_unchanged(what, registered)}") from None
         with signals_deferred():
             if registered:  # the version: withdraw, summary, status, signed certificate last
+                assert version is not None  # registered
                 try:
                     withdraw_certificate(client, name, version)
                     tag_version(client, name, version, cert, run_id, token,

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.jobqueue import Job, JobQueue, QueueError, default_worker_id, open_queue
@@ -274,7 +274,11 @@ class Receiver:
 
     def _rule_assignment(self, index: int) -> Assignment:
         if index not in self._assignments:
+            assert self.routes is not None  # asked of a routes file's rules only
             route = self.routes.route_for_rule(index)
+            # a rule's route, and a required rule's (as the callers ask): it names its data
+            assert route.rule is not None
+            assert route.data is not None
             first = route.policies[0]
             policy = load_policy(first.path)
             data_sha = route.data_sha256 or data_digest(route.data)
@@ -288,11 +292,13 @@ class Receiver:
         """How ``name``'s versions are certified; None when they are not (an exempt rule, or
         no rule matches)."""
         if self.routes is None:
+            assert self.policy is not None  # one policy or a routes file: __post_init__
             return Assignment(self.policy, self.policy_source, self.data, None,
                               self.policy.sha256)
         route = self.routes.route_for(name)
         if route.rule is None or route.gate == "exempt":
             return None
+        assert route.index is not None  # a rule's route
         return self._rule_assignment(route.index)
 
     # -- edges: webhook deliveries --------------------------------------------------------
@@ -330,6 +336,7 @@ class Receiver:
             return 200, {"status": "ignored", "reason": "doctor probe", "model": name}
         plan = self.assignment(name)
         if plan is None:
+            assert self.routes is not None  # a single policy certifies every model
             label = self.routes.route_for(name).label
             return 200, {"status": "ignored", "model": name,
                          "reason": f"not certified under the routes ({label})"}
@@ -441,7 +448,7 @@ class Receiver:
             counts["versions"] += 1
             name, version = mv.name, str(mv.version)
             created = int(mv.creation_timestamp)
-            key = self.assignment(name).key
+            key = cast(Assignment, self.assignment(name)).key  # watched: it has one
             job = self.queue.find(name, version, created, key)
             if job is not None and job.state in ("queued", "running"):
                 counts["pending"] += 1
