@@ -13,7 +13,7 @@ STAMP := $(VENV)/.robust_cert-installed
 
 help:
 	@echo "make demo   train two digits CNNs (+ an ONNX export), register them in a local sqlite MLflow store, certify them"
-	@echo "make test   lint (ruff) and run the test suite (starts a real mlflow server on 127.0.0.1)"
+	@echo "make test   lint (ruff, pyright) and run the test suite (starts a real mlflow server on 127.0.0.1)"
 	@echo "make typecheck  pyright (basic) on robust_cert/"
 	@echo "make bench  benchmarks (bench/): costs as multiples of the measured ideal"
 	@echo "make clean  remove the virtual environment and demo output"
@@ -35,8 +35,9 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robust_cert tests examples bench
+	$(VENV)/bin/pyright --pythonpath $(PY)  # [tool.pyright] in pyproject.toml (basic, robust_cert/)
 
-typecheck: $(STAMP)  # pyright basic on robust_cert/ ([tool.pyright]); not yet clean: see docs/architecture.md
+typecheck: $(STAMP)  # pyright basic on robust_cert/ ([tool.pyright]), alone
 	$(VENV)/bin/pyright --pythonpath $(PY)
 
 unit: $(STAMP)
