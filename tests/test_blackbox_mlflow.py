@@ -47,9 +47,9 @@ def registered(mlflow_server, tmp_path_factory):
     np.savez(path, x=x.reshape(len(x), -1), y=y)
     lr = LogisticRegression(max_iter=300).fit(x.reshape(len(x), -1), y)
     mlflow.set_tracking_uri(url)
-    mlflow.set_experiment("blackbox")
+    experiment = MlflowClient(tracking_uri=url).create_experiment("blackbox")
     example = x[:2].reshape(2, -1).astype(np.float64)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         mlflow.sklearn.log_model(lr, name="m", input_example=example,
                                  registered_model_name="sk-digits",
                                  pyfunc_predict_fn="predict_proba")

@@ -27,10 +27,12 @@ requirements: [{metric: accuracy, at_least: 0.0}]
 def logged(demo):
     """A small model logged by a run (name "m"), never registered: (run id, model id)."""
     mlflow.set_tracking_uri(demo[0])
-    mlflow.set_experiment("before-registration")
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=demo[0]).create_experiment("before-registration")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         info = mlflow.pytorch.log_model(model, name="m", serialization_format="pickle",
                                         input_example=np.zeros((2, 1, 8, 8), np.float32),
                                         pip_requirements=["torch"])
