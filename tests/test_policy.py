@@ -42,10 +42,10 @@ def test_example_policy_loads() -> None:
     assert pol.name == "digits-production"
     assert pol.confidence == 0.95
     assert list(pol.metrics) == ["accuracy", "robust_accuracy", "probabilistic_robustness"]
-    assert pol.metrics["robust_accuracy"]["eps"] == [0.05, 0.1]
+    assert pol.metrics["robust_accuracy"]["eps"] == [0.025, 0.05, 0.075, 0.1]
     assert pol.metrics["robust_accuracy"]["attacks"] == ["apgd_ce", "apgd_t", "fab", "square"]
-    # a scalar eps becomes a list; defaults are filled in
-    assert pol.metrics["probabilistic_robustness"]["eps"] == [0.1]
+    # defaults are filled in (a scalar eps becomes a list: see the scientific-notation test)
+    assert pol.metrics["probabilistic_robustness"]["eps"] == [0.025, 0.05, 0.075, 0.1]
     assert pol.metrics["probabilistic_robustness"]["samples"] == 2995
     assert pol.metrics["probabilistic_robustness"]["distribution"] == "uniform_linf"
     assert [r.id for r in pol.requirements] == [
@@ -71,9 +71,9 @@ def test_yaml_file_and_equivalent_dict_hash_equal() -> None:
         "metrics": {
             "accuracy": {},
             # order and defaults differ
-            "robust_accuracy": {"eps": [0.1, 0.05], "attacks": ["apgd_ce", "apgd_t", "fab",
-                                                                "square"]},
-            "probabilistic_robustness": {"eps": 0.1},
+            "robust_accuracy": {"eps": [0.1, 0.05, 0.075, 0.025],
+                                "attacks": ["apgd_ce", "apgd_t", "fab", "square"]},
+            "probabilistic_robustness": {"eps": [0.075, 0.1, 0.025, 0.05]},
         },
         "requirements": [
             {"metric": "accuracy", "at_least": 0.90},
