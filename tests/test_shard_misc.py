@@ -215,7 +215,9 @@ def test_parity_loads_a_file_reference_once(monkeypatch) -> None:
         loads.append(reference)
         return twin
 
-    monkeypatch.setattr(robust_cert.api, "load_model", fake_load)
+    import robust_cert.metrics.parity as parity_module
+
+    monkeypatch.setattr(parity_module, "load_model", fake_load)  # the loader registry's
     pol = policy_with("parity", {"reference": "reference.onnx", "eps": [0.1]})
     res = engine.run_suite(model, data, pol, progress=False)["parity"]
     assert loads == ["reference.onnx"]  # four blocks, one load
