@@ -266,3 +266,69 @@ def test_doctor_prints_the_routes_digest(folder):
     assert "vision-x: rule 1 ('vision-*')" in done.stdout
     assert done.returncode == 2  # nothing listens on port 9: the gate check cannot run
     assert "cannot reach the MLflow tracking server" in done.stderr
+
+
+# ---- bad input through the commands: one line, exit 2, nothing written ----------------------
+def _pinned(folder, sha: str) -> str:
+    return ROUTES.replace("        data: eval.npz\n      - match: \"tabular",
+                          f"        data: {{path: eval.npz, sha256: {sha}}}\n"
+                          "      - match: \"tabular", 1)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing-policy", "missing-data", "stale-pin"])
+def test_serve_and_routes_refuse_bad_routes_writing_nothing(folder, case, monkeypatch,
+                                                            capsys):
+    """`routes FILE` and `serve --routes FILE` (the certifier, with --register): exit 2 with
+    one line naming the problem, and no queue file, report folder or webhook left behind."""
+    from robust_cert.data import load_data
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", "s")
+    monkeypatch.chdir(folder)
+    actual = load_data(str(folder / "eval.npz")).sha256
+    text, message = {
+        "empty": ("", "routes.yaml: the routes file is empty"),
+        "missing-policy": (ROUTES.replace("policy: vision.yaml", "policy: gone.yaml"),
+                           "routes.yaml:2: rule 1 ('vision-*'): policy file"),
+        "missing-data": (ROUTES.replace("data: eval.npz", "data: gone.npz", 1),
+                         "routes.yaml:2: rule 1 ('vision-*'): data"),
+        "stale-pin": (_pinned(folder, "e" * 64),
+                      f"has SHA-256 {actual}, not the pinned {'e' * 64}"),
+    }[case]
+    path = _write(folder, text)
+    before = sorted(p.name for p in folder.iterdir())
+    for argv in (["routes", str(path)],
+                 ["serve", "--routes", str(path), "--queue-url", str(folder / "q.db"),
+                  "--port", "0", "--out", str(folder / "reports"),
+                  "--register", "http://127.0.0.1:9/webhook"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1, captured.err
+        assert message in err[0], err[0]
+        assert "registered webhook" not in captured.out
+    assert sorted(p.name for p in folder.iterdir()) == before  # no q.db*, reports, lock
+
+
+def test_routes_warns_about_unreachable_rules_and_globs_matching_nothing(folder, tmp_path,
+                                                                         capsys):
+    """Warnings, exit 0: a rule an earlier glob covers, and (against a registry) a glob that
+    matches none of its registered models."""
+    from mlflow.tracking import MlflowClient
+
+    path = _write(folder, ROUTES.replace("    default: required",
+                                         "      - match: \"vision-cnn\"\n"
+                                         "        gate: exempt\n    default: required"))
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    client.create_registered_model("vision-cnn")
+    client.create_registered_model("forecast-sales")
+    assert main(["routes", str(path), "--tracking-uri", registry]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("robust-cert")]  # (MLflow logs its database set-up there too)
+    assert err == [
+        "robust-cert: warning: rule 4 ('vision-cnn') is unreachable: rule 1 ('vision-*') "
+        "matches every model it matches",
+        "robust-cert: warning: rule 2 ('tabular-*') matches none of the 2 registered models"]
+    # without a registry, only the unreachable rule is warned about
+    assert main(["routes", str(path)]) == 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
