@@ -936,6 +936,81 @@ def test_routes_decide_policy_data_and_scope(tmp_path, monkeypatch, registry):
         rec.queue.close()
 
 
+def test_burst_with_routes_two_rules_two_data_sets(tmp_path, monkeypatch, registry):
+    """60 versions of four models (two rules with their own policy and data, an exempt one,
+    one no rule matches; 15 each), each event delivered twice from 20 concurrent clients: the
+    30 versions of the two rules make 30 jobs, each certified once with its rule's policy
+    and data hash (0 lost, 0 duplicated); the 30 others are ignored and queue nothing."""
+    from robust_cert.data import digits_split, load_data
+
+    monkeypatch.setenv("ROBUST_CERT_WEBHOOK_SECRET", SECRET)
+    (tmp_path / "vision.yaml").write_text(LENIENT.replace("digits-production", "vision"))
+    (tmp_path / "fraud.yaml").write_text(LENIENT.replace("digits-production", "fraud"))
+    x, y = digits_split("test")
+    np.savez(tmp_path / "vision.npz", x=x[:30], y=y[:30])
+    np.savez(tmp_path / "fraud.npz", x=x[30:60], y=y[30:60])
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    expected = {"vision": ("vision", load_data(str(tmp_path / "vision.npz")).sha256),
+                "fraud": ("fraud", load_data(str(tmp_path / "fraud.npz")).sha256)}
+    certified: list[tuple[str, str, str, str | None]] = []
+    lock = threading.Lock()
+
+    def certify(job):
+        plan = rec.assignment(job.name)
+        with lock:
+            certified.append((job.name, job.version, plan.policy.name, plan.data_sha256))
+        return Certified("PASS", "run")
+
+    rec = make_receiver(None, tmp_path / "jobs.db", routes_path=str(tmp_path / "routes.yaml"),
+                        lookup=registry.lookup, certify=certify, is_current=lambda n, v: False)
+    server = WebhookServer(rec, "127.0.0.1", 0, limit_concurrency=64).start()
+    models = ("vision-cnn", "fraud-gbm", "forecast-sales", "llm-prompt")
+    events = [_created(models[i % 4], str(i // 4 + 1)) for i in range(60)]
+    for e in events:
+        registry.create(e["data"]["name"], e["data"]["version"])
+    answers: list[tuple[int, str]] = []
+
+    def client(batch):
+        for event in batch:
+            try:
+                status, payload = _post(server.port, *_delivery(event), timeout=30)
+                answer = (status, payload.get("status", payload.get("error", "")))
+            except OSError as exc:
+                answer = (0, f"{type(exc).__name__}: {exc}")
+            with lock:
+                answers.append(answer)
+
+    try:
+        twice = events + events
+        threads = [threading.Thread(target=client, args=(twice[i::20],)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(answers) == 120
+        assert answers.count((202, "queued")) == 30, sorted(set(answers))
+        assert answers.count((200, "duplicate")) == 30
+        assert answers.count((200, "ignored")) == 60
+        _drain(rec, within_s=60)
+        jobs = rec.queue.jobs()
+        ruled = {(e["data"]["name"], e["data"]["version"]) for e in events
+                 if e["data"]["name"] in ("vision-cnn", "fraud-gbm")}
+        assert {(j.name, j.version) for j in jobs} == ruled  # none lost, none for the others
+        assert len(jobs) == len(ruled) == 30  # none duplicated
+        assert len(certified) == 30
+        assert {(n, v) for n, v, _, _ in certified} == ruled
+        for name, _, policy, data_sha in certified:
+            assert (policy, data_sha) == expected[name.split("-")[0]]
+        keys = {j.name: set() for j in jobs}
+        for j in jobs:
+            keys[j.name].add(j.policy_sha256)
+        assert all(len(k) == 1 for k in keys.values())  # one key per rule (policy, data)
+        assert keys["vision-cnn"] != keys["fraud-gbm"]
+    finally:
+        server.stop()
+        rec.queue.close()
+
+
 def test_serve_takes_a_policy_or_routes_not_both(tmp_path, monkeypatch, capsys):
     from robust_cert.cli import main
 
