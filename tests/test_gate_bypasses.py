@@ -23,7 +23,13 @@ from robust_cert.cli import main
 from robust_cert.mlflow_plugin.gate import PROMPT_TAG
 from robust_cert.mlflow_plugin.names import CERT_TAG
 from robust_cert.signing import Keyring, generate_private_key_pem, sign_claim, verify_claim
-from tests.conftest import REPO
+from tests.conftest import (
+    REPO,
+    Server,
+    gate_env,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +39,72 @@ STRICT = ("name: digits-production\nmetrics: {accuracy: {}}\n"
           "requirements: [{metric: accuracy, at_least: 0.9999}]\n")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+OTHER = ("name: other-production\nmetrics: {accuracy: {}}\n"
+         "requirements: [{metric: accuracy, at_least: 0.1}]\n")
+#: The routes file of the battery's routed servers: the battery's models (names end in -sq
+#: or -pg) fall under rules 3 and 4, which accept EASY and STRICT certificates (so every
+#: bypass below must still be refused for its own reason); rules 1 and 2 and the default are
+#: for test_routes_decide_the_gate.
+BATTERY_ROUTES = """\
+routes:
+  - match: "exempt-*"
+    gate: exempt
+  - match: "other-*"
+    policy: other.yaml
+    data: eval.npz
+  - match: "*-sq"
+    policies: [easy.yaml, strict.yaml]
+    data: eval.npz
+  - match: "*-pg"
+    policies: [easy.yaml, strict.yaml]
+    data: eval.npz
+default: required
+"""
+
+
+def _routes_folder(root: Path) -> Path:
+    """BATTERY_ROUTES with its policies and evaluation data in ``root``; the file's path."""
+    from robust_cert.data import digits_split
+
+    for name, text in (("easy.yaml", EASY), ("strict.yaml", STRICT), ("other.yaml", OTHER)):
+        (root / name).write_text(text)
+    x, y = digits_split("test")
+    np.savez(root / "eval.npz", x=x[:20], y=y[:20])
+    (root / "routes.yaml").write_text(BATTERY_ROUTES)
+    return root / "routes.yaml"
+
+
+@pytest.fixture(scope="module")
+def routed_mlflow_server(tmp_path_factory):
+    """A gated sqlite server like `mlflow_server`, started with ROBUST_CERT_ROUTES."""
+    root = tmp_path_factory.mktemp("routed_mlflow_server")
+    db = root / "mlflow.db"
+    proc, url = start_mlflow_server(root, f"sqlite:///{db}", f"robustcert+sqlite:///{db}",
+                                    gate_env(ROBUST_CERT_ROUTES=str(_routes_folder(root))))
+    yield Server(url, root)
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module")
+def routed_pg_mlflow_server(postgres, tmp_path_factory):
+    """A gated PostgreSQL server like `pg_mlflow_server`, started with ROBUST_CERT_ROUTES."""
+    root = tmp_path_factory.mktemp("routed_pg_mlflow_server")
+    db = postgres.create_database("gate_battery_routes")
+    proc, url = start_mlflow_server(root, db, "robustcert+" + db,
+                                    gate_env(ROBUST_CERT_ROUTES=str(_routes_folder(root))))
+    yield Server(url, root)
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "sqlite-routes",
+                                        "postgresql-routes"])
 def gated(request):
-    """(url, server root) of a gated server: the sqlite one, then the PostgreSQL one."""
-    server = request.getfixturevalue(
-        "mlflow_server" if request.param == "sqlite" else "pg_mlflow_server")
-    return server
+    """(url, server root) of a gated server: sqlite, PostgreSQL, and each again started with
+    a routes file (BATTERY_ROUTES): the whole battery runs against all four."""
+    return request.getfixturevalue({
+        "sqlite": "mlflow_server", "postgresql": "pg_mlflow_server",
+        "sqlite-routes": "routed_mlflow_server",
+        "postgresql-routes": "routed_pg_mlflow_server"}[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +176,11 @@ def _rest_refused(url: str, path: str, body: dict, method: str = "POST",
     return doc["message"]
 
 
-def _alias_refused(url: str, client, name: str, version: str, match: str) -> None:
-    _refused(client.set_registered_model_alias, name, "production", version, match=match)
+def _alias_refused(url: str, client, name: str, version: str, match: str) -> str:
+    """Every way to put ``name`` v``version`` under a protected alias is refused (``match``
+    in each message); returns the client's message."""
+    message = _refused(client.set_registered_model_alias, name, "production", version,
+                       match=match)
     _rest_refused(url, "registered-models/alias",
                   {"name": name, "alias": "Production", "version": version}, match=match)
     _rest_refused(url, "model-versions/transition-stage",
@@ -120,6 +189,7 @@ def _alias_refused(url: str, client, name: str, version: str, match: str) -> Non
     aliases = client.get_registered_model(name).aliases
     assert not {a.lower() for a in aliases} & {"production"}
     assert client.get_model_version(name, version).current_stage != "Production"
+    return message
 
 
 # ---- 1. the prompt exemption ---------------------------------------------------------------
@@ -456,6 +526,41 @@ def test_load_verified_refuses_failed_and_uncertified(gated, client, small_model
     with pytest.raises(VerificationError, match="verdict FAIL"):
         robust_cert.load_verified(f"models:/{name}/{v2}", tracking_uri=url,
                                   allowed_policies=["digits-production"])
+
+
+# ---- 5b. the routes decide which models need which certificate ------------------------------
+def test_routes_decide_the_gate(gated, client, small_model, tmp_path):
+    """On the routed servers: an exempt model's alias is accepted without a certificate; a
+    model certified under another rule's policy is refused, naming its rule and the policy it
+    needs, and accepted under its own; a model no rule matches follows the default
+    (required: ROBUST_CERT_ALLOWED_POLICIES)."""
+    if not gated.root.name.startswith("routed"):
+        pytest.skip("the routed servers only (this server has no routes file)")
+    url, suffix = gated.url, _name("", gated)  # "-sq" or "-pg"
+    exempt = f"exempt-model{suffix}"  # rule 1, although rule 3 or 4 matches it too
+    version = _register(url, exempt, small_model)
+    client.set_registered_model_alias(exempt, "production", version)
+    assert _rest(url, "registered-models/alias", {"name": exempt, "alias": "champion",
+                                                  "version": version})[0] == 200
+    assert client.get_registered_model(exempt).aliases == {"production": version,
+                                                           "champion": version}
+    other = f"other-model{suffix}"  # rule 2: other-production only
+    version = _register(url, other, small_model)
+    assert _certify(url, other, version, EASY, tmp_path) == 0  # a PASS, under rule 3's policy
+    message = _alias_refused(url, client, other, version,
+                             "falls under rule 2 ('other-*') of the routes file")
+    assert "requires a certificate under policy 'other-production'" in message
+    assert "certified under 'digits-production'" in message
+    assert _certify(url, other, version, OTHER, tmp_path) == 0
+    client.set_registered_model_alias(other, "production", version)
+    unmatched = f"unmatched{suffix}-x"  # no rule: the default (required) applies
+    version = _register(url, unmatched, small_model)
+    _alias_refused(url, client, unmatched, version, "no signed robust_cert certificate")
+    assert _certify(url, unmatched, version, OTHER, tmp_path) == 0
+    _alias_refused(url, client, unmatched, version,
+                   "policy 'other-production' is not allowed for production")
+    assert _certify(url, unmatched, version, EASY, tmp_path) == 0
+    client.set_registered_model_alias(unmatched, "production", version)
 
 
 # ---- 6. mis-deployment: doctor, and promote refuses an ungated registry ----------------------
