@@ -222,7 +222,11 @@ def test_a_burst_of_duplicate_deliveries_makes_one_job_and_one_certificate_each(
     for t in threads:
         t.join(180)
     assert len(answers) == len(events)
-    assert set(answers) <= {(202, "queued"), (200, "duplicate")}, sorted(set(answers))
+    # (503: the receiver's registry look-up timed out — on a loaded machine; MLflow would
+    # redeliver — which queues nothing and so cannot lose or duplicate a job)
+    assert set(answers) <= {(202, "queued"), (200, "duplicate"),
+                            (503, "the registry cannot be reached; retry later")}, \
+        sorted(set(answers))
     assert answers.count((202, "queued")) <= len(fresh)  # MLflow's own delivery may be first
     assert wait_for(lambda: all(CERT_TAG in client.get_model_version(n, v).tags
                                 for n, v in fresh), within_s=300, poll_s=0.5), \
@@ -231,7 +235,9 @@ def test_a_burst_of_duplicate_deliveries_makes_one_job_and_one_certificate_each(
     jobs = certifier.jobs()
     identities = {(n, v, c) for n, v, c, _, _ in jobs}
     created = {(n, v, client.get_model_version(n, v).creation_timestamp) for n, v in every}
-    print(f"\nregistry burst: {len(events)} deliveries, {len(jobs)} jobs for "
+    print(f"\nregistry burst: {len(events)} deliveries "
+          f"({answers.count((200, 'duplicate'))} duplicate, "
+          f"{sum(a[0] == 503 for a in answers)} 503), {len(jobs)} jobs for "
           f"{len(every)} versions")
     assert identities == created  # none lost
     assert len(jobs) == len(identities)  # none duplicated

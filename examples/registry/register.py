@@ -62,6 +62,7 @@ def register(tracking_uri: str, data: Path, models=MODELS, seed: int = 0) -> dic
             scorer = LogisticRegression(C=10.0, max_iter=500).fit(x, y)
             info = mlflow.sklearn.log_model(scorer, name="credit-scorer", input_example=x[:2],
                                             pyfunc_predict_fn="predict_proba",
+                                            pip_requirements=["scikit-learn"],
                                             registered_model_name="credit-scorer")
             versions["credit-scorer"] = str(info.registered_model_version)
         if "forecast-sales" in models:
@@ -72,6 +73,7 @@ def register(tracking_uri: str, data: Path, models=MODELS, seed: int = 0) -> dic
             sales = weeks @ np.array([120.0, -30.0, 55.0]) + rng.normal(0.0, 5.0, size=200)
             info = mlflow.sklearn.log_model(LinearRegression().fit(weeks, sales),
                                             name="forecast-sales", input_example=weeks[:2],
+                                            pip_requirements=["scikit-learn"],
                                             registered_model_name="forecast-sales")
             versions["forecast-sales"] = str(info.registered_model_version)
     return versions
