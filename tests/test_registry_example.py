@@ -183,10 +183,11 @@ def test_each_model_gets_its_rules_policy_data_and_gate(example, capsys):
 
 
 def test_a_burst_of_duplicate_deliveries_makes_one_job_and_one_certificate_each(example):
-    """Two new versions per required model; while MLflow delivers their events, 16 clients
-    deliver each version's event (old and new) once each, at the same time: every answer is
-    202 or 200, at most one `queued` per version, and in the end one job and one
-    certification run per version identity — 0 lost, 0 duplicated."""
+    """Two new versions per required model (MLflow delivers their events as they are
+    created, usually before the burst), then 16 clients deliver each version's event (old
+    and new) once each, at the same time: at most one `queued` per new version, the rest
+    `duplicate`, and in the end one job and one certification run per version identity — 0
+    lost, 0 duplicated. (Concurrent *first* deliveries: test_webhooks.py's bursts.)"""
     folder, url, certifier = example
     client = _client(url)
     fresh = []
