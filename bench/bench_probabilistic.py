@@ -15,11 +15,12 @@ of issue 6; the table says whether each is met.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 import torch
-from harness import CPU, measure_model, print_table, row, timed
+from harness import CPU, finish, load_average, measure_model, row, timed
 from scipy import stats as st
 
 import robust_cert
@@ -81,7 +82,7 @@ def simulate_sprt(sprt: SPRT, p: float, runs: int, budget: int, rng) -> tuple[fl
     return robust / runs, not_robust / runs, draws / runs
 
 
-def main() -> None:
+def main() -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     model, t_train = timed(lambda: train_digits_cnn(epochs=15, seed=0))
@@ -214,9 +215,9 @@ def main() -> None:
         f"{float(np.abs(batched.numpy() - ref).mean()):.1e}")
 
     total = time.perf_counter() - t_start
-    print(f"\nbench_probabilistic: digits CNN, 1 thread, total {total:.0f} s\n")
-    print_table()
+    return finish(f"bench_probabilistic: digits CNN, 1 thread, total {total:.0f} s; load average "
+                  f"at the end {load_average()}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

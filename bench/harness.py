@@ -8,6 +8,7 @@ the import path.
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,41 @@ def print_table() -> None:
     widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(4)]
     for r in [header, tuple("-" * w for w in widths), *ROWS]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def targets() -> list[tuple[str, str, str, bool]]:
+    """The rows that carry a target: (measure, value, target, met)."""
+    return [(n, v, t, m == "yes") for n, v, t, m in ROWS if m]
+
+
+def finish(note: str = "") -> int:
+    """Print the table, then PASS/MISS for every row that carries a target, and return the exit
+    status: 1 when any target is missed (or none was measured), else 0. Every bench ends with
+    ``sys.exit(finish())``, so ``make bench`` stops at the first bench that misses a target."""
+    if note:
+        print(f"\n{note}\n")
+    print_table()
+    rows = targets()
+    print()
+    for name, value, target, met in rows:
+        print(f"{'PASS' if met else 'MISS'}  {name}: {value} (target {target})")
+    missed = sum(not met for *_, met in rows)
+    script = Path(sys.argv[0]).name
+    if not rows:
+        print(f"{script}: no target was measured")
+        return 1
+    print(f"{script}: {len(rows) - missed} of {len(rows)} targets met"
+          + (f", {missed} MISSED" if missed else ""), flush=True)
+    return 1 if missed else 0
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (``/proc/loadavg``): other processes on the machine
+    inflate every absolute time, hardly the ratios measured in the same run."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def timed(fn):
