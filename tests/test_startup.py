@@ -65,3 +65,32 @@ def test_the_report_imports_neither_torch_nor_mlflow_nor_scipy_stats():
     for heavy in ("torch", "mlflow", "scipy.stats", "weasyprint"):
         assert heavy not in loaded, heavy
     assert np.__name__ in loaded  # (the check does see what was imported)
+
+
+def test_an_accuracy_only_policy_imports_no_other_family():
+    """The registry imports a family's module on its first look-up: validating and planning
+    an accuracy-only policy loads the accuracy module alone (not the attacks, smoothing or
+    Han et al. modules, nor scipy.stats)."""
+    loaded = _modules_after(
+        "import robust_cert, robust_cert.engine\n"
+        "from robust_cert.metrics import REGISTRY\n"
+        "p = robust_cert.load_policy({'name': 'a', 'metrics': {'accuracy': {}}, "
+        "'requirements': [{'metric': 'accuracy', 'at_least': 0.5}]})\n"
+        "assert 'accuracy' in REGISTRY and 'robust_accuracy' in REGISTRY and len(REGISTRY) > 2")
+    families = {m for m in loaded if m.startswith("robust_cert.metrics.")} - {
+        "robust_cert.metrics.base"}
+    assert families == {"robust_cert.metrics.accuracy"}
+    assert "scipy.stats" not in loaded
+    assert "torchattacks" not in loaded
+
+
+def test_a_family_class_imported_directly_has_its_catalog_facts():
+    """Imported without the registry, a family's class still states its entry's facts (it
+    registers itself as it is defined), and the registry then returns that same class."""
+    code = ("from robust_cert.metrics.smoothing import RandomizedSmoothing as C\n"
+            "from robust_cert.catalog import CATALOG\n"
+            "e = CATALOG['randomized_smoothing']\n"
+            "assert (C.kind, C.quantity, C.shardable) == (e.kind, e.quantity, e.shardable)\n"
+            "from robust_cert.metrics import REGISTRY\n"
+            "assert REGISTRY['randomized_smoothing'] is C")
+    assert "robust_cert.metrics.smoothing" in _modules_after(code)
