@@ -146,7 +146,7 @@ QUICK = {
     "safe_radius": {"bisection_steps": 4, "attack_steps": 5, "clever_batches": 4},
     "probabilistic_robustness": {"samples": 500},
     "local_probabilistic_robustness": {"max_draws": 500},
-    "randomized_smoothing": {"n": 200},
+    "randomized_smoothing": {"n": 400},  # radius 0.5 at σ = 0.25 needs n ≥ 301
     "analytical_robustness": {"validate_points": 2, "validate_draws": 200},
     "rare_event_probability": {"runs": 1, "particles": 50, "max_levels": 6},
     "divergence": {"surface_points": 2},
@@ -262,8 +262,9 @@ def run_metric(work: Path, name: str, metric: str, config: dict, args) -> dict:
     if proc.returncode != 0 or spec["profile"]:
         print(proc.stdout, flush=True)
     if proc.returncode != 0:
-        return {"error": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else
-                f"exit {proc.returncode}"}
+        lines = [ln.strip() for ln in proc.stdout.splitlines()
+                 if ln.strip() and "For further information" not in ln]
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
     return json.loads(Path(spec["out"]).read_text())
 
 
