@@ -148,7 +148,7 @@ QUICK = {
     "local_probabilistic_robustness": {"max_draws": 500},
     "randomized_smoothing": {"n": 400},  # radius 0.5 at σ = 0.25 needs n ≥ 301
     "analytical_robustness": {"validate_points": 2, "validate_draws": 200},
-    "rare_event_probability": {"runs": 1, "particles": 50, "max_levels": 6},
+    "rare_event_probability": {"runs": 2, "particles": 50, "max_levels": 6, "points": 1},
     "divergence": {"surface_points": 2},
     "surrogates": {"power_iterations": 10},
 }
@@ -382,7 +382,9 @@ def main(argv=None) -> int:
     args.points = args.points or (8 if args.quick else 32)
     import robust_cert
 
-    robust_cert.load_policy(SUITE)  # the suite is a valid policy
+    robust_cert.load_policy(SUITE)  # the suite is a valid policy, and so is the quick one
+    robust_cert.load_policy({**SUITE, "metrics": {
+        name: {**cfg, **QUICK.get(name, {})} for name, cfg in SUITE["metrics"].items()}})
     torch.set_num_threads(args.threads)
     t0, load0 = time.perf_counter(), load_average()
     model, t_train = timed(lambda: train_model(args.width, args.train_points, args.epochs))
