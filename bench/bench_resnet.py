@@ -298,7 +298,13 @@ def bench_suite(work: Path, args, costs: Costs) -> dict[str, float]:
             total["ideal"] += t_ideal
         mb = 2 ** 20
         grow = (r["peak_rss"] - r["base_rss"]) / mb
-        row(name, f"{r['seconds']:.1f} s = {ratio:.2f}× ideal (CPU time {cpu_ratio:.2f}×); "
+        below = ""
+        if ratio < 1:  # a ratio below 1 must have a measured cause, or it fails below FLOOR
+            below = (" [below 1: the CPU-time ratio is ≥ 1, so the cost windows ran under more "
+                     "load than the metric]" if cpu_ratio >= 1 else
+                     " [below 1 in CPU time too: the counts miss work, or a cost is measured "
+                     "too high]")
+        row(name, f"{r['seconds']:.1f} s = {ratio:.2f}× ideal{below} (CPU time {cpu_ratio:.2f}×); "
             f"{r['forward']:,} fwd img, {r['bwd']:,} bwd, {r['jac']:,} Jacobian rows, "
             f"{r['hvp']:,} HVP; RSS +{grow:,.0f} MB, peak {r['peak_rss'] / mb:,.0f} MB; "
             f"{r['summary']}", target, FLOOR <= ratio <= TARGET)
