@@ -23,11 +23,12 @@ and its cost is reported as measured time ÷ ideal ("× ideal"). Targets (issue 
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 import torch
-from harness import CPU, best_of, measure_model, print_table, row
+from harness import CPU, best_of, finish, load_average, measure_model, row
 
 import robust_cert
 from robust_cert.digits_cnn import train_digits_cnn
@@ -147,7 +148,7 @@ def bench_corruptions(model, data, ideal) -> None:
         f"{res.diagnostics['mean_corruption_accuracy']:.3f}", "≤ 1.5× ideal", ratio <= 1.5)
 
 
-def main() -> None:
+def main() -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model = train_digits_cnn(epochs=15, seed=0)
@@ -163,9 +164,10 @@ def main() -> None:
     bench_clever(model, data, ideal)
     bench_pgd(model, data)
     bench_corruptions(model, data, ideal)
-    print(f"\nbench_adversarial: digits CNN, 1 thread, total {time.perf_counter() - t0:.0f} s\n")
-    print_table()
+    total = time.perf_counter() - t0
+    return finish(f"bench_adversarial: digits CNN, 1 thread, total {total:.0f} s; load average "
+                  f"at the end {load_average()}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 import torch
-from harness import CPU, print_table, row, timed
+from harness import CPU, finish, load_average, row, timed
 
 from robust_cert.data import EvalSet
 from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
@@ -42,7 +42,7 @@ def tabular(n: int, seed: int):
     return x, y
 
 
-def measure(label: str, estimator, targeted: bool) -> bool:
+def measure(label: str, estimator, targeted: bool) -> None:
     from sklearn.base import clone
 
     x, y = tabular(2000 + POINTS, seed=0)
@@ -78,7 +78,6 @@ def measure(label: str, estimator, targeted: bool) -> bool:
     if not targeted:
         row(f"{label}: overhead per query batch",
             f"{(square_s - ideal_s) / calls * 1e6:.0f} µs")
-    return ratio <= TARGET or not targeted
 
 
 def main() -> int:
@@ -86,15 +85,13 @@ def main() -> int:
     from sklearn.linear_model import LogisticRegression
 
     torch.set_num_threads(1)
-    ok = measure("random forest (100 trees)",
+    measure("random forest (100 trees)",
                  RandomForestClassifier(n_estimators=100, max_depth=10, random_state=0,
                                         n_jobs=1), targeted=True)
-    ok &= measure("histogram gradient boosting (100 iter.)",
+    measure("histogram gradient boosting (100 iter.)",
                   HistGradientBoostingClassifier(max_iter=100, random_state=0), targeted=True)
-    ok &= measure("logistic regression", LogisticRegression(max_iter=500), targeted=False)
-    print()
-    print_table()
-    return 0 if ok else 1
+    measure("logistic regression", LogisticRegression(max_iter=500), targeted=False)
+    return finish(f"bench_blackbox: load average at the end {load_average()}")
 
 
 if __name__ == "__main__":

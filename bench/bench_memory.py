@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import peak_rss_bytes, print_table, proc_status, row
+from harness import finish, load_average, peak_rss_bytes, proc_status, row
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MB = 500.0
@@ -75,7 +75,7 @@ def measure(policy: Path, state: Path, only: str = "") -> dict:
         return json.loads(out.read_text())
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", type=Path,
                         default=ROOT / "examples" / "policies" / "digits-adversarial.yaml")
@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(*args.child)
-        return
+        return 0
     import torch
 
     from robust_cert.digits_cnn import train_digits_cnn
@@ -117,8 +117,8 @@ def main() -> None:
                 continue
             row(f"  {name} alone", f"peak {r['peak'] / mb:,.0f} MB, "
                 f"+{(r['peak'] - r['base']) / mb:,.0f} MB; {r['seconds']:.0f} s")
-    print_table()
+    return finish(f"bench_memory: load average at the end {load_average()}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

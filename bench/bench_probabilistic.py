@@ -15,11 +15,12 @@ of issue 6; the table says whether each is met.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 import torch
-from harness import CPU, measure_model, print_table, row, timed
+from harness import CPU, ImageCounter, finish, load_average, measure_costs, row, timed
 from scipy import stats as st
 
 import robust_cert
@@ -81,21 +82,26 @@ def simulate_sprt(sprt: SPRT, p: float, runs: int, budget: int, rng) -> tuple[fl
     return robust / runs, not_robust / runs, draws / runs
 
 
-def main() -> None:
+def main() -> int:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     model, t_train = timed(lambda: train_digits_cnn(epochs=15, seed=0))
     data = robust_cert.load_data("digits")
     clf = robust_cert.load_model(model, input_shape=data.input_shape)
     m = len(data)
-    fwd, fb, batch = measure_model(model)
     classes = clf.num_classes
+    costs = measure_costs(model, data.input_shape, classes, batches=(256, 1024))
+    batch = costs.best_batch
+    counter = ImageCounter(model)
     print(f"digits CNN trained in {t_train:.1f} s; {m} test points; 1 thread")
-    row("forward throughput", f"{fwd:,.0f} img/s (best batch {batch})")
-    row("forward-backward throughput", f"{fb:,.0f} img/s")
+    row("forward throughput", f"{1 / costs.fwd:,.0f} img/s (best batch {batch})")
+    row("backward pass to the input, per image", f"{costs.bwd * 1e6:.1f} µs "
+        f"(= {costs.bwd / costs.fwd:.2f} forwards)")
+    row(f"Jacobian row ({classes}-row batched VJP)", f"{costs.jac_measured * 1e6:.1f} µs "
+        f"measured, charged {costs.jac * 1e6:.1f} µs")
 
-    def ideal(forward_images: float = 0, fb_images: float = 0) -> float:
-        return forward_images / fwd + fb_images / fb
+    def ideal(forward_images: float = 0) -> float:
+        return costs.ideal(forward_images)
 
     def ctx(seed: int = 0) -> RunContext:
         return RunContext(device=CPU, batch_size=batch, seed=seed)
@@ -177,25 +183,32 @@ def main() -> None:
     # ------------------------------------------------------------------ Han et al.
     n_val, draws = 120, 10_000
     for sigma in (0.05, 0.1):
-        times, est = {}, {}
+        times, est, ideals, counted = {}, {}, {}, {}
         variants = (("taylor", 1), ("mmse", 16), ("mmse", 64))
         for name, samples in variants:
             extra = {"mmse_samples": samples} if name == "mmse" else {}
             a = AnalyticalRobustness(AnalyticalConfig(
                 sigma=sigma, estimators=[name], primary=name, validate_points=0,
                 qmc_points=512, **extra))
+            counter.reset()
             res, t = timed(lambda a=a: a.run(clf, data, ctx()))
             times[name, samples], est[name, samples] = t, res.per_point[f"p_{name}"]
+            done = counter.totals()
+            ideals[name, samples] = costs.ideal(done["forward"], done["bwd"], done["jac"],
+                                                done["hvp"])
+            counted[name, samples] = (f"{done['forward']:,} fwd img, {done['bwd']:,} bwd, "
+                                      f"{done['jac']:,} Jacobian rows")
         target = torch.from_numpy(res.per_point["prediction"])
         k = monte_carlo_p(clf, data.x[:n_val], target[:n_val], sigma, draws,
                           torch.Generator().manual_seed(1), 4 * batch)
         p_mc = k / draws
         for name, samples in variants:
             mae = float(np.abs(est[name, samples][:n_val] - p_mc).mean())
-            ratio = times[name, samples] / ideal(0, m * samples * classes)
+            ratio = times[name, samples] / ideals[name, samples]
             label = f"Han {name}" + (f" ({samples} copies)" if name == "mmse" else "")
             row(f"{label}, σ={sigma} ({m} points)",
-                f"{times[name, samples]:.2f} s = {ratio:.2f}× ideal; MAE vs {draws:,}-draw MC on "
+                f"{times[name, samples]:.2f} s = {ratio:.2f}× ideal ({counted[name, samples]}); "
+                f"MAE vs {draws:,}-draw MC on "
                 f"{n_val} points {mae:.4f}", "≤ 5× ideal at MAE ≤ 0.005",
                 ratio <= 5 and mae <= 0.005)
     # the point-by-point scipy reference path for the MVN CDF (same Jacobians), σ = 0.1
@@ -210,13 +223,14 @@ def main() -> None:
     (ref, z, corr), t_ref = timed(scipy_path)
     batched, _ = mvn_cdf(z, corr, 512)
     row(f"Han taylor, scipy MVN CDF point by point ({ref_pts} points)",
-        f"{t_ref / ideal(0, ref_pts * classes):.1f}× ideal; batched QMC differs by MAE "
+        f"{t_ref / costs.ideal(ref_pts, jac=ref_pts * classes):.1f}× ideal; batched QMC "
+        f"differs by MAE "
         f"{float(np.abs(batched.numpy() - ref).mean()):.1e}")
 
     total = time.perf_counter() - t_start
-    print(f"\nbench_probabilistic: digits CNN, 1 thread, total {total:.0f} s\n")
-    print_table()
+    return finish(f"bench_probabilistic: digits CNN, 1 thread, total {total:.0f} s; load average "
+                  f"at the end {load_average()}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

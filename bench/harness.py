@@ -7,8 +7,11 @@ the import path.
 
 from __future__ import annotations
 
+import math
 import resource
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +31,41 @@ def print_table() -> None:
     widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(4)]
     for r in [header, tuple("-" * w for w in widths), *ROWS]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def targets() -> list[tuple[str, str, str, bool]]:
+    """The rows that carry a target: (measure, value, target, met)."""
+    return [(n, v, t, m == "yes") for n, v, t, m in ROWS if m]
+
+
+def finish(note: str = "") -> int:
+    """Print the table, then PASS/MISS for every row that carries a target, and return the exit
+    status: 1 when any target is missed (or none was measured), else 0. Every bench ends with
+    ``sys.exit(finish())``, so ``make bench`` stops at the first bench that misses a target."""
+    if note:
+        print(f"\n{note}\n")
+    print_table()
+    rows = targets()
+    print()
+    for name, value, target, met in rows:
+        print(f"{'PASS' if met else 'MISS'}  {name}: {value} (target {target})")
+    missed = sum(not met for *_, met in rows)
+    script = Path(sys.argv[0]).name
+    if not rows:
+        print(f"{script}: no target was measured")
+        return 1
+    print(f"{script}: {len(rows) - missed} of {len(rows)} targets met"
+          + (f", {missed} MISSED" if missed else ""), flush=True)
+    return 1 if missed else 0
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (``/proc/loadavg``): other processes on the machine
+    inflate every absolute time, hardly the ratios measured in the same run."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def timed(fn):
@@ -76,6 +114,105 @@ def measure_model(model: torch.nn.Module, input_shape=(1, 8, 8),
     return fwd, fb, best_batch
 
 
+def per_image(fn, batch: int, windows: int = 4, seconds: float = 0.25) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) per image of ``fn`` on ``batch`` images: each the best of
+    several short windows, so that load from other processes does not inflate the ideal."""
+    fn()  # warm-up
+    wall = cpu = float("inf")
+    for _ in range(windows):
+        t, c, reps = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - t < seconds:
+            fn()
+            reps += 1
+        wall = min(wall, (time.perf_counter() - t) / (batch * reps))
+        cpu = min(cpu, (time.process_time() - c) / (batch * reps))
+    return wall, cpu
+
+
+@dataclass
+class Costs:
+    """Measured cost per image (seconds of wall time; ``cpu_*``: CPU seconds) of what a metric
+    runs through the model, each the best over a few batch sizes:
+
+    * ``fwd``: a forward pass without gradients;
+    * ``bwd``: one backward pass to the input = (forward with gradients + backward) − ``fwd``;
+    * ``jac``: one row of a batched C-row Jacobian (one forward with gradients, then C rows of
+      vector-Jacobian products with ``is_grads_batched``) = (its time − ``fwd``) ÷ C, but at
+      most ``bwd``: C plain backward passes would give the same rows;
+    * ``hvp``: one Hessian-vector product to the input beyond its forward (a backward with
+      ``create_graph`` and the double backward through it) = its time − ``fwd``.
+
+    The ideal time of a metric is forward images × ``fwd`` + backward passes × ``bwd`` + Jacobian
+    rows × ``jac`` + HVPs × ``hvp``: what the model alone costs for what the metric really runs.
+    """
+
+    fwd: float
+    bwd: float
+    jac: float
+    hvp: float
+    cpu_fwd: float
+    cpu_bwd: float
+    cpu_jac: float
+    cpu_hvp: float
+    best_batch: int
+    jac_measured: float  # the batched Jacobian row before the cap at ``bwd``
+
+    def ideal(self, forward: float, bwd: float = 0, jac: float = 0, hvp: float = 0,
+              cpu: bool = False) -> float:
+        if cpu:
+            return (forward * self.cpu_fwd + bwd * self.cpu_bwd + jac * self.cpu_jac
+                    + hvp * self.cpu_hvp)
+        return forward * self.fwd + bwd * self.bwd + jac * self.jac + hvp * self.hvp
+
+
+def measure_costs(model: torch.nn.Module, input_shape, classes: int,
+                  batches=(32, 64, 128, 256)) -> Costs:
+    """:class:`Costs` of ``model`` measured now (the best per image over ``batches``)."""
+    best: dict[str, tuple[float, float]] = {}
+    best_batch = batches[0]
+
+    def keep(name, wall_cpu):
+        if name not in best or wall_cpu[0] < best[name][0]:
+            best[name] = wall_cpu
+            return True
+        return False
+
+    for batch in batches:
+        x = torch.rand(batch, *input_shape)
+        xg = x.clone().requires_grad_(True)
+        # the Jacobian on batch ÷ C images: C rows each, as many backward rows as the batch
+        images = max(1, batch // classes)
+        xj = xg[:images].detach().clone().requires_grad_(True)
+        eye = torch.eye(classes)[:, None, :].expand(classes, images, classes)
+        v = torch.randn_like(x)
+
+        def fwd(x=x):
+            with torch.no_grad():
+                model(x)
+
+        def fb(xg=xg):
+            torch.autograd.grad(model(xg).sum(), xg)
+
+        def jac(xj=xj, eye=eye):
+            torch.autograd.grad(model(xj), xj, grad_outputs=eye, is_grads_batched=True)
+
+        def hvp(xg=xg, v=v):
+            (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg, create_graph=True)
+            torch.autograd.grad(g, xg, grad_outputs=v)
+
+        if keep("fwd", per_image(fwd, batch)):
+            best_batch = batch
+        keep("fb", per_image(fb, batch))
+        keep("jac", per_image(jac, images, windows=3))
+        keep("hvp", per_image(hvp, batch, windows=3))
+    (f, cf), (fb_, cfb), (j, cj), (h, ch) = best["fwd"], best["fb"], best["jac"], best["hvp"]
+    bwd, cpu_bwd = max(fb_ - f, 0.0), max(cfb - cf, 0.0)
+    jac_row, cpu_jac = max(j - f, 0.0) / classes, max(cj - cf, 0.0) / classes
+    return Costs(fwd=f, bwd=bwd, jac=min(jac_row, bwd), hvp=max(h - f, 0.0), cpu_fwd=cf,
+                 cpu_bwd=cpu_bwd, cpu_jac=min(cpu_jac, cpu_bwd), cpu_hvp=max(ch - cf, 0.0),
+                 best_batch=best_batch, jac_measured=jac_row)
+
+
 def proc_status(field: str) -> int:
     """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -92,3 +229,91 @@ def peak_rss_bytes() -> int:
         return proc_status("VmHWM")
     except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class ImageCounter:
+    """Counts what a metric really runs through ``module`` (hooks on the module itself, so it
+    stays the same object for metrics that trace it):
+
+    * ``forward``: rows of every forward pass, with gradients or without;
+    * ``bwd``: rows of plain vector-Jacobian products reaching the output (one backward pass of
+      one image each: a ``torch.autograd.grad`` / ``backward`` of a batch counts its rows);
+    * ``jac``: rows of batched vector-Jacobian products (``is_grads_batched`` or vmapped): a
+      C-row Jacobian of P images counts P·C here and P in ``forward``;
+    * ``hvp``: rows of backward passes that build a graph (``create_graph=True``), i.e. the first
+      half of a Hessian-vector product; the second half (the double backward, which reaches the
+      output again where the loss is not linear in the logits) is part of the measured HVP
+      cost and not counted again.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.forward = 0
+        self.bwd = 0
+        self.jac = 0
+        self.hvp = 0
+        self.legacy_batch = 1  # the batch of an is_grads_batched backward in progress
+        self._handles = [module.register_forward_pre_hook(self._pre),
+                         module.register_forward_hook(self._post)]
+        self._pending = 0
+        self._patch_batched_grad()
+
+    @staticmethod
+    def _physical_rows(t: torch.Tensor) -> int:
+        """Rows of ``t`` with every functorch (vmap, grad) level unwrapped."""
+        import torch._C._functorch as ft
+
+        inner = t
+        while ft.is_functorch_wrapped_tensor(inner):
+            inner = ft.get_unwrapped(inner)
+        per_row = max(1, math.prod(t.shape[1:]))
+        return inner.numel() // per_row
+
+    def _pre(self, _module, args) -> None:
+        self._pending = self._physical_rows(args[0])
+
+    def _post(self, _module, _args, out) -> None:
+        self.forward += self._pending
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            return
+        rows = self._pending
+        in_hvp = [False]
+
+        def hook(grad):
+            import torch._C._functorch as ft
+
+            if torch.is_grad_enabled():  # create_graph=True: a Hessian-vector product
+                self.hvp += rows
+                in_hvp[0] = True
+            elif in_hvp[0]:  # its double backward passing through the output again
+                pass
+            elif ft.is_legacy_batchedtensor(grad) or ft.is_functorch_wrapped_tensor(grad):
+                self.jac += self._physical_rows(grad) * (
+                    self.legacy_batch if ft.is_legacy_batchedtensor(grad) else 1)
+            else:
+                self.bwd += rows
+
+        out.register_hook(hook)
+
+    def _patch_batched_grad(self) -> None:
+        """``torch.autograd.grad(..., is_grads_batched=True)`` vmaps its backward with the
+        legacy batching rule, whose tensors hide their batch: remember it while it runs."""
+        grad = torch.autograd.grad
+
+        def counted_grad(*args, **kwargs):
+            if not kwargs.get("is_grads_batched"):
+                return grad(*args, **kwargs)
+            go = kwargs.get("grad_outputs", args[2] if len(args) > 2 else None)
+            go = go[0] if isinstance(go, (list, tuple)) else go
+            self.legacy_batch = int(go.shape[0])
+            try:
+                return grad(*args, **kwargs)
+            finally:
+                self.legacy_batch = 1
+
+        torch.autograd.grad = counted_grad
+
+    def reset(self) -> None:
+        self.forward = self.bwd = self.jac = self.hvp = 0
+
+    def totals(self) -> dict[str, int]:
+        return {"forward": self.forward, "bwd": self.bwd, "jac": self.jac, "hvp": self.hvp}

@@ -7,11 +7,11 @@ standard library, so rendering a certificate, or listing families, never loads t
 MLflow.
 
 Each :class:`MetricEntry` is the single statement of its family's facts. The metric classes
-(:mod:`robust_cert.metrics`) are built from it: ``robust_cert.metrics.REGISTRY`` imports each
-entry's :attr:`MetricEntry.impl`, fills in the class attributes the class does not set
-(``kind``, ``quantity``, ``higher_is_better``, ``needs_gradients``, ``shardable``) and refuses
-to import when a class sets one that differs from its entry (:func:`robust_cert.metrics
-.register`), so the two cannot drift.
+(:mod:`robust_cert.metrics`) are built from it: ``robust_cert.metrics.REGISTRY`` imports an
+entry's :attr:`MetricEntry.impl` when the family is first looked up, fills in the class
+attributes the class does not set (``kind``, ``quantity``, ``higher_is_better``,
+``needs_gradients``, ``shardable``) and refuses to import when a class sets one that differs
+from its entry (:func:`robust_cert.metrics.register`), so the two cannot drift.
 
 A family the catalog does not know (a certificate written by another installation or a
 plugin) gets :func:`generic`: its name as label and short name, no curve, no unit; readers

@@ -188,9 +188,11 @@ TOY_ENTRY = MetricEntry(
 
 @pytest.fixture
 def toy_family(monkeypatch):
-    """The toy family registered (catalog entry + registry), removed again afterwards."""
-    monkeypatch.setitem(CATALOG, TOY_ENTRY.name, TOY_ENTRY)
+    """The toy family registered (catalog entry + registry), removed again afterwards. The
+    registry first: it lists every catalog name, so once the entry is in the catalog the name
+    would count as present and be restored, not removed, afterwards."""
     monkeypatch.setitem(REGISTRY, TOY_ENTRY.name, ToyShift)
+    monkeypatch.setitem(CATALOG, TOY_ENTRY.name, TOY_ENTRY)
     metrics.register(ToyShift)
     return ToyShift
 

@@ -553,6 +553,12 @@ def _derive_seed(seed: int, label: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+#: Called with (class, catalog entry) when a catalog family's own class is defined:
+#: :func:`robust_cert.metrics.register`, set by the package (which is imported before any of
+#: its family modules).
+ON_FAMILY_DEFINED: Callable[[Any, Any], Any] | None = None
+
+
 class Metric(ABC, Generic[ConfigT]):
     """One metric family. Subclasses set the class attributes and implement :meth:`run`."""
 
@@ -585,6 +591,15 @@ class Metric(ABC, Generic[ConfigT]):
         super().__init_subclass__(**kw)
         cls.merge_rules = normalize_merge_rules(
             {**COMMON_MERGE_RULES, **cls.merge_rules}, f"{cls.__name__}.merge_rules")
+        # a catalog family's own class takes its facts from its entry as it is defined,
+        # however its module is imported (the registry imports a family's module only when
+        # the family is first looked up)
+        from robust_cert.catalog import CATALOG
+
+        entry = CATALOG.get(cls.__dict__.get("name", ""))
+        if (entry is not None and entry.impl == f"{cls.__module__}:{cls.__qualname__}"
+                and ON_FAMILY_DEFINED is not None):
+            ON_FAMILY_DEFINED(cls, entry)
 
     def __init__(self, config: ConfigT):
         self.config = config
