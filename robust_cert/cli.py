@@ -568,9 +568,12 @@ def _plan(args) -> int:
     devices.configure_threads(args.threads)
     if args.model.startswith("models:/") or args.tracking_uri:
         _client(args.tracking_uri)
-    data = load_data(_data(args), input_range=pol.input_range)
+    data = load_data(_data(args), input_range=pol.data_range)
     model = load_model(args.model, input_shape=data.input_shape, device=args.device)
     check_fits(data, model.input_shape, model.num_classes)
+    from robust_cert.api import feature_threat, refuse_white_box
+
+    threat = feature_threat(pol, data)
     twin = None
     if args.gradient_twin:
         from robust_cert.models.twin import with_gradient_twin
@@ -578,6 +581,10 @@ def _plan(args) -> int:
         twin = load_model(args.gradient_twin, input_shape=data.input_shape, device=args.device)
         if not model.differentiable:
             model, _ = with_gradient_twin(model, twin, data.x, batch_size=pol.batch_size)
+    refuse_white_box(pol, model)
+    if threat is not None:  # the metrics run on encoded inputs, as certify runs them
+        model, data = threat.wrap(model), threat.encode(data)
+        twin = threat.wrap(twin) if twin is not None else None
     estimate = plan(model, data, pol, seed=args.seed, pilot_points=args.pilot_points,
                     gradient_twin=twin)
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
