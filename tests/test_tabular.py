@@ -280,3 +280,9 @@ def test_policy_hash_unchanged_without_features_and_named_columns(tmp_path):
     assert record["age"]["immutable"] == "policy"
     assert record["income"]["scale"] == pytest.approx(income.max() - income.min(), rel=1e-6)
     assert cert.body["data"]["kind"] == "csv"
+    from robust_cert.report.html import render_html
+
+    html = render_html(cert)
+    assert "Per-feature threat model: ε and every noise scale in units of its range" in html
+    assert "immutable (categorical)" in html
+    assert "2 of 3 features immutable" in html
