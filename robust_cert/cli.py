@@ -811,7 +811,7 @@ def _promote(args) -> int:
             if args.policy:
                 raise PolicyError(f"--policy conflicts with {route.label} of {routes_file}, "
                                   "which names the policy: drop one")
-            policy, data = str(route.policies[0].path), str(route.data)
+            policy, data = str(route.policies[0].path), route.data_spec
             policy_sha256 = route.policies[0].sha256
             twin = route.gradient_twin(args.version)
     keyring = signing_keyring()
