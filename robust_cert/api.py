@@ -17,6 +17,7 @@ from robust_cert.errors import DataError, ModelError, PolicyError
 from robust_cert.loaders import load_model
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
+from robust_cert.models.blackbox import check_columns
 from robust_cert.models.diagnose import model_failures, model_parts
 from robust_cert.models.torch import preserved_modes
 from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
@@ -119,6 +120,7 @@ def certify(
         raise DataError(f"the model does not accept data samples of shape "
                         f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
+    check_columns(clf, evalset.details.get("features"), evalset.source)
     threat = feature_threat(pol, evalset)
     if threat is None:
         check_radii(pol, evalset)

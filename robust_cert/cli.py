@@ -572,7 +572,9 @@ def _plan(args) -> int:
     model = load_model(args.model, input_shape=data.input_shape, device=args.device)
     check_fits(data, model.input_shape, model.num_classes)
     from robust_cert.api import feature_threat, refuse_white_box
+    from robust_cert.models.blackbox import check_columns
 
+    check_columns(model, data.details.get("features"), data.source)
     threat = feature_threat(pol, data)
     twin = None
     if args.gradient_twin:
