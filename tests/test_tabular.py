@@ -286,3 +286,40 @@ def test_policy_hash_unchanged_without_features_and_named_columns(tmp_path):
     assert "Per-feature threat model: ε and every noise scale in units of its range" in html
     assert "immutable (categorical)" in html
     assert "2 of 3 features immutable" in html
+
+
+def test_white_box_attacks_on_a_torch_model_see_the_same_threat_model(fitted):
+    """The encoding holds for gradient attacks too: FGSM on a linear torch model (two
+    logits) lands on the worst clipped corner, so its robust set is the closed form; the
+    input gradient of an immutable feature is zero, so it is never moved."""
+    from torch import nn
+
+    lr, x, y = fitted
+    net = nn.Linear(4, 2).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(np.stack([np.zeros(4), lr.coef_[0]])))
+        net.bias.copy_(torch.tensor([0.0, float(lr.intercept_[0])]))
+    model = nn.Sequential(nn.Flatten(), _Float64(net))
+    features = {"scale": "std", "immutable": [2]}
+    eps = 0.25
+    cert = robust_cert.certify(model, (x, y), _policy(features, {
+        "accuracy": {}, "robust_accuracy": {"eps": [eps], "attacks": ["fgsm"]}}),
+        progress=False)
+    x64 = x.astype(np.float64)
+    radius = eps * x64.std(0)
+    radius[2] = 0.0
+    exact, _ = _linear_exact(lr, x, y, radius, x64.min(0), x64.max(0))
+    fgsm = cert.per_point["robust_accuracy/robust"][:, 0]
+    assert 0 < exact.sum() < len(y)
+    assert (fgsm == exact).all(), np.flatnonzero(fgsm != exact)
+
+
+class _Float64(torch.nn.Module):
+    """Runs a float64 module on float32 inputs (exact margins near the boundary)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.double()).float()
