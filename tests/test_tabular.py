@@ -323,3 +323,44 @@ class _Float64(torch.nn.Module):
 
     def forward(self, x):
         return self.inner(x.double()).float()
+
+
+def test_the_example_tabular_policy_certifies_a_table(tmp_path):
+    """examples/policies/tabular-credit.yaml validates and runs on a table with its columns
+    (a smaller suite: the example's query and sample budgets, on 40 rows)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from robust_cert.policy import example_policy, load_policy
+    from robust_cert.sources import DataSpec
+
+    pol = load_policy(example_policy("tabular-credit.yaml"))
+    assert pol.features is not None
+    assert pol.features.immutable == ["age", "sex"]
+    rng = np.random.default_rng(4)
+    n = 200
+    frame_cols = {"age": rng.uniform(20, 70, n), "sex": rng.choice(["f", "m"], n),
+                  "income": rng.uniform(1e4, 2e5, n), "debt": rng.uniform(0, 5e4, n)}
+    score = (frame_cols["income"] - 1e5) / 5e4 - (frame_cols["debt"] - 2.5e4) / 1e4
+    defaulted = (score + rng.normal(0, 0.5, n) < 0).astype(int)
+    path = tmp_path / "applicants.csv"
+    rows = zip(*frame_cols.values(), defaulted, strict=True)
+    path.write_text("age,sex,income,debt,defaulted\n"
+                    + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    xs = np.stack([frame_cols["age"], frame_cols["sex"] == "m", frame_cols["income"],
+                   frame_cols["debt"]], axis=1).astype(np.float64)
+    gbm = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(xs[:160],
+                                                                         defaulted[:160])
+    head = path.read_text().splitlines()
+    small = tmp_path / "eval.csv"
+    small.write_text("\n".join([head[0], *head[161:]]) + "\n")
+    fast = pol.model_copy(update={"metrics": {
+        **pol.metrics, "robust_accuracy": {**pol.metrics["robust_accuracy"],
+                                           "square_queries": 100}}})
+    cert = robust_cert.certify(gbm, DataSpec(str(small), label="defaulted",
+                                             categories={"sex": ["f", "m"]}),
+                               fast, progress=False)
+    record = {f["name"]: f for f in cert.body["data"]["features"]["features"]}
+    assert record["income"]["range"] == [0, 1000000]
+    assert record["income"]["range_from"] == "policy"
+    assert record["sex"]["immutable"] == "policy"  # named by the policy (and categorical)
+    assert {r["metric"] for r in cert.body["results"]} == set(pol.metrics)
