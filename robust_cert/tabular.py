@@ -38,7 +38,10 @@ feature within 2⁻²³ of the feature's range (float32 rounding of the encoded 
 The certificate's ``data.features`` records the ranges (and where each came from), the
 scales, the immutable features and ``G``; ``data.sha256`` stays the hash of the data as read.
 
-Metrics that cannot honour it refuse at validation (:data:`UNSUPPORTED`).
+Metrics that cannot honour it refuse at validation (:data:`UNSUPPORTED`). The safe radius's
+sound Lipschitz lower bound is taken on a PyTorch network's own graph; the decoded model is
+no ``nn.Module``, so under a per-feature threat model the safe radius reports its witness
+upper bound and CLEVER estimate only (it says so in its result).
 """
 
 from __future__ import annotations
