@@ -41,7 +41,8 @@ scales, the immutable features and ``G``; ``data.sha256`` stays the hash of the 
 Metrics that cannot honour it refuse at validation (:data:`UNSUPPORTED`). The safe radius's
 sound Lipschitz lower bound is taken on a PyTorch network's own graph; the decoded model is
 no ``nn.Module``, so under a per-feature threat model the safe radius reports its witness
-upper bound and CLEVER estimate only (it says so in its result).
+upper bound and CLEVER estimate only, and a policy asking it for certified radii
+(``radii``) is refused.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def refuse_unsupported(pol: Policy) -> None:
             raise PolicyError(f"metrics.{name}: cannot honour the policy's features: threat "
                               f"model (per-feature ranges, scales, immutable features): "
                               f"{UNSUPPORTED[name]}; remove the metric or the features section")
+        if name == "safe_radius" and getattr(pol.metric(name).config, "radii", None):
+            raise PolicyError("metrics.safe_radius.radii: the certified fraction needs a sound "
+                              "lower bound on the network's own graph, which the features: "
+                              "threat model's decoding hides; remove radii (the witness upper "
+                              "bound and the CLEVER estimate still run)")
 
 
 @dataclass(frozen=True)

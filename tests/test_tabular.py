@@ -237,8 +237,9 @@ def test_refusals_name_the_problem_before_anything_runs(fitted):
     assert "every feature is immutable" in refused({"immutable": [0, 1, 2, 3]})
     assert "metrics.corruptions" in refused({}, {**base, "corruptions": {}})
     assert "metrics.robust_accuracy.eps" in refused({}, _square(1.5))
-    assert "metrics.safe_radius.max_radius" in refused(
-        {}, {**base, "safe_radius": {"radii": [0.1]}})
+    assert "metrics.safe_radius.max_radius" in refused({}, {**base, "safe_radius": {}})
+    assert "metrics.safe_radius.radii" in refused(
+        {}, {**base, "safe_radius": {"radii": [0.1], "max_radius": 0.5}})
     const = x.copy()
     const[:, 3] = 1.0
     assert "standard deviation 0" in refused({"scale": "std"}, data=(const, y))
