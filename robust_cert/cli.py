@@ -49,6 +49,11 @@ DATA_HELP = ("evaluation data: 'digits' (built-in), an .npz with x and y, a .csv
 def _data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     p.add_argument("--data", default=default,
                    help=DATA_HELP + (f" (default: {default})" if default else ""))
+    _source_options(p)
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    """The options a data source takes, beside a --data the command defines itself."""
     p.add_argument("--label", default=None, metavar="COLUMN",
                    help="a table's label column (default: label)")
     p.add_argument("--image-size", default=None, metavar="H,W",
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="production", help="alias to set (default: production)")
     p.add_argument("--policy", default=None, help="policy YAML, used if certification is needed")
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    _source_options(p)
     p.add_argument("--routes", default=None, metavar="ROUTES.yaml",
                    help="take the policy and data from the model's rule in this routes file "
                         "(default: $ROBUST_CERT_ROUTES when set); an exempt model is promoted "
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--per-point, restores the figures drawn from the inputs (most "
                         "vulnerable examples), which the certificate alone does not hold; "
                         "refused unless its SHA-256 matches the certificate's")
+    _source_options(p)
     p.add_argument("--per-point", default=None, metavar="per_point.npz",
                    help="the run's per-point results (the certification run's per_point.npz "
                         "artifact; default: per_point.npz beside the certificate, if present)")
@@ -297,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "of its rule (read at start: restart to apply a changed file)")
     p.add_argument("--data", default="digits",
                    help="evaluation data with --policy (default: digits)")
+    _source_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     p.add_argument("--queue-url", "--queue", dest="queue", default="robust_cert_jobs.db",
@@ -443,7 +451,7 @@ def _report(args) -> int:
         from robust_cert.data import load_data
 
         # render_html refuses data whose SHA-256 is not the certified data's
-        data = load_data(args.data, input_range=tuple(cert.body["data"]["input_range"]))
+        data = load_data(_data(args), input_range=tuple(cert.body["data"]["input_range"]))
     files = write_report(cert, args.out, pdf=args.pdf, verification=check, data=data)
     print(files.html)
     if files.pdf is not None:  # else write_report has logged why (auto mode)
@@ -502,7 +510,7 @@ def _serve(args) -> int:
     # behind), then the webhook (a refused URL must not leave a new queue file behind)
     local = "://" not in str(args.queue)
     fresh = local and not Path(args.queue).exists()
-    receiver = make_receiver(args.policy, args.queue, routes_path=args.routes, data=args.data,
+    receiver = make_receiver(args.policy, args.queue, routes_path=args.routes, data=_data(args),
                              certify_on_alias=args.certify_on_alias,
                              tracking_uri=args.tracking_uri, out_dir=Path(args.out),
                              seed=args.seed, lease_s=args.lease, receive=not args.worker_only,
@@ -799,7 +807,7 @@ def _promote(args) -> int:
                       f"{args.alias!r} (start mlflow server with --registry-store-uri "
                       "robustcert+sqlite:// or robustcert+postgresql://, and make the alias "
                       "protected; see docs/deployment.md), or pass --no-gate-check")
-    policy, data, twin, policy_sha256 = args.policy, args.data, None, None
+    policy, data, twin, policy_sha256 = args.policy, _data(args), None, None
     routes_file = args.routes or os.environ.get("ROBUST_CERT_ROUTES")
     if routes_file:  # the model's rule decides the policy and data
         from robust_cert.routes import load_routes

@@ -180,3 +180,21 @@ def test_evaluator_refusals(evaluator):
         ev.evaluate(model_type="robustness", dataset=_Dataset(frame, np.array([0, 1])),
                     run_id=run_id, evaluator_config={"policy": policy, "lable": "y"},
                     model=_Model(lr))
+
+
+@pytest.mark.parametrize("argv", [
+    ["certify", "models:/m/1", "--policy", "p.yaml"],
+    ["plan", "p.yaml", "--model", "models:/m/1"],
+    ["promote", "m", "1"],
+    ["serve", "--policy", "p.yaml"],
+    ["report", "certificate.json", "--out", "r"],
+])
+def test_every_command_with_data_takes_the_source_options(argv):
+    from robust_cert.cli import _data, build_parser
+
+    args = build_parser().parse_args([*argv, "--data", "pets", "--label", "kind",
+                                      "--image-size", "8,8", "--image-mode", "RGB"])
+    spec = _data(args)
+    assert isinstance(spec, DataSpec)
+    assert (spec.ref, spec.options) == ("pets", {"label": "kind", "image_size": (8, 8),
+                                                 "mode": "RGB"})

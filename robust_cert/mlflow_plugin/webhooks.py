@@ -230,7 +230,7 @@ class Receiver:
     policy_source: str
     queue: JobQueue
     secret: str
-    data: str = "digits"
+    data: Any = "digits"  # a data reference, or a DataSpec with its options
     routes: Routes | None = None
     certify_on_alias: str | None = None
     tracking_uri: str | None = None
