@@ -30,6 +30,13 @@ and the *encoded* model (:meth:`FeatureThreat.encode`, :meth:`FeatureThreat.wrap
   unchanged; Gaussian noise of scale σ ≤ W moves one with probability below
   ``2·Φ(−512) < 10⁻⁵⁰⁰⁰⁰`` per draw. Input gradients of immutable features are zero.
 
+Noise is drawn in every encoded coordinate, and the immutable ones are then decoded back:
+uniform L∞ and Gaussian noise (independent coordinates) are exactly that noise on the free
+features; uniform noise in an L2 ball is the free features' marginal of the uniform draw
+in the ball over all features (at most ε in the free features' L2 norm, not uniform in
+their own ball). Attacks search the same set as without immutable features: their moves
+there are discarded.
+
 Guarantee: every number a metric reports is about the model on the decoded points, i.e. on
 the per-feature threat model above; a decoded point differs from the evaluation point only
 in free features, by at most ``ε · s_i`` each (L∞), and lies in the per-feature box. The
