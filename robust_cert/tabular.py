@@ -34,8 +34,8 @@ Noise is drawn in every encoded coordinate, and the immutable ones are then deco
 uniform L∞ and Gaussian noise (independent coordinates) are exactly that noise on the free
 features; uniform noise in an L2 ball is the free features' marginal of the uniform draw
 in the ball over all features (at most ε in the free features' L2 norm, not uniform in
-their own ball). Attacks search the same set as without immutable features: their moves
-there are discarded.
+their own ball). Attacks reach exactly the ball over the free features (a move in an
+immutable coordinate is discarded).
 
 Guarantee: every number a metric reports is about the model on the decoded points, i.e. on
 the per-feature threat model above; a decoded point differs from the evaluation point only
