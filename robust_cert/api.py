@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from robust_cert.errors import DataError, ModelError, PolicyError
 from robust_cert.loaders import load_model
 from robust_cert.metrics.base import MetricResult
 from robust_cert.models.base import Classifier
+from robust_cert.models.blackbox import check_columns
 from robust_cert.models.diagnose import model_failures, model_parts
 from robust_cert.models.torch import preserved_modes
 from robust_cert.models.twin import DEFAULT_TWIN_TOLERANCE, with_gradient_twin
@@ -106,8 +108,8 @@ def certify(
     world = distributed.world()
     device = distributed.device_for(world, device)
     n_threads = devices.configure_threads(threads)
-    evalset: EvalSet = load_data(data, input_range=pol.input_range)
-    if tuple(evalset.input_range) != tuple(pol.input_range):
+    evalset: EvalSet = load_data(data, input_range=pol.data_range)
+    if pol.features is None and tuple(evalset.input_range) != tuple(pol.input_range):
         log.info("data input range %s differs from the policy's %s; using the data's",
                  evalset.input_range, pol.input_range)
     try:
@@ -118,7 +120,10 @@ def certify(
         raise DataError(f"the model does not accept data samples of shape "
                         f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
-    check_radii(pol, evalset)
+    check_columns(clf, evalset.details.get("features"), evalset.source)
+    threat = feature_threat(pol, evalset)
+    if threat is None:
+        check_radii(pol, evalset)
     twin, twin_record = None, None
     if gradient_twin is not None:
         try:
@@ -148,6 +153,13 @@ def certify(
             "undermines": "all", "compensated_by": None}
         log.warning("%s: every requirement is INCONCLUSIVE unless the policy declares "
                     "'model: {stochastic: true}'", deterministic["detail"])
+    # the per-feature threat model: every metric runs on encoded inputs (robust_cert.tabular)
+    run_clf, run_set, run_twin = clf, evalset, twin
+    if threat is not None:
+        run_clf, run_set = threat.wrap(clf), threat.encode(evalset)
+        run_twin = threat.wrap(twin) if twin is not None else None
+        evalset = dataclasses.replace(evalset, input_range=(float(threat.lo.min()),
+                                                            float(threat.hi.max())))
     expected = None
     if pol.time_budget_s is not None or announce is not None:
         # estimate first (rank 0), and refuse an over-budget run before the real one
@@ -155,7 +167,7 @@ def certify(
 
         refused = None
         if world.main:
-            estimate = plan(clf, evalset, pol, seed=seed, gradient_twin=twin,
+            estimate = plan(run_clf, run_set, pol, seed=seed, gradient_twin=run_twin,
                             processes=world.size)
             log.info("estimated cost:\n%s", estimate.table())
             if announce is not None:
@@ -166,8 +178,8 @@ def certify(
             except PolicyError as exc:
                 refused = exc
         world.exchange(None, refused)
-    results = engine.run_suite(clf, evalset, pol, seed=seed, progress=progress,
-                               gradient_twin=twin, world=world, expected_s=expected)
+    results = engine.run_suite(run_clf, run_set, pol, seed=seed, progress=progress,
+                               gradient_twin=run_twin, world=world, expected_s=expected)
     if not world.main:
         return None
     assert results is not None  # run_suite returns the results on the main process
@@ -187,7 +199,22 @@ def certify(
     }
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
                               threads=n_threads, sanity=sanity, command=command,
-                              twin=twin_record, processes=world.size)
+                              twin=twin_record, processes=world.size, threat=threat)
+
+
+def feature_threat(pol: Policy, evalset: EvalSet):
+    """The policy's per-feature threat model fitted on ``evalset``
+    (:class:`robust_cert.tabular.FeatureThreat`), or None without ``features:``. Refuses,
+    before anything runs, a metric that cannot honour it, a feature the data lacks, a range
+    the data leaves, and radii wider than the widest feature (PolicyError / DataError)."""
+    if pol.features is None:
+        return None
+    from robust_cert import tabular
+
+    tabular.refuse_unsupported(pol)
+    threat = tabular.fit(pol.features, evalset)
+    threat.check_radii(pol)
+    return threat
 
 
 def refuse_white_box(pol: Policy, clf: Classifier) -> None:
@@ -258,7 +285,8 @@ def check_radii(pol: Policy, evalset: EvalSet) -> None:
 def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
                        results: dict[str, MetricResult], overall: Verdict, outcomes, *, seed: int,
                        threads: int, sanity: dict, command: str | None,
-                       twin: dict | None = None, processes: int = 1) -> Certificate:
+                       twin: dict | None = None, processes: int = 1,
+                       threat=None) -> Certificate:
     body = {
         "schema": SCHEMA,
         "issued_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -275,7 +303,8 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
             "gradient_twin": twin,
             **clf.extra,
         },
-        "data": evalset.describe(clf.num_classes),
+        "data": {**evalset.describe(clf.num_classes),
+                 **({"features": threat.record()} if threat is not None else {})},
         "policy": {
             "name": pol.name,
             "version": pol.version,
@@ -301,6 +330,8 @@ def _build_certificate(clf: Classifier, evalset: EvalSet, pol: Policy,
     }
     per_point = {f"{name}/{key}": arr for name, res in results.items()
                  for key, arr in res.per_point.items()}
+    if threat is not None:  # adversarial inputs in data units, as the model saw them
+        per_point = threat.decode_per_point(per_point)
     cert = Certificate(body=body, per_point=per_point)
     cert.validate()  # a body that does not match the schema is a bug here, not a certificate
     return cert

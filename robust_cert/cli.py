@@ -49,6 +49,11 @@ DATA_HELP = ("evaluation data: 'digits' (built-in), an .npz with x and y, a .csv
 def _data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     p.add_argument("--data", default=default,
                    help=DATA_HELP + (f" (default: {default})" if default else ""))
+    _source_options(p)
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    """The options a data source takes, beside a --data the command defines itself."""
     p.add_argument("--label", default=None, metavar="COLUMN",
                    help="a table's label column (default: label)")
     p.add_argument("--image-size", default=None, metavar="H,W",
@@ -186,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="production", help="alias to set (default: production)")
     p.add_argument("--policy", default=None, help="policy YAML, used if certification is needed")
     p.add_argument("--data", default="digits", help="evaluation data (default: digits)")
+    _source_options(p)
     p.add_argument("--routes", default=None, metavar="ROUTES.yaml",
                    help="take the policy and data from the model's rule in this routes file "
                         "(default: $ROBUST_CERT_ROUTES when set); an exempt model is promoted "
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--per-point, restores the figures drawn from the inputs (most "
                         "vulnerable examples), which the certificate alone does not hold; "
                         "refused unless its SHA-256 matches the certificate's")
+    _source_options(p)
     p.add_argument("--per-point", default=None, metavar="per_point.npz",
                    help="the run's per-point results (the certification run's per_point.npz "
                         "artifact; default: per_point.npz beside the certificate, if present)")
@@ -297,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "of its rule (read at start: restart to apply a changed file)")
     p.add_argument("--data", default="digits",
                    help="evaluation data with --policy (default: digits)")
+    _source_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     p.add_argument("--queue-url", "--queue", dest="queue", default="robust_cert_jobs.db",
@@ -443,7 +451,7 @@ def _report(args) -> int:
         from robust_cert.data import load_data
 
         # render_html refuses data whose SHA-256 is not the certified data's
-        data = load_data(args.data, input_range=tuple(cert.body["data"]["input_range"]))
+        data = load_data(_data(args), input_range=tuple(cert.body["data"]["input_range"]))
     files = write_report(cert, args.out, pdf=args.pdf, verification=check, data=data)
     print(files.html)
     if files.pdf is not None:  # else write_report has logged why (auto mode)
@@ -502,7 +510,7 @@ def _serve(args) -> int:
     # behind), then the webhook (a refused URL must not leave a new queue file behind)
     local = "://" not in str(args.queue)
     fresh = local and not Path(args.queue).exists()
-    receiver = make_receiver(args.policy, args.queue, routes_path=args.routes, data=args.data,
+    receiver = make_receiver(args.policy, args.queue, routes_path=args.routes, data=_data(args),
                              certify_on_alias=args.certify_on_alias,
                              tracking_uri=args.tracking_uri, out_dir=Path(args.out),
                              seed=args.seed, lease_s=args.lease, receive=not args.worker_only,
@@ -568,9 +576,14 @@ def _plan(args) -> int:
     devices.configure_threads(args.threads)
     if args.model.startswith("models:/") or args.tracking_uri:
         _client(args.tracking_uri)
-    data = load_data(_data(args), input_range=pol.input_range)
+    data = load_data(_data(args), input_range=pol.data_range)
     model = load_model(args.model, input_shape=data.input_shape, device=args.device)
     check_fits(data, model.input_shape, model.num_classes)
+    from robust_cert.api import feature_threat, refuse_white_box
+    from robust_cert.models.blackbox import check_columns
+
+    check_columns(model, data.details.get("features"), data.source)
+    threat = feature_threat(pol, data)
     twin = None
     if args.gradient_twin:
         from robust_cert.models.twin import with_gradient_twin
@@ -578,6 +591,10 @@ def _plan(args) -> int:
         twin = load_model(args.gradient_twin, input_shape=data.input_shape, device=args.device)
         if not model.differentiable:
             model, _ = with_gradient_twin(model, twin, data.x, batch_size=pol.batch_size)
+    refuse_white_box(pol, model)
+    if threat is not None:  # the metrics run on encoded inputs, as certify runs them
+        model, data = threat.wrap(model), threat.encode(data)
+        twin = threat.wrap(twin) if twin is not None else None
     estimate = plan(model, data, pol, seed=args.seed, pilot_points=args.pilot_points,
                     gradient_twin=twin)
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
@@ -790,7 +807,7 @@ def _promote(args) -> int:
                       f"{args.alias!r} (start mlflow server with --registry-store-uri "
                       "robustcert+sqlite:// or robustcert+postgresql://, and make the alias "
                       "protected; see docs/deployment.md), or pass --no-gate-check")
-    policy, data, twin, policy_sha256 = args.policy, args.data, None, None
+    policy, data, twin, policy_sha256 = args.policy, _data(args), None, None
     routes_file = args.routes or os.environ.get("ROBUST_CERT_ROUTES")
     if routes_file:  # the model's rule decides the policy and data
         from robust_cert.routes import load_routes
@@ -804,7 +821,7 @@ def _promote(args) -> int:
             if args.policy:
                 raise PolicyError(f"--policy conflicts with {route.label} of {routes_file}, "
                                   "which names the policy: drop one")
-            policy, data = str(route.policies[0].path), str(route.data)
+            policy, data = str(route.policies[0].path), route.data_spec
             policy_sha256 = route.policies[0].sha256
             twin = route.gradient_twin(args.version)
     keyring = signing_keyring()

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -107,6 +108,37 @@ class ModelDeclaration(BaseModel):
     outputs: Literal["logits", "probabilities"] = "logits"
 
 
+class FeatureSpec(BaseModel):
+    """A per-feature (tabular) threat model (``features:`` in the policy); implemented by
+    :mod:`robust_cert.tabular`. Inputs must be rows of ``d`` features.
+
+    ``ranges``: ``{feature: [lo, hi]}`` by column name or index; a feature not named lies in
+    the evaluation set's minimum and maximum (recorded in the certificate either way).
+    ``scale``: what ε (and every noise scale) is measured in, per feature: ``range`` (a
+    fraction of ``hi − lo``, default), ``std`` (standard deviations on the evaluation set) or
+    ``none`` (data units). ``immutable``: features (names or indices) that no perturbation may
+    change — attacks, noise, smoothing, safe radius; categorical columns a table source
+    encoded are immutable too. With ``features:``, ``input_range`` is not given (the ranges
+    replace it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ranges: dict[str | int, tuple[float, float]] = Field(default_factory=dict)
+    scale: Literal["range", "std", "none"] = "range"
+    immutable: list[str | int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for key, (lo, hi) in self.ranges.items():
+            if not lo < hi:
+                raise ValueError(f"ranges.{key}: [{lo:g}, {hi:g}] is empty")
+        keys = [str(k) for k in self.immutable]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise ValueError(f"immutable: feature {dup!r} is listed twice")
+        return self
+
+
 class Waiver(BaseModel):
     """An explicit waiver of one sanity check (``waive: [{check, reason}]``): a failure of the
     check then leaves verdicts unchanged; the waiver and its reason are recorded in the
@@ -148,9 +180,16 @@ class Policy(BaseModel):
     requirements: list[Requirement] = Field(min_length=1)
     model: ModelDeclaration = Field(default_factory=ModelDeclaration)
     waive: list[Waiver] = Field(default_factory=list)
+    #: a per-feature (tabular) threat model; None: the one box ``input_range`` and ε in data
+    #: units
+    features: FeatureSpec | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.features is not None and "input_range" in self.model_fields_set:
+            raise PolicyError("input_range: a policy with features: gives its input ranges "
+                              "per feature (features.ranges, or the evaluation set's min/max); "
+                              "remove input_range")
         checks = [w.check for w in self.waive]
         dup = next((c for c in checks if checks.count(c) > 1), None)
         if dup:
@@ -211,7 +250,21 @@ class Policy(BaseModel):
             out.pop("intended_use")
         if self.time_budget_s is None:
             out.pop("time_budget_s")
+        if self.features is None:
+            out.pop("features")
+        else:
+            out.pop("input_range")
         return out
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """The range evaluation data is loaded and checked with: ``input_range``, or with a
+        ``features:`` section the whole float32 line (the per-feature ranges are checked
+        when the threat model is fitted, naming the feature and row)."""
+        if self.features is None:
+            return self.input_range
+        big = float(np.finfo(np.float32).max)
+        return -big, big
 
     @property
     def sha256(self) -> str:

@@ -12,11 +12,20 @@ registered model's name applies, and ``default`` covers models no rule matches::
       - match: "fraud-*"
         policies: [policies/fraud.yaml, policies/fraud-strict.yaml]  # any of them passes
         data: {path: data/fraud.npz, sha256: 3b1f…}
+      - match: "credit-*"
+        policy: policies/credit.yaml
+        data: {path: data/credit.csv, label: defaulted}   # any data source, with its options
       - match: "forecast-*"
         gate: exempt                  # promoted without a certificate
     default: required                 # or exempt
 
-Paths are relative to the routes file. A required rule names one policy (``policy``) or
+Paths are relative to the routes file. ``data`` is anything ``--data`` takes: a file or
+folder (``.npz``, ``.csv``/``.parquet``, an image folder), or a reference no file holds
+(``digits``, ``runs:/RUN_ID/PATH``, a factory ``package.module:function``: a value with a
+colon, or ``digits``, that names no file beside the routes file), with the options the CLI
+has: ``label`` (a table's label column), ``image_size`` ([H, W]) and ``image_mode`` (``L`` or
+``RGB``). A pinned ``sha256`` is the hash robust_cert records, as the rule's (first) policy
+loads the data (its ``input_range``). A required rule names one policy (``policy``) or
 several (``policies``; the first is the one the certifier uses) and its data; optional
 ``input_shape`` (for models that do not declare one) and ``gradient_twin`` (a model
 reference for ONNX versions; ``{version}`` is replaced by the version certified). A required
@@ -64,6 +73,21 @@ class PinnedData(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                description="the data's SHA-256 as robust_cert hashes it (64 "
                                "hex digits; quote it if it could read as a number)")
+    label: str | None = Field(default=None, min_length=1,
+                              description="a table's label column (--label)")
+    image_size: tuple[int, int] | None = Field(default=None,
+                                               description="[H, W] of an image folder's "
+                                               "images (--image-size)")
+    image_mode: Literal["L", "RGB"] | None = Field(default=None,
+                                                  description="an image folder's mode "
+                                                  "(--image-mode)")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options the data source gets, as the CLI passes them."""
+        size = self.image_size
+        return {k: v for k, v in (("label", self.label), ("image_size", size),
+                                  ("mode", self.image_mode)) if v is not None}
 
 
 class Rule(BaseModel):
@@ -134,9 +158,20 @@ class Route:
     rule: Rule | None
     gate: str
     policies: tuple[RoutePolicy, ...]
-    data: Path | None
+    data: Path | str | None  # a file or folder, or a reference no file holds (``digits``)
     data_sha256: str | None
     why: str
+
+    @property
+    def data_spec(self):
+        """The rule's data as ``load_data`` and ``certify`` take it: a
+        :class:`~robust_cert.sources.DataSpec` with its options, or the reference alone."""
+        from robust_cert.sources import DataSpec
+
+        if self.data is None:
+            return None
+        options = self.rule.data.options if self.rule is not None and self.rule.data else {}
+        return DataSpec(str(self.data), **options) if options else str(self.data)
 
     @property
     def label(self) -> str:
@@ -196,10 +231,14 @@ class Routes:
         return "\n".join(lines)
 
 
-def _data_of(rule: Rule, root: Path) -> tuple[Path | None, str | None]:
+def _data_of(rule: Rule, root: Path) -> tuple[Path | str | None, str | None]:
     if rule.data is None:
         return None, None
-    return root / rule.data.path, rule.data.sha256
+    ref = rule.data.path
+    file = root / ref
+    if not file.exists() and (ref == "digits" or ":" in ref):
+        return ref, rule.data.sha256  # a reference no file holds: digits, runs:/…, a factory
+    return file, rule.data.sha256
 
 
 def _line_of(node, loc: tuple) -> int | None:
@@ -270,6 +309,7 @@ def load_routes(path: str | Path, *, check_data: bool = True) -> Routes:
     for i, rule in enumerate(doc.routes, start=1):
         line = _line_of(node, ("routes", i - 1))
         loaded = []
+        data_range = (0.0, 1.0)
         for name in rule.policy_files:
             file = root / name
             if not file.is_file():
@@ -279,15 +319,22 @@ def load_routes(path: str | Path, *, check_data: bool = True) -> Routes:
                 pol = load_policy(file)
             except PolicyError as exc:
                 raise RoutesError(f"{path}:{line}: rule {i} ({rule.match!r}): {exc}") from None
+            if not loaded:
+                data_range = pol.data_range  # the certifier's policy reads the data
             loaded.append(RoutePolicy(file, pol.name, pol.sha256))
         policies[i] = tuple(loaded)
         data, pin = _data_of(rule, root)
         if data is not None:
-            if not data.exists():
+            if isinstance(data, Path) and not data.exists():
                 raise RoutesError(f"{path}:{line}: rule {i} ({rule.match!r}): data {data} "
                                   "not found")
             if pin is not None and check_data:
-                actual = data_digest(data)
+                try:
+                    actual = data_digest(data, input_range=data_range,
+                                         **(rule.data.options if rule.data else {}))
+                except RobustCertError as exc:
+                    raise RoutesError(f"{path}:{line}: rule {i} ({rule.match!r}): data "
+                                      f"{data}: {exc}") from None
                 if actual != pin:
                     raise RoutesError(f"{path}:{line}: rule {i} ({rule.match!r}): data {data} "
                                       f"has SHA-256 {actual}, not the pinned {pin}")
@@ -298,12 +345,14 @@ def load_routes(path: str | Path, *, check_data: bool = True) -> Routes:
     return Routes(path, doc, digest, policies, tuple(shadowed(doc.routes)))
 
 
-def data_digest(path: Path) -> str:
-    """The SHA-256 robust_cert records for the evaluation data in ``path`` (what
+def data_digest(data: Path | str, *, input_range: tuple[float, float] = (0.0, 1.0),
+                **options) -> str:
+    """The SHA-256 robust_cert records for the evaluation data ``data`` read with
+    ``options`` (``label``, ``image_size``, ``mode``) under a policy's ``input_range`` (what
     :func:`robust_cert.data.load_data` computes: the arrays as the model sees them)."""
     from robust_cert.data import load_data
 
-    return load_data(str(path)).sha256
+    return load_data(str(data), input_range=input_range, **options).sha256
 
 
 def describe_route(routes: Routes, model_name: str) -> str:
@@ -314,7 +363,9 @@ def describe_route(routes: Routes, model_name: str) -> str:
         lines.append("  policy: " + " or ".join(f"{p.name} ({p.path}, sha256 {p.sha256})"
                                                  for p in route.policies))
     if route.data is not None:
+        options = route.rule.data.options if route.rule is not None and route.rule.data else {}
         lines.append(f"  data: {route.data}"
+                     + "".join(f", {k}={v}" for k, v in options.items())
                      + (f" (pinned sha256 {route.data_sha256})" if route.data_sha256 else ""))
     if route.rule is None and route.gate == "required":
         lines.append("  gated under ROBUST_CERT_ALLOWED_POLICIES; not certified automatically "

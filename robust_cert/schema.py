@@ -108,6 +108,11 @@ class DataRecord(_Closed):
     details: dict[str, Any] | None = Field(
         default=None, description="what the source recorded: a table's features, label column "
         "and categories; an image folder's classes (label order), image_size and mode")
+    features: dict[str, Any] | None = Field(
+        default=None, description="the policy's per-feature threat model as fitted on this "
+        "data (robust_cert.tabular): scale (range, std or none), grid, and per feature its "
+        "name, index, range and where it came from (policy or data), and either its scale "
+        "(ε units) or why it is immutable (policy or categorical)")
 
 
 class PolicyRecord(_Closed):

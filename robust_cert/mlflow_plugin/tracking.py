@@ -206,7 +206,7 @@ def _certify_version(uri, policy, data, *, tracking_uri, out_dir, device, seed, 
     client = connect(tracking_uri)
     keyring = signing_keyring()
     pol = load_policy(policy)
-    evalset = load_data(data, input_range=pol.input_range)
+    evalset = load_data(data, input_range=pol.data_range)
     from robust_cert import distributed
 
     # under torchrun: join the others first, each process on its local GPU

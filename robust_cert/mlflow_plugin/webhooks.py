@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from robust_cert.errors import RobustCertError, TrackingError
 from robust_cert.jobqueue import Job, JobQueue, QueueError, default_worker_id, open_queue
@@ -211,7 +211,7 @@ class Assignment:
 
     policy: Policy
     policy_source: str
-    data: str
+    data: Any  # what load_data takes: a reference, or a DataSpec with its options
     data_sha256: str | None
     key: str
     gradient_twin: str | None = None
@@ -230,7 +230,7 @@ class Receiver:
     policy_source: str
     queue: JobQueue
     secret: str
-    data: str = "digits"
+    data: Any = "digits"  # a data reference, or a DataSpec with its options
     routes: Routes | None = None
     certify_on_alias: str | None = None
     tracking_uri: str | None = None
@@ -281,10 +281,12 @@ class Receiver:
             assert route.data is not None
             first = route.policies[0]
             policy = load_policy(first.path)
-            data_sha = route.data_sha256 or data_digest(route.data)
+            options = route.rule.data.options if route.rule.data is not None else {}
+            data_sha = route.data_sha256 or data_digest(
+                route.data, input_range=policy.data_range, **options)
             key = hashlib.sha256(f"{policy.sha256}:{data_sha}".encode()).hexdigest()
             self._assignments[index] = Assignment(
-                policy, str(first.path), str(route.data), data_sha, key,
+                policy, str(first.path), route.data_spec, data_sha, key,
                 route.rule.gradient_twin, route.label)
         return self._assignments[index]
 

@@ -366,3 +366,26 @@ def _lightgbm_booster(booster, label: str):
         raise ModelError(f"{label}: the LightGBM booster's objective {objective!r} gives no "
                          f"class probabilities; use {' or '.join(_LGB_BINARY + _LGB_MULTI)}")
     return (lambda x: _two_columns(booster.predict(x))), booster.num_feature()
+
+
+def check_columns(model: Classifier, feature_names: Sequence[str] | None,
+                  source: str) -> None:
+    """Refuse data whose named feature columns (a table's, ``feature_names``) are not the
+    columns a model fitted on named columns takes, in its order: DataError naming the
+    columns the data lacks, or the order to put them in. A model without column names, or
+    data without them (arrays), is not checked: values then go by position."""
+    columns = getattr(model.forward, "columns", None)
+    if not columns or not feature_names:
+        return
+    names = [str(n) for n in feature_names]
+    if names == list(columns):
+        return
+    who = f"{model.name} v{model.version}" if model.version else model.name
+    lacking = [c for c in columns if c not in names]
+    if lacking:
+        raise DataError(f"{source}: {who} takes column(s) {', '.join(map(repr, columns))}; "
+                        f"the data has no column {', '.join(map(repr, lacking))} (its "
+                        f"features: {', '.join(map(repr, names))})")
+    raise DataError(f"{source}: {who} takes its columns in the order "
+                    f"{', '.join(map(repr, columns))}; the data has them in the order "
+                    f"{', '.join(map(repr, names))}: reorder the table's columns")

@@ -36,7 +36,7 @@ from robust_cert.certificate import Certificate
 from robust_cert.errors import RobustCertError
 from robust_cert.report import present
 from robust_cert.report.charts import ChartInputs, charts_for, comparison_chart, omitted_for
-from robust_cert.report.threats import threat_model
+from robust_cert.report.threats import feature_rows, threat_model
 from robust_cert.verdicts import Verdict
 
 TEMPLATE = "report.html.j2"
@@ -196,6 +196,7 @@ def _context(cert: Certificate, verification: SignatureCheck | None, data) -> di
         "not_verified": not_verified_reason(cert, verification),
         "verification": verification,
         "threats": threat_model(results),
+        "feature_threat": feature_rows(body["data"]),
         "sections": sections,
         "not_run": [r for r in results if r["status"] != "ok"],
         "untested": sorted(set(CATALOG) - {r["metric"] for r in results}),

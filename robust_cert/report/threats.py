@@ -146,3 +146,27 @@ def threat_model(results: list[dict]) -> list[Threat]:
             row = Threat(row.metric, f"not tested ({res['reason']})", row.radii, row.knowledge)
         rows.append(row)
     return rows
+
+
+def feature_rows(data: dict) -> tuple[str, list[dict]] | None:
+    """The per-feature threat model a certificate's ``data.features`` records (a policy's
+    ``features:``, :mod:`robust_cert.tabular`): a one-line summary and one row per feature
+    (name, range and where it came from, and how far a perturbation may move it); None
+    without one."""
+    rec = data.get("features")
+    if not rec:
+        return None
+    unit = {"range": "its range", "std": "its standard deviation on the evaluation set",
+            "none": "data units"}.get(rec["scale"], rec["scale"])
+    rows = []
+    for f in rec["features"]:
+        lo, hi = f["range"]
+        moves = (f"immutable ({f['immutable']})" if "immutable" in f
+                 else f"ε × {f['scale']:.4g}")
+        rows.append({"name": f["name"], "range": f"[{lo:.6g}, {hi:.6g}]",
+                     "from": f["range_from"], "moves": moves})
+    immutable = sum("immutable" in f for f in rec["features"])
+    summary = (f"Per-feature threat model: ε and every noise scale in units of {unit} per "
+               f"feature; {immutable} of {len(rows)} features immutable (never perturbed); "
+               "every perturbed input lies in the per-feature ranges.")
+    return summary, rows
