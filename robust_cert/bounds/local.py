@@ -107,20 +107,46 @@ class Region:
 
     def add_bias(self, a: torch.Tensor, t) -> None:
         """Add Σ a·t (over the output elements, per point and spec) to the bound's constant;
-        ``t`` is a number or a tensor broadcastable to (batch, *output shape)."""
+        ``t`` is a number or a tensor broadcastable to (batch, *output shape). Its magnitude
+        for the float64 allowance is ‖a‖₂·‖t‖₂ ≥ Σ|a||t| (Cauchy–Schwarz)."""
         # set by _backward, the only caller of the ops' linear (which call this)
         assert self.bias is not None
         assert self.mag is not None
+        af = a.flatten(2)
         if isinstance(t, torch.Tensor):
-            tb = torch.broadcast_to(t.to(a.device, torch.float64),
-                                    (a.shape[0], *a.shape[2:])).unsqueeze(1)
-            self.bias = self.bias + (a * tb).flatten(2).sum(-1)
-            self.mag = self.mag + (a.abs() * tb.abs()).flatten(2).sum(-1)
+            tf = torch.broadcast_to(t.to(a.device, torch.float64),
+                                    (a.shape[0], *a.shape[2:])).reshape(a.shape[0], -1)
+            self.bias = self.bias + torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
+            self.mag = self.mag + af.norm(dim=2) * tf.norm(dim=1)[:, None]
         else:
             t = float(t)
             if t:
-                self.bias = self.bias + a.flatten(2).sum(-1) * t
-                self.mag = self.mag + a.abs().flatten(2).sum(-1) * abs(t)
+                self.bias = self.bias + af.sum(-1) * t
+                self.mag = self.mag + af.abs().sum(-1) * abs(t)
+
+    def relax(self, a: torch.Tensor, lower: tuple, upper: tuple) -> torch.Tensor:
+        """Back-substitution through an elementwise relaxation αL·z + βL ≤ φ(z) ≤ αU·z + βU
+        (each (batch, *shape), valid on the region): positive coefficients take the lower
+        line, negative ones the upper. Only the columns where the two lines differ (unstable
+        elements, in any point) are treated apart; elsewhere φ is exactly affine."""
+        (al, bl), (au, bu) = lower, upper
+        b, s = a.shape[:2]
+        af = a.reshape(b, s, -1)
+        al_f, bl_f = al.reshape(b, -1), bl.reshape(b, -1)
+        out = af * al_f.unsqueeze(1)
+        self.add_bias(af, bl_f)
+        du, db = au.reshape(b, -1) - al_f, bu.reshape(b, -1) - bl_f
+        differ = ((du != 0) | (db != 0)).any(0)
+        cols = differ.nonzero().squeeze(1)
+        if 2 * cols.numel() > differ.numel():  # mostly unstable: all columns at once
+            neg = af.clamp(max=0)
+            out += neg * du.unsqueeze(1)
+            self.add_bias(neg, db)
+        elif cols.numel():
+            neg = af.index_select(2, cols).clamp(max=0)  # (b, s, k)
+            out.index_add_(2, cols, neg * du.index_select(1, cols).unsqueeze(1))
+            self.add_bias(neg, db.index_select(1, cols))
+        return out.view_as(a)
 
 
 def _widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +236,10 @@ class LocalBound:
         for u in self.users[n]:
             op, call, params = self.graph.calls[u]
             if op.relaxed:
-                m = op.refine(call, params, lo, hi)
+                # a relaxed op whose output feeds another relaxation (ReLU → max pooling)
+                # passes on every input bound, stable elements' too: refine them all
+                chained = any(self.graph.calls[w][0].relaxed for w in self.users[u])
+                m = None if chained else op.refine(call, params, lo, hi)
                 if m is None:
                     mask = torch.ones_like(lo, dtype=torch.bool)
                     break
@@ -226,10 +255,10 @@ class LocalBound:
         idx = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
         valid = torch.arange(k, device=lo.device)[None, :] < counts[:, None]
         nel = flat.shape[1]
-        a = torch.zeros((b, 2 * k, nel), dtype=torch.float64, device=lo.device)
-        a[:, :k].scatter_(2, idx[:, :, None], 1.0)
-        a[:, k:].scatter_(2, idx[:, :, None], -1.0)
-        lb = self._backward(n, a.view(b, 2 * k, *lo.shape[1:]), ctx, inp)
+        a = torch.zeros((b, k, nel), dtype=torch.float64, device=lo.device)
+        a.scatter_(2, idx[:, :, None], 1.0)
+        # rows e_i, and −e_i added at the first relaxation (the map before it is linear)
+        lb = self._backward(n, a.view(b, k, *lo.shape[1:]), ctx, inp, mirror=True)
         new_lo, new_hi = lb[:, :k], -lb[:, k:]
         lo_f, hi_f = lo.reshape(b, -1).clone(), hi.reshape(b, -1).clone()
         old_lo, old_hi = lo_f.gather(1, idx), hi_f.gather(1, idx)
@@ -237,23 +266,38 @@ class LocalBound:
         hi_f.scatter_(1, idx, torch.where(valid, torch.minimum(old_hi, new_hi), old_hi))
         ctx.lower[n], ctx.upper[n] = lo_f.view_as(lo), hi_f.view_as(hi)
 
-    def _backward(self, start, a: torch.Tensor, ctx: Region, inp) -> torch.Tensor:
-        """CROWN: a lower bound (batch, specs) of Σ a·start over the region."""
+    def _backward(self, start, a: torch.Tensor, ctx: Region, inp,
+                  mirror: bool = False) -> torch.Tensor:
+        """CROWN: a lower bound (batch, specs) of Σ a·start over the region; with
+        ``mirror``, of the rows a and then −a (2·specs), the rows −a formed only at the first
+        relaxed op (before it, the coefficients of −a are those of a negated)."""
         g = self.graph
         b, s = a.shape[:2]
         ctx.bias = torch.zeros((b, s), dtype=torch.float64, device=a.device)
         ctx.mag = torch.zeros_like(ctx.bias)
         acc = {start: a}
         pos = g.order.index(start)
+
+        def unfold_mirror():
+            for key in acc:
+                acc[key] = torch.cat([acc[key], -acc[key]], dim=1)
+            ctx.bias = torch.cat([ctx.bias, -ctx.bias], dim=1)
+            ctx.mag = torch.cat([ctx.mag, ctx.mag], dim=1)
+
         for n in reversed(g.order[:pos + 1]):
             if n not in acc or n is g.input:
                 continue
-            coef = acc.pop(n)
             op, call, params = g.calls[n]
+            if mirror and op.relaxed:
+                unfold_mirror()
+                mirror = False
+            coef = acc.pop(n)
             for src, a_src in op.linear(call, params, coef, ctx):
                 if not g.depends.get(src, False):
                     continue
                 acc[src] = acc[src] + a_src if src in acc else a_src
+        if mirror:
+            unfold_mirror()
         a_in = acc.get(g.input)
         bias, mag = ctx.bias, ctx.mag
         ctx.bias = ctx.mag = None
