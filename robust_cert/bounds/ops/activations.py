@@ -121,6 +121,10 @@ class ReLU(Activation):
         a, b = self.clamp_range(call)
         return ((lo < a) & (hi > a)) | ((lo < b) & (hi > b))
 
+    def constant(self, call: OpCall, params, lo, hi):
+        a, b = self.clamp_range(call)
+        return (hi <= a) | (lo >= b)
+
     def linear(self, call: OpCall, params, coef: torch.Tensor, ctx):
         src = call.deps[0]
         lo, up = ctx.lower[src], ctx.upper[src]

@@ -37,6 +37,11 @@ AVGPOOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d") | MEAN
 
 
+#: CROWN through max pooling whose windows tile the input (stride = kernel, no padding or
+#: dilation) by reshapes instead of a scatter and a fold (same sums; off only to test that).
+TILED_FAST_PATH = True
+
+
 class MaxPoolParams(NamedTuple):
     kernel_size: object
     stride: object  # falsy: the kernel size
@@ -109,9 +114,18 @@ class MaxPool(BoundOp):
         coef = a.reshape(b, s, c, -1)
         neg = coef.clamp(max=0)
         ctx.add_bias(neg, const)
+        kk, nwin = lam.shape[2], lam.shape[3]
+        if (TILED_FAST_PATH and pad == (0, 0) and dil == (1, 1) and st == k
+                and h % k[0] == 0 and w % k[1] == 0):
+            # windows tile the input: the coefficients of each window's elements, laid back
+            # by a reshape (the same sums as the general scatter and fold below)
+            pick = torch.zeros_like(lam).scatter_(2, best, 1.0)  # (b, c, kk, L)
+            v = neg.unsqueeze(3) * lam.unsqueeze(1) + (coef - neg).unsqueeze(3) * pick.unsqueeze(1)
+            ho, wo = h // k[0], w // k[1]
+            v = v.view(b, s, c, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4)
+            return [(src, v.reshape(b, s, c, h, w))]
         out = torch.zeros((b, s, c, h * w), dtype=a.dtype, device=a.device)
         out.scatter_add_(3, flat.unsqueeze(1).expand(b, s, c, -1), coef - neg)
-        kk, nwin = lam.shape[2], lam.shape[3]
         cols = (neg.unsqueeze(3) * lam.unsqueeze(1)).reshape(b * s * c, kk, nwin)
         hp, wp = h + 2 * pad[0], w + 2 * pad[1]
         up = F.fold(cols, (hp, wp), k, dilation=dil, stride=st)[
