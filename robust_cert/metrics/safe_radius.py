@@ -9,9 +9,9 @@ safety property — the largest ε such that the property holds on the whole ε-
   h_j (op-by-op operator norms along the traced graph, residual additions and pooling
   included: :mod:`robust_cert.bounds`) and "rounding" bounds the float error of the computed
   logits at x and anywhere in the ball (:func:`_certified_radius`); and the *local radius*:
-  the largest radius of a bisection on [Lipschitz radius, witness] at which sound local
-  lower bounds of all margins over the ball (CROWN, or IBP:
-  :func:`robust_cert.bounds.local_bounds`, float32 rounding included) stay positive;
+  the largest radius, searched on [Lipschitz radius, witness], at which sound local
+  lower bounds of all margins over the ball (CROWN, CROWN-IBP or IBP:
+  :func:`robust_cert.bounds.local_radius`, float32 rounding included) stay positive;
 * **upper bound** (a witness): the distance of the closest violating input found by bisection
   over ε with a batched projected-gradient search;
 * **estimate** (CLEVER-style): h_j(x) / L̂_j with L̂_j the location of a reverse-Weibull fit
@@ -39,7 +39,7 @@ from robust_cert.bounds import (
     LipschitzBound,
     NotBoundable,
     lipschitz_bound,
-    local_bounds,
+    local_radius,
     strict_float32,
 )
 from robust_cert.bounds.local import local_analysis
@@ -89,10 +89,11 @@ class SafeRadiusConfig(MetricConfig):
                                 description="samples per CLEVER batch")
     clever_radius: float = Field(default=2.0, gt=0, description="CLEVER sampling ball radius")
     power_iterations: int = Field(default=100, ge=1, le=100_000)
-    local_bound: Literal["crown", "ibp", "off"] = Field(
+    local_bound: Literal["crown", "crown-ibp", "ibp", "off"] = Field(
         default="crown", description="local bound tried beyond the Lipschitz radius")
     bound_steps: int = Field(default=12, ge=0, le=60,
-                             description="bisection steps of the local bound's radius (at most)")
+                             description="relaxations fitted per point (at most): each a "
+                             "bound computation at one trial radius")
     bound_rtol: float = Field(default=0.02, ge=0, lt=1, description="a point's bisection stops "
                               "once its bracket is within this fraction of its upper end")
     max_bound_memory: int = Field(default=1 << 30, ge=1 << 20,
@@ -209,9 +210,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     ``max_radius``), ``clever@n`` (the CLEVER-style estimate, a number between the two in
     practice but not guaranteed), ``lower_lipschitz@n`` (the Lipschitz radius alone),
     ``lower_local@n`` (the local radius where it certified more, else NaN) and ``bound@n``
-    (which bound certified ``lower@n``: "lipschitz", "crown" or "ibp"). ``lower@n`` is the
-    larger of the two radii; both are sound, so is it. ``holds`` marks points where the
-    property holds at x (and, for ``adversarial``, the prediction is the label).
+    (which bound certified ``lower@n``: "lipschitz", "crown", "crown-ibp" or "ibp").
+    ``lower@n`` is the larger of the two radii; both are sound, so is it. ``holds`` marks
+    points where the property holds at x (and, for ``adversarial``, the prediction is the
+    label).
 
     Proportions (gateable), kind **certified**: for each norm n and radius r in ``radii``,
     the fraction of points with ``holds`` and ``lower@n > r`` (an exact Clopper–Pearson
@@ -231,8 +233,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     2.5·ε/steps, from δ = 0), clever_batches (10), clever_samples (100 per batch),
     clever_radius (2.0, data units), power_iterations (100: the reported power-iteration
     estimate ``l2_lower`` of each convolution, never part of the bound), local_bound
-    (``crown``; ``ibp`` or ``off``), bound_steps (12: bisection steps of the local radius, at
-    most), bound_rtol (0.02: a point's bisection ends once its bracket is that close),
+    (``crown``; ``crown-ibp``, ``ibp`` or ``off``), bound_steps (12: trial radii of the local
+    bound per point, at most, each one bound computation), bound_rtol (0.02: a point's search
+    ends once its bracket is that close),
     max_bound_memory (1 GiB: points are bounded in chunks within it), within_box (false:
     certify the whole ball; true: the ball ∩ the input box, tighter, and then the claim covers
     inputs in the box only). Sampling is seeded from the run.
@@ -483,7 +486,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     "median_ratio": _median(ratio),
                     "median_ratio_lipschitz": _median(ratio_lip),
                     "certified_by": {k: int((by == k).sum()) for k in ("lipschitz", "crown",
-                                                                        "ibp")},
+                                                                        "crown-ibp", "ibp")},
                 })
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
@@ -494,14 +497,18 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     def _local_radius(self, bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor, norm: str, r_lip: torch.Tensor, upper: torch.Tensor,
                       max_r: float, box: tuple[float, float]) -> torch.Tensor:
-        """Per point: the largest radius of a bisection (at most ``bound_steps`` steps, ending
-        once the bracket is within ``bound_rtol`` of its upper end) on [the Lipschitz
-        radius, the witness (``max_r`` without one)] whose local lower bounds of all margins
-        a_j·f − b_j stay positive (:func:`~robust_cert.bounds.local_bounds`: sound for the
-        exact network and its float32 evaluation on the closed ball, ∩ the input box with
-        ``within_box``); the Lipschitz radius where no step certifies more. Bisection keeps
-        lo certified and never passes the witness. The rounding bound of the logits is
-        computed once at the upper end: it grows with the radius, so it covers every step."""
+        """Per point: the largest radius certified by the local bound, searched on [the
+        Lipschitz radius, the witness (``max_r`` without one)]; NaN where it certifies no more
+        than the Lipschitz radius. Each of at most ``bound_steps`` steps fits the relaxations
+        to the ball of a trial radius R (the middle of the bracket) and, with them fixed,
+        finds the largest r ≤ R keeping every margin's bound a_j·f − b_j positive
+        (:func:`~robust_cert.bounds.local_radius`: sound for the exact network and its
+        float32 evaluation on the closed ball, ∩ the input box with ``within_box``): r is
+        certified (the bracket's lower end rises to it) and, when r < R, the radii above R
+        are given up (relaxations fitted to a larger ball are looser). A point's search ends
+        once its bracket is within ``bound_rtol`` of its upper end. The rounding bound of the
+        logits is computed once at the upper end: it grows with the radius, so it covers
+        every step."""
         cfg = self.config
         lo = r_lip.double().clone()
         hi = torch.where(torch.isfinite(upper), upper, torch.full_like(upper, max_r)).double()
@@ -510,18 +517,18 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         if not bool(live.any()) or cfg.bound_steps == 0:
             return torch.full_like(lo, math.nan)
         _, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
+        assert e_ball is not None  # with a radius: the ball's bound
         box_arg = box if cfg.within_box else None
         for _ in range(cfg.bound_steps):
             idx = live.nonzero().squeeze(1)
             if not idx.numel():
                 break
-            mid = (lo[idx] + hi[idx]) / 2
-            res = local_bounds(bound, x[idx], mid, norm, a[idx].double(), box=box_arg,
-                               method=cfg.local_bound, max_memory=cfg.max_bound_memory,
-                               ball_error=e_ball[idx])
-            ok = ((res.lower - b[idx]) > 0).all(1)
-            lo[idx] = torch.where(ok, mid, lo[idx])
-            hi[idx] = torch.where(ok, hi[idx], mid)
+            trial = (lo[idx] + hi[idx]) / 2
+            r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
+                             box=box_arg, method=cfg.local_bound,
+                             max_memory=cfg.max_bound_memory, ball_error=e_ball[idx])
+            lo[idx] = torch.maximum(lo[idx], r)
+            hi[idx] = torch.where(r >= trial, hi[idx], trial)
             live[idx] = hi[idx] - lo[idx] > cfg.bound_rtol * hi[idx]
         return torch.where(lo > r_lip, lo, torch.full_like(lo, math.nan))
 
