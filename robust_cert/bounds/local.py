@@ -196,7 +196,8 @@ class LocalBound:
         total = sum(self.numel.values()) * 8 * 4
         if method == "ibp":
             return total
-        rows = max([2 * self.numel[n] for n in self.refined] + [specs])
+        refined = self.refined if method == "crown" else []  # crown-ibp: the specs only
+        rows = max([2 * self.numel[n] for n in refined] + [specs])
         return total + rows * widest * 8 * 3
 
     def margins(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
