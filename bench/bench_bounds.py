@@ -109,6 +109,8 @@ class Timer:
 def flips(model, x: np.ndarray, t: np.ndarray, lower: np.ndarray, norm: str,
           box: tuple[float, float] | None) -> tuple[int, int]:
     """(inputs checked, inputs flipped): float32 probes within 0.999·lower of x (∩ the box)."""
+    if not len(x):
+        return 0, 0
     x64 = x.astype(np.float64)
     r = torch.from_numpy(lower * 0.999).view(-1, *[1] * (x.ndim - 1))
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
@@ -260,7 +262,7 @@ def _timed(fn) -> float:
 
 
 def _f(v, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+    return "n/a" if v is None else f"{v:.{digits}g}"
 
 
 if __name__ == "__main__":
