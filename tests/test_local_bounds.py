@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class Mixed(nn.Module):
         z = F.relu(self.bn(self.c1(x)))
         z = z + 0.5 * F.leaky_relu(self.c2(z), 0.1)  # residual
         y = F.hardtanh(self.c3(z), -0.5, 2.0)  # 6×4×4
-        y = F.max_pool2d(y, 2)  # 6×2×2
+        y = F.max_pool2d(y, 3, stride=2, padding=1)  # 6×2×2, overlapping, padded
         a = F.avg_pool2d(-z, 4)  # 8×2×2
         h = torch.cat([y.flatten(1), a.view(a.shape[0], -1)], dim=1)
         h = torch.tanh(self.fc1(h) - 0.1)
@@ -190,7 +191,7 @@ def test_chunks_within_the_memory_budget_give_the_same_bounds() -> None:
     whole = local_bounds(bound, x, 0.01, "linf")
     per = local_analysis(bound).bytes_per_point("crown", 3)
     chunked = local_bounds(bound, x, 0.01, "linf", max_memory=2 * per)
-    assert torch.allclose(whole.lower, chunked.lower, rtol=0, atol=1e-12)
+    assert torch.allclose(whole.lower, chunked.lower, rtol=0, atol=1e-9)
     with pytest.raises(NotBoundable, match="max_bound_memory"):
         local_bounds(bound, x, 0.01, "linf", max_memory=per // 2)
 
@@ -227,3 +228,107 @@ def test_an_op_without_a_local_bound_is_named(monkeypatch) -> None:
     bound = lipschitz_bound(net, (3,))
     with pytest.raises(NotBoundable, match=r"Square at \w+ has no interval bound \(IBP\)"):
         local_bounds(bound, torch.rand(2, 3), 0.1, "l2")
+
+
+def _pooled(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(24, 3)).eval()
+
+
+def test_tiled_max_pooling_gives_the_general_paths_bounds(monkeypatch) -> None:
+    from robust_cert.bounds.ops import pooling
+    model = _pooled()
+    x = torch.rand(4, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    fast = local_bounds(bound, x, 0.05, "linf")
+    monkeypatch.setattr(pooling, "TILED_FAST_PATH", False)
+    general = local_bounds(bound, x, 0.05, "linf")
+    assert torch.allclose(fast.exact, general.exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_local_radius_on_a_linear_model_is_the_exact_radius(norm) -> None:
+    """|g|/‖w‖_q from below, to the float slack; a trial radius below it is returned as is."""
+    from robust_cert.bounds import local_radius
+    model = _linear()
+    x = torch.rand(20, 12)
+    bound = lipschitz_bound(model, (12,))
+    w = (model.weight[1].double() - model.weight[0].double()).detach()
+    b = float(model.bias[1].detach()) - float(model.bias[0].detach())
+    msr = (x.double() @ w + b).detach().abs() / w.norm(p=DUAL[norm])
+    r = local_radius(bound, x, 2 * msr, norm)
+    assert (r <= msr).all()
+    # short of it by the float32 rounding allowance of the margin (< 1e-5, as above)
+    assert float(((msr - r) * w.norm(p=DUAL[norm])).max()) < 1e-5
+    assert torch.equal(local_radius(bound, x, 0.5 * msr, norm), 0.5 * msr)
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_local_radius_is_certified_by_a_fresh_bound_and_never_flips(method) -> None:
+    """The radius found with the relaxations of a larger ball: a bound fitted to its own ball
+    is positive there too, and no sampled input in it changes the prediction."""
+    from robust_cert.bounds import local_radius
+    model = _pooled(1)
+    x = torch.rand(10, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    found = 0
+    for norm, big in (("linf", 0.045), ("l2", 0.2)):  # some points in (0, big), some 0
+        r = local_radius(bound, x, big, norm, method=method)
+        assert (r <= big).all()
+        pos = r > 0
+        found += int(pos.sum())
+        if not pos.any():
+            continue
+        fresh = local_bounds(bound, x[pos], r[pos], norm, method=method)
+        assert (fresh.lower > 0).all()
+        with torch.no_grad():
+            spec = default_spec(model(x[pos]).double())
+        true = _sampled_min(model, x[pos], spec, r[pos], norm, count=2000)
+        assert (true > 0).all()
+    assert found
+
+
+def test_crown_ibp_is_sound_and_between_ibp_and_the_true_minimum() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                        nn.Linear(24, 3)).eval()
+    x = torch.rand(8, 5)
+    bound = lipschitz_bound(net, (5,))
+    with torch.no_grad():
+        spec = default_spec(net(x).double())
+    r = torch.full((8,), 0.15, dtype=torch.float64)
+    mid = local_bounds(bound, x, r, "linf", spec, method="crown-ibp")
+    ibp = local_bounds(bound, x, r, "linf", spec, method="ibp")
+    true = _sampled_min(net, x, spec, r, "linf", count=20000)
+    assert (mid.exact <= true + 1e-9).all()
+    assert (mid.exact >= ibp.exact - 1e-12).all()
+    assert (mid.exact > ibp.exact + 1e-6).any()
+
+
+def test_the_l2_ball_within_the_box_is_bounded_by_its_exact_minimum() -> None:
+    """min a·x over ‖x − x0‖₂ ≤ r ∩ [0, 1]^d: the dual bound against SLSQP (an independent
+    solver), below it and within 1e-6; tighter than the ball alone where x0 sits on a face."""
+    from scipy.optimize import minimize
+
+    from robust_cert.bounds.local import _l2_box_min
+    rng = np.random.default_rng(0)
+    d, s = 6, 3
+    x0 = rng.uniform(0, 1, (4, d))
+    x0[:, :3] = 0.0  # on the lower face (a digit's background)
+    a = rng.normal(size=(4, s, d))
+    r = np.array([0.05, 0.3, 0.8, 3.0])
+    got = _l2_box_min(torch.from_numpy(a), torch.from_numpy(x0), torch.from_numpy(r),
+                      (0.0, 1.0)).numpy()
+    for p in range(4):
+        for j in range(s):
+            cons = {"type": "ineq", "fun": lambda x, p=p: r[p] ** 2 - ((x - x0[p]) ** 2).sum()}
+            best = minimize(lambda x, p=p, j=j: a[p, j] @ x, x0[p], bounds=[(0, 1)] * d,
+                            constraints=[cons], method="SLSQP", options={"ftol": 1e-12})
+            assert got[p, j] <= best.fun + 1e-9
+            assert got[p, j] >= best.fun - 1e-6
+            ball = a[p, j] @ x0[p] - r[p] * np.linalg.norm(a[p, j])
+            assert got[p, j] >= ball - 1e-12
+    assert (got > (np.einsum("psd,pd->ps", a, x0) - r[:, None] * np.linalg.norm(a, axis=2))
+            + 1e-3).any()

@@ -194,6 +194,44 @@ def test_unboundable_layers_are_not_applicable() -> None:
     assert "cannot bound" in gated.reason
 
 
+class _Clip(nn.Module):
+    """A module with a Lipschitz bound but no local bound (registered below, in a copy of the
+    registry)."""
+
+    def forward(self, x):
+        return x.clamp(-1, 1)
+
+
+def test_an_op_without_a_local_bound_falls_back_to_the_lipschitz_bound(monkeypatch) -> None:
+    from robust_cert.bounds import BoundOp, register_bound_op, registry
+
+    monkeypatch.setattr(registry, "_MODULES", dict(registry._MODULES))
+
+    class ClipBound(BoundOp):
+        def lipschitz(self, call, params):
+            return call.step("act", info="Clip")
+
+    register_bound_op(ClipBound(), modules=[_Clip])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _Clip(), nn.Linear(8, 2)).eval()
+    x, _, _ = _data(n=10)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    res = _run(model, x, y, norms=["l2"], clever_samples=5, bisection_steps=3)
+    assert res.diagnostics["local_bound"].startswith("lipschitz only: ")
+    assert "_Clip" in res.diagnostics["local_bound"] or "Clip" in res.diagnostics["local_bound"]
+    assert (res.per_point["bound@l2"] == "lipschitz").all()
+    np.testing.assert_array_equal(res.per_point["lower@l2"],
+                                  res.per_point["lower_lipschitz@l2"])
+    assert res.diagnostics["l2"]["certified_by"]["crown"] == 0
+    # the same network with a plain clamp (Hardtanh) is bounded by CROWN beyond Lipschitz
+    model2 = nn.Sequential(model[0], nn.Hardtanh(), model[2]).eval()
+    res2 = _run(model2, x, y, norms=["l2"], clever_samples=5, bisection_steps=3)
+    assert res2.diagnostics["local_bound"] == "crown"
+    assert (res2.per_point["lower@l2"] >= res2.per_point["lower_lipschitz@l2"]).all()
+    assert res2.diagnostics["l2"]["certified_by"]["crown"] > 0
+
+
 def test_weibull_location_and_config_errors() -> None:
     assert reverse_weibull_location(np.full(10, 3.0)) == 3.0
     rng = np.random.default_rng(4)

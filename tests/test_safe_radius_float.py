@@ -165,3 +165,76 @@ def test_no_flip_inside_the_certified_ball_on_cuda_with_bf16_allowed(norm) -> No
         torch.backends.cudnn.benchmark = bench
         model.cpu()
     assert (res.per_point[f"lower@{norm}"] <= exact * (1 + 1e-12)).all()
+
+
+def _relu_net_and_points(n=60, d=20, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 3)).eval()
+    x = torch.rand(n, d).numpy()
+    with torch.no_grad():
+        t = model(torch.from_numpy(x)).argmax(1).numpy()
+    return model, x, t
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_no_float32_input_inside_the_crown_certified_ball_flips_the_prediction(norm) -> None:
+    """The local (CROWN) radius, larger than the Lipschitz one: PGD from inside the ball, the
+    one-ulp neighbours of its end points and random points in the ball never change the
+    float32 prediction (issue 23)."""
+    model, x, t = _relu_net_and_points()
+    data = robust_cert.load_data((x, t), input_range=(0.0, 1.0))
+    clf = robust_cert.load_model(model, input_shape=data.input_shape)
+    res = SafeRadius(SafeRadiusConfig(norms=[norm], clever_batches=2, clever_samples=1)).run(
+        clf, data, RunContext(CPU, batch_size=64, seed=0))
+    pp = res.per_point
+    lower, lip = pp[f"lower@{norm}"], pp[f"lower_lipschitz@{norm}"]
+    assert res.diagnostics["local_bound"] == "crown"
+    assert (lower >= lip).all()
+    crown = pp[f"bound@{norm}"] == "crown"
+    assert crown.sum() > len(x) // 2  # CROWN certifies more on most points
+    assert np.median(lower[crown] / lip[crown]) > 1.5
+    assert res.diagnostics[norm]["sandwich_violations"] == 0
+    upper = pp[f"upper@{norm}"]
+    assert (lower[np.isfinite(upper)] <= upper[np.isfinite(upper)]).all()
+    x64 = x.astype(np.float64)
+    r = torch.from_numpy(lower * 0.999).view(-1, 1)
+    xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+    delta = torch.zeros_like(xt, requires_grad=True)
+    ends = []
+    for _ in range(60):  # PGD on the margin of the predicted class, inside the ball
+        logits = model(xt + delta)
+        other = logits.scatter(1, tt[:, None], -torch.inf).amax(1)
+        margin = logits.gather(1, tt[:, None])[:, 0] - other
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            rf = r.float()
+            if norm == "linf":
+                delta -= 0.05 * rf * grad.sign()
+                delta.copy_(torch.maximum(torch.minimum(delta, rf), -rf))
+            else:
+                delta -= 0.1 * rf * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                delta *= (rf / delta.norm(dim=1, keepdim=True).clamp_min(1e-30)).clamp(max=1)
+        ends.append((xt + delta).detach().numpy())
+    rng = np.random.default_rng(2)
+    cands = list(ends[-5:])
+    for c in ends[-3:]:
+        for _ in range(3):
+            cands.append(np.nextafter(c, c + rng.integers(-1, 2, size=c.shape).astype(
+                np.float32)))
+    for _ in range(20):
+        if norm == "linf":
+            delta_r = rng.uniform(-1, 1, size=x.shape)
+        else:
+            delta_r = rng.normal(size=x.shape)
+            delta_r /= np.linalg.norm(delta_r, axis=1, keepdims=True)
+        cands.append((x64 + 0.999 * lower[:, None] * delta_r).astype(np.float32))
+    checked = flips = 0
+    for c in cands:
+        ok = _inside(x64, c, lower, norm)
+        with torch.no_grad():
+            pred = model(torch.from_numpy(np.ascontiguousarray(c))).argmax(1).numpy()
+        checked += int(ok.sum())
+        flips += int((ok & (pred != t)).sum())
+    assert checked > 20 * len(x)
+    assert flips == 0, f"{flips} float32 inputs inside CROWN-certified balls flipped"

@@ -43,7 +43,8 @@ CAL = {"bins": 10, "bootstrap": 200, "thresholds": [0.5, 0.99995, 1.0]}
 COR = {"corruptions": ["gaussian_noise", "shot_noise", "glass_blur", "fog", "contrast"],
        "severities": [1, 5]}
 SR = {"norms": ["l2", "linf"], "radii": [0.0, 0.05], "clever_batches": 2, "clever_samples": 4,
-      "clever_radius": 0.5, "bisection_steps": 3, "attack_steps": 3, "power_iterations": 5}
+      "clever_radius": 0.5, "bisection_steps": 3, "attack_steps": 3, "power_iterations": 5,
+      "local_bound": "ibp", "bound_steps": 4}  # the cheap local bound: merging is under test
 METRICS = {"calibration": (Calibration, CalibrationConfig, CAL),
            "corruptions": (CorruptionAccuracy, CorruptionsConfig, COR),
            "safe_radius": (SafeRadius, SafeRadiusConfig, SR)}

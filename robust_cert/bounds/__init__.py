@@ -36,7 +36,7 @@ CROWN 2-D without ``ceil_mode``); an op without one raises :class:`NotBoundable`
 
 from robust_cert.bounds.base import BoundOp, NotBoundable, OpCall, Step
 from robust_cert.bounds.graph import LipschitzBound, lipschitz_bound
-from robust_cert.bounds.local import LocalMargins, local_bounds
+from robust_cert.bounds.local import LocalMargins, local_bounds, local_radius
 from robust_cert.bounds.registry import (
     ENTRY_POINT_GROUP,
     BoundOpPluginError,
@@ -57,5 +57,5 @@ from robust_cert.bounds.rounding import (
 __all__ = ["ENTRY_POINT_GROUP", "ERROR_BOUND_SAFETY", "MATMUL_PRECISION_U", "NORM_SAFETY",
            "BoundOp", "BoundOpPluginError", "LipschitzBound", "LocalMargins", "NotBoundable",
            "OpCall", "Step", "evaluation_safety", "gamma", "lipschitz_bound",
-           "load_bound_op_plugins", "local_bounds",
+           "load_bound_op_plugins", "local_bounds", "local_radius",
            "matmul_precision_u", "register_bound_op", "strict_float32", "unit_roundoff"]

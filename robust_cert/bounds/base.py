@@ -265,3 +265,10 @@ class BoundOp(abc.ABC):
         """For a ``relaxed`` op: the input elements (a bool mask of ``lo``'s shape) whose
         bounds change the relaxation, so are worth tightening; None: all."""
         return None
+
+    def constant(self, call: OpCall, params: Any, lo: torch.Tensor,
+                 hi: torch.Tensor) -> torch.Tensor | None:
+        """For a ``relaxed`` elementwise op: the input elements (a bool mask of ``lo``'s
+        shape) on which its output is one known constant over [lo, hi] (a ReLU input with
+        hi ≤ 0), so that tightening their bounds changes nothing downstream; None: unknown."""
+        return None

@@ -56,7 +56,7 @@ REL_SLACK = 1e-9
 DEFAULT_MAX_MEMORY = 1 << 30
 #: Norms of the ball and their dual norm on the input coefficients.
 NORMS = ("linf", "l2", "l1")
-METHODS = ("crown", "ibp")
+METHODS = ("crown", "crown-ibp", "ibp")
 
 
 class Region:
@@ -107,20 +107,46 @@ class Region:
 
     def add_bias(self, a: torch.Tensor, t) -> None:
         """Add Σ a·t (over the output elements, per point and spec) to the bound's constant;
-        ``t`` is a number or a tensor broadcastable to (batch, *output shape)."""
+        ``t`` is a number or a tensor broadcastable to (batch, *output shape). Its magnitude
+        for the float64 allowance is ‖a‖₂·‖t‖₂ ≥ Σ|a||t| (Cauchy–Schwarz)."""
         # set by _backward, the only caller of the ops' linear (which call this)
         assert self.bias is not None
         assert self.mag is not None
+        af = a.flatten(2)
         if isinstance(t, torch.Tensor):
-            tb = torch.broadcast_to(t.to(a.device, torch.float64),
-                                    (a.shape[0], *a.shape[2:])).unsqueeze(1)
-            self.bias = self.bias + (a * tb).flatten(2).sum(-1)
-            self.mag = self.mag + (a.abs() * tb.abs()).flatten(2).sum(-1)
+            tf = torch.broadcast_to(t.to(a.device, torch.float64),
+                                    (a.shape[0], *a.shape[2:])).reshape(a.shape[0], -1)
+            self.bias = self.bias + torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
+            self.mag = self.mag + af.norm(dim=2) * tf.norm(dim=1)[:, None]
         else:
             t = float(t)
             if t:
-                self.bias = self.bias + a.flatten(2).sum(-1) * t
-                self.mag = self.mag + a.abs().flatten(2).sum(-1) * abs(t)
+                self.bias = self.bias + af.sum(-1) * t
+                self.mag = self.mag + af.abs().sum(-1) * abs(t)
+
+    def relax(self, a: torch.Tensor, lower: tuple, upper: tuple) -> torch.Tensor:
+        """Back-substitution through an elementwise relaxation αL·z + βL ≤ φ(z) ≤ αU·z + βU
+        (each (batch, *shape), valid on the region): positive coefficients take the lower
+        line, negative ones the upper. Only the columns where the two lines differ (unstable
+        elements, in any point) are treated apart; elsewhere φ is exactly affine."""
+        (al, bl), (au, bu) = lower, upper
+        b, s = a.shape[:2]
+        af = a.reshape(b, s, -1)
+        al_f, bl_f = al.reshape(b, -1), bl.reshape(b, -1)
+        out = af * al_f.unsqueeze(1)
+        self.add_bias(af, bl_f)
+        du, db = au.reshape(b, -1) - al_f, bu.reshape(b, -1) - bl_f
+        differ = ((du != 0) | (db != 0)).any(0)
+        cols = differ.nonzero().squeeze(1)
+        if 2 * cols.numel() > differ.numel():  # mostly unstable: all columns at once
+            neg = af.clamp(max=0)
+            out += neg * du.unsqueeze(1)
+            self.add_bias(neg, db)
+        elif cols.numel():
+            neg = af.index_select(2, cols).clamp(max=0)  # (b, s, k)
+            out.index_add_(2, cols, neg * du.index_select(1, cols).unsqueeze(1))
+            self.add_bias(neg, db.index_select(1, cols))
+        return out.view_as(a)
 
 
 def _widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,29 +196,39 @@ class LocalBound:
         total = sum(self.numel.values()) * 8 * 4
         if method == "ibp":
             return total
-        rows = max([2 * self.numel[n] for n in self.refined] + [specs])
+        refined = self.refined if method == "crown" else []  # crown-ibp: the specs only
+        rows = max([2 * self.numel[n] for n in refined] + [specs])
         return total + rows * widest * 8 * 3
 
     def margins(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
                 box: tuple[float, float] | None, method: str) -> torch.Tensor:
         """Lower bounds (float64, (batch, specs)) of spec·f over the region, exact network."""
+        ibp, form = self.forms(x0, radius, norm, spec, box, method)
+        return ibp if form is None else torch.maximum(ibp, form.lower(radius))
+
+    def forms(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
+              box: tuple[float, float] | None, method: str) -> tuple[torch.Tensor,
+                                                                      LinearForm | None]:
+        """IBP's lower bounds (float64, (batch, specs)) of spec·f over the region and, but for
+        ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP)."""
         g = self.graph
         with torch.no_grad():
             values = g._evaluate(x0.to(g.dtype))
             ctx = Region(g, values, x0.shape[0])
+            refine = method == "crown"  # "crown-ibp": IBP's intermediate bounds
             x = x0.double()
             r = radius.to(x.device, torch.float64).view(-1, *([1] * (x.ndim - 1)))
             xl, xu = x - r, x + r
             if box is not None:
                 xl, xu = xl.clamp(min=box[0]), xu.clamp(max=box[1])
             ctx.lower[g.input], ctx.upper[g.input] = _widen(xl, xu)
-            inp = (x, r.flatten(), xl, xu, norm, box is not None)
+            inp = (x, r.flatten(), xl, xu, norm, box)
             for step in g.steps:
                 n = step.node
                 op, call, params = g.calls[n]
                 lo, hi = op.interval(call, params, ctx)
                 ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
-                if method == "crown" and n in self.refined:
+                if refine and n in self.refined:
                     self._refine(n, ctx, inp)
             out = g.output
             shape = ctx.lower[out].shape[1:]
@@ -200,9 +236,11 @@ class LocalBound:
             lo, hi = ctx.lower[out].flatten(1)[:, None, :], ctx.upper[out].flatten(1)[:, None, :]
             ibp = (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
             if method == "ibp":
-                return ibp
-            crown = self._backward(out, c.view(c.shape[0], c.shape[1], *shape), ctx, inp)
-            return torch.maximum(ibp, crown)
+                return ibp, None
+            form = self._backward(out, c.view(c.shape[0], c.shape[1], *shape), ctx, inp,
+                                  form=True)
+            assert isinstance(form, LinearForm)  # with form
+            return ibp, form
 
     def _refine(self, n, ctx: Region, inp) -> None:
         lo, hi = ctx.lower[n], ctx.upper[n]
@@ -210,7 +248,15 @@ class LocalBound:
         for u in self.users[n]:
             op, call, params = self.graph.calls[u]
             if op.relaxed:
-                m = op.refine(call, params, lo, hi)
+                # a relaxed op whose output feeds another relaxation (ReLU → max pooling)
+                # passes on every input bound, stable elements' too: refine them all
+                # but for those on which it is a known constant (a ReLU's hi ≤ 0)
+                chained = any(self.graph.calls[w][0].relaxed for w in self.users[u])
+                if chained:
+                    const = op.constant(call, params, lo, hi)
+                    m = None if const is None else ~const
+                else:
+                    m = op.refine(call, params, lo, hi)
                 if m is None:
                     mask = torch.ones_like(lo, dtype=torch.bool)
                     break
@@ -226,10 +272,11 @@ class LocalBound:
         idx = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
         valid = torch.arange(k, device=lo.device)[None, :] < counts[:, None]
         nel = flat.shape[1]
-        a = torch.zeros((b, 2 * k, nel), dtype=torch.float64, device=lo.device)
-        a[:, :k].scatter_(2, idx[:, :, None], 1.0)
-        a[:, k:].scatter_(2, idx[:, :, None], -1.0)
-        lb = self._backward(n, a.view(b, 2 * k, *lo.shape[1:]), ctx, inp)
+        a = torch.zeros((b, k, nel), dtype=torch.float64, device=lo.device)
+        a.scatter_(2, idx[:, :, None], 1.0)
+        # rows e_i, and −e_i added at the first relaxation (the map before it is linear)
+        lb = self._backward(n, a.view(b, k, *lo.shape[1:]), ctx, inp, mirror=True)
+        assert isinstance(lb, torch.Tensor)  # without form
         new_lo, new_hi = lb[:, :k], -lb[:, k:]
         lo_f, hi_f = lo.reshape(b, -1).clone(), hi.reshape(b, -1).clone()
         old_lo, old_hi = lo_f.gather(1, idx), hi_f.gather(1, idx)
@@ -237,41 +284,138 @@ class LocalBound:
         hi_f.scatter_(1, idx, torch.where(valid, torch.minimum(old_hi, new_hi), old_hi))
         ctx.lower[n], ctx.upper[n] = lo_f.view_as(lo), hi_f.view_as(hi)
 
-    def _backward(self, start, a: torch.Tensor, ctx: Region, inp) -> torch.Tensor:
-        """CROWN: a lower bound (batch, specs) of Σ a·start over the region."""
+    def _backward(self, start, a: torch.Tensor, ctx: Region, inp, mirror: bool = False,
+                  form: bool = False) -> torch.Tensor | LinearForm:
+        """CROWN: a lower bound (batch, specs) of Σ a·start over the region (with ``form``,
+        as a :class:`LinearForm`); with ``mirror``, of the rows a and then −a (2·specs), the
+        rows −a formed only at the first relaxed op (before it, the coefficients of −a are
+        those of a negated)."""
         g = self.graph
         b, s = a.shape[:2]
         ctx.bias = torch.zeros((b, s), dtype=torch.float64, device=a.device)
         ctx.mag = torch.zeros_like(ctx.bias)
         acc = {start: a}
         pos = g.order.index(start)
+
+        def unfold_mirror():
+            for key in acc:
+                acc[key] = torch.cat([acc[key], -acc[key]], dim=1)
+            assert ctx.bias is not None  # set above
+            assert ctx.mag is not None
+            ctx.bias = torch.cat([ctx.bias, -ctx.bias], dim=1)
+            ctx.mag = torch.cat([ctx.mag, ctx.mag], dim=1)
+
         for n in reversed(g.order[:pos + 1]):
             if n not in acc or n is g.input:
                 continue
-            coef = acc.pop(n)
             op, call, params = g.calls[n]
+            if mirror and op.relaxed:
+                unfold_mirror()
+                mirror = False
+            coef = acc.pop(n)
             for src, a_src in op.linear(call, params, coef, ctx):
                 if not g.depends.get(src, False):
                     continue
                 acc[src] = acc[src] + a_src if src in acc else a_src
+        if mirror:
+            unfold_mirror()
         a_in = acc.get(g.input)
         bias, mag = ctx.bias, ctx.mag
         ctx.bias = ctx.mag = None
-        if a_in is None:  # the start does not depend on the input (constant)
-            return bias - REL_SLACK * mag
-        x, r, xl, xu, norm, boxed = inp
-        af = a_in.flatten(2)
-        xc = x.flatten(1)[:, None, :]
-        lo, hi = xl.flatten(1)[:, None, :], xu.flatten(1)[:, None, :]
-        dual = {"linf": lambda t: t.abs().sum(-1), "l2": lambda t: t.norm(dim=-1),
-                "l1": lambda t: t.abs().amax(-1)}[norm]
-        ball = (af * xc).sum(-1) - r[:, None] * dual(af)
-        if boxed or norm == "linf":
-            inside = (af.clamp(min=0) * lo + af.clamp(max=0) * hi).sum(-1)
-            ball = torch.maximum(ball, inside) if boxed else ball
-        reach = torch.maximum((xc - r[:, None, None]).abs(), (xc + r[:, None, None]).abs())
-        mag = mag + (af.abs() * reach).sum(-1)
-        return ball + bias - REL_SLACK * mag
+        assert bias is not None  # set above
+        assert mag is not None
+        x, r, _, _, norm, box = inp
+        lin = LinearForm(None if a_in is None else a_in.flatten(2), bias, mag, x.flatten(1),
+                         r, norm, box)
+        return lin if form else lin.lower(r)
+
+
+_DUAL = {"linf": lambda t: t.abs().sum(-1), "l2": lambda t: t.norm(dim=-1),
+         "l1": lambda t: t.abs().amax(-1)}
+
+
+class LinearForm:
+    """CROWN's lower bound of the rows Σ a·f of a batch as a function of the input: for every
+    x in the region of radius ``radius_max`` (per point) it computed its relaxations on,
+    Σ a·f(x) ≥ a_in·x + bias (exact network). :meth:`lower` bounds it over B_norm(x0, r)
+    (∩ ``box``) for any r ≤ ``radius_max``: the intermediate bounds of the larger region hold
+    on the smaller one, so the relaxations, hence a_in and bias, stay valid, and only the
+    minimum of a_in·x over the region changes — a_in·x0 − r‖a_in‖_q (q the dual norm), and
+    with the box also the exact minimum over [max(x0 − r, lo), min(x0 + r, hi)] ⊇ ball ∩
+    box and, in L2, the Lagrangian dual bound of the ball ∩ box (:func:`_l2_box_min`), the
+    largest kept. All are non-increasing in r. The float64 allowance is REL_SLACK times
+    the magnitude of the terms at ``radius_max`` (an upper bound of theirs at any r ≤
+    radius_max)."""
+
+    def __init__(self, a_in: torch.Tensor | None, bias: torch.Tensor, mag: torch.Tensor,
+                 x0: torch.Tensor, radius_max: torch.Tensor, norm: str,
+                 box: tuple[float, float] | None):
+        self.a_in, self.x0, self.radius_max, self.box = a_in, x0, radius_max, box
+        self.norm = norm
+        if a_in is None:  # the rows do not depend on the input (constant)
+            self.const = bias - REL_SLACK * mag
+            return
+        xc = x0[:, None, :]
+        rm = radius_max[:, None, None]
+        reach = torch.maximum((xc - rm).abs(), (xc + rm).abs())
+        self.const = bias - REL_SLACK * (mag + (a_in.abs() * reach).sum(-1))
+        self.center = (a_in * xc).sum(-1)
+        self.dual = _DUAL[norm](a_in)
+
+    def lower(self, r: torch.Tensor) -> torch.Tensor:
+        """The lower bound (batch, specs) over the region of radius ``r`` (per point, each
+        ≤ ``radius_max``; not checked here)."""
+        if self.a_in is None:
+            return self.const
+        out = self.center - r[:, None] * self.dual
+        if self.box is not None:
+            xc, rr = self.x0, r[:, None]
+            lo, hi = (xc - rr).clamp(min=self.box[0]), (xc + rr).clamp(max=self.box[1])
+            a = self.a_in
+            inside = (torch.bmm(a.clamp(min=0), lo[:, :, None])
+                      + torch.bmm(a.clamp(max=0), hi[:, :, None])).squeeze(2)
+            out = torch.maximum(out, inside)
+            if self.norm == "l2":
+                out = torch.maximum(out, _l2_box_min(a, xc, r, self.box))
+        return out + self.const
+
+
+#: Bisection steps of the multiplier of :func:`_l2_box_min` (any multiplier is sound).
+L2_BOX_STEPS = 24
+
+
+def _l2_box_min(a: torch.Tensor, x0: torch.Tensor, r: torch.Tensor,
+                box: tuple[float, float]) -> torch.Tensor:
+    """A lower bound (batch, specs) of min a·x over ‖x − x0‖₂ ≤ r, lo ≤ x ≤ hi (``box``):
+    by weak duality, for every λ > 0, g(λ) = min over the box of a·x + λ(‖x − x0‖² − r²) is
+    one, and the minimum is separable: x_i = clip(x0_i − t·a_i, lo, hi) with t = 1/(2λ).
+    t is chosen by bisection (on log t, from the unclipped t₀ = r/‖a‖) so that
+    ‖x(t) − x0‖ ≈ r, where g is the exact minimum (strong duality: Slater holds when x0 is in
+    the box and r > 0); whatever t the bisection ends at, g is a valid bound. The ball alone
+    ignores the box: in L2 it lets an input move out of the box along every coordinate (e.g.
+    below 0 on a digit's black background), which the box forbids."""
+    lo, hi = box
+    an = a.norm(dim=-1).clamp_min(1e-300)  # (b, s)
+    rr = r[:, None]
+    t0 = (rr / an).clamp(max=1e200)  # a = 0: x = x0 whatever t
+    xc = x0[:, None, :]
+
+    def dist(t):
+        x = (xc - t[..., None] * a).clamp(lo, hi)
+        return x, (x - xc).norm(dim=-1)
+
+    # n(t) = ‖x(t) − x0‖ is non-decreasing in t, and n(t₀) ≤ r: bisect log2(t/t₀) in [0, 32]
+    k_lo, k_hi = torch.zeros_like(t0), torch.full_like(t0, 32.0)
+    for _ in range(L2_BOX_STEPS):
+        k = (k_lo + k_hi) / 2
+        _, n = dist(t0 * torch.exp2(k))
+        below = n <= rr
+        k_lo, k_hi = torch.where(below, k, k_lo), torch.where(below, k_hi, k)
+    t = (t0 * torch.exp2(k_lo)).clamp_min(1e-300)  # r = 0: x = x0, gap 0
+    x, n = dist(t)
+    gap = (n * n - rr * rr) / (2 * t)  # λ(‖x − x0‖² − r²), ≤ 0 here
+    # the float64 evaluation of the gap term: its own REL_SLACK allowance (a·x's is in mag)
+    return (a * x).sum(-1) + gap - REL_SLACK * (n * n + rr * rr) / (2 * t)
 
 
 @dataclass
@@ -307,22 +451,10 @@ def default_spec(logits: torch.Tensor) -> torch.Tensor:
     return a[keep].view(p, c - 1, c)
 
 
-def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
-                 spec: torch.Tensor | None = None, *, box: tuple[float, float] | None = None,
-                 method: str = "crown", max_memory: int = DEFAULT_MAX_MEMORY,
-                 ball_error: torch.Tensor | None = None) -> LocalMargins:
-    """Sound lower bounds of the margins spec·f over B_``norm``(x0, radius) (∩ ``box``) for
-    each point of the batch ``x0`` (see the module doc for the algorithm and its soundness).
-
-    ``radius``: a number or one per point; ``norm``: "linf", "l2" or "l1"; ``spec``: (batch,
-    S, C) rows (default: e_t − e_j for the predicted class t of the float32 logits at x0);
-    ``method``: "crown" (CROWN, intermediate bounds by CROWN, intersected with IBP) or "ibp";
-    ``max_memory``: the points are processed in chunks whose estimated peak (float64
-    coefficients) stays within it (a single point above it raises :class:`NotBoundable`);
-    ``ball_error``: an elementwise bound (batch, C) of the float32 rounding of the logits
-    over a ball containing this one (default: :meth:`LipschitzBound.rounding` at this
-    radius). Raises :class:`NotBoundable` naming an op without the bound ``method`` needs.
-    """
+def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
+             spec: torch.Tensor | None, method: str, max_memory: int):
+    """Checked arguments of :func:`local_bounds` and :func:`local_radius`: (analysis, radii
+    per point, spec, points per chunk)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if method not in METHODS:
@@ -344,12 +476,92 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     if per_point > max_memory:
         raise NotBoundable(f"the {method} bound needs about {per_point / 2**20:.0f} MiB per "
                            f"point, above max_bound_memory ({max_memory / 2**20:.0f} MiB)")
-    chunk = max(1, int(max_memory // per_point))
-    parts = [local.margins(x0[i:i + chunk], radius[i:i + chunk], norm, spec[i:i + chunk], box,
-                           method) for i in range(0, b, chunk)]
-    exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
+    return local, radius, spec, max(1, int(max_memory // per_point))
+
+
+def _rounding(bound: LipschitzBound, x0: torch.Tensor, radius: torch.Tensor, norm: str,
+              spec: torch.Tensor, ball_error: torch.Tensor | None) -> torch.Tensor:
+    """|C|·E_ball (batch, specs): the float32 rounding allowance of the margins."""
     if ball_error is None:
         _, ball_error = bound.rounding(x0, radius, "linf" if norm == "linf" else "l2")
         assert ball_error is not None  # with a radius: the ball's bound
-    rnd = torch.einsum("psc,pc->ps", spec.abs(), ball_error.to(spec.device, torch.float64))
+    return torch.einsum("psc,pc->ps", spec.abs(), ball_error.to(spec.device, torch.float64))
+
+
+def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
+                 spec: torch.Tensor | None = None, *, box: tuple[float, float] | None = None,
+                 method: str = "crown", max_memory: int = DEFAULT_MAX_MEMORY,
+                 ball_error: torch.Tensor | None = None) -> LocalMargins:
+    """Sound lower bounds of the margins spec·f over B_``norm``(x0, radius) (∩ ``box``) for
+    each point of the batch ``x0`` (see the module doc for the algorithm and its soundness).
+
+    ``radius``: a number or one per point; ``norm``: "linf", "l2" or "l1"; ``spec``: (batch,
+    S, C) rows (default: e_t − e_j for the predicted class t of the float32 logits at x0);
+    ``method``: "crown" (CROWN, intermediate bounds by CROWN, intersected with IBP),
+    "crown-ibp" (CROWN with IBP's intermediate bounds: one backward pass, looser) or "ibp";
+    ``max_memory``: the points are processed in chunks whose estimated peak (float64
+    coefficients) stays within it (a single point above it raises :class:`NotBoundable`);
+    ``ball_error``: an elementwise bound (batch, C) of the float32 rounding of the logits
+    over a ball containing this one (default: :meth:`LipschitzBound.rounding` at this
+    radius). Raises :class:`NotBoundable` naming an op without the bound ``method`` needs.
+    """
+    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
+    b = x0.shape[0]
+    parts = [local.margins(x0[i:i + chunk], radius[i:i + chunk], norm, spec[i:i + chunk], box,
+                           method) for i in range(0, b, chunk)]
+    exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
+    rnd = _rounding(bound, x0, radius, norm, spec, ball_error)
     return LocalMargins(exact - rnd, exact, rnd, method)
+
+
+#: Bisection steps of :func:`local_radius` on a fixed relaxation (no network pass each).
+RADIUS_STEPS = 40
+
+
+def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
+                 spec: torch.Tensor | None = None, offset: torch.Tensor | None = None, *,
+                 box: tuple[float, float] | None = None, method: str = "crown",
+                 max_memory: int = DEFAULT_MAX_MEMORY,
+                 ball_error: torch.Tensor | None = None) -> torch.Tensor:
+    """Per point of ``x0``: a radius r ≤ ``radius`` (float64) such that every margin
+    spec_j·f − offset_j (offset default 0) is positive over the closed ball B_``norm``(x0, r)
+    (∩ ``box``), for the exact network and its float32 evaluation; ``radius`` itself where
+    the bounds at ``radius`` are positive, 0 where not even the bound at r = 0 is.
+
+    One bound computation at ``radius`` (:func:`local_bounds`' algorithm and arguments): the
+    relaxations of every op are fitted to the intervals over the ball of radius ``radius``
+    and hold on every smaller ball, so CROWN's bound of each margin is a :class:`LinearForm`
+    valid for every r ≤ ``radius`` (IBP's, a constant, too; so is the rounding allowance
+    |C|·E_ball, since E grows with the radius), non-increasing in r. The largest r keeping
+    them all positive is found by bisection on these forms (:data:`RADIUS_STEPS` steps, no
+    network pass), and the returned r is one where positivity was checked: sound, whatever
+    the rounding of the bisection. It is at most the radius a fresh bound at r would
+    certify (tighter intervals at r): call again with a radius between (bisection of
+    :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
+    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
+    b = x0.shape[0]
+    thr = _rounding(bound, x0, radius, norm, spec, ball_error)
+    if offset is not None:
+        thr = thr + offset.to(thr.device, torch.float64)
+    out = []
+    for i in range(0, b, chunk):
+        sl = slice(i, i + chunk)
+        ibp, form = local.forms(x0[sl], radius[sl], norm, spec[sl], box, method)
+        t = thr[sl]
+
+        def ok(r, ibp=ibp, form=form, t=t):
+            low = ibp if form is None else torch.maximum(ibp, form.lower(r))
+            return ((low - t) > 0).all(1)
+
+        big = radius[sl]
+        lo, hi = torch.zeros_like(big), big.clone()
+        full, zero = ok(hi), ok(lo)
+        if form is not None:
+            for _ in range(RADIUS_STEPS):
+                mid = (lo + hi) / 2
+                good = ok(mid)
+                lo = torch.where(good, mid, lo)
+                hi = torch.where(good, hi, mid)
+        r = torch.where(full, big, torch.where(zero, lo, torch.zeros_like(lo)))
+        out.append(r)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

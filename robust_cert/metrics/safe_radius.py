@@ -3,12 +3,15 @@
 One algorithm: for each point and norm (L2, L∞), bracket the maximum safe radius (MSR) of a
 safety property — the largest ε such that the property holds on the whole ε-ball:
 
-* **lower bound** (sound, in floating point): min_j (ĥ_j(x) − rounding) / L_j, where the
-  property holds while every margin h_j = a_j·f(x) − b_j stays positive, L_j is a true
-  Lipschitz upper bound of h_j (op-by-op operator norms along the traced graph, residual
-  additions and pooling included: :mod:`robust_cert.bounds`) and "rounding" bounds
-  the float error of the computed logits at x and anywhere in the ball
-  (:func:`_certified_radius`);
+* **lower bound** (sound, in floating point), the larger of two:
+  the *Lipschitz radius* min_j (ĥ_j(x) − rounding) / L_j, where the property holds while
+  every margin h_j = a_j·f(x) − b_j stays positive, L_j is a true Lipschitz upper bound of
+  h_j (op-by-op operator norms along the traced graph, residual additions and pooling
+  included: :mod:`robust_cert.bounds`) and "rounding" bounds the float error of the computed
+  logits at x and anywhere in the ball (:func:`_certified_radius`); and the *local radius*:
+  the largest radius, searched on [Lipschitz radius, witness], at which sound local
+  lower bounds of all margins over the ball (CROWN, CROWN-IBP or IBP:
+  :func:`robust_cert.bounds.local_radius`, float32 rounding included) stay positive;
 * **upper bound** (a witness): the distance of the closest violating input found by bisection
   over ε with a batched projected-gradient search;
 * **estimate** (CLEVER-style): h_j(x) / L̂_j with L̂_j the location of a reverse-Weibull fit
@@ -36,8 +39,10 @@ from robust_cert.bounds import (
     LipschitzBound,
     NotBoundable,
     lipschitz_bound,
+    local_radius,
     strict_float32,
 )
+from robust_cert.bounds.local import local_analysis
 from robust_cert.data import EvalSet
 from robust_cert.metrics.base import (
     Metric,
@@ -84,6 +89,17 @@ class SafeRadiusConfig(MetricConfig):
                                 description="samples per CLEVER batch")
     clever_radius: float = Field(default=2.0, gt=0, description="CLEVER sampling ball radius")
     power_iterations: int = Field(default=100, ge=1, le=100_000)
+    local_bound: Literal["crown", "crown-ibp", "ibp", "off"] = Field(
+        default="crown", description="local bound tried beyond the Lipschitz radius")
+    bound_steps: int = Field(default=12, ge=0, le=60,
+                             description="relaxations fitted per point (at most): each a "
+                             "bound computation at one trial radius")
+    bound_rtol: float = Field(default=0.02, ge=0, lt=1, description="a point's bisection stops "
+                              "once its bracket is within this fraction of its upper end")
+    max_bound_memory: int = Field(default=1 << 30, ge=1 << 20,
+                                  description="memory budget of one local bound (bytes)")
+    within_box: bool = Field(default=False, description="certify the ball ∩ the input box "
+                             "(tighter; the claim then covers only inputs in the box)")
 
     @field_validator("norms")
     @classmethod
@@ -192,23 +208,37 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     of the deployed graph), ``upper@n`` (the distance of
     the closest violation found: the MSR is at most this; inf when none was found within
     ``max_radius``), ``clever@n`` (the CLEVER-style estimate, a number between the two in
-    practice but not guaranteed). ``holds`` marks points where the property holds at x (and,
-    for ``adversarial``, the prediction is the label).
+    practice but not guaranteed), ``lower_lipschitz@n`` (the Lipschitz radius alone),
+    ``lower_local@n`` (the local radius where it certified more, else NaN) and ``bound@n``
+    (which bound certified ``lower@n``: "lipschitz", "crown", "crown-ibp" or "ibp").
+    ``lower@n`` is the larger of the two radii; both are sound, so is it. ``holds`` marks
+    points where the property holds at x (and, for ``adversarial``, the prediction is the
+    label).
 
     Proportions (gateable), kind **certified**: for each norm n and radius r in ``radii``,
     the fraction of points with ``holds`` and ``lower@n > r`` (an exact Clopper–Pearson
     interval over the sampling of points). If the network has a layer the bound cannot handle,
     or the model is certified through a gradient twin, the lower bound is "not applicable"
     (reason in ``diagnostics["lower_bound"]``; witnesses and CLEVER are still reported) and,
-    when radii are configured, so is the result.
+    when radii are configured, so is the result. A network with an op without a local bound
+    (or above ``max_bound_memory`` for one point) is certified by the Lipschitz radius alone,
+    the op named in ``diagnostics["local_bound"]`` ("lipschitz only: …"; else the method).
+    ``diagnostics[n]`` also holds ``median_lower_lipschitz``, ``median_ratio`` and
+    ``median_ratio_lipschitz`` (median certified lower / witnessed upper, the tightness) and
+    ``certified_by`` (points per bound).
 
     Args (policy ``metrics.safe_radius``): property (``adversarial``), norms (``[l2, linf]``),
     radii (``[]``), tau (0.5), output/low/high (reachability), max_radius (the input box:
     hi − lo for L∞, (hi − lo)·√d for L2), bisection_steps (12), attack_steps (20, step
     2.5·ε/steps, from δ = 0), clever_batches (10), clever_samples (100 per batch),
     clever_radius (2.0, data units), power_iterations (100: the reported power-iteration
-    estimate ``l2_lower`` of each convolution, never part of the bound). Sampling is seeded
-    from the run.
+    estimate ``l2_lower`` of each convolution, never part of the bound), local_bound
+    (``crown``; ``crown-ibp``, ``ibp`` or ``off``), bound_steps (12: trial radii of the local
+    bound per point, at most, each one bound computation), bound_rtol (0.02: a point's search
+    ends once its bracket is that close),
+    max_bound_memory (1 GiB: points are bounded in chunks within it), within_box (false:
+    certify the whole ball; true: the ball ∩ the input box, tighter, and then the claim covers
+    inputs in the box only). Sampling is seeded from the run.
 
     Sharding (``shardable``): the engine runs blocks of ``batch_size`` points. The CLEVER
     samples of a batch are drawn from a generator seeded by (run seed, norm, index of the
@@ -227,16 +257,18 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     """
 
     name = "safe_radius"
-    description = ("P[property holds on the whole ball of radius r] by a sound Lipschitz lower "
-                   "bound on the maximum safe radius")
+    description = ("P[property holds on the whole ball of radius r] by a sound lower bound on "
+                   "the maximum safe radius (Lipschitz, and local CROWN/IBP bounds)")
     Config = SafeRadiusConfig
 
     #: the bound is of the network alone; medians are over all points (:meth:`finalize`)
     merge_rules = {"property": "same", "lower_bound": "same", "lipschitz": "same",
-                   "holds": "sum",
+                   "local_bound": "same", "holds": "sum",
                    **{norm: {"median_lower": "recompute", "median_upper": "recompute",
                              "median_clever": "recompute", "no_witness": "sum",
-                             "sandwich_violations": "sum"} for norm in ("l2", "linf")}}
+                             "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
+                             "median_ratio": "recompute", "median_ratio_lipschitz": "recompute",
+                             "certified_by": "recompute"} for norm in ("l2", "linf")}}
 
     def __init__(self, config: SafeRadiusConfig):
         super().__init__(config)
@@ -320,6 +352,16 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             bound, why = self._bounds.get(model.forward, data.input_shape, cfg.power_iterations)
         else:
             why = "the model is not a PyTorch module"
+        local_why = ""
+        if bound is None:
+            local_why = "no Lipschitz bound"
+        elif cfg.local_bound == "off":
+            local_why = "off"
+        else:
+            try:
+                local_analysis(bound).check(cfg.local_bound)
+            except NotBoundable as exc:
+                local_why = str(exc)
         n = len(data)
         lo_r, hi_r = data.input_range
         d = int(np.prod(data.input_shape))
@@ -328,7 +370,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         holds_parts: list[torch.Tensor] = []
         dev_parts: dict[str, list[torch.Tensor]] = {
             f"{k}@{nm}": [] for nm in cfg.norms
-            for k in (("lower", "upper") if bound is not None else ("upper",))}
+            for k in (("lower", "upper", "lower_lipschitz", "lower_local")
+                      if bound is not None else ("upper",))}
         clever = {nm: np.full(n, np.nan) for nm in cfg.norms}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             # the certified margins come from the evaluation the rounding model describes
@@ -344,12 +387,21 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             holds_parts.append(ok)
             first = ctx.offset + sl.start  # the batch's first point in the whole set
             for nm in cfg.norms:
-                if bound is not None:
-                    dev_parts[f"lower@{nm}"].append(_certified_radius(bound, x, a, h, nm))
                 max_r = cfg.max_radius or ((hi_r - lo_r) * (1.0 if nm == "linf" else
                                                                math.sqrt(d)))
-                dev_parts[f"upper@{nm}"].append(
-                    self._witness(fn, x, t, nm, max_r, (lo_r, hi_r)))
+                upper = self._witness(fn, x, t, nm, max_r, (lo_r, hi_r))
+                dev_parts[f"upper@{nm}"].append(upper)
+                if bound is not None:
+                    r_lip = _certified_radius(bound, x, a, h, nm)
+                    r_loc = torch.full_like(r_lip, math.nan)
+                    if not local_why:
+                        try:
+                            r_loc = self._local_radius(bound, x, a, b.double(), nm, r_lip,
+                                                       upper, max_r, (lo_r, hi_r))
+                        except NotBoundable as exc:  # e.g. an op setting CROWN refuses
+                            local_why = str(exc)
+                    dev_parts[f"lower_lipschitz@{nm}"].append(r_lip)
+                    dev_parts[f"lower_local@{nm}"].append(r_loc)
                 g = ctx.global_generator(f"{self.name}/clever/{nm}/{first}")
                 clever[nm][sl] = self.clever(fn, x, nm, g, (lo_r, hi_r))
                 ctx.advance(sl.stop - sl.start)
@@ -357,10 +409,21 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                  else np.zeros(0, dtype=bool))
         out = {}
         for nm in cfg.norms:
-            for k in ("lower", "upper"):
+            for k in ("upper", "lower_lipschitz", "lower_local"):
                 parts = dev_parts.get(f"{k}@{nm}")
                 out[f"{k}@{nm}"] = (torch.cat(parts).cpu().numpy() if parts
                                     else np.full(n, np.nan))
+            if bound is not None:
+                lip, loc = out[f"lower_lipschitz@{nm}"], out[f"lower_local@{nm}"]
+                if local_why:  # a later block failed: the whole run falls back
+                    loc = np.full(n, np.nan)
+                    out[f"lower_local@{nm}"] = loc
+                better = np.isfinite(loc) & (loc > lip)
+                out[f"lower@{nm}"] = np.where(better, loc, lip)
+                out[f"bound@{nm}"] = np.where(better, cfg.local_bound, "lipschitz").astype("<U9")
+            else:
+                out[f"lower@{nm}"] = np.full(n, np.nan)
+                out[f"bound@{nm}"] = np.full(n, "", dtype="<U9")
             out[f"clever@{nm}"] = clever[nm]
         props = []
         if bound is not None:
@@ -371,6 +434,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         diagnostics: dict[str, object] = {
             "property": cfg.property,
             "lower_bound": "not applicable: " + why if bound is None else "ok",
+            "local_bound": (cfg.local_bound if not local_why else
+                            f"lipschitz only: {local_why}"),
         }
         if bound is not None:
             diagnostics["lipschitz"] = {"prefix": bound.prefix, "layers": bound.layers}
@@ -390,7 +455,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         cfg = self.config
         pp = result.per_point
         holds = pp["holds"].astype(bool)
-        diagnostics = {k: result.diagnostics[k] for k in ("property", "lower_bound")}
+        diagnostics = {k: result.diagnostics[k] for k in ("property", "lower_bound")
+                       if k in result.diagnostics}
+        if "local_bound" in result.diagnostics:
+            diagnostics["local_bound"] = result.diagnostics["local_bound"]
         diagnostics["holds"] = int(holds.sum())
         if "lipschitz" in result.diagnostics:
             diagnostics["lipschitz"] = result.diagnostics["lipschitz"]
@@ -407,11 +475,62 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 "sandwich_violations": int((lower[both] > upper[both] * (1 + 1e-6) + 1e-9)
                                            .sum()),
             }
+            lip = pp.get(f"lower_lipschitz@{nm}")
+            if lip is not None:
+                pos = holds & np.isfinite(upper) & (upper > 0)
+                ratio = np.where(pos, lower / np.where(pos, upper, 1.0), np.nan)
+                ratio_lip = np.where(pos, lip / np.where(pos, upper, 1.0), np.nan)
+                by = pp[f"bound@{nm}"][holds]
+                diagnostics[nm].update({
+                    "median_lower_lipschitz": _median(lip[holds]),
+                    "median_ratio": _median(ratio),
+                    "median_ratio_lipschitz": _median(ratio_lip),
+                    "certified_by": {k: int((by == k).sum()) for k in ("lipschitz", "crown",
+                                                                        "crown-ibp", "ibp")},
+                })
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
                             "(%s)", diagnostics[nm]["sandwich_violations"], nm)
         result.diagnostics = diagnostics
         return result
+
+    def _local_radius(self, bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor, norm: str, r_lip: torch.Tensor, upper: torch.Tensor,
+                      max_r: float, box: tuple[float, float]) -> torch.Tensor:
+        """Per point: the largest radius certified by the local bound, searched on [the
+        Lipschitz radius, the witness (``max_r`` without one)]; NaN where it certifies no more
+        than the Lipschitz radius. Each of at most ``bound_steps`` steps fits the relaxations
+        to the ball of a trial radius R (the middle of the bracket) and, with them fixed,
+        finds the largest r ≤ R keeping every margin's bound a_j·f − b_j positive
+        (:func:`~robust_cert.bounds.local_radius`: sound for the exact network and its
+        float32 evaluation on the closed ball, ∩ the input box with ``within_box``): r is
+        certified (the bracket's lower end rises to it) and, when r < R, the radii above R
+        are given up (relaxations fitted to a larger ball are looser). A point's search ends
+        once its bracket is within ``bound_rtol`` of its upper end. The rounding bound of the
+        logits is computed once at the upper end: it grows with the radius, so it covers
+        every step."""
+        cfg = self.config
+        lo = r_lip.double().clone()
+        hi = torch.where(torch.isfinite(upper), upper, torch.full_like(upper, max_r)).double()
+        hi = torch.maximum(hi, lo)
+        live = hi > lo * (1 + 1e-6)
+        if not bool(live.any()) or cfg.bound_steps == 0:
+            return torch.full_like(lo, math.nan)
+        _, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
+        assert e_ball is not None  # with a radius: the ball's bound
+        box_arg = box if cfg.within_box else None
+        for _ in range(cfg.bound_steps):
+            idx = live.nonzero().squeeze(1)
+            if not idx.numel():
+                break
+            trial = (lo[idx] + hi[idx]) / 2
+            r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
+                             box=box_arg, method=cfg.local_bound,
+                             max_memory=cfg.max_bound_memory, ball_error=e_ball[idx])
+            lo[idx] = torch.maximum(lo[idx], r)
+            hi[idx] = torch.where(r >= trial, hi[idx], trial)
+            live[idx] = hi[idx] - lo[idx] > cfg.bound_rtol * hi[idx]
+        return torch.where(lo > r_lip, lo, torch.full_like(lo, math.nan))
 
     def _witness(self, fn: nn.Module, x: torch.Tensor, t: torch.Tensor, norm: str,
                  max_r: float, box: tuple[float, float]) -> torch.Tensor:

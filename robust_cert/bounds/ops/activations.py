@@ -68,19 +68,16 @@ class Activation(BoundOp):
 
     def linear(self, call: OpCall, params, a: torch.Tensor, ctx):
         # constant relaxation: φ ∈ [lo_out, hi_out] on the region
-        ctx.add_bias(a.clamp(min=0), ctx.lower[call.node])
-        ctx.add_bias(a.clamp(max=0), ctx.upper[call.node])
+        zero = torch.zeros_like(ctx.lower[call.node])
+        ctx.relax(a, (zero, ctx.lower[call.node]), (zero, ctx.upper[call.node]))
         return []
 
     @staticmethod
     def relax(a: torch.Tensor, lower: tuple, upper: tuple, ctx) -> torch.Tensor:
         """Back-substitution through φ(z) ≥ αL·z + βL and φ(z) ≤ αU·z + βU (elementwise, on
-        the region): positive coefficients take the lower line, negative ones the upper."""
-        pos, neg = a.clamp(min=0), a.clamp(max=0)
-        (al, bl), (au, bu) = lower, upper
-        ctx.add_bias(pos, bl)
-        ctx.add_bias(neg, bu)
-        return pos * al.unsqueeze(1) + neg * au.unsqueeze(1)
+        the region): positive coefficients take the lower line, negative ones the upper
+        (:meth:`Region.relax <robust_cert.bounds.local.Region.relax>`)."""
+        return ctx.relax(a, lower, upper)
 
 
 RELU6 = {F.relu6} | aten_targets("relu6")
@@ -123,6 +120,10 @@ class ReLU(Activation):
     def refine(self, call: OpCall, params, lo, hi):
         a, b = self.clamp_range(call)
         return ((lo < a) & (hi > a)) | ((lo < b) & (hi > b))
+
+    def constant(self, call: OpCall, params, lo, hi):
+        a, b = self.clamp_range(call)
+        return (hi <= a) | (lo >= b)
 
     def linear(self, call: OpCall, params, coef: torch.Tensor, ctx):
         src = call.deps[0]

@@ -37,6 +37,11 @@ AVGPOOL = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d") | MEAN
 
 
+#: CROWN through max pooling whose windows tile the input (stride = kernel, no padding or
+#: dilation) by reshapes instead of a scatter and a fold (same sums; off only to test that).
+TILED_FAST_PATH = True
+
+
 class MaxPoolParams(NamedTuple):
     kernel_size: object
     stride: object  # falsy: the kernel size
@@ -58,10 +63,13 @@ class MaxPool(BoundOp):
     errors in its window, obtained by pooling the error tensor itself.
 
     Local bounds: IBP is exact (max is monotone: the pooling of the lower and of the upper
-    bounds). CROWN (2-D, without ``ceil_mode``; otherwise NotBoundable) relaxes each window as
-    DeepPoly does: y ≥ z_k with k the element of the largest lower bound (y is at least any
-    element); y = z_k exactly when l_k ≥ the upper bounds of all the others, else
-    y ≤ max_i u_i.
+    bounds). CROWN (2-D, without ``ceil_mode``; otherwise NotBoundable) relaxes each window:
+    y ≥ z_k with k the element of the largest lower bound (y is at least any element), and
+    y ≤ Σ λ_i z_i + c for weights λ_i ≥ 0, Σ λ_i ≤ 1 (here ∝ (u_i − max_j l_j)⁺) with
+    c = max_j [(1 − λ_j) u_j − Σ_{i≠j} λ_i l_i]: for each j, z_j − λ·z is linear with
+    coefficient 1 − λ_j ≥ 0 on z_j and −λ_i ≤ 0 on the others, so its maximum over the box
+    is that term, and max_j z_j − λ·z ≤ c (exact, y = z_k, when z_k dominates: λ = e_k,
+    c = 0; the triangle relaxation of a + relu(b − a) for two elements).
     """
 
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -89,22 +97,40 @@ class MaxPool(BoundOp):
             out = F.unfold(t, k, dilation=dil, stride=st)  # (b·c, kk, L)
             return out.view(b, c, out.shape[1], out.shape[2])
 
-        wl, wu = windows(zl, -math.inf), windows(zu, -math.inf)
+        wl, wu = windows(zl, -math.inf), windows(zu, -math.inf)  # (b, c, kk, L)
         index = torch.arange(h * w, dtype=torch.float64, device=zl.device).view(1, 1, h, w)
         wi = F.unfold(F.pad(index, spec, value=-1.0), k, dilation=dil, stride=st)
         best = wl.argmax(2, keepdim=True)  # (b, c, 1, L)
-        lk = wl.gather(2, best).squeeze(2)
-        others = wu.scatter(2, best, -math.inf).amax(2)
-        exact = lk >= others
-        umax = wu.amax(2)
         flat = wi[0].expand(b, c, -1, -1).gather(2, best).squeeze(2).long()  # (b, c, L)
+        # upper: y ≤ Σ λ_i z_i + c with λ_i ∝ (u_i − max_j l_j)⁺ (the elements that can be
+        # the max; λ = e_k when z_k dominates: exact), c = max_j (1 − λ_j)u_j − Σ_{i≠j} λ_i l_i
+        top = wl.amax(2, keepdim=True)
+        wt = (wu - top).clamp(min=0)
+        lam = wt / wt.sum(2, keepdim=True).clamp(min=1e-300)
+        lf = torch.where(torch.isfinite(wl), wl, 0.0)
+        tot = (lam * lf).sum(2, keepdim=True)
+        const = ((1 - lam) * wu - (tot - lam * lf)).amax(2)  # (b, c, L)
         s = a.shape[1]
         coef = a.reshape(b, s, c, -1)
-        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
-        ctx.add_bias(neg * (~exact).unsqueeze(1), umax)
-        on_k = pos + neg * exact.unsqueeze(1)
+        neg = coef.clamp(max=0)
+        ctx.add_bias(neg, const)
+        kk, nwin = lam.shape[2], lam.shape[3]
+        if (TILED_FAST_PATH and pad == (0, 0) and dil == (1, 1) and st == k
+                and h % k[0] == 0 and w % k[1] == 0):
+            # windows tile the input: the coefficients of each window's elements, laid back
+            # by a reshape (the same sums as the general scatter and fold below)
+            pick = torch.zeros_like(lam).scatter_(2, best, 1.0)  # (b, c, kk, L)
+            v = neg.unsqueeze(3) * lam.unsqueeze(1) + (coef - neg).unsqueeze(3) * pick.unsqueeze(1)
+            ho, wo = h // k[0], w // k[1]
+            v = v.view(b, s, c, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4)
+            return [(src, v.reshape(b, s, c, h, w))]
         out = torch.zeros((b, s, c, h * w), dtype=a.dtype, device=a.device)
-        out.scatter_add_(3, flat.unsqueeze(1).expand(b, s, c, -1), on_k)
+        out.scatter_add_(3, flat.unsqueeze(1).expand(b, s, c, -1), coef - neg)
+        cols = (neg.unsqueeze(3) * lam.unsqueeze(1)).reshape(b * s * c, kk, nwin)
+        hp, wp = h + 2 * pad[0], w + 2 * pad[1]
+        up = F.fold(cols, (hp, wp), k, dilation=dil, stride=st)[
+            :, 0, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
+        out = out + up.reshape(b, s, c, h * w)
         return [(src, out.view(b, s, c, h, w))]
 
     def params(self, call: OpCall) -> MaxPoolParams:
