@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robust_cert.api import certify
 from robust_cert.certificate import Certificate
 from robust_cert.data import load_data
@@ -433,9 +435,16 @@ def _log_run(mlflow, clf, evalset, cert: Certificate, model_id, files: list[Path
     })
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_numpy(
-            evalset.x.numpy(), targets=evalset.y.numpy(), name=evalset.name,
-            digest=evalset.sha256[:32], source=evalset.source)
+        if isinstance(evalset.x, torch.Tensor):
+            dataset = mlflow.data.from_numpy(
+                evalset.x.numpy(), targets=evalset.y.numpy(), name=evalset.name,
+                digest=evalset.sha256[:32], source=evalset.source)
+        else:  # read on demand (uint8 images, a factory): its metadata, not a float32 copy
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            dataset = MetaDataset(resolve_dataset_source(evalset.source), name=evalset.name,
+                                  digest=evalset.sha256[:32])
     mlflow.log_input(dataset, context="certification")
     # a few short, distinct names (the full numbers with CIs are in the certificate), on
     # the logged model too so the experiment's Models tab compares versions
