@@ -271,5 +271,33 @@ class DatasetInputs(Inputs):
         return int(self.digests.nbytes)
 
 
+class ArrayView:
+    """An :class:`Inputs` seen as a read-only numpy array for code that picks a few points
+    (the HTML report's example images): ``shape``, ``ndim``, ``len``, and ``view[index]`` →
+    a float32 ``np.ndarray`` of the points indexed, read on demand. ``view[:, None]`` (a
+    channel axis before the last two) is a view too; nothing is read until points are."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, inputs: Inputs, channel_axis: bool = False):
+        self.inputs, self.channel_axis = inputs, channel_axis
+        shape = tuple(int(v) for v in inputs.shape)
+        self.shape = (*shape[:-2], 1, *shape[-2:]) if channel_axis else shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, tuple) and len(index) == 2 and index[1] is None and \
+                index[0] == slice(None) and not self.channel_axis:
+            return ArrayView(self.inputs, channel_axis=True)
+        out = self.inputs[index].numpy()
+        return np.expand_dims(out, out.ndim - 2) if self.channel_axis else out
+
+
 #: What an EvalSet's ``x`` may be.
 InputsLike = torch.Tensor | Inputs

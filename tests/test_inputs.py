@@ -199,3 +199,19 @@ def test_factory_out_of_range_and_nan_items_are_refused(tmp_path, monkeypatch):
             load_data("bad_items:nan")
     finally:
         sys.modules.pop("bad_items", None)
+
+
+def test_report_example_images_read_only_the_points_shown(tmp_path, monkeypatch):
+    from robust_cert.report.charts import ChartInputs, vulnerable_examples
+    from robust_cert.report.html import _chart_inputs
+
+    pixels, labels = _folder(tmp_path / "imgs", *_pixels())
+    cert = _certify(str(tmp_path / "imgs"))
+    data = load_data(tmp_path / "imgs", input_range=RANGE)
+    monkeypatch.setattr(Inputs, "numpy", lambda self: pytest.fail("materialised whole"))
+    lazy = vulnerable_examples(_chart_inputs(cert, data))
+    today = vulnerable_examples(ChartInputs(cert.body, dict(cert.per_point),
+                                            scale_pixels(pixels, RANGE), labels))
+    assert lazy is not None
+    assert today is not None
+    assert lazy.svg == today.svg
