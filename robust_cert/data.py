@@ -121,6 +121,12 @@ def load_data(
                   loaded.input_range or input_range, kind=loaded.kind, details=loaded.details)
 
 
+def loaded_sha256(loaded: sources.Loaded, input_range: tuple[float, float]) -> str:
+    """The ``sha256`` :func:`load_data` gives what a source read (validated the same way)."""
+    return _build(loaded.x, loaded.y, loaded.name, loaded.source,
+                  loaded.input_range or input_range).sha256
+
+
 def _build(x, y, name: str, source: str, input_range: tuple[float, float], *,
            kind: str = "arrays", details: dict | None = None) -> EvalSet:
     lo, hi = (float(v) for v in input_range)
