@@ -215,3 +215,63 @@ def test_report_example_images_read_only_the_points_shown(tmp_path, monkeypatch)
     assert lazy is not None
     assert today is not None
     assert lazy.svg == today.svg
+
+
+BAD_FACTORIES = '''
+from torch.utils.data import Dataset
+
+class Flaky(Dataset):
+    def __len__(self):
+        return 3
+    def __getitem__(self, i):
+        if i == 2:
+            raise OSError("object store timed out")
+        return [0.5, 0.5], 0
+
+def flaky():
+    return Flaky()
+
+def raises():
+    raise RuntimeError("no credentials")
+
+def a_dict():
+    return {"x": [1.0], "y": [0]}
+'''
+
+
+def test_bad_data_through_the_cli_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch,
+                                                                      capsys):
+    from robust_cert.cli import main
+
+    (tmp_path / "bad_factories.py").write_text(BAD_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "imgs", *_pixels(n=6))
+    broken = tmp_path / "imgs" / "class1" / "001.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("name: p\nmetrics:\n  accuracy: {}\nrequirements:\n"
+                      "  - {metric: accuracy, at_least: 0.0}\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    cases = {
+        str(tmp_path / "imgs"): f"{broken}: cannot decode image: ",
+        str(tmp_path / "empty"): f"{tmp_path / 'empty' / 'cat'}: class folder 'cat' holds "
+                                 "no images",
+        "bad_factories:flaky": "data factory 'bad_factories:flaky': item 2 raised OSError: "
+                               "object store timed out",
+        "bad_factories:raises": "data factory 'bad_factories:raises' raised RuntimeError: no "
+                                "credentials",
+        "bad_factories:a_dict": "data factory 'bad_factories:a_dict' returned dict, not a "
+                                "map-style torch.utils.data.Dataset",
+    }
+    try:
+        for data, needle in cases.items():
+            assert main(["plan", str(policy), "--model", "m.onnx", "--data", data]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1, err
+            assert err[0].startswith("robust-cert: error: " + needle), err[0]
+    finally:
+        sys.modules.pop("bad_factories", None)
+    assert sorted(p.name for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == \
+        [n for n in before if n != "__pycache__"]
