@@ -70,9 +70,10 @@ class Loaded:
     """What a source read: inputs ``x`` (N × input shape, numeric; or a
     :class:`robust_cert.inputs.Inputs` read on demand: uint8 images, a dataset read by
     blocks), labels ``y`` (N integers), a default ``name``, the ``source`` it came from (a
-    resolved path, a factory reference), the ``kind`` of source (``csv``, ``image-folder``, ...), the input range the
-    source fixes (None: the caller's, i.e. the policy's) and ``details`` the certificate
-    records (a table's feature columns, an image folder's class names)."""
+    resolved path, a factory reference), the ``kind`` of source (``csv``, ``image-folder``,
+    ...), the input range the source fixes (None: the caller's, i.e. the policy's) and
+    ``details`` the certificate records (a table's feature columns, an image folder's class
+    names)."""
 
     x: Any
     y: Any
