@@ -88,6 +88,8 @@ class Inputs:
         if isinstance(index, torch.Tensor):
             index = index.detach().cpu().numpy()
         idx = np.asarray(index)
+        if idx.ndim == 0 and idx.dtype.kind in "iu":  # a 0-d integer tensor: one point
+            return self[int(idx)]
         if idx.dtype == bool:
             if idx.shape != (n,):
                 raise IndexError(f"a boolean mask over {n} points has shape {idx.shape}")

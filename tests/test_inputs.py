@@ -44,7 +44,7 @@ def test_pixel_inputs_index_like_the_float32_tensor():
     for index in (3, -1, slice(4, 9), slice(None), slice(1, 20, 3), slice(8, 2),
                   torch.tensor([5, 1, 5, 29]), np.array([2, 3, 4]), [0, 7],
                   torch.arange(30) % 2 == 0, (2, 1, 0), (slice(0, 3), 0, 1, 2),
-                  torch.tensor([], dtype=torch.int64)):
+                  torch.tensor([], dtype=torch.int64), torch.tensor(4), np.int64(-2)):
         got = x[index]
         want = whole[index]
         assert got.dtype == torch.float32
