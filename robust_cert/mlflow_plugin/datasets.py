@@ -182,8 +182,9 @@ def _mlflow_digest(local: Path, inner: Loaded) -> str:
     reads it, ``from_numpy`` of an ``.npz``'s ``x`` and ``y``; "" for other formats."""
     import warnings
 
-    import mlflow
     import numpy as np
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.data.pandas_dataset import from_pandas
 
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)
@@ -191,10 +192,10 @@ def _mlflow_digest(local: Path, inner: Loaded) -> str:
             import pandas as pd
 
             frame = pd.read_csv(local) if inner.kind == "csv" else pd.read_parquet(local)
-            return mlflow.data.from_pandas(frame).digest.lower()  # pyright: ignore[reportPrivateImportUsage]
+            return from_pandas(frame).digest.lower()
         if inner.kind == "npz":
             with np.load(local, allow_pickle=False) as f:
-                return mlflow.data.from_numpy(f["x"], targets=f["y"]).digest.lower()  # pyright: ignore[reportPrivateImportUsage]
+                return from_numpy(f["x"], targets=f["y"]).digest.lower()
     return ""
 
 

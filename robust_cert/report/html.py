@@ -115,7 +115,8 @@ def not_verified_reason(cert: Certificate, verification: SignatureCheck | None) 
 
 
 def _chart_inputs(cert: Certificate, data) -> ChartInputs:
-    x = y = None
+    x: Any = None  # an array, or an ArrayView that reads only the points indexed
+    y = None
     if data is not None:
         if data.sha256 != cert.body["data"]["sha256"]:
             raise RobustCertError(
