@@ -168,3 +168,34 @@ def test_certify_a_logged_dataset_and_log_it_as_the_same_dataset(store):
     again = load_data(f"dataset:{run.info.run_id}/eval")
     assert again.sha256 == evalset.sha256
     assert again.details["dataset_digest"] == evalset.sha256[:32]
+
+
+def test_the_dataset_a_certification_run_logs(store):
+    """In memory: the float32 arrays (numpy dataset); read on demand: metadata only; a
+    reference MLflow resolves no source for (runs:/): a code source naming it."""
+    from PIL import Image
+
+    from robust_cert.inputs import Inputs
+    from robust_cert.mlflow_plugin.tracking import _logged_dataset
+
+    frame = _frame(8)
+    frame.to_csv(store / "t.csv", index=False)
+    table = load_data(store / "t.csv")
+    logged = _logged_dataset(mlflow, table)
+    assert (logged.name, logged.digest, logged.source.to_dict()["uri"]) == \
+        ("t", table.sha256[:32], str(store / "t.csv"))
+    np.testing.assert_array_equal(logged.features, table.x.numpy())
+    for c in range(2):
+        (store / "imgs" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), 60 * c, np.uint8)).save(
+            store / "imgs" / f"c{c}" / "a.png")
+    images = load_data(store / "imgs")
+    assert isinstance(images.x, Inputs)
+    meta = _logged_dataset(mlflow, images)
+    assert type(meta).__name__ == "MetaDataset"
+    assert (meta.name, meta.digest) == ("imgs", images.sha256[:32])
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(store / "t.csv"))
+    artifact = load_data(f"runs:/{run.info.run_id}/t.csv")
+    coded = _logged_dataset(mlflow, artifact)
+    assert coded.source.to_dict()["tags"] == {"robust_cert.data": artifact.source}
