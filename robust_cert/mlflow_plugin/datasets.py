@@ -21,8 +21,10 @@ pass through), and the data read must have the logged digest — MLflow's own di
 the first characters of its robust_cert SHA-256 for a dataset robust_cert logged — else it
 is refused naming both digests, as is a pinned digest the run did not log. (MLflow's digest
 covers a table's first 10,000 rows, its length and its columns; the certificate's SHA-256
-covers everything.) A dataset whose source holds no data (``code``, a Spark table) is
-refused naming its source type. The certificate's data record has ``kind``
+covers everything. MLflow keeps one record per name and digest in an experiment: the same
+data logged again under the same name keeps the first source it was logged with.) A
+dataset whose source holds no data (``code``, a Spark table) is refused naming its source
+type. The certificate's data record has ``kind``
 ``mlflow-dataset``, ``source`` ``dataset:RUN_ID/NAME@DIGEST``, and in ``details`` the inner
 ``format``, the run, the dataset's name, digest, source type and source.
 
