@@ -42,8 +42,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 #: --data's help: the sources robust_cert.sources registers, inferred from the reference
 DATA_HELP = ("evaluation data: 'digits' (built-in), an .npz with x and y, a .csv or .parquet "
              "table (every column but the label is a feature), a folder of PNG/JPEG images "
-             "with one subfolder per class, or a factory package.module:function returning a "
-             "map-style torch Dataset; the source follows from the suffix or folder")
+             "with one subfolder per class, a factory package.module:function returning a "
+             "map-style torch Dataset, or (MLflow) a run's artifact runs:/RUN_ID/PATH or "
+             "logged dataset dataset:RUN_ID/NAME[@DIGEST]; the source follows from the suffix "
+             "or folder")
 
 
 def _data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:

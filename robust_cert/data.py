@@ -11,6 +11,7 @@ import torch
 
 from robust_cert import sources
 from robust_cert.errors import DataError
+from robust_cert.inputs import Inputs, InputsLike, PixelInputs
 
 # the built-in digits live with the sources that read them; imported from here too
 from robust_cert.sources import DIGITS as DIGITS
@@ -21,12 +22,17 @@ from robust_cert.sources import digits_split as digits_split
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Inputs ``x`` (float32, N × input shape) in ``input_range`` and integer labels ``y``;
-    ``kind`` is the source that read them (``digits``, ``npz``, ``csv``, ``parquet``,
+    """Inputs ``x`` (N × input shape, read as float32) in ``input_range`` and integer labels
+    ``y``; ``kind`` is the source that read them (``digits``, ``npz``, ``csv``, ``parquet``,
     ``image-folder``, ``factory``, ``arrays``, or a plugin's), ``details`` what it recorded
-    (a table's feature columns, an image folder's classes)."""
+    (a table's feature columns, an image folder's classes).
 
-    x: torch.Tensor
+    ``x`` is a float32 tensor, or an :class:`~robust_cert.inputs.Inputs` that gives float32
+    tensors for the points asked for (``x[start:stop]``, ``x[indices]``): uint8 images kept
+    as uint8, a factory's dataset read by blocks (:mod:`robust_cert.inputs`). Either way
+    ``x[...]`` gives the same float32 values, and ``sha256`` hashes them."""
+
+    x: InputsLike
     y: torch.Tensor
     name: str
     source: str
@@ -61,7 +67,11 @@ class EvalSet:
 
 
 def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 over the float32 inputs and int64 labels, including their shapes."""
+    """SHA-256 over the float32 inputs and int64 labels, including their shapes: of
+    ``"x{x.shape}|y{y.shape}\\n"``, then x's little-endian float32 bytes (C order), then y's
+    little-endian int64 bytes. An :class:`~robust_cert.inputs.Inputs` is hashed the same way
+    block by block in order (:class:`~robust_cert.inputs.Scan`): the same digest, without
+    the whole float32 set in memory."""
     h = hashlib.sha256()
     x = np.ascontiguousarray(x, dtype="<f4")
     y = np.ascontiguousarray(y, dtype="<i8")
@@ -95,7 +105,10 @@ def load_data(
     cannot read, wrong shapes, non-numeric inputs, NaN or infinite values, values outside
     ``input_range``, non-integer or negative labels. The EvalSet's ``sha256`` is
     :func:`data_sha256` of its float32 inputs and int64 labels, exactly as the model sees
-    them; its ``kind`` names the source that read it.
+    them; its ``kind`` names the source that read it. Image folders (and uint8 arrays of
+    3 or more dimensions) stay uint8 in memory and a factory's dataset is read by blocks
+    (:mod:`robust_cert.inputs`): the float32 values and the hash are the same as if the
+    whole set had been converted at once.
     """
     loaded = sources.REGISTRY.load(data, input_range=input_range,
                                    options={k: v for k, v in options.items() if v is not None})
@@ -108,13 +121,24 @@ def load_data(
                   loaded.input_range or input_range, kind=loaded.kind, details=loaded.details)
 
 
+def loaded_sha256(loaded: sources.Loaded, input_range: tuple[float, float]) -> str:
+    """The ``sha256`` :func:`load_data` gives what a source read (validated the same way)."""
+    return _build(loaded.x, loaded.y, loaded.name, loaded.source,
+                  loaded.input_range or input_range).sha256
+
+
 def _build(x, y, name: str, source: str, input_range: tuple[float, float], *,
            kind: str = "arrays", details: dict | None = None) -> EvalSet:
     lo, hi = (float(v) for v in input_range)
     if not lo < hi:
         raise DataError(f"input range [{lo}, {hi}] is empty: its lower end must be below its upper")
-    x = np.asarray(x)
     y = np.asarray(y)
+    if not isinstance(x, Inputs):
+        x = np.asarray(x)
+        if x.dtype == np.uint8 and x.ndim >= 3:  # images: kept as uint8, float32 per batch
+            x = PixelInputs(x, None)
+    if isinstance(x, Inputs):
+        return _build_inputs(x, y, name, source, (lo, hi), kind=kind, details=details)
     if x.dtype.kind not in "fiu":
         raise DataError(f"inputs x have dtype {x.dtype}; expected a numeric array")
     if x.ndim < 2:
@@ -125,14 +149,7 @@ def _build(x, y, name: str, source: str, input_range: tuple[float, float], *,
         raise DataError(f"x has {x.shape[0]} samples but y has {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise DataError("the evaluation set is empty")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DataError("labels y must be integers (found non-integer or NaN values)")
-    elif y.dtype.kind not in "iu":
-        raise DataError(f"labels y have dtype {y.dtype}; expected integers")
-    y = y.astype(np.int64)
-    if (y < 0).any():
-        raise DataError(f"labels y contain negative values (min {int(y.min())})")
+    y = _labels(y)
     x = x.astype(np.float32)
     bad = ~np.isfinite(x)
     if bad.any():
@@ -155,6 +172,48 @@ def _build(x, y, name: str, source: str, input_range: tuple[float, float], *,
         kind=kind,
         details=dict(details or {}),
     )
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """``y`` (1-D, checked by the caller) as int64 labels ≥ 0, or DataError."""
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError("labels y must be integers (found non-integer or NaN values)")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"labels y have dtype {y.dtype}; expected integers")
+    y = y.astype(np.int64)
+    if (y < 0).any():
+        raise DataError(f"labels y contain negative values (min {int(y.min())})")
+    return y
+
+
+def _build_inputs(x: Inputs, y: np.ndarray, name: str, source: str,
+                  input_range: tuple[float, float], *, kind: str,
+                  details: dict | None) -> EvalSet:
+    """:func:`_build` for inputs read on demand: the same checks and the same hash, from one
+    pass over the points block by block (:meth:`Inputs.scan`)."""
+    lo, hi = input_range
+    if len(x.shape) < 2:
+        raise DataError(f"inputs x have shape {tuple(x.shape)}; expected (N, features...) "
+                        "with N samples")
+    if y.ndim != 1:
+        raise DataError(f"labels y have shape {y.shape}; expected a 1-D array of N labels")
+    if len(x) != y.shape[0]:
+        raise DataError(f"x has {len(x)} samples but y has {y.shape[0]} labels")
+    if len(x) == 0:
+        raise DataError("the evaluation set is empty")
+    y = _labels(y)
+    scan = x.scan()
+    if scan.nonfinite:
+        raise DataError(f"inputs x contain {scan.nonfinite} NaN/inf values (first in sample "
+                        f"{scan.first_nonfinite})")
+    if scan.min < lo or scan.max > hi:
+        raise DataError(
+            f"inputs x span [{scan.min:.4g}, {scan.max:.4g}], outside the declared input "
+            f"range [{lo:g}, {hi:g}]; rescale the data or declare its range"
+        )
+    return EvalSet(x=x, y=torch.from_numpy(y), name=name, source=source, input_range=(lo, hi),
+                   sha256=scan.sha256(y), kind=kind, details=dict(details or {}))
 
 
 def check_fits(evalset: EvalSet, input_shape: tuple[int, ...], num_classes: int) -> None:

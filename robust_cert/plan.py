@@ -205,9 +205,10 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
 
     blocks = math.ceil(n / block_size(n, policy.batch_size))
     busiest = math.ceil(blocks / processes) / blocks if blocks else 1.0
+    probe = data.x[: policy.batch_size * 4]  # the points _throughput times, as float32
     out = Plan(device=str(model.device), points=n, processes=processes,
-               forward_per_s=_throughput(model, data.x, policy.batch_size, gradient=False),
-               gradient_per_s=(_throughput(model, data.x, policy.batch_size, gradient=True)
+               forward_per_s=_throughput(model, probe, policy.batch_size, gradient=False),
+               gradient_per_s=(_throughput(model, probe, policy.batch_size, gradient=True)
                                if model.differentiable else None))
     for name in policy.metrics:
         metric = policy.metric(name)

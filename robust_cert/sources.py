@@ -67,11 +67,13 @@ _IMAGE_FORMATS = ("PNG", "JPEG")
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a source read: inputs ``x`` (N × input shape, numeric), labels ``y`` (N
-    integers), a default ``name``, the ``source`` it came from (a resolved path, a factory
-    reference), the ``kind`` of source (``csv``, ``image-folder``, ...), the input range the
-    source fixes (None: the caller's, i.e. the policy's) and ``details`` the certificate
-    records (a table's feature columns, an image folder's class names)."""
+    """What a source read: inputs ``x`` (N × input shape, numeric; or a
+    :class:`robust_cert.inputs.Inputs` read on demand: uint8 images, a dataset read by
+    blocks), labels ``y`` (N integers), a default ``name``, the ``source`` it came from (a
+    resolved path, a factory reference), the ``kind`` of source (``csv``, ``image-folder``,
+    ...), the input range the source fixes (None: the caller's, i.e. the policy's) and
+    ``details`` the certificate records (a table's feature columns, an image folder's class
+    names)."""
 
     x: Any
     y: Any
@@ -405,6 +407,8 @@ def read_image_folder(ref, *, input_range=(0.0, 1.0), image_size=None,
     """
     from PIL import Image
 
+    from robust_cert.inputs import PixelInputs
+
     root = Path(ref)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -465,21 +469,9 @@ def read_image_folder(ref, *, input_range=(0.0, 1.0), image_size=None,
     assert x is not None
     assert size is not None
     lo, hi = (float(v) for v in input_range)
-    return Loaded(scale_pixels(x, (lo, hi)), y, root.name, str(root.resolve()), "image-folder",
+    # kept as uint8 (4× smaller than float32), scaled per batch when read
+    return Loaded(PixelInputs(x, (lo, hi)), y, root.name, str(root.resolve()), "image-folder",
                   details={"classes": classes, "image_size": list(size), "mode": mode})
-
-
-def scale_pixels(pixels: np.ndarray, input_range: tuple[float, float]) -> np.ndarray:
-    """uint8 pixels as float32 in ``input_range``: ``lo + (p / 255) · (hi − lo)``, clipped to
-    the range (0 → lo and 255 → hi exactly)."""
-    lo, hi = (np.float32(v) for v in input_range)
-    x = pixels.astype(np.float32)
-    x /= np.float32(255.0)
-    if (lo, hi) != (0.0, 1.0):
-        x *= hi - lo
-        x += lo
-        np.clip(x, lo, hi, out=x)
-    return x
 
 
 # --------------------------------------------------------------------------- factories
@@ -497,11 +489,18 @@ def read_factory(ref: str, *, input_range=None) -> Loaded:
     ``(x, y)`` pairs: ``x`` an array or tensor (the same shape for every item, values in the
     declared input range, taken as float32 without scaling), ``y`` an integer label. A factory
     that cannot be imported, raises or returns anything else, and an item that raises or is
-    not such a pair, are refused naming the factory (and the item's index)."""
+    not such a pair, are refused naming the factory (and the item's index).
+
+    The dataset is read by blocks, never held whole: one pass reads every item in order
+    (checking it, hashing it, keeping its label and an 8-byte digest), and every later read
+    asks the dataset again for the points read (:class:`~robust_cert.inputs.DatasetInputs`),
+    refusing an item that no longer matches its digest. Memory grows with the points read
+    at once, not with the set (apart from 16 bytes per item)."""
     import importlib
 
-    import torch
     from torch.utils.data import Dataset, IterableDataset
+
+    from robust_cert.inputs import DatasetInputs, Scan, item_digest
 
     module_name, _, attr = ref.partition(":")
     try:
@@ -523,11 +522,41 @@ def read_factory(ref: str, *, input_range=None) -> Loaded:
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError(f"data factory {ref!r} returned an empty dataset")
-    x = None
+    reader = _FactoryItems(dataset, ref)
+    x0, y0 = reader.pair(0)
+    shape = (n, *x0.shape)
     y = np.empty(n, dtype=np.int64)
+    digests = np.empty(n, dtype=np.uint64)
+    scan = Scan(shape)
+    block = np.empty((min(n, 256), *x0.shape), dtype=np.float32)
+    filled = 0
     for i in range(n):
+        xi, y[i] = (x0, y0) if i == 0 else reader.pair(i)
+        if xi.shape != x0.shape:
+            raise DataError(f"data factory {ref!r}: item {i} has inputs of shape "
+                            f"{tuple(xi.shape)}, item 0 {tuple(x0.shape)}")
+        block[filled] = xi
+        digests[i] = item_digest(block[filled])
+        filled += 1
+        if filled == len(block) or i == n - 1:
+            scan.add(block[:filled])
+            filled = 0
+    return Loaded(DatasetInputs(reader.inputs, shape, digests, f"data factory {ref!r}", scan),
+                  y, attr, ref, "factory")
+
+
+class _FactoryItems:
+    """Reads a factory dataset's items, each checked to be an (x, y) pair of numbers."""
+
+    def __init__(self, dataset, ref: str):
+        self.dataset, self.ref = dataset, ref
+
+    def pair(self, i: int) -> tuple[np.ndarray, int]:
+        import torch
+
+        ref = self.ref
         try:
-            item = dataset[i]
+            item = self.dataset[i]
         except Exception as exc:
             raise DataError(f"data factory {ref!r}: item {i} raised {type(exc).__name__}: "
                             f"{exc}") from exc
@@ -539,14 +568,10 @@ def read_factory(ref: str, *, input_range=None) -> Loaded:
         if xi.dtype.kind not in "fiub":
             raise DataError(f"data factory {ref!r}: item {i} has inputs of dtype {xi.dtype}; "
                             "expected numbers")
-        if x is None:
-            x = np.empty((n, *xi.shape), dtype=np.float32)
-        elif xi.shape != x.shape[1:]:
-            raise DataError(f"data factory {ref!r}: item {i} has inputs of shape "
-                            f"{tuple(xi.shape)}, item 0 {tuple(x.shape[1:])}")
-        x[i] = xi
-        y[i] = _integer_label(yi, ref, i)
-    return Loaded(x, y, attr, ref, "factory")
+        return xi.astype(np.float32), _integer_label(yi, ref, i)
+
+    def inputs(self, i: int) -> np.ndarray:
+        return self.pair(i)[0]
 
 
 def _integer_label(value, ref: str, i: int) -> int:

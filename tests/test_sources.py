@@ -177,8 +177,8 @@ def test_image_folder_grayscale_labels_scaling_and_hash(tmp_path):
     assert d.details == {"classes": ["ant", "zebra"], "image_size": [4, 3], "mode": "L"}
     expected = np.stack([p[None] for p in written["ant"] + written["zebra"]]) / np.float32(255)
     np.testing.assert_array_equal(d.x.numpy(), expected.astype(np.float32))
-    assert float(d.x.min()) == 0.0
-    assert float(d.x.max()) == 1.0  # 255 → the upper end exactly
+    assert float(d.x[:].min()) == 0.0
+    assert float(d.x[:].max()) == 1.0  # 255 → the upper end exactly
     assert d.sha256 == data_sha256(d.x.numpy(), d.y.numpy())
     assert (d.kind, d.name) == ("image-folder", "imgs")
     assert load_data(tmp_path / "imgs").sha256 == d.sha256
@@ -290,12 +290,12 @@ def factories(tmp_path, monkeypatch):
 def test_factory_dataset(factories):
     d = load_data(f"{factories}:good")
     x = torch.linspace(0, 1, 24).reshape(6, 4)
-    assert torch.equal(d.x, x)
+    assert torch.equal(d.x[:], x)
     assert d.y.tolist() == [0, 1, 2, 0, 1, 2]
     assert d.sha256 == load_data((x, [0, 1, 2, 0, 1, 2])).sha256
     assert (d.kind, d.name, d.source) == ("factory", "good", f"{factories}:good")
     d = load_data(f"{factories}:numpy_items")
-    assert d.x.tolist() == [[0.5] * 3, [0.0] * 3]
+    assert d.x[:].tolist() == [[0.5] * 3, [0.0] * 3]
     assert d.y.tolist() == [1, 0]
 
 

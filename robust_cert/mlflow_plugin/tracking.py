@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robust_cert.api import certify
 from robust_cert.certificate import Certificate
 from robust_cert.data import load_data
@@ -423,6 +425,37 @@ def write_manifest(path: Path, name: str, version: str, run_id: str, cert: Certi
     return path
 
 
+def _logged_dataset(mlflow, evalset):
+    """The ``mlflow.data`` dataset a certification run logs as its input: a logged dataset it
+    read (``dataset:RUN_ID/NAME``) as that same dataset (name, digest, source); else the
+    data as the model saw it, digest the first 32 hex digits of its SHA-256 — from the
+    float32 arrays when they are in memory, as metadata only when read on demand (uint8
+    images, a factory), with the data's path as its source (a code source naming the
+    reference where MLflow resolves none, e.g. ``runs:/``)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import (
+        get_dataset_source_from_json,
+        resolve_dataset_source,
+    )
+    from mlflow.data.meta_dataset import MetaDataset
+
+    details = evalset.details
+    if evalset.kind == "mlflow-dataset":
+        source = get_dataset_source_from_json(details["dataset_source"],
+                                              details["dataset_source_type"])
+        return MetaDataset(source, name=details["dataset_name"],
+                           digest=details["dataset_digest"])
+    try:
+        source = resolve_dataset_source(evalset.source)
+    except Exception:  # MLflow has no resolver for this reference
+        source = CodeDatasetSource(tags={"robust_cert.data": evalset.source})
+    if isinstance(evalset.x, torch.Tensor):
+        return mlflow.data.from_numpy(evalset.x.numpy(), targets=evalset.y.numpy(),
+                                      name=evalset.name, digest=evalset.sha256[:32],
+                                      source=source)
+    return MetaDataset(source, name=evalset.name, digest=evalset.sha256[:32])
+
+
 def _log_run(mlflow, clf, evalset, cert: Certificate, model_id, files: list[Path]) -> None:
     body = cert.body
     mlflow.log_params({
@@ -433,9 +466,7 @@ def _log_run(mlflow, clf, evalset, cert: Certificate, model_id, files: list[Path
     })
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_numpy(
-            evalset.x.numpy(), targets=evalset.y.numpy(), name=evalset.name,
-            digest=evalset.sha256[:32], source=evalset.source)
+        dataset = _logged_dataset(mlflow, evalset)
     mlflow.log_input(dataset, context="certification")
     # a few short, distinct names (the full numbers with CIs are in the certificate), on
     # the logged model too so the experiment's Models tab compares versions

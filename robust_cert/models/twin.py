@@ -18,6 +18,7 @@ import math
 import torch
 
 from robust_cert.errors import ModelError
+from robust_cert.inputs import InputsLike
 from robust_cert.models.base import Classifier
 
 #: Default largest |Δ logit| allowed between a model and its gradient twin on the evaluation
@@ -28,7 +29,7 @@ DEFAULT_TWIN_TOLERANCE = 1e-3
 def with_gradient_twin(
     model: Classifier,
     twin: Classifier,
-    x: torch.Tensor,
+    x: InputsLike,
     *,
     tolerance: float = DEFAULT_TWIN_TOLERANCE,
     batch_size: int = 256,
@@ -38,7 +39,8 @@ def with_gradient_twin(
     Args:
         model: the deployed classifier (its ``forward`` keeps judging every prediction).
         twin: a differentiable classifier with the same input shape and classes.
-        x: the evaluation inputs (CPU tensor, ``(N, *input_shape)``).
+        x: the evaluation inputs (a CPU tensor ``(N, *input_shape)``, or an EvalSet's
+            :class:`~robust_cert.inputs.Inputs`, read batch by batch).
         tolerance: largest allowed max |Δ logit| over ``x`` (default 1e-3).
         batch_size: rows per forward pass.
 

@@ -115,13 +115,18 @@ def not_verified_reason(cert: Certificate, verification: SignatureCheck | None) 
 
 
 def _chart_inputs(cert: Certificate, data) -> ChartInputs:
-    x = y = None
+    x: Any = None  # an array, or an ArrayView that reads only the points indexed
+    y = None
     if data is not None:
         if data.sha256 != cert.body["data"]["sha256"]:
             raise RobustCertError(
                 f"the data given to the report ({data.name}, sha256 {data.sha256[:12]}…) is "
                 f"not the certified data (sha256 {cert.body['data']['sha256'][:12]}…)")
-        x, y = data.x.detach().cpu().numpy(), data.y.detach().cpu().numpy()
+        from robust_cert.inputs import ArrayView, Inputs  # (data given: torch is loaded)
+
+        y = data.y.detach().cpu().numpy()
+        # inputs read on demand stay so: the charts read only the points they show
+        x = ArrayView(data.x) if isinstance(data.x, Inputs) else data.x.detach().cpu().numpy()
     return ChartInputs(cert.body, dict(cert.per_point), x, y)
 
 
