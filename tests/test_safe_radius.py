@@ -45,7 +45,8 @@ def _data(n=40, seed=0):
     return x, (g > 0).astype(np.int64), g
 
 
-DUAL = {"l2": float(np.linalg.norm(W)), "linf": float(np.abs(W).sum())}
+DUAL = {"l2": float(np.linalg.norm(W)), "linf": float(np.abs(W).sum()),
+        "l1": float(np.abs(W).max())}
 
 
 def _rounding_slack(x, expected, dual):
@@ -70,7 +71,7 @@ def _check_sandwich(res, expected, mask, norm, tol=2e-3, x=None):
     np.testing.assert_allclose(upper, expected[mask], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
 def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
     x, y, g = _data()
     res = _run(_binary(), x, y, norms=[norm], radii=[0.1, 0.3], clever_radius=100.0,
@@ -83,7 +84,7 @@ def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
     assert res.kind == "certified"
 
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
 def test_uncertainty_radius_of_a_linear_binary_model(norm) -> None:
     tau = 0.8
     x, y, g = _data(seed=1)

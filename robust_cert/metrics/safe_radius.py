@@ -1,6 +1,6 @@
 """Maximum safe radius as a per-point sandwich (Xu, Ruan, Huang; Family F).
 
-One algorithm: for each point and norm (L2, L∞), bracket the maximum safe radius (MSR) of a
+One algorithm: for each point and norm (L2, L∞, L1), bracket the maximum safe radius (MSR) of a
 safety property — the largest ε such that the property holds on the whole ε-ball:
 
 * **lower bound** (sound, in floating point), the larger of two:
@@ -19,7 +19,7 @@ safety property — the largest ε such that the property holds on the whole ε-
   ART's ``clever_u``), capped at the sampling radius.
 
 Known answers for a linear binary model f = (0, w·x + b), g = w·x + b: MSR₂ = |g|/‖w‖₂,
-MSR∞ = |g|/‖w‖₁; the uncertainty radius (top-1 probability ≥ τ) is (|g| − logit τ)/‖w‖_dual.
+MSR∞ = |g|/‖w‖₁, MSR₁ = |g|/‖w‖∞; the uncertainty radius (top-1 probability ≥ τ) is (|g| − logit τ)/‖w‖_dual.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ __all__ = ["LipschitzBound", "NotBoundable", "SafeRadius", "SafeRadiusConfig",
 
 log = logging.getLogger(__name__)
 
-Norm = Literal["l2", "linf"]
+Norm = Literal["l2", "linf", "l1"]
+NORMS = ("l2", "linf", "l1")
 
 
 if TYPE_CHECKING:  # the type value_list() builds (a call is no type expression)
@@ -72,7 +73,7 @@ else:
 class SafeRadiusConfig(MetricConfig):
     """Parameters of :class:`SafeRadius` (radii in the data's own units)."""
 
-    property: Literal["adversarial", "uncertainty", "reachability"] = "adversarial"
+    property: Literal["adversarial", "uncertainty", "reachability", "invariant"] = "adversarial"
     norms: list[Norm] = Field(default=["l2", "linf"], min_length=1)
     radii: Radii = Field(default_factory=list,
                                description="radii r for the certified fraction (lower > r)")
@@ -99,6 +100,9 @@ class SafeRadiusConfig(MetricConfig):
                                   description="memory budget of one local bound (bytes)")
     within_box: bool = Field(default=False, description="certify the ball ∩ the input box "
                              "(tighter; the claim then covers only inputs in the box)")
+    oracle: str | None = Field(default=None, min_length=1, description="invariant: the "
+                               "reference model O (a model reference: .onnx path, models:/ URI, "
+                               "or any reference a registered loader accepts)")
 
     @field_validator("norms")
     @classmethod
@@ -107,6 +111,11 @@ class SafeRadiusConfig(MetricConfig):
 
     @model_validator(mode="after")
     def _range(self):
+        if self.property == "invariant" and self.oracle is None:
+            raise ValueError("property invariant needs an oracle (oracle: a model reference, "
+                             "or --oracle on the CLI): invariance is always with respect to O")
+        if self.oracle is not None and self.property != "invariant":
+            raise ValueError(f"oracle is for property invariant, not {self.property}")
         if self.property == "reachability":
             if self.low is None and self.high is None:
                 raise ValueError("reachability needs low and/or high (the allowed output range)")
@@ -175,6 +184,10 @@ def _ball_samples(x: torch.Tensor, count: int, radius: float, norm: str,
     p, d = x.shape
     if norm == "linf":
         delta = (torch.rand((p, count, d), generator=g, dtype=torch.float64) * 2 - 1) * radius
+    elif norm == "l1":  # d + 1 exponentials, normalised: uniform in the unit L1 ball
+        e = -torch.log1p(-torch.rand((p, count, d + 1), generator=g, dtype=torch.float64))
+        signs = torch.randint(0, 2, (p, count, d), generator=g).double() * 2 - 1
+        delta = signs * e[..., :d] / e.sum(-1, keepdim=True) * radius
     else:
         dirs = torch.randn((p, count, d), generator=g, dtype=torch.float64)
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -187,7 +200,7 @@ def _ball_samples(x: torch.Tensor, count: int, radius: float, norm: str,
 
 
 class SafeRadius(Metric[SafeRadiusConfig]):
-    """Per-point sandwich of the maximum safe radius for one safety property, in L2 and L∞.
+    """Per-point sandwich of the maximum safe radius for one safety property, in L2, L∞, L1.
 
     Properties (``property``):
         adversarial: the predicted label t stays the prediction; margins f_t − f_j (j ≠ t).
@@ -225,7 +238,13 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     ``median_ratio_lipschitz`` (median certified lower / witnessed upper, the tightness) and
     ``certified_by`` (points per bound).
 
-    Args (policy ``metrics.safe_radius``): property (``adversarial``), norms (``[l2, linf]``),
+    L1 (``l1``): Lipschitz constants with the 1→1 operator norms of the layers (dual ‖·‖∞ of
+    the margin rows), local bounds concretised with ‖·‖∞, witnesses by projected steps on the
+    largest 5% of the gradient's coordinates with Euclidean projection onto the L1 ball, CLEVER
+    samples uniform in the L1 ball.
+
+    Args (policy ``metrics.safe_radius``): property (``adversarial``), norms (``[l2, linf]``;
+    also ``l1``),
     radii (``[]``), tau (0.5), output/low/high (reachability), max_radius (the input box:
     hi − lo for L∞, (hi − lo)·√d for L2), bisection_steps (12), attack_steps (20, step
     2.5·ε/steps, from δ = 0), clever_batches (10), clever_samples (100 per batch),
@@ -265,7 +284,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                              "median_clever": "recompute", "no_witness": "sum",
                              "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
                              "median_ratio": "recompute", "median_ratio_lipschitz": "recompute",
-                             "certified_by": "recompute"} for norm in ("l2", "linf")}}
+                             "certified_by": "recompute"} for norm in NORMS}}
 
     def __init__(self, config: SafeRadiusConfig):
         super().__init__(config)
@@ -384,8 +403,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             holds_parts.append(ok)
             first = ctx.offset + sl.start  # the batch's first point in the whole set
             for nm in cfg.norms:
-                max_r = cfg.max_radius or ((hi_r - lo_r) * (1.0 if nm == "linf" else
-                                                               math.sqrt(d)))
+                max_r = cfg.max_radius or box_diameter(lo_r, hi_r, d, nm)
                 upper = self._witness(fn, x, t, nm, max_r, (lo_r, hi_r))
                 dev_parts[f"upper@{nm}"].append(upper)
                 if bound is not None:
@@ -582,6 +600,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             found |= viol
             if norm == "linf":
                 delta = (delta - alpha * grad.sign()).clamp(-e, e)
+            elif norm == "l1":
+                delta = _project_l1(delta - alpha * _l1_step(grad), e)
             else:
                 gn = grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
                 delta = delta - alpha * grad / gn
@@ -626,7 +646,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     is_grads_batched=True)[0]  # (C, q·count, ...)
             jac = grads.flatten(2).view(c, q, count, -1).double()
             gm = torch.einsum("pmc,cpkd->pmkd", a[s:s + chunk], jac)  # (q, m, count, d)
-            dual = gm.abs().sum(-1) if norm == "linf" else gm.norm(dim=-1)
+            dual = _dual_norm(gm, norm)
             maxima = dual.view(q, dual.shape[1], cfg.clever_batches, cfg.clever_samples)
             maxima = maxima.amax(-1).cpu().numpy()
             hv = h[s:s + chunk].cpu().numpy()
@@ -731,7 +751,54 @@ def _certified_radius(bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor, h
 
 def _dist(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     d = (adv - x).flatten(1).double()
+    if norm == "l1":
+        return d.abs().sum(1)
     return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def _dual_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """The dual norm over the last dimension (‖·‖₁ for L∞, ‖·‖₂ for L2, ‖·‖∞ for L1)."""
+    if norm == "linf":
+        return g.abs().sum(-1)
+    return g.abs().amax(-1) if norm == "l1" else g.norm(dim=-1)
+
+
+def box_diameter(lo: float, hi: float, d: int, norm: str) -> float:
+    """The largest ``norm`` distance between two points of the box [lo, hi]^d."""
+    return (hi - lo) * {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[norm]
+
+
+#: Fraction of the coordinates an L1 witness step moves (the largest gradient entries).
+_L1_STEP_SHARE = 0.05
+
+
+def _l1_step(grad: torch.Tensor) -> torch.Tensor:
+    """A steepest-descent direction of unit L1 norm, per sample: the sign of the gradient on
+    its largest ``_L1_STEP_SHARE`` of coordinates (at least one), spread evenly over them (a
+    single coordinate, the L1 steepest direction, when the share rounds to one)."""
+    flat = grad.flatten(1)
+    k = max(1, int(flat.shape[1] * _L1_STEP_SHARE))
+    top = flat.abs().topk(k, dim=1).indices
+    step = torch.zeros_like(flat).scatter(1, top, flat.gather(1, top).sign() / k)
+    return step.view_as(grad)
+
+
+def _project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each sample of ``delta`` onto the L1 ball of radius ``eps``
+    (per sample, broadcastable to (batch, 1, ...)): soft-thresholding at the level θ that
+    makes the L1 norm eps (Duchi et al. 2008); samples inside the ball are unchanged."""
+    flat = delta.flatten(1)
+    e = eps.reshape(-1).to(flat.dtype)
+    e = e.expand(flat.shape[0]) if e.numel() == 1 else e
+    mag = flat.abs()
+    s = mag.sort(1, descending=True).values
+    cs = s.cumsum(1)
+    j = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    rho = ((s - (cs - e[:, None]) / j) > 0).sum(1).clamp_min(1)
+    theta = ((cs.gather(1, (rho - 1)[:, None])[:, 0] - e) / rho).clamp_min(0)
+    proj = flat.sign() * (mag - theta[:, None]).clamp_min(0)
+    inside = mag.sum(1) <= e
+    return torch.where(inside[:, None], flat, proj).view_as(delta)
 
 
 def _median(v: np.ndarray) -> float | None:
