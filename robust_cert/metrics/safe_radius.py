@@ -36,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from robust_cert.bounds import (
+    NORM_SAFETY,
     LipschitzBound,
     NotBoundable,
     lipschitz_bound,
@@ -44,6 +45,8 @@ from robust_cert.bounds import (
 )
 from robust_cert.bounds.local import local_analysis
 from robust_cert.data import EvalSet
+from robust_cert.errors import ModelError, PolicyError
+from robust_cert.loaders import load_model
 from robust_cert.metrics.base import (
     Metric,
     MetricConfig,
@@ -279,7 +282,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
 
     #: the bound is of the network alone; medians are over all points (:meth:`finalize`)
     merge_rules = {"property": "same", "lower_bound": "same", "lipschitz": "same",
-                   "local_bound": "same", "holds": "sum",
+                   "local_bound": "same", "holds": "sum", "invariance": "same", "oracle": "same",
                    **{norm: {"median_lower": "recompute", "median_upper": "recompute",
                              "median_clever": "recompute", "no_witness": "sum",
                              "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
@@ -289,6 +292,57 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     def __init__(self, config: SafeRadiusConfig):
         super().__init__(config)
         self._bounds = _BoundCache()
+        self._oracle_bounds = _BoundCache()
+        #: the loaded oracle by (reference, input shape, device): loaded once per instance
+        self._oracles: dict[tuple, Classifier] = {}
+
+    # ---- validation (before anything runs)
+
+    def check(self, model: Classifier, data: EvalSet, device: torch.device) -> None:
+        """One line (PolicyError / ModelError) for: a reachability output the model lacks, a
+        radius in ``radii`` wider than the input box in its norm (such a ball covers every
+        input), and for ``invariant`` an oracle that cannot be loaded, has no input gradients
+        or has another input shape or number of classes than the model."""
+        cfg = self.config
+        where = f"metrics.{self.name}"
+        if cfg.property == "reachability" and not 0 <= cfg.output < model.num_classes:
+            raise PolicyError(f"{where}.output: output {cfg.output} does not exist: the model "
+                              f"has {model.num_classes} outputs (0..{model.num_classes - 1})")
+        lo, hi = data.input_range
+        d = int(np.prod(data.input_shape))
+        for nm in cfg.norms:
+            width = box_diameter(lo, hi, d, nm)
+            bad = [r for r in cfg.radii if r > width]
+            if bad:
+                raise PolicyError(f"{where}.radii: radius {bad[0]:g} is wider than the input "
+                                  f"box [{lo:g}, {hi:g}]^{d} in {nm} (diameter {width:.4g}): "
+                                  "such a ball covers every input; use radii in data units")
+        if cfg.property == "invariant":
+            self._oracle(model, data, device)
+
+    def _oracle(self, model: Classifier, data: EvalSet, device: torch.device) -> Classifier:
+        """The oracle O, loaded through the model-loader registry (once per instance) and
+        checked against the model: same input shape and number of classes, input gradients
+        (the witness search differentiates cat(O(x), f(x)))."""
+        ref = self.config.oracle
+        assert ref is not None  # the config requires it for the invariant kind
+        key = (ref, tuple(data.input_shape), str(device))
+        if key not in self._oracles:
+            try:
+                oracle = load_model(ref, input_shape=data.input_shape, device=device)
+            except ModelError as exc:
+                raise ModelError(f"oracle {ref}: {exc}") from None
+            self._oracles[key] = oracle
+        oracle = self._oracles[key]
+        if (tuple(oracle.input_shape) != tuple(model.input_shape)
+                or oracle.num_classes != model.num_classes):
+            raise ModelError(f"oracle {ref} has input {tuple(oracle.input_shape)} and "
+                             f"{oracle.num_classes} classes; the model has "
+                             f"{tuple(model.input_shape)} and {model.num_classes}")
+        if not oracle.differentiable:
+            raise ModelError(f"oracle {ref} has no input gradients: the invariant kind "
+                             "searches for invariant examples by gradients of O and f")
+        return oracle
 
     def selectors(self):
         return [{"norm": n, "radius": r} for n in self.config.norms for r in self.config.radii]
@@ -327,6 +381,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         cfg = self.config
         if cfg.property == "adversarial":
             return logits.argmax(1) != t
+        if cfg.property == "invariant":  # cat(O(x), f(x)): O leaves t while f keeps it
+            o, f = logits.chunk(2, dim=1)
+            return (o.argmax(1) != t) & (f.argmax(1) == t)
         if cfg.property == "uncertainty":
             return torch.softmax(logits.double(), 1).amax(1) < cfg.tau
         f = logits[:, cfg.output]
@@ -345,6 +402,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             return logits.gather(1, t[:, None])[:, 0] - other.amax(1)
         if cfg.property == "uncertainty":
             return torch.log_softmax(logits, 1).amax(1) - math.log(cfg.tau)
+        if cfg.property == "invariant":  # negative once O's margin and f's loss are both < 0
+            o, f = logits.chunk(2, dim=1)
+            return torch.maximum(_top_margin(o, t), -_top_margin(f, t))
         f = logits[:, cfg.output]
         vals = [f - cfg.low] if cfg.low is not None else []
         if cfg.high is not None:
@@ -355,9 +415,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
-        if cfg.property == "reachability" and cfg.output >= model.num_classes:
-            raise ValueError(f"reachability output {cfg.output} does not exist: the model has "
-                             f"{model.num_classes} outputs")
+        self.check(model, data, ctx.device)
+        if cfg.property == "invariant":
+            return self._run_invariant(model, data, ctx)
         fn = model.attack_module()
         bound, why = None, ""
         if model.gradient_forward is not None:
@@ -470,7 +530,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         cfg = self.config
         pp = result.per_point
         holds = pp["holds"].astype(bool)
-        diagnostics = {k: result.diagnostics[k] for k in ("property", "lower_bound")
+        diagnostics = {k: result.diagnostics[k] for k in ("property", "lower_bound",
+                                                          "invariance", "oracle")
                        if k in result.diagnostics}
         if "local_bound" in result.diagnostics:
             diagnostics["local_bound"] = result.diagnostics["local_bound"]
@@ -500,14 +561,103 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     "median_lower_lipschitz": _median(lip[holds]),
                     "median_ratio": _median(ratio),
                     "median_ratio_lipschitz": _median(ratio_lip),
-                    "certified_by": {k: int((by == k).sum()) for k in ("lipschitz", "crown",
-                                                                        "ibp")},
+                    "certified_by": {k: int((by == k).sum()) for k in _CERTIFIERS[
+                        cfg.property == "invariant"]},
                 })
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
                             "(%s)", diagnostics[nm]["sandwich_violations"], nm)
         result.diagnostics = diagnostics
         return result
+
+    # ---- invariant kind (relative to the oracle O)
+
+    def _run_invariant(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        """The invariant kind: t = argmax O(x0); holds where argmax f(x0) = t = y. Per point
+        and norm: ``lower@n`` = the larger of the oracle's own certified radius (m = 0:
+        inside it O keeps t, ``bound@n`` "oracle") and, when O and f are both single affine
+        maps, the joint radius min_j max_m (D_{j,m}(x0) − rounding)/‖(e_t − e_j)ᵀ(W_O −
+        m·W_f)‖_dual (:func:`_joint_radius`, "joint"); ``upper@n`` the closest invariant
+        example the search on cat(O(x), f(x)) finds (inf: none)."""
+        cfg = self.config
+        oracle = self._oracle(model, data, ctx.device)
+        joint = _Joint(oracle.attack_module(), model.attack_module())
+        bound_o, why = self._network_bound(oracle, data, self._oracle_bounds)
+        bound_f, _ = self._network_bound(model, data, self._bounds)
+        affine = _single_affine(bound_o) and _single_affine(bound_f)
+        n = len(data)
+        lo_r, hi_r = data.input_range
+        d = int(np.prod(data.input_shape))
+        holds_parts: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {f"{k}@{nm}": [] for nm in cfg.norms
+                                                for k in ("upper", "oracle", "joint")}
+        for _sl, x, y in batches(data, ctx.batch_size, ctx.device):
+            with strict_float32():
+                lf = model.logits(x).double()
+                lo = oracle.logits(x).double()
+            t = lo.argmax(1)
+            holds_parts.append((lf.argmax(1) == t) & (t == y))
+            a, _ = self._margins(lo)  # rows e_t − e_j, j ≠ t, with t = argmax O
+            h_o = torch.einsum("pmc,pc->pm", a, lo)
+            h_f = torch.einsum("pmc,pc->pm", a, lf)
+            for nm in cfg.norms:
+                width = box_diameter(lo_r, hi_r, d, nm)
+                max_r = cfg.max_radius or width
+                parts[f"upper@{nm}"].append(self._witness(joint, x, t, nm, max_r, (lo_r, hi_r)))
+                nan = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
+                floor = _certified_radius(bound_o, x, a, h_o, nm) if bound_o is not None else nan
+                parts[f"oracle@{nm}"].append(floor)
+                parts[f"joint@{nm}"].append(
+                    _joint_radius(bound_o, bound_f, x, a, h_o, h_f, nm, width)
+                    if affine and bound_o is not None and bound_f is not None else nan)
+                ctx.advance(x.shape[0])
+        holds = torch.cat(holds_parts).cpu().numpy() if holds_parts else np.zeros(0, bool)
+        out: dict[str, np.ndarray] = {}
+        for nm in cfg.norms:
+            got = {k: torch.cat(parts[f"{k}@{nm}"]).cpu().numpy() if parts[f"{k}@{nm}"]
+                   else np.full(n, np.nan) for k in ("upper", "oracle", "joint")}
+            better = got["joint"] > got["oracle"]  # NaN: False
+            out[f"upper@{nm}"] = got["upper"]
+            out[f"lower@{nm}"] = np.where(better, got["joint"], got["oracle"])
+            out[f"lower_lipschitz@{nm}"] = got["oracle"]
+            out[f"lower_local@{nm}"] = np.where(better, got["joint"], np.nan)
+            out[f"bound@{nm}"] = (np.where(better, "joint", "oracle") if bound_o is not None
+                                  else np.full(n, "")).astype("<U9")
+            out[f"clever@{nm}"] = np.full(n, np.nan)  # no estimate of the joint constant
+        props = []
+        if bound_o is not None:
+            for nm in cfg.norms:
+                for r in cfg.radii:
+                    k = int((holds & (out[f"lower@{nm}"] > r)).sum())
+                    props.append(Proportion({"norm": nm, "radius": r}, k, n))
+        diagnostics: dict[str, object] = {
+            "property": "invariant",
+            "invariance": f"invariance with respect to {_model_name(oracle, cfg.oracle)}",
+            "oracle": {"reference": cfg.oracle, "name": oracle.name, "sha256": oracle.sha256},
+            "lower_bound": "not applicable: " + why if bound_o is None else "ok",
+            "local_bound": ("joint: exact constants of the affine O and f" if affine else
+                            "oracle only: O and f are not both single affine maps, so the "
+                            "joint constant is not available (the oracle's own radius)"),
+        }
+        if bound_o is not None:
+            diagnostics["lipschitz"] = {"prefix": bound_o.prefix, "layers": bound_o.layers}
+        per_point = {"holds": holds, **out}
+        if bound_o is None and cfg.radii:
+            res = self.result([], per_point=per_point, diagnostics=diagnostics,
+                              status="not_applicable", reason=why)
+        else:
+            res = self.result(props, per_point=per_point, diagnostics=diagnostics)
+        return res if ctx.total is not None else self.finalize(res, model, data, ctx)
+
+    def _network_bound(self, clf: Classifier, data: EvalSet,
+                       cache: _BoundCache) -> tuple[LipschitzBound | None, str]:
+        """The Lipschitz bound of a classifier's own PyTorch module (none, with the reason,
+        for a gradient twin or a model that is not a module)."""
+        if clf.gradient_forward is not None:
+            return None, _TWIN_REASON
+        if not isinstance(clf.forward, nn.Module):
+            return None, "the model is not a PyTorch module"
+        return cache.get(clf.forward, data.input_shape, self.config.power_iterations)
 
     def _local_radius(self, bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor, norm: str, r_lip: torch.Tensor, upper: torch.Tensor,
@@ -598,7 +748,14 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             viol = self._violated(logits.detach(), t) & ~found
             best = torch.where(viol.view(shape), xa.detach(), best)  # no host sync
             found |= viol
-            if norm == "linf":
+            if norm != "l2" and cfg.property == "invariant":
+                # the objective max(O's margin, −f's margin) zig-zags along f's boundary: a
+                # sign or coordinate step loses the direction along it, a normalised
+                # gradient step keeps it
+                gn = grad.flatten(1).abs().amax(1).clamp_min(1e-30).view(shape)
+                delta = delta - alpha * grad / gn
+                delta = delta.clamp(-e, e) if norm == "linf" else _project_l1(delta, e)
+            elif norm == "linf":
                 delta = (delta - alpha * grad.sign()).clamp(-e, e)
             elif norm == "l1":
                 delta = _project_l1(delta - alpha * _l1_step(grad), e)
@@ -714,6 +871,8 @@ def _tensor_attr(t: torch.Tensor, name: str):
         return None
 
 
+#: The bounds that can certify a point (``bound@n``): other kinds, the invariant kind.
+_CERTIFIERS = {False: ("lipschitz", "crown", "ibp"), True: ("oracle", "joint")}
 _TWIN_REASON = ("the certified lower bound would be of the PyTorch gradient twin, not of the "
                 "deployed graph (they are checked for parity only at the evaluation points)")
 #: Sample-gradients (samples × classes) one CLEVER chunk back-propagates at once: 2,048
@@ -804,3 +963,97 @@ def _project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def _median(v: np.ndarray) -> float | None:
     v = v[np.isfinite(v)]
     return float(np.median(v)) if v.size else None
+
+
+# --------------------------------------------------------------------------- invariant kind
+
+
+class _Joint(nn.Module):
+    """J(x) = cat(O(x), f(x)): the oracle's logits, then the model's."""
+
+    def __init__(self, oracle: nn.Module, model: nn.Module):
+        super().__init__()
+        self.oracle, self.model = oracle, model
+
+    def forward(self, x):
+        return torch.cat([self.oracle(x), self.model(x)], dim=1)
+
+
+def _top_margin(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """logit t − the largest other logit (negative: t is not the argmax)."""
+    other = logits.scatter(1, t[:, None], -torch.inf)
+    return logits.gather(1, t[:, None])[:, 0] - other.amax(1)
+
+
+def _single_affine(bound: LipschitzBound | None) -> bool:
+    """The network is one affine map x ↦ W x + b (its bound's head is all of it)."""
+    return (bound is not None and bound.head is not None and bound.graph is not None
+            and len(bound.graph.steps) == 1)
+
+
+def _model_name(clf: Classifier, ref) -> str:
+    name = f"{clf.name} v{clf.version}" if getattr(clf, "version", None) else clf.name
+    return f"{name} ({ref})" if ref and str(ref) != name else name
+
+
+#: Golden-section steps of the joint radius's search over m (the bracket shrinks 0.618× each).
+_GOLDEN_STEPS = 80
+
+
+def _joint_radius(bound_o: LipschitzBound, bound_f: LipschitzBound, x: torch.Tensor,
+                  a: torch.Tensor, h_o: torch.Tensor, h_f: torch.Tensor, norm: str,
+                  width: float) -> torch.Tensor:
+    """Per point, for affine O(x) = W_O x + c and f(x) = W_f x + b (both single affine maps):
+    a certified radius of "no invariant example": min_j max_{m ≥ 0} (D_{j,m}(x0) − slack)/
+    ‖(e_t − e_j)ᵀ(W_O − m·W_f)‖_dual with D_{j,m} = h^O_j − m·h^f_j (METRICS.md, Family F).
+
+    Inside that radius every D_{j,m} stays > 0 for the chosen m: an invariant example needs
+    h^O_j ≤ 0 and h^f_j ≥ 0 for some j, hence D_{j,m} ≤ 0 for every m ≥ 0. Any m is sound, so
+    m is searched: (a − m·s)/‖u − m·w‖ is quasi-concave on [0, a/s] (affine over convex), so a
+    golden-section search finds its maximum, with m = 0 and the L2 minimiser of the
+    denominator also tried. "slack" bounds the float32 rounding of the logits of O and f at x0
+    and in the ball (as :func:`_certified_radius`: first without, then with the rounding of
+    the ball of that radius). A radius reaching the box's diameter ``width`` means no input
+    of the box is an invariant example: inf (the kind's MSR is over the box)."""
+    rows_o = a.double() @ bound_o.head.double().to(a.device)  # (P, J, d)
+    rows_f = a.double() @ bound_f.head.double().to(a.device)
+    a_abs = a.abs().double()
+    rn = "linf" if norm == "linf" else "l2"
+    cap = width * (1 + 1e-6)
+
+    def slack(bound, radius):
+        ec, eb = bound.rounding(x, radius, rn)
+        return torch.einsum("pmc,pc->pm", a_abs, (ec + eb).to(a_abs.device))
+
+    def best(s_o, s_f):
+        num0 = h_o - s_o
+        s = h_f + s_f
+        m_max = torch.where((s > 0) & (num0 > 0), num0 / s.clamp_min(1e-300),
+                            torch.zeros_like(s))
+
+        def value(m):
+            den = _dual_norm(rows_o - m[..., None] * rows_f, norm) * NORM_SAFETY
+            num = num0 - m * s
+            v = torch.where(den > 0, num / den.clamp_min(1e-300),
+                            torch.full_like(num, math.inf))
+            return torch.where(num > 0, v, torch.zeros_like(v))
+
+        lo, hi = torch.zeros_like(m_max), m_max.clone()
+        phi = (math.sqrt(5) - 1) / 2
+        for _ in range(_GOLDEN_STEPS):
+            c1, c2 = hi - phi * (hi - lo), lo + phi * (hi - lo)
+            left = value(c1) >= value(c2)
+            hi = torch.where(left, c2, hi)
+            lo = torch.where(left, lo, c1)
+        ff = (rows_f * rows_f).sum(-1)
+        m_l2 = torch.where(ff > 0, (rows_o * rows_f).sum(-1) / ff.clamp_min(1e-300),
+                           torch.zeros_like(ff))
+        cands = [torch.zeros_like(m_max), (lo + hi) / 2, torch.minimum(m_l2.clamp_min(0), m_max)]
+        return torch.stack([value(m) for m in cands]).amax(0).amin(1)  # max over m, min over j
+
+    e0 = torch.einsum("pmc,pc->pm", a_abs, bound_o.rounding(x)[0].to(a_abs.device))
+    f0 = torch.einsum("pmc,pc->pm", a_abs, bound_f.rounding(x)[0].to(a_abs.device))
+    r_eval = best(e0, f0).clamp(max=cap)  # without the ball's rounding: an upper end
+    r = best(slack(bound_o, r_eval), slack(bound_f, r_eval))
+    r = torch.minimum(r, r_eval)
+    return torch.where(r >= cap, torch.full_like(r, math.inf), r * _RADIUS_SAFETY)

@@ -1,0 +1,177 @@
+"""Known answers of the risk kinds beyond the adversarial one (Family F): the invariant kind
+relative to an oracle (closed forms of METRICS.md), and validation of the kinds' inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import robust_cert
+from robust_cert.errors import ModelError, PolicyError
+from robust_cert.loaders import REGISTRY, Loader
+from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
+from tests.linear_models import binary_linear
+
+CPU = torch.device("cpu")
+WIDE = (-50.0, 50.0)
+#: models the test loader serves under "test-oracle:NAME"
+ORACLES: dict[str, nn.Module] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _oracle_loader():
+    from robust_cert.models.torch import from_module
+
+    loader = Loader("test-oracle:NAME", lambda ref: str(ref).startswith("test-oracle:"),
+                    lambda ref, *, input_shape, device: from_module(
+                        ORACLES[str(ref).split(":", 1)[1]], input_shape, device=device))
+    REGISTRY.register(loader)
+    yield
+    REGISTRY.unregister(loader)
+
+
+def _run(model, x, y, input_range=WIDE, **cfg):
+    data = robust_cert.load_data((np.asarray(x, np.float32), np.asarray(y)),
+                                 input_range=input_range)
+    clf = robust_cert.load_model(model, input_shape=data.input_shape)
+    return SafeRadius(SafeRadiusConfig(**cfg)).run(clf, data,
+                                                   RunContext(CPU, batch_size=32, seed=0))
+
+
+def _closed_form(u, a, w, s, norm):
+    """sup_{m ≥ 0, m·s < a} (a − m·s)/‖u − m·w‖_q (METRICS.md), independently: the L2 closed
+    form, and for L∞/L1 a dense grid over m plus the breakpoints of the piecewise-linear
+    dual norm."""
+    u, w = np.asarray(u, float), np.asarray(w, float)
+    if norm == "l2":
+        A, B, C = u @ u, u @ w, w @ w
+        if a * B <= s * A:
+            return a / math.sqrt(A)
+        den = A * C - B * B
+        return math.inf if den <= 0 else math.sqrt((a * a * C - 2 * a * s * B + s * s * A) / den)
+    q = 1 if norm == "linf" else np.inf
+    # breakpoints: a coordinate crosses zero (L∞: ‖·‖₁) or two tie in magnitude (L1: ‖·‖∞)
+    brk = [ui / wi for ui, wi in zip(u, w, strict=True) if wi]
+    brk += [(u[i] + sg * u[k]) / (w[i] + sg * w[k]) for i in range(len(u))
+            for k in range(len(u)) for sg in (1, -1) if i < k and w[i] + sg * w[k]]
+    ms = np.concatenate([np.linspace(0, a / s, 200001)[:-1],
+                         [m for m in brk if 0 <= m < a / s]])
+    den = np.linalg.norm(u[None] - ms[:, None] * w[None], ord=q, axis=1)
+    val = np.where(den > 0, (a - ms * s) / np.where(den > 0, den, 1), np.inf)
+    return float(val.max())
+
+
+@pytest.mark.parametrize(("norm", "expected", "floor"), [
+    ("l2", math.sqrt(2.5), 1 / math.sqrt(2)), ("linf", 1.5, 0.5), ("l1", None, 1.0)])
+def test_invariant_worked_case(norm, expected, floor) -> None:
+    """u = (1, 1), c = 0, w = (2, 1), b = −1, x0 = (.5, .5): MSR₂ = √2.5, MSR∞ = 1.5 (the
+    nearest invariant example is (1, −1)); the oracle-only floor is 1/√2 and 0.5."""
+    ORACLES["u"] = binary_linear(np.array([1.0, 1.0]), 0.0)
+    model = binary_linear(np.array([2.0, 1.0]), -1.0)
+    if expected is None:
+        expected = _closed_form([1, 1], 1.0, [2, 1], 0.5, norm)
+    res = _run(model, [[0.5, 0.5]], [1], property="invariant", oracle="test-oracle:u",
+               norms=[norm], radii=[0.1], attack_steps=200, bisection_steps=30)
+    pp = res.per_point
+    assert pp["holds"].tolist() == [True]
+    lower, upper = pp[f"lower@{norm}"][0], pp[f"upper@{norm}"][0]
+    assert lower <= expected * (1 + 1e-9)
+    assert lower == pytest.approx(expected, rel=1e-5)
+    assert pp[f"lower_lipschitz@{norm}"][0] == pytest.approx(floor, rel=1e-5)
+    assert pp[f"lower_lipschitz@{norm}"][0] <= floor
+    assert pp[f"bound@{norm}"][0] == "joint"
+    assert expected * (1 - 1e-6) <= upper <= expected * 1.05
+    assert res.diagnostics["invariance"].startswith("invariance with respect to")
+    assert res.diagnostics[norm]["sandwich_violations"] == 0
+    assert res.diagnostics[norm]["certified_by"] == {"oracle": 0, "joint": 1}
+
+
+def test_invariant_closed_form_on_random_affine_pairs() -> None:
+    """Random affine binary pairs against the closed form (L2 exact, L∞ by breakpoints)."""
+    rng = np.random.default_rng(4)
+    for _ in range(6):
+        u, w = rng.normal(size=3), rng.normal(size=3)
+        x0 = rng.normal(size=3) * 0.3
+        g_o, g_f = u @ x0, w @ x0
+        if g_o * g_f <= 0:
+            w = -w
+            g_f = -g_f
+        ORACLES["r"] = binary_linear(u, 0.0)
+        x32 = x0.astype(np.float32)
+        label = int(g_o > 0)
+        for norm in ("l2", "linf"):
+            uf = np.float32(u).astype(float)
+            wf = np.float32(w).astype(float)
+            a = abs(uf @ x32.astype(float))
+            s = abs(wf @ x32.astype(float))
+            sign = 1 if label == 1 else -1
+            expected = _closed_form(sign * uf, a, sign * wf, s, norm)
+            res = _run(binary_linear(w, 0.0), [x32], [label], property="invariant",
+                       oracle="test-oracle:r", norms=[norm], attack_steps=5,
+                       bisection_steps=2)
+            lower = res.per_point[f"lower@{norm}"][0]
+            assert lower <= expected * (1 + 1e-7)
+            assert lower == pytest.approx(expected, rel=1e-4)
+
+
+def test_invariant_infinite_and_disagreeing_cases() -> None:
+    """w = (2, 2), b = −1.5 (D = h^O − ½h^f is constant 0.75): no invariant example in the
+    box, MSR = ∞; where f ≠ O at x0 the property does not hold."""
+    ORACLES["u"] = binary_linear(np.array([1.0, 1.0]), 0.0)
+    res = _run(binary_linear(np.array([2.0, 2.0]), -1.5), [[0.5, 0.5]], [1],
+               property="invariant", oracle="test-oracle:u", norms=["l2", "linf"],
+               attack_steps=50, bisection_steps=5)
+    for nm in ("l2", "linf"):
+        assert res.per_point[f"lower@{nm}"][0] == math.inf
+        assert res.per_point[f"upper@{nm}"][0] == math.inf
+    # f predicts class 0 at x0 while O predicts 1: holds is False
+    res = _run(binary_linear(np.array([2.0, 1.0]), -2.0), [[0.5, 0.5]], [1],
+               property="invariant", oracle="test-oracle:u", norms=["l2"], radii=[0.1],
+               attack_steps=5, bisection_steps=2)
+    assert res.per_point["holds"].tolist() == [False]
+    assert res.proportions[0].k == 0
+
+
+def test_invariant_on_a_network_falls_back_to_the_oracle_floor() -> None:
+    """A ReLU network f: no joint constant; the lower bound is the oracle's own radius and
+    never exceeds the closest invariant example found."""
+    torch.manual_seed(0)
+    ORACLES["u"] = binary_linear(np.array([1.0, 1.0]), 0.0)
+    f = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = np.random.default_rng(0).uniform(-1, 1, size=(30, 2)).astype(np.float32)
+    y = (x.sum(1) > 0).astype(np.int64)
+    res = _run(f, x, y, property="invariant", oracle="test-oracle:u", norms=["l2", "l1"],
+               attack_steps=30, bisection_steps=8)
+    for nm, dual in (("l2", math.sqrt(2)), ("l1", 1.0)):
+        lower, upper = res.per_point[f"lower@{nm}"], res.per_point[f"upper@{nm}"]
+        floor = np.abs(x.astype(float).sum(1)) / dual
+        assert (lower <= floor * (1 + 1e-9)).all()
+        np.testing.assert_allclose(lower, floor, rtol=1e-5, atol=1e-6)
+        both = np.isfinite(upper)
+        assert (lower[both] <= upper[both] * (1 + 1e-6)).all()
+        assert set(res.per_point[f"bound@{nm}"]) == {"oracle"}
+    assert "oracle only" in res.diagnostics["local_bound"]
+
+
+def test_bad_input_is_one_line_before_anything_runs() -> None:
+    ORACLES["three"] = nn.Linear(2, 3)
+    ORACLES["wide"] = nn.Linear(3, 2)
+    model = binary_linear(np.array([2.0, 1.0]), -1.0)
+    with pytest.raises(ModelError, match=r"oracle test-oracle:three has input \(2,\) and 3 "
+                       r"classes; the model has \(2,\) and 2"):
+        _run(model, [[0.5, 0.5]], [1], property="invariant", oracle="test-oracle:three")
+    with pytest.raises(ModelError, match="oracle test-oracle:wide"):
+        _run(model, [[0.5, 0.5]], [1], property="invariant", oracle="test-oracle:wide")
+    with pytest.raises(ValueError, match="property invariant needs an oracle"):
+        SafeRadiusConfig(property="invariant")
+    with pytest.raises(ValueError, match="oracle is for property invariant"):
+        SafeRadiusConfig(oracle="x.onnx")
+    with pytest.raises(PolicyError, match=r"output 5 does not exist: the model has 2 outputs"):
+        _run(model, [[0.5, 0.5]], [1], property="reachability", output=5, low=0.0)
+    with pytest.raises(PolicyError, match=r"radius 3 is wider than the input box"):
+        _run(model, [[0.5, 0.5]], [1], input_range=(0.0, 1.0), norms=["linf"], radii=[3.0])
