@@ -119,6 +119,8 @@ def certify(
                         f"{evalset.input_shape}: {exc}") from exc
     check_fits(evalset, clf.input_shape, clf.num_classes)
     check_radii(pol, evalset)
+    for name in pol.metrics:  # each metric's own refusals (e.g. an oracle of another shape)
+        pol.metric(name).check(clf, evalset, clf.device)
     twin, twin_record = None, None
     if gradient_twin is not None:
         try:

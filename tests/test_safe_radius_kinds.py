@@ -175,3 +175,54 @@ def test_bad_input_is_one_line_before_anything_runs() -> None:
         _run(model, [[0.5, 0.5]], [1], property="reachability", output=5, low=0.0)
     with pytest.raises(PolicyError, match=r"radius 3 is wider than the input box"):
         _run(model, [[0.5, 0.5]], [1], input_range=(0.0, 1.0), norms=["linf"], radii=[3.0])
+
+
+def _invariant_policy(**extra) -> dict:
+    return {"name": "inv", "input_range": [-50.0, 50.0],
+            "metrics": {"safe_radius": {"property": "invariant", "norms": ["l2"],
+                                        "radii": [0.5], "attack_steps": 20,
+                                        "bisection_steps": 4, **extra}},
+            "requirements": [{"metric": "safe_radius", "norm": "l2", "radius": 0.5,
+                              "at_least": 0.5}]}
+
+
+def test_certify_refuses_a_mismatched_oracle_before_anything_runs(monkeypatch) -> None:
+    """The API checks every metric before the first forward pass: an oracle with another
+    class count is one ModelError line (CLI exit 2), and no metric has run."""
+    from robust_cert.metrics import safe_radius as sr
+
+    ORACLES["three"] = nn.Linear(2, 3)
+    ran = []
+    monkeypatch.setattr(sr.SafeRadius, "_run_invariant", lambda *a: ran.append(1))
+    x = np.array([[0.5, 0.5]] * 4, np.float32)
+    with pytest.raises(ModelError, match="oracle test-oracle:three has input"):
+        robust_cert.certify(binary_linear(np.array([2.0, 1.0]), -1.0), (x, np.ones(4, int)),
+                            _invariant_policy(oracle="test-oracle:three"), progress=False)
+    assert not ran
+
+
+def test_with_oracle_sets_the_invariant_metrics_oracle() -> None:
+    from robust_cert.policy import with_oracle
+
+    pol = with_oracle(_invariant_policy(oracle="test-oracle:u"), "test-oracle:v")
+    assert pol.metric("safe_radius").config.oracle == "test-oracle:v"
+    with pytest.raises(PolicyError, match="--oracle test-oracle:v: the policy has no metric "
+                       "with property invariant"):
+        with_oracle({"name": "a", "metrics": {"accuracy": {}}, "requirements": [
+            {"metric": "accuracy", "at_least": 0.5}]}, "test-oracle:v")
+
+
+def test_invariant_certificate_reports_invariance_with_respect_to_the_oracle() -> None:
+    ORACLES["u"] = binary_linear(np.array([1.0, 1.0]), 0.0)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.5, 2, size=(12, 2)).astype(np.float32)
+    cert = robust_cert.certify(binary_linear(np.array([2.0, 1.0]), -1.0),
+                               (x, np.ones(12, int)), _invariant_policy(oracle="test-oracle:u"),
+                               progress=False)
+    assert cert is not None
+    res = next(r for r in cert.body["results"] if r["metric"] == "safe_radius")
+    assert res["diagnostics"]["invariance"].startswith("invariance with respect to")
+    assert res["diagnostics"]["oracle"]["reference"] == "test-oracle:u"
+    lower = cert.per_point["safe_radius/lower@l2"]
+    assert (cert.per_point["safe_radius/bound@l2"] == "joint").all()
+    assert (lower > 0.5).all()

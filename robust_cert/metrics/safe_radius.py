@@ -19,7 +19,8 @@ safety property — the largest ε such that the property holds on the whole ε-
   ART's ``clever_u``), capped at the sampling radius.
 
 Known answers for a linear binary model f = (0, w·x + b), g = w·x + b: MSR₂ = |g|/‖w‖₂,
-MSR∞ = |g|/‖w‖₁, MSR₁ = |g|/‖w‖∞; the uncertainty radius (top-1 probability ≥ τ) is (|g| − logit τ)/‖w‖_dual.
+MSR∞ = |g|/‖w‖₁, MSR₁ = |g|/‖w‖∞; the uncertainty radius (top-1 probability ≥ τ) is
+(|g| − logit τ)/‖w‖_dual.
 """
 
 from __future__ import annotations
@@ -1015,6 +1016,7 @@ def _joint_radius(bound_o: LipschitzBound, bound_f: LipschitzBound, x: torch.Ten
     and in the ball (as :func:`_certified_radius`: first without, then with the rounding of
     the ball of that radius). A radius reaching the box's diameter ``width`` means no input
     of the box is an invariant example: inf (the kind's MSR is over the box)."""
+    assert bound_o.head is not None and bound_f.head is not None  # single affine maps
     rows_o = a.double() @ bound_o.head.double().to(a.device)  # (P, J, d)
     rows_f = a.double() @ bound_f.head.double().to(a.device)
     a_abs = a.abs().double()
