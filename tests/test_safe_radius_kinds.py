@@ -226,3 +226,54 @@ def test_invariant_certificate_reports_invariance_with_respect_to_the_oracle() -
     lower = cert.per_point["safe_radius/lower@l2"]
     assert (cert.per_point["safe_radius/bound@l2"] == "joint").all()
     assert (lower > 0.5).all()
+
+
+@pytest.mark.parametrize(("norm", "dual"), [("l2", 2), ("linf", 1), ("l1", np.inf)])
+def test_reachable_range_of_a_linear_model(norm, dual) -> None:
+    """f = W x + b: the range of f_k over the ball is W_k·x0 + b_k ± r‖W_k‖_dual, attained;
+    the sound outer range contains it within the rounding slack and the search attains it."""
+    torch.manual_seed(2)
+    lin = nn.Linear(4, 3)
+    x = np.random.default_rng(2).uniform(-1, 1, size=(10, 4)).astype(np.float32)
+    r = 0.3
+    res = _run(lin, x, np.zeros(10, int), property="reachability", output=1, low=-100.0,
+               norms=[norm], radii=[r], outputs=[0, 2], attack_steps=30, bisection_steps=2,
+               clever_samples=2, clever_batches=2)
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    f0 = x.astype(float) @ w.T + b
+    q = {"l2": 2, "linf": 1, "l1": np.inf}[norm]
+    for k in (0, 2):
+        half = r * np.linalg.norm(w[k], ord=q)
+        tag = f"{norm}:{r:g}:{k}"
+        pp = res.per_point
+        lo, hi = pp[f"range_lo@{tag}"], pp[f"range_hi@{tag}"]
+        fmin, fmax = pp[f"range_min@{tag}"], pp[f"range_max@{tag}"]
+        assert (lo <= f0[:, k] - half + 1e-9).all()
+        assert (hi >= f0[:, k] + half - 1e-9).all()
+        np.testing.assert_allclose(lo, f0[:, k] - half, atol=1e-5)
+        np.testing.assert_allclose(hi, f0[:, k] + half, atol=1e-5)
+        np.testing.assert_allclose(fmin, f0[:, k] - half, atol=1e-4)
+        np.testing.assert_allclose(fmax, f0[:, k] + half, atol=1e-4)
+        summary = res.diagnostics["ranges"][tag]
+        assert summary["violations"] == 0
+        assert summary["outer"][0] <= summary["found"][0]
+    assert not any(key.endswith(":1") for key in res.per_point if key.startswith("range_"))
+
+
+def test_reachable_range_is_clipped_by_the_box_in_the_search() -> None:
+    """x0 at the box's edge: the witnessed range stays inside the box's image; with
+    within_box the sound range is clipped too (f = x1 on [0, 1]²: range [0, r] at x0 = 0)."""
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        model.bias.zero_()
+    res = _run(model, [[0.0, 0.5]], [0], input_range=(0.0, 1.0), property="reachability",
+               output=0, low=-1.0, norms=["linf"], radii=[0.25], outputs=[0],
+               within_box=True, local_bound="ibp", attack_steps=20, bisection_steps=2,
+               clever_samples=2, clever_batches=2)
+    pp = res.per_point
+    assert pp["range_min@linf:0.25:0"][0] == pytest.approx(0.0, abs=1e-7)
+    assert pp["range_max@linf:0.25:0"][0] == pytest.approx(0.25, abs=1e-6)
+    assert pp["range_lo@linf:0.25:0"][0] == pytest.approx(0.0, abs=1e-6)
+    assert pp["range_hi@linf:0.25:0"][0] == pytest.approx(0.25, abs=1e-6)

@@ -83,6 +83,8 @@ class SafeRadiusConfig(MetricConfig):
                                description="radii r for the certified fraction (lower > r)")
     tau: float = Field(default=0.5, gt=0, lt=1, description="uncertainty: top-1 prob. ≥ τ")
     output: int = Field(default=0, ge=0, description="reachability: which logit")
+    outputs: list[int] | None = Field(default=None, description="reachability: the outputs "
+                                      "whose reachable range is reported (default: all)")
     low: float | None = Field(default=None, description="reachability: lower end of the range")
     high: float | None = Field(default=None, description="reachability: upper end")
     max_radius: float | None = Field(default=None, gt=0,
@@ -284,6 +286,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     #: the bound is of the network alone; medians are over all points (:meth:`finalize`)
     merge_rules = {"property": "same", "lower_bound": "same", "lipschitz": "same",
                    "local_bound": "same", "holds": "sum", "invariance": "same", "oracle": "same",
+                   "ranges": "recompute",
                    **{norm: {"median_lower": "recompute", "median_upper": "recompute",
                              "median_clever": "recompute", "no_witness": "sum",
                              "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
@@ -306,9 +309,11 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         or has another input shape or number of classes than the model."""
         cfg = self.config
         where = f"metrics.{self.name}"
-        if cfg.property == "reachability" and not 0 <= cfg.output < model.num_classes:
-            raise PolicyError(f"{where}.output: output {cfg.output} does not exist: the model "
-                              f"has {model.num_classes} outputs (0..{model.num_classes - 1})")
+        if cfg.property == "reachability":
+            for k in [cfg.output, *(cfg.outputs or [])]:
+                if not 0 <= k < model.num_classes:
+                    raise PolicyError(f"{where}: output {k} does not exist: the model has "
+                                      f"{model.num_classes} outputs (0..{model.num_classes - 1})")
         lo, hi = data.input_range
         d = int(np.prod(data.input_shape))
         for nm in cfg.norms:
@@ -450,6 +455,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             for k in (("lower", "upper", "lower_lipschitz", "lower_local")
                       if bound is not None else ("upper",))}
         clever = {nm: np.full(n, np.nan) for nm in cfg.norms}
+        range_parts: dict[str, list[torch.Tensor]] = {}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             # the certified margins come from the evaluation the rounding model describes
             # (cuDNN off: no Winograd/FFT kernels; IEEE float32 products, no TF32/bf16)
@@ -480,6 +486,11 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     dev_parts[f"lower_local@{nm}"].append(r_loc)
                 g = ctx.global_generator(f"{self.name}/clever/{nm}/{first}")
                 clever[nm][sl] = self.clever(fn, x, nm, g, (lo_r, hi_r))
+                if cfg.property == "reachability":
+                    ranges, local_why = self._reach_ranges(
+                        bound, fn, x, logits.double(), nm, (lo_r, hi_r), local_why)
+                    for key, v in ranges.items():
+                        range_parts.setdefault(key, []).append(v)
                 ctx.advance(sl.stop - sl.start)
         holds = (torch.cat(holds_parts).cpu().numpy() if holds_parts
                  else np.zeros(0, dtype=bool))
@@ -501,6 +512,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 out[f"lower@{nm}"] = np.full(n, np.nan)
                 out[f"bound@{nm}"] = np.full(n, "", dtype="<U9")
             out[f"clever@{nm}"] = clever[nm]
+        out.update({key: torch.cat(v).cpu().numpy() for key, v in range_parts.items()})
         props = []
         if bound is not None:
             for nm in cfg.norms:
@@ -568,8 +580,86 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
                             "(%s)", diagnostics[nm]["sandwich_violations"], nm)
+        ranges = _range_summary(pp)
+        if ranges:
+            diagnostics["ranges"] = ranges
         result.diagnostics = diagnostics
         return result
+
+    # ---- reachability: the reachable range of each output
+
+    def _reach_ranges(self, bound: LipschitzBound | None, fn: nn.Module, x: torch.Tensor,
+                      logits: torch.Tensor, norm: str, box: tuple[float, float],
+                      local_why: str) -> tuple[dict[str, torch.Tensor], str]:
+        """Per point, output k (``outputs``, default all) and radius r of ``radii``: the
+        reachable range of f_k over the ball (∩ the box for the search, and for the bound
+        with ``within_box``). ``range_lo@n:r:k`` ≤ min and ``range_hi@n:r:k`` ≥ max (sound,
+        for the exact network and its float32 evaluation: the tighter of the Lipschitz
+        interval f̂_k(x0) ± (L_k·r + rounding) and the local bound's; NaN without a bound);
+        ``range_min@n:r:k`` ≥ min and ``range_max@n:r:k`` ≤ max: the smallest and largest
+        values the search found at points of the ball (witnessed: attained). Returns the
+        arrays and the local bound's failure reason (an op without one: Lipschitz only)."""
+        cfg = self.config
+        c = logits.shape[1]
+        ks = cfg.outputs if cfg.outputs is not None else list(range(c))
+        eye = torch.eye(c, dtype=torch.float64, device=x.device)
+        spec = torch.cat([eye[ks], -eye[ks]])[None].expand(x.shape[0], -1, -1)  # (P, 2K, C)
+        out: dict[str, torch.Tensor] = {}
+        nk = len(ks)
+        for r in cfg.radii:
+            rr = torch.full((x.shape[0],), float(r), dtype=torch.float64, device=x.device)
+            lo = torch.full((x.shape[0], nk), math.nan, dtype=torch.float64, device=x.device)
+            hi = lo.clone()
+            if bound is not None:
+                f0 = logits[:, ks]
+                lip = bound.margin_constants(eye[ks], norm).to(x.device)  # (K,)
+                ec, eb = bound.rounding(x, rr, "linf" if norm == "linf" else "l2")
+                assert eb is not None  # a radius was given
+                err = (ec + eb).to(x.device)[:, ks]
+                lo, hi = f0 - lip * r - err, f0 + lip * r + err
+                if not local_why:
+                    try:
+                        res = local_bounds(bound, x, rr, norm, spec,
+                                           box=box if cfg.within_box else None,
+                                           method=cfg.local_bound,
+                                           max_memory=cfg.max_bound_memory)
+                        lo = torch.maximum(lo, res.lower[:, :nk])
+                        hi = torch.minimum(hi, -res.lower[:, nk:])
+                    except NotBoundable as exc:
+                        local_why = str(exc)
+            found_min = self._extreme(fn, x, ks, rr, norm, box, 1.0)
+            found_max = -self._extreme(fn, x, ks, rr, norm, box, -1.0)
+            for i, k in enumerate(ks):
+                tag = f"{norm}:{r:g}:{k}"
+                out[f"range_lo@{tag}"] = lo[:, i]
+                out[f"range_min@{tag}"] = found_min[:, i]
+                out[f"range_max@{tag}"] = found_max[:, i]
+                out[f"range_hi@{tag}"] = hi[:, i]
+        return out, local_why
+
+    def _extreme(self, fn: nn.Module, x: torch.Tensor, ks: list[int], eps: torch.Tensor,
+                 norm: str, box: tuple[float, float], sign: float) -> torch.Tensor:
+        """Per point and output k of ``ks``: the smallest sign·f_k found by projected steps
+        (``attack_steps``, step 2.5·ε/steps, from δ = 0) over the ball ∩ box, every iterate
+        evaluated (float64 of the float32 logits): (P, K). Each value is attained at a point
+        of the ball, so it bounds the true minimum from above."""
+        cfg = self.config
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        e = eps.to(x.dtype).view(shape)
+        alpha = 2.5 * e / cfg.attack_steps
+        cols = []
+        for k in ks:
+            delta = torch.zeros_like(x)
+            best = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
+            for _ in range(cfg.attack_steps + 1):
+                with torch.enable_grad():
+                    dv = delta.clone().requires_grad_(True)
+                    v = sign * fn((x + dv).clamp(*box))[:, k]
+                    (grad,) = torch.autograd.grad(v.sum(), dv)
+                best = torch.minimum(best, v.detach().double())
+                delta = _descend(delta, grad, alpha, e, norm)
+            cols.append(best)
+        return torch.stack(cols, 1)
 
     # ---- invariant kind (relative to the oracle O)
 
@@ -916,6 +1006,21 @@ def _dist(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
+def _descend(delta: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor,
+             norm: str) -> torch.Tensor:
+    """One projected steepest-descent step of size ``alpha`` in ``norm`` (sign step for L∞,
+    normalised gradient for L2, largest coordinates for L1), back into the ball of ``eps``."""
+    shape = (-1,) + (1,) * (delta.ndim - 1)
+    if norm == "linf":
+        return (delta - alpha * grad.sign()).clamp(-eps, eps)
+    if norm == "l1":
+        return _project_l1(delta - alpha * _l1_step(grad), eps)
+    gn = grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+    delta = delta - alpha * grad / gn
+    dn = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+    return delta * (eps / dn).clamp(max=1.0)
+
+
 def _dual_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
     """The dual norm over the last dimension (‖·‖₁ for L∞, ‖·‖₂ for L2, ‖·‖∞ for L1)."""
     if norm == "linf":
@@ -1016,7 +1121,8 @@ def _joint_radius(bound_o: LipschitzBound, bound_f: LipschitzBound, x: torch.Ten
     and in the ball (as :func:`_certified_radius`: first without, then with the rounding of
     the ball of that radius). A radius reaching the box's diameter ``width`` means no input
     of the box is an invariant example: inf (the kind's MSR is over the box)."""
-    assert bound_o.head is not None and bound_f.head is not None  # single affine maps
+    assert bound_o.head is not None
+    assert bound_f.head is not None
     rows_o = a.double() @ bound_o.head.double().to(a.device)  # (P, J, d)
     rows_f = a.double() @ bound_f.head.double().to(a.device)
     a_abs = a.abs().double()
@@ -1059,3 +1165,29 @@ def _joint_radius(bound_o: LipschitzBound, bound_f: LipschitzBound, x: torch.Ten
     r = best(slack(bound_o, r_eval), slack(bound_f, r_eval))
     r = torch.minimum(r, r_eval)
     return torch.where(r >= cap, torch.full_like(r, math.inf), r * _RADIUS_SAFETY)
+
+
+def _range_summary(pp: dict) -> dict:
+    """The reachable ranges over the whole set, from the per-point ``range_*`` arrays: per
+    "norm:radius:output", the sound outer range [min of range_lo, max of range_hi], the
+    witnessed inner range [min of range_min, max of range_max] (values attained at points
+    found), and ``violations``: points whose witnessed value lies outside their sound range
+    (a bug if ever non-zero)."""
+    out = {}
+    for key in sorted(k for k in pp if k.startswith("range_lo@")):
+        tag = key.split("@", 1)[1]
+        lo, hi = pp[f"range_lo@{tag}"], pp[f"range_hi@{tag}"]
+        fmin, fmax = pp[f"range_min@{tag}"], pp[f"range_max@{tag}"]
+        tol = 1e-6 * (1 + np.abs(fmin)) if fmin.size else 0.0
+        sound = np.isfinite(lo) & np.isfinite(hi)
+        bad = sound & ((lo > fmin + tol) | (hi < fmax - tol))
+        out[tag] = {
+            "outer": ([float(lo[sound].min()), float(hi[sound].max())] if sound.any()
+                      else None),
+            "found": ([float(fmin.min()), float(fmax.max())] if fmin.size else None),
+            "violations": int(bad.sum()),
+        }
+        if out[tag]["violations"]:
+            log.warning("safe_radius: %d points have a reachable value outside their sound "
+                        "range (%s)", out[tag]["violations"], tag)
+    return out
