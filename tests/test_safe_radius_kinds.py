@@ -277,3 +277,76 @@ def test_reachable_range_is_clipped_by_the_box_in_the_search() -> None:
     assert pp["range_max@linf:0.25:0"][0] == pytest.approx(0.25, abs=1e-6)
     assert pp["range_lo@linf:0.25:0"][0] == pytest.approx(0.0, abs=1e-6)
     assert pp["range_hi@linf:0.25:0"][0] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_kl_measure_and_its_top1_threshold() -> None:
+    """KL(U‖p) = −log C − (1/C)Σ log p_i; the top-1 threshold of KL ≥ κ: closed form for C = 2,
+    and for C = 3 the minimum of KL over a dense grid of the simplex with p_top ≥ π."""
+    from robust_cert.metrics.safe_radius import kl_of_top1, kl_top1, kl_uniform
+
+    z = torch.tensor([[0.3, -1.2, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    p = torch.softmax(z, 1)
+    want = -math.log(3) - torch.log(p).mean(1)
+    torch.testing.assert_close(kl_uniform(z), want)
+    for kappa in (0.05, 0.5, 2.0):
+        tau = 0.5 * (1 + math.sqrt(1 - math.exp(-2 * kappa)))
+        assert kl_top1(kappa, 2) == pytest.approx(tau, rel=1e-14)
+        assert kl_top1(kappa, 2) >= tau
+    for pi in (0.4, 0.6, 0.9):
+        # every p with top p_1 ≥ π: p_1 on a grid from π, p_2 a share of the rest
+        p1, share = np.meshgrid(np.linspace(pi, 1 - 1e-6, 801), np.linspace(0, 1, 1001)[1:-1])
+        p2, p3 = (1 - p1) * share, (1 - p1) * (1 - share)
+        kl = -math.log(3) - (np.log(p1) + np.log(p2) + np.log(p3)) / 3
+        grid_min = kl[(p1 >= p2) & (p1 >= p3)].min()
+        assert kl_of_top1(pi, 3) == pytest.approx(grid_min, abs=1e-9)
+        assert kl_of_top1(pi, 3) <= grid_min + 1e-12
+    kappa = 0.7
+    assert kl_of_top1(kl_top1(kappa, 3), 3) == pytest.approx(kappa, abs=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_kl_uncertainty_radius_equals_top1_at_the_matching_tau_for_two_classes(norm) -> None:
+    """C = 2: KL ≥ κ ⇔ top-1 ≥ τ = ½(1 + √(1 − e^{−2κ})), so the radius is
+    (|g| − logit τ)/‖w‖_dual (known answer) for both, and the KL property holds where it does."""
+    w = np.array([1.0, -2.0, 0.5, 1.5])
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-2, 2, size=(30, 4)).astype(np.float32)
+    g = x.astype(float) @ w + 0.3
+    y = (g > 0).astype(int)
+    kappa = 0.3
+    tau = 0.5 * (1 + math.sqrt(1 - math.exp(-2 * kappa)))
+    res = _run(binary_linear(w, 0.3), x, y, property="uncertainty", kappa=kappa, norms=[norm],
+               clever_samples=5, clever_batches=3, bisection_steps=20, max_radius=5.0)
+    logit = math.log(tau / (1 - tau))
+    dual = {"l2": np.linalg.norm(w), "linf": np.abs(w).sum()}[norm]
+    expected = (np.abs(g) - logit) / dual
+    mask = expected > 1e-3
+    lower, upper = res.per_point[f"lower@{norm}"], res.per_point[f"upper@{norm}"]
+    assert (lower[mask] <= expected[mask] * (1 + 1e-9)).all()
+    np.testing.assert_allclose(lower[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(upper[mask], expected[mask], rtol=3e-3, atol=1e-3)
+    np.testing.assert_array_equal(res.per_point["holds"][mask | (expected < -1e-3)],
+                                  (expected >= 0)[mask | (expected < -1e-3)])
+
+
+def test_kl_uncertainty_on_three_classes_is_a_sandwich_and_bad_values_are_refused() -> None:
+    torch.manual_seed(6)
+    lin = nn.Linear(4, 3)
+    x = np.random.default_rng(6).uniform(-3, 3, size=(40, 4)).astype(np.float32)
+    res = _run(lin, x, np.zeros(40, int), property="uncertainty", kappa=0.2, norms=["l2"],
+               clever_samples=5, clever_batches=3, bisection_steps=12, attack_steps=30)
+    from robust_cert.metrics.safe_radius import kl_uniform
+
+    with torch.no_grad():
+        kl = kl_uniform(lin(torch.from_numpy(x)).double()).numpy()
+    np.testing.assert_array_equal(res.per_point["holds"], kl >= 0.2)
+    assert res.diagnostics["l2"]["sandwich_violations"] == 0
+    assert (res.per_point["lower@l2"][kl < 0.2] == 0).all()
+    assert (res.per_point["lower@l2"][kl >= 0.25] > 0).any()
+    for bad in ({"kappa": 0.0}, {"kappa": math.inf}, {"kappa": -1.0}):
+        with pytest.raises(ValueError, match="kappa"):
+            SafeRadiusConfig(property="uncertainty", **bad)
+    with pytest.raises(ValueError, match="kappa is for property uncertainty"):
+        SafeRadiusConfig(kappa=0.5)
+    with pytest.raises(PolicyError, match=r"τ = 0.3 is at most 1/3"):
+        _run(lin, x[:2], [0, 0], property="uncertainty", tau=0.3)

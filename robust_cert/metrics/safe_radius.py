@@ -82,6 +82,9 @@ class SafeRadiusConfig(MetricConfig):
     radii: Radii = Field(default_factory=list,
                                description="radii r for the certified fraction (lower > r)")
     tau: float = Field(default=0.5, gt=0, lt=1, description="uncertainty: top-1 prob. ≥ τ")
+    kappa: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                description="uncertainty: KL(uniform ‖ p(x)) ≥ κ instead of "
+                                "top-1 ≥ τ (the seed's measure)")
     output: int = Field(default=0, ge=0, description="reachability: which logit")
     outputs: list[int] | None = Field(default=None, description="reachability: the outputs "
                                       "whose reachable range is reported (default: all)")
@@ -120,6 +123,8 @@ class SafeRadiusConfig(MetricConfig):
         if self.property == "invariant" and self.oracle is None:
             raise ValueError("property invariant needs an oracle (oracle: a model reference, "
                              "or --oracle on the CLI): invariance is always with respect to O")
+        if self.kappa is not None and self.property != "uncertainty":
+            raise ValueError(f"kappa is for property uncertainty, not {self.property}")
         if self.oracle is not None and self.property != "invariant":
             raise ValueError(f"oracle is for property invariant, not {self.property}")
         if self.property == "reachability":
@@ -314,6 +319,11 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 if not 0 <= k < model.num_classes:
                     raise PolicyError(f"{where}: output {k} does not exist: the model has "
                                       f"{model.num_classes} outputs (0..{model.num_classes - 1})")
+        c = model.num_classes
+        if cfg.property == "uncertainty" and cfg.kappa is None and cfg.tau <= 1 / c:
+            raise PolicyError(f"{where}.tau: τ = {cfg.tau:g} is at most 1/{c}: the top-1 "
+                              f"probability of {c} classes is always ≥ 1/{c}, so the property "
+                              f"always holds; use τ in (1/{c}, 1)")
         lo, hi = data.input_range
         d = int(np.prod(data.input_shape))
         for nm in cfg.norms:
@@ -380,7 +390,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         a = a[keep].view(p, c - 1, c)
         kappa = 0.0
         if cfg.property == "uncertainty":
-            kappa = math.log((c - 1) * cfg.tau / (1 - cfg.tau))
+            tau = cfg.tau if cfg.kappa is None else kl_top1(cfg.kappa, c)
+            kappa = math.log((c - 1) * tau / (1 - tau))
         return a, torch.full((p, c - 1), kappa, dtype=dt, device=logits.device)
 
     def _violated(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -391,6 +402,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             o, f = logits.chunk(2, dim=1)
             return (o.argmax(1) != t) & (f.argmax(1) == t)
         if cfg.property == "uncertainty":
+            if cfg.kappa is not None:
+                return kl_uniform(logits.double()) < cfg.kappa
             return torch.softmax(logits.double(), 1).amax(1) < cfg.tau
         f = logits[:, cfg.output]
         bad = torch.zeros_like(f, dtype=torch.bool)
@@ -407,6 +420,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             other = logits.scatter(1, t[:, None], -torch.inf)
             return logits.gather(1, t[:, None])[:, 0] - other.amax(1)
         if cfg.property == "uncertainty":
+            if cfg.kappa is not None:
+                return kl_uniform(logits) - cfg.kappa
             return torch.log_softmax(logits, 1).amax(1) - math.log(cfg.tau)
         if cfg.property == "invariant":  # negative once O's margin and f's loss are both < 0
             o, f = logits.chunk(2, dim=1)
@@ -1191,3 +1206,42 @@ def _range_summary(pp: dict) -> dict:
             log.warning("safe_radius: %d points have a reachable value outside their sound "
                         "range (%s)", out[tag]["violations"], tag)
     return out
+
+
+# --------------------------------------------------------------------------- uncertainty (KL)
+
+
+def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(U ‖ softmax(z)) = −log C − (1/C)·Σ_i log p_i = logsumexp(z) − mean(z) − log C,
+    per row (0 at the uniform distribution, growing without limit as any p_i → 0)."""
+    c = logits.shape[1]
+    return torch.logsumexp(logits, 1) - logits.mean(1) - math.log(c)
+
+
+def kl_of_top1(pi: float, c: int) -> float:
+    """The smallest KL(U ‖ p) over distributions p on C classes whose top probability is
+    ≥ π (π ≥ 1/C): −log C − (1/C)·(log π + (C−1)·log((1−π)/(C−1))), attained with the other
+    classes equal (KL is convex and symmetric in them, and grows with p_top beyond 1/C)."""
+    if pi >= 1.0:
+        return math.inf
+    return -math.log(c) - (math.log(pi) + (c - 1) * math.log((1 - pi) / (c - 1))) / c
+
+
+def kl_top1(kappa: float, c: int) -> float:
+    """The top-1 probability π with :func:`kl_of_top1` (π, C) = κ: top-1 ≥ π implies
+    KL(U ‖ p) ≥ κ, so the margins of "top-1 ≥ π" certify "KL ≥ κ" (exactly equivalent for
+    C = 2: π = ½(1 + √(1 − e^{−2κ}))). Bisection in float64 to 1e-15, rounded up (a larger
+    π only strengthens the sufficient condition)."""
+    if c == 2:
+        pi = 0.5 * (1 + math.sqrt(-math.expm1(-2 * kappa)))
+        return min(math.nextafter(pi, 1.0), 1.0)
+    lo, hi = 1.0 / c, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if kl_of_top1(mid, c) >= kappa:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-15:
+            break
+    return hi
