@@ -350,3 +350,24 @@ def test_kl_uncertainty_on_three_classes_is_a_sandwich_and_bad_values_are_refuse
         SafeRadiusConfig(kappa=0.5)
     with pytest.raises(PolicyError, match=r"τ = 0.3 is at most 1/3"):
         _run(lin, x[:2], [0, 0], property="uncertainty", tau=0.3)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
+def test_derivative_free_estimate_on_a_linear_model(norm) -> None:
+    """h = ±(w·x + b): every ratio |Δh|/‖δ‖ is at most ‖w‖_dual, so the estimate is never below
+    the true radius |g|/‖w‖_dual, and the pattern search gets close to it; seeded; forward
+    passes only (the estimate runs under no_grad on the model's logits)."""
+    w = np.array([1.0, -2.0, 0.5, 1.5])
+    x = np.random.default_rng(7).uniform(-2, 2, size=(20, 4)).astype(np.float32)
+    g = x.astype(float) @ w + 0.3
+    kw = dict(norms=[norm], clever_samples=2, clever_batches=2, bisection_steps=2,
+              attack_steps=2, clever_radius=20.0, estimate_steps=40, estimate_directions=32)
+    res = _run(binary_linear(w, 0.3), x, (g > 0).astype(int), **kw)
+    dual = {"l2": np.linalg.norm(w), "linf": np.abs(w).sum(), "l1": np.abs(w).max()}[norm]
+    exact = np.abs(g) / dual
+    est = res.per_point[f"estimate@{norm}"]
+    assert (est >= exact * (1 - 1e-4)).all()  # up to the float32 noise of the logits
+    np.testing.assert_allclose(est, exact, rtol=0.1)
+    again = _run(binary_linear(w, 0.3), x, (g > 0).astype(int), **kw)
+    np.testing.assert_array_equal(again.per_point[f"estimate@{norm}"], est)
+    assert res.diagnostics[norm]["median_estimate"] is not None

@@ -99,6 +99,10 @@ class SafeRadiusConfig(MetricConfig):
                                 description="samples per CLEVER batch")
     clever_radius: float = Field(default=2.0, gt=0, description="CLEVER sampling ball radius")
     power_iterations: int = Field(default=100, ge=1, le=100_000)
+    estimate_steps: int = Field(default=20, ge=0, le=10_000, description="pattern-search "
+                                "iterations of the derivative-free estimate (0: off)")
+    estimate_directions: int = Field(default=16, ge=1, le=4096, description="poll "
+                                     "directions per iteration (each tried ±)")
     local_bound: Literal["crown", "ibp", "off"] = Field(
         default="crown", description="local bound tried beyond the Lipschitz radius")
     bound_steps: int = Field(default=12, ge=0, le=60,
@@ -294,6 +298,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                    "ranges": "recompute",
                    **{norm: {"median_lower": "recompute", "median_upper": "recompute",
                              "median_clever": "recompute", "no_witness": "sum",
+                             "median_estimate": "recompute",
                              "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
                              "median_ratio": "recompute", "median_ratio_lipschitz": "recompute",
                              "certified_by": "recompute"} for norm in NORMS}}
@@ -470,6 +475,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             for k in (("lower", "upper", "lower_lipschitz", "lower_local")
                       if bound is not None else ("upper",))}
         clever = {nm: np.full(n, np.nan) for nm in cfg.norms}
+        estimate = {nm: np.full(n, np.nan) for nm in cfg.norms}
         range_parts: dict[str, list[torch.Tensor]] = {}
         for sl, x, y in batches(data, ctx.batch_size, ctx.device):
             # the certified margins come from the evaluation the rounding model describes
@@ -501,6 +507,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     dev_parts[f"lower_local@{nm}"].append(r_loc)
                 g = ctx.global_generator(f"{self.name}/clever/{nm}/{first}")
                 clever[nm][sl] = self.clever(fn, x, nm, g, (lo_r, hi_r))
+                if cfg.estimate_steps:
+                    g = ctx.global_generator(f"{self.name}/estimate/{nm}/{first}")
+                    estimate[nm][sl] = self.pattern_estimate(model.logits, x, nm, g,
+                                                             (lo_r, hi_r))
                 if cfg.property == "reachability":
                     ranges, local_why = self._reach_ranges(
                         bound, fn, x, logits.double(), nm, (lo_r, hi_r), local_why)
@@ -527,6 +537,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 out[f"lower@{nm}"] = np.full(n, np.nan)
                 out[f"bound@{nm}"] = np.full(n, "", dtype="<U9")
             out[f"clever@{nm}"] = clever[nm]
+            out[f"estimate@{nm}"] = estimate[nm]
         out.update({key: torch.cat(v).cpu().numpy() for key, v in range_parts.items()})
         props = []
         if bound is not None:
@@ -573,6 +584,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 "median_lower": _median(lower[holds]),
                 "median_upper": _median(upper[holds]),
                 "median_clever": _median(clever[holds]),
+                "median_estimate": (_median(pp[f"estimate@{nm}"][holds])
+                                    if f"estimate@{nm}" in pp else None),
                 "no_witness": int((holds & ~np.isfinite(upper)).sum()),
                 # a sound lower bound never exceeds a witness: a count here means a bug or an
                 # unsound (e.g. unconverged) Lipschitz constant
@@ -600,6 +613,80 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             diagnostics["ranges"] = ranges
         result.diagnostics = diagnostics
         return result
+
+    def pattern_estimate(self, forward, x: torch.Tensor, norm: str, g: torch.Generator,
+                         box: tuple[float, float]) -> np.ndarray:
+        """The seed's derivative-free estimate per point of a batch: min_j h_j(x0)⁺ / L̂_j,
+        capped at ``clever_radius``, with L̂_j the largest |h_j(x) − h_j(x0)| / ‖x − x0‖ seen by
+        a batched pattern search over the ball of ``clever_radius`` (∩ box) — forward passes
+        only (``forward``: the deployed model's logits, so ONNX and black-box models too).
+
+        The search keeps one incumbent per point (start: the best of ``estimate_directions``
+        random points of the ball), polls it along ± ``estimate_directions`` random
+        directions (unit in ``norm``) at a step that halves after a poll without
+        improvement, and maximises the largest ratio over the margins; every point it
+        evaluates updates every margin's L̂_j. An ESTIMATE: a searched maximum can fall short
+        of the true local constant, so the value can exceed the true safe radius (as CLEVER);
+        it is never reported as certified. Seeded by ``g``."""
+        cfg = self.config
+        p = x.shape[0]
+        k = cfg.estimate_directions
+        flat = x.flatten(1)
+        d = flat.shape[1]
+        rad = cfg.clever_radius
+        min_dist = rad * 1e-3
+        with torch.no_grad():
+            logits0 = forward(x).double()
+            a, b = self._margins(logits0)
+            h0 = torch.einsum("pmc,pc->pm", a, logits0) - b
+
+            def ratios(points):  # points (P, K, d) → per point, candidate and margin
+                q = points.clamp(*box).to(x.dtype)  # the points the model sees
+                lg = forward(q.reshape(p * q.shape[1], *x.shape[1:])).double()
+                lg = lg.view(p, q.shape[1], -1)
+                h = torch.einsum("pmc,pkc->pkm", a, lg) - b[:, None, :]
+                dist = _dist(q.reshape(-1, d), flat.repeat_interleave(q.shape[1], 0), norm)
+                dist = dist.view(p, q.shape[1], 1)
+                # below a thousandth of the radius, float noise of the logits dominates
+                r = torch.where(dist >= min_dist, (h - h0[:, None, :]).abs()
+                                / dist.clamp_min(min_dist), torch.zeros_like(h))
+                return q.double(), r
+
+            def unit(shape):
+                v = torch.randn(shape, generator=g, dtype=torch.float64).to(x.device)
+                if norm == "l1":
+                    v = v * (torch.rand(shape, generator=g, dtype=torch.float64).to(x.device)
+                             < max(_L1_STEP_SHARE, 1.0 / d))
+                return v / _norm_of(v, norm)[..., None].clamp_min(1e-30)
+
+            start = flat.double()[:, None, :] + unit((p, k, d)) * rad * torch.rand(
+                (p, k, 1), generator=g, dtype=torch.float64).to(x.device)
+            q, rt = ratios(start)
+            lhat = rt.amax(1)  # (P, m)
+            score = rt.amax(2)  # (P, K)
+            best = score.argmax(1)
+            cur = q[torch.arange(p), best]
+            cur_score = score[torch.arange(p), best]
+            step = torch.full((p, 1), rad / 4, dtype=torch.float64, device=x.device)
+            for _ in range(cfg.estimate_steps):
+                dirs = unit((p, k, d))
+                cand = cur[:, None, :] + torch.cat([dirs, -dirs], 1) * step[:, :, None]
+                delta = cand - flat.double()[:, None, :]  # back into the ball
+                norms = _norm_of(delta, norm)[..., None]
+                cand = flat.double()[:, None, :] + delta * (rad / norms.clamp_min(1e-30)).clamp(
+                    max=1.0)
+                q, rt = ratios(cand)
+                lhat = torch.maximum(lhat, rt.amax(1))
+                score = rt.amax(2)
+                i = score.argmax(1)
+                top = score[torch.arange(p), i]
+                better = top > cur_score
+                cur = torch.where(better[:, None], q[torch.arange(p), i], cur)
+                cur_score = torch.where(better, top, cur_score)
+                step = torch.where(better[:, None], step, (step / 2).clamp_min(min_dist))
+            est = torch.where(lhat > 0, h0.clamp_min(0) / lhat.clamp_min(1e-300),
+                              torch.full_like(lhat, math.inf)).amin(1).clamp(max=rad)
+        return est.cpu().numpy()
 
     # ---- reachability: the reachable range of each output
 
@@ -730,6 +817,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             out[f"bound@{nm}"] = (np.where(better, "joint", "oracle") if bound_o is not None
                                   else np.full(n, "")).astype("<U9")
             out[f"clever@{nm}"] = np.full(n, np.nan)  # no estimate of the joint constant
+            out[f"estimate@{nm}"] = np.full(n, np.nan)
         props = []
         if bound_o is not None:
             for nm in cfg.norms:
@@ -1034,6 +1122,13 @@ def _descend(delta: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor, eps: 
     delta = delta - alpha * grad / gn
     dn = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
     return delta * (eps / dn).clamp(max=1.0)
+
+
+def _norm_of(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """The ``norm`` itself over the last dimension (L∞, L2 or L1)."""
+    if norm == "linf":
+        return v.abs().amax(-1)
+    return v.abs().sum(-1) if norm == "l1" else v.norm(dim=-1)
 
 
 def _dual_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
