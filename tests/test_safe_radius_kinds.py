@@ -371,3 +371,45 @@ def test_derivative_free_estimate_on_a_linear_model(norm) -> None:
     again = _run(binary_linear(w, 0.3), x, (g > 0).astype(int), **kw)
     np.testing.assert_array_equal(again.per_point[f"estimate@{norm}"], est)
     assert res.diagnostics[norm]["median_estimate"] is not None
+
+
+def test_report_and_mlflow_show_ranges_sandwich_and_certifiers() -> None:
+    """A reachability certificate: the report draws the sandwich (L1 included) and the
+    reachable ranges (the latter also from the JSON alone); MLflow gets the medians, the
+    certifying bounds and the ranges; the diagnostics list the most vulnerable points."""
+    from robust_cert.certificate import Certificate
+    from robust_cert.mlflow_plugin.summary import sandwich_metrics
+    from robust_cert.report.charts import ChartInputs, charts_for
+    from robust_cert.report.html import render_html
+
+    lin = binary_linear(np.array([1.0, -2.0]), 0.2)
+    x = np.random.default_rng(8).uniform(-1, 1, size=(16, 2)).astype(np.float32)
+    pol = {"name": "reach", "input_range": [-5.0, 5.0],
+           "metrics": {"safe_radius": {"property": "reachability", "output": 1, "low": -4.0,
+                                       "high": 4.0, "norms": ["l2", "l1"], "radii": [0.1],
+                                       "attack_steps": 10, "bisection_steps": 4,
+                                       "clever_samples": 4, "clever_batches": 2}},
+           "requirements": [{"metric": "safe_radius", "norm": "l1", "radius": 0.1,
+                             "at_least": 0.5}]}
+    cert = robust_cert.certify(lin, (x, np.zeros(16, int)), pol, progress=False)
+    assert cert is not None
+    ids = [c.id for c in charts_for("safe_radius", ChartInputs(cert.body, cert.per_point))]
+    assert ids == ["chart-safe-radius-l2", "chart-safe-radius-l1",
+                   "chart-safe-radius-ranges-l2", "chart-safe-radius-ranges-l1"]
+    again = Certificate.from_json(cert.to_json())
+    html = render_html(again)
+    assert 'id="chart-safe-radius-ranges-l1"' in html
+    assert 'id="chart-safe-radius-l1"' not in html  # the sandwich needs the per-point arrays
+    res = next(r for r in cert.body["results"] if r["metric"] == "safe_radius")
+    vulnerable = res["diagnostics"]["l1"]["most_vulnerable"]
+    assert 0 < len(vulnerable) <= 5
+    lows = [v["lower"] for v in vulnerable]
+    assert lows == sorted(lows)
+    assert vulnerable[0]["bound"] in ("lipschitz", "crown")
+    m = sandwich_metrics(cert)
+    assert m["safe_radius.reachability.l1.sandwich_violations"] == 0
+    assert "safe_radius.reachability.l2.median_lower" in m
+    # output 0 is the constant 0 logit: its range is [0, 0] exactly
+    assert m["safe_radius.reach.l1.r0.1.o0.found_lo"] == 0.0
+    assert m["safe_radius.reach.l1.r0.1.o1.outer_lo"] <= m["safe_radius.reach.l1.r0.1.o1.found_lo"]
+    assert all(k.replace(".", "").replace("_", "").replace("-", "").isalnum() for k in m)

@@ -298,7 +298,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                    "ranges": "recompute",
                    **{norm: {"median_lower": "recompute", "median_upper": "recompute",
                              "median_clever": "recompute", "no_witness": "sum",
-                             "median_estimate": "recompute",
+                             "median_estimate": "recompute", "most_vulnerable": "recompute",
                              "sandwich_violations": "sum", "median_lower_lipschitz": "recompute",
                              "median_ratio": "recompute", "median_ratio_lipschitz": "recompute",
                              "certified_by": "recompute"} for norm in NORMS}}
@@ -605,6 +605,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     "certified_by": {k: int((by == k).sum()) for k in _CERTIFIERS[
                         cfg.property == "invariant"]},
                 })
+            diagnostics[nm]["most_vulnerable"] = _most_vulnerable(pp, holds, nm)
             if diagnostics[nm]["sandwich_violations"]:
                 log.warning("safe_radius: %d points have a lower bound above their witness "
                             "(%s)", diagnostics[nm]["sandwich_violations"], nm)
@@ -625,7 +626,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         random points of the ball), polls it along ± ``estimate_directions`` random
         directions (unit in ``norm``) at a step that halves after a poll without
         improvement, and maximises the largest ratio over the margins; every point it
-        evaluates updates every margin's L̂_j. An ESTIMATE: a searched maximum can fall short
+        evaluates updates every margin's L̂_j (points within a thousandth of the radius of x0
+        are not counted: float noise). An ESTIMATE: a searched maximum can fall short
         of the true local constant, so the value can exceed the true safe radius (as CLEVER);
         it is never reported as certified. Seeded by ``g``."""
         cfg = self.config
@@ -635,7 +637,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         d = flat.shape[1]
         rad = cfg.clever_radius
         min_dist = rad * 1e-3
-        with torch.no_grad():
+        # IEEE float32 products (no TF32/bf16): the ratios difference nearby logits, whose
+        # float noise must stay small
+        with torch.no_grad(), strict_float32():
             logits0 = forward(x).double()
             a, b = self._margins(logits0)
             h0 = torch.einsum("pmc,pc->pm", a, logits0) - b
@@ -1340,3 +1344,29 @@ def kl_top1(kappa: float, c: int) -> float:
         if hi - lo <= 1e-15:
             break
     return hi
+
+
+#: Points listed per norm in ``diagnostics[n]["most_vulnerable"]``.
+_VULNERABLE = 5
+
+
+def _most_vulnerable(pp: dict, holds: np.ndarray, nm: str) -> list[dict]:
+    """The points where the property holds with the smallest certified radius (else the
+    smallest witness): index, sandwich (lower, upper), the estimates and which bound certified
+    the lower one; non-finite values as None (JSON)."""
+    idx = np.flatnonzero(holds)
+    if not idx.size:
+        return []
+    lower, upper = pp[f"lower@{nm}"][idx], pp[f"upper@{nm}"][idx]
+    key = np.where(np.isfinite(lower), lower, np.where(np.isnan(upper), np.inf, upper))
+    rows = []
+    for i in idx[np.lexsort((idx, key))][:_VULNERABLE]:
+        row = {"index": int(i)}
+        for k in ("lower", "upper", "clever", "estimate"):
+            arr = pp.get(f"{k}@{nm}")
+            v = float(arr[i]) if arr is not None else math.nan
+            row[k] = v if math.isfinite(v) else (None if math.isnan(v) else "inf")
+        by = pp.get(f"bound@{nm}")
+        row["bound"] = str(by[i]) if by is not None and str(by[i]) else None
+        rows.append(row)
+    return rows
