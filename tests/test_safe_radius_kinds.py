@@ -4,6 +4,7 @@ relative to an oracle (closed forms of METRICS.md), and validation of the kinds'
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -343,9 +344,9 @@ def test_kl_uncertainty_on_three_classes_is_a_sandwich_and_bad_values_are_refuse
     assert res.diagnostics["l2"]["sandwich_violations"] == 0
     assert (res.per_point["lower@l2"][kl < 0.2] == 0).all()
     assert (res.per_point["lower@l2"][kl >= 0.25] > 0).any()
-    for bad in ({"kappa": 0.0}, {"kappa": math.inf}, {"kappa": -1.0}):
+    for bad in (0.0, math.inf, -1.0):
         with pytest.raises(ValueError, match="kappa"):
-            SafeRadiusConfig(property="uncertainty", **bad)
+            SafeRadiusConfig(property="uncertainty", kappa=bad)
     with pytest.raises(ValueError, match="kappa is for property uncertainty"):
         SafeRadiusConfig(kappa=0.5)
     with pytest.raises(PolicyError, match=r"τ = 0.3 is at most 1/3"):
@@ -360,7 +361,7 @@ def test_derivative_free_estimate_on_a_linear_model(norm) -> None:
     w = np.array([1.0, -2.0, 0.5, 1.5])
     x = np.random.default_rng(7).uniform(-2, 2, size=(20, 4)).astype(np.float32)
     g = x.astype(float) @ w + 0.3
-    kw = dict(norms=[norm], clever_samples=2, clever_batches=2, bisection_steps=2,
+    kw: dict[str, Any] = dict(norms=[norm], clever_samples=2, clever_batches=2, bisection_steps=2,
               attack_steps=2, clever_radius=20.0, estimate_steps=40, estimate_directions=32)
     res = _run(binary_linear(w, 0.3), x, (g > 0).astype(int), **kw)
     dual = {"l2": np.linalg.norm(w), "linf": np.abs(w).sum(), "l1": np.abs(w).max()}[norm]

@@ -1361,7 +1361,7 @@ def _most_vulnerable(pp: dict, holds: np.ndarray, nm: str) -> list[dict]:
     key = np.where(np.isfinite(lower), lower, np.where(np.isnan(upper), np.inf, upper))
     rows = []
     for i in idx[np.lexsort((idx, key))][:_VULNERABLE]:
-        row = {"index": int(i)}
+        row: dict[str, object] = {"index": int(i)}
         for k in ("lower", "upper", "clever", "estimate"):
             arr = pp.get(f"{k}@{nm}")
             v = float(arr[i]) if arr is not None else math.nan
