@@ -414,3 +414,18 @@ def test_report_and_mlflow_show_ranges_sandwich_and_certifiers() -> None:
     assert m["safe_radius.reach.l1.r0.1.o0.found_lo"] == 0.0
     assert m["safe_radius.reach.l1.r0.1.o1.outer_lo"] <= m["safe_radius.reach.l1.r0.1.o1.found_lo"]
     assert all(k.replace(".", "").replace("_", "").replace("-", "").isalnum() for k in m)
+
+
+def test_cli_oracle_without_an_invariant_metric_is_one_line_exit_2(tmp_path, capsys) -> None:
+    import yaml
+
+    from robust_cert.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "a", "metrics": {"accuracy": {}}, "requirements": [
+        {"metric": "accuracy", "at_least": 0.5}]}))
+    assert main(["plan", str(path), "--model", str(tmp_path / "m.onnx"),
+                 "--oracle", "test-oracle:u"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--oracle test-oracle:u: the policy has no metric with property invariant" in err
