@@ -124,6 +124,8 @@ def certify(
     threat = feature_threat(pol, evalset)
     if threat is None:
         check_radii(pol, evalset)
+    for name in pol.metrics:  # each metric's own refusals (e.g. an oracle of another shape)
+        pol.metric(name).check(clf, evalset, clf.device)
     twin, twin_record = None, None
     if gradient_twin is not None:
         try:

@@ -188,7 +188,9 @@ _ENTRIES = (
                 quantities=(Quantity("certified fraction (L2)", "L2 radius, data units",
                                      (("norm", "l2"),)),
                             Quantity("certified fraction (L∞)", "L∞ radius, data units",
-                                     (("norm", "linf"),))),
+                                     (("norm", "linf"),)),
+                            Quantity("certified fraction (L1)", "L1 radius, data units",
+                                     (("norm", "l1"),))),
                 impl="robust_cert.metrics.safe_radius:SafeRadius"),
     # no gateable proportion: its numbers are trend indicators in the diagnostics; the short
     # name is the family name, as MLflow runs before the catalog recorded it
@@ -203,6 +205,45 @@ _ENTRIES = (
                 unit="radius in the configured norm, data units (κ: KL divergence in nats)",
                 impl="robust_cert.metrics.divergence:DivergenceBound"),
 )
+
+#: How readers name the norms of the safe radius (and other per-norm families).
+NORM_LABELS = {"l2": "L2", "linf": "L∞", "l1": "L1"}
+
+#: The safety properties ("risk kinds") of the safe radius: what holding means, and what the
+#: sound lower bound and the witnessed upper bound of its maximum safe radius are.
+RISK_KINDS: dict[str, dict[str, str]] = {
+    "adversarial": {
+        "holds": "the prediction is the label and stays the prediction on the ball",
+        "lower": "Lipschitz radius, or local CROWN/IBP bounds of the margins (the larger)",
+        "upper": "the closest input with another prediction found (projected search)"},
+    "reachability": {
+        "holds": "the output stays in [low, high] on the ball; its reachable range is "
+                 "reported per radius (sound outer bounds, witnessed inner values)",
+        "lower": "Lipschitz radius, or local CROWN/IBP bounds of the output (the larger)",
+        "upper": "the closest input with the output outside [low, high] found"},
+    "uncertainty": {
+        "holds": "the top-1 probability stays ≥ τ, or KL(uniform ‖ p) stays ≥ κ, on the ball",
+        "lower": "margins of top-1 ≥ τ (for κ: the top-1 π(κ, C) whose KL floor is κ; exact "
+                 "for two classes), Lipschitz or local bounds",
+        "upper": "the closest input where the network is unsure found"},
+    "invariant": {
+        "holds": "the prediction is the oracle's and the label at x; no input in the ball "
+                 "changes the oracle's class while the network keeps it (invariance with "
+                 "respect to the oracle O)",
+        "lower": "the oracle's own certified radius, or for affine O and f the exact joint "
+                 "radius min_j max_m (h^O_j − m·h^f_j)/‖∇‖_dual (the larger)",
+        "upper": "the closest invariant example found by search on cat(O(x), f(x))"},
+}
+
+#: What certified a point's lower bound (the safe radius's per-point ``bound@norm``).
+BOUND_LABELS = {
+    "lipschitz": "global Lipschitz constant (layer operator norms)",
+    "crown": "local linear relaxation (CROWN)",
+    "crown-ibp": "local linear relaxation over interval intermediates (CROWN-IBP)",
+    "ibp": "local interval bounds (IBP)",
+    "oracle": "the oracle's own radius (O keeps its class)",
+    "joint": "exact joint constant of affine O and f",
+}
 
 #: Every family this installation implements, by name, in the order policies list them.
 CATALOG: dict[str, MetricEntry] = {e.name: e for e in _ENTRIES}

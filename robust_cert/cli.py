@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a model without gradients (ONNX): the PyTorch version it was "
                         "exported from; gradient metrics craft attacks on it after a logit "
                         "parity check on the data, and predictions stay on the model")
+    p.add_argument("--oracle", default=None, metavar="models:/NAME/VERSION",
+                   help="the reference model O of the policy's invariant-kind metrics "
+                        "(safe_radius property invariant), replacing their oracle: results "
+                        "are invariance with respect to O")
     p.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=None,
                    help="print the cost estimate (robust-cert plan) before running, and show "
                         "the progress bar in estimated seconds (default: on when stderr is a "
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models:/NAME/VERSION (or @ALIAS) or an .onnx file")
     _data_options(p)
     p.add_argument("--gradient-twin", default=None, help="for an ONNX model: its PyTorch twin")
+    p.add_argument("--oracle", default=None,
+                   help="the reference model of the policy's invariant-kind metrics")
     p.add_argument("--pilot-points", type=int, default=8,
                    help="points each metric runs on in the pilot (default 8)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
@@ -466,8 +472,13 @@ def _report(args) -> int:
 def _certify(args) -> int:
     from robust_cert.mlflow_plugin.tracking import certify_version
 
+    policy = args.policy
+    if args.oracle:
+        from robust_cert.policy import with_oracle
+
+        policy = with_oracle(policy, args.oracle)
     res = certify_version(
-        args.model, args.policy, _data(args), tracking_uri=args.tracking_uri,
+        args.model, policy, _data(args), tracking_uri=args.tracking_uri,
         out_dir=args.out, device=args.device, seed=args.seed, threads=args.threads,
         progress=not args.no_progress, command=args.command_line,
         gradient_twin=args.gradient_twin, allow_unsigned=args.unsigned,
@@ -575,6 +586,10 @@ def _plan(args) -> int:
     from robust_cert.policy import load_policy
 
     pol = load_policy(args.policy)
+    if args.oracle:
+        from robust_cert.policy import with_oracle
+
+        pol = with_oracle(pol, args.oracle)
     devices.configure_threads(args.threads)
     if args.model.startswith("models:/") or args.tracking_uri:
         _client(args.tracking_uri)

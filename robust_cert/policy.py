@@ -310,6 +310,23 @@ def example_policy(name: str) -> Path:
                       "incomplete; reinstall robust_cert or pass --policy")
 
 
+def with_oracle(policy: str | Path | dict | Policy, oracle: str) -> Policy:
+    """The policy with ``oracle`` (a model reference) as the oracle of every invariant-kind
+    metric (``property: invariant``): what the CLI's ``--oracle`` does. The certificate then
+    records the oracle in the policy document it ran (and hashes it). PolicyError when the
+    policy has no such metric."""
+    pol = load_policy(policy)
+    doc = pol.canonical()
+    hits = [name for name, args in doc["metrics"].items()
+            if isinstance(args, dict) and args.get("property") == "invariant"]
+    if not hits:
+        raise PolicyError(f"--oracle {oracle}: the policy has no metric with property "
+                          "invariant (e.g. metrics.safe_radius: {property: invariant})")
+    for name in hits:
+        doc["metrics"][name]["oracle"] = oracle
+    return Policy.from_dict(doc, source="policy with --oracle")
+
+
 def load_policy(policy: str | Path | dict | Policy) -> Policy:
     """Load a policy from a YAML path, a dict, or return a Policy unchanged."""
     if isinstance(policy, Policy):

@@ -132,7 +132,7 @@ def test_the_decorator_registers_a_class_for_a_function() -> None:
             return call.step("scale", l2=2.0, linf=2.0, ulps=2.0, info="twice")
 
     bound = lipschitz_bound(UsesTwice(), (3,))
-    assert bound.prefix == {"l2": 2.0, "linf": 2.0}
+    assert bound.prefix == {"l2": 2.0, "linf": 2.0, "l1": 2.0}
     assert isinstance(registry.function_op(twice), TwiceBound)
     # the default params: one dependent input, passed first
     assert bound.graph.steps[0].kind == "scale"

@@ -55,7 +55,7 @@ def _max_dual_gradient(model, x, norm):
         m = out.gather(1, t[:, None])[:, 0] - out[:, j]
         (g,) = torch.autograd.grad(m.sum(), x, retain_graph=True)
         g = g.flatten(1).double()
-        d = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+        d = {"linf": g.abs().sum(1), "l2": g.norm(dim=1), "l1": g.abs().amax(1)}[norm]
         best = max(best, float(d.max()))
     return best
 
@@ -68,13 +68,13 @@ def test_functional_ops_and_residuals_are_bounded_soundly() -> None:
     x = torch.rand(200, 1, 8, 8)
     eye = torch.eye(3, dtype=torch.float64)
     rows = (eye[:, None, :] - eye[None, :, :]).reshape(9, 3)  # every e_i − e_j
-    for norm in ("l2", "linf"):
+    for norm in ("l2", "linf", "l1"):
         lip = float(bound.margin_constants(rows, norm).max())
         # the Lipschitz constant bounds every gradient's dual norm
         assert _max_dual_gradient(model, x, norm) <= lip
     # a residual addition adds the constants of its branches: x + 0.5·relu(x) has 1.5
     res = lipschitz_bound(_Residual(), (4,))
-    for nm in ("l2", "linf"):
+    for nm in ("l2", "linf", "l1"):
         assert res.prefix[nm] == pytest.approx(1.5, rel=1e-8)
         assert res.prefix[nm] >= 1.5
 
@@ -94,7 +94,7 @@ def test_torch_export_graph_gives_the_same_bound_as_the_module() -> None:
     ep = torch.export.export(model, (torch.zeros(4, 1, 8, 8),))
     a = lipschitz_bound(model, (1, 8, 8))
     b = lipschitz_bound(ep.module(), (1, 8, 8))
-    for nm in ("l2", "linf"):
+    for nm in ("l2", "linf", "l1"):
         assert b.prefix[nm] == pytest.approx(a.prefix[nm], rel=1e-9)
     torch.testing.assert_close(a.head, b.head)
     # and the functional twin of the same network: same constants
@@ -102,7 +102,7 @@ def test_torch_export_graph_gives_the_same_bound_as_the_module() -> None:
     batch = {"x": {0: torch.export.Dim("batch")}}  # its view() reads the batch size
     ex = torch.export.export(fx, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=batch)
     c, d = lipschitz_bound(fx, (1, 8, 8)), lipschitz_bound(ex.module(), (1, 8, 8))
-    for nm in ("l2", "linf"):
+    for nm in ("l2", "linf", "l1"):
         assert d.prefix[nm] == pytest.approx(c.prefix[nm], rel=1e-9)
 
 
@@ -347,3 +347,26 @@ def test_error_bound_safety_covers_a_deep_wide_stack(monkeypatch) -> None:
     small = lipschitz_bound(_trained_bn(Functional()), (1, 8, 8), 5)
     small.rounding(torch.rand(2, 1, 8, 8))
     assert small.graph.safety == lipschitz.ERROR_BOUND_SAFETY
+
+
+def test_l1_constants_are_the_largest_column_sums() -> None:
+    """Known answers of the 1→1 operator norms: a Linear layer's is its largest column sum of
+    |W|; a stride-1 convolution's the largest sum of |K| over an input channel's kernels (every
+    input pixel away from the border meets each kernel weight once); max pooling with window
+    2 and stride 1 puts one input in up to 2 windows per dimension."""
+    torch.manual_seed(3)
+    fc = nn.Linear(5, 4)
+    net = nn.Sequential(fc, nn.ReLU(), nn.Linear(4, 2))
+    b = lipschitz_bound(net, (5,))
+    want = float(fc.weight.detach().double().abs().sum(0).max())
+    assert b.prefix["l1"] == pytest.approx(want, rel=1e-8)
+    assert b.prefix["l1"] >= want
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    cnet = nn.Sequential(conv, nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    c = lipschitz_bound(cnet, (2, 6, 6))
+    kernel = float(conv.weight.detach().double().abs().sum((0, 2, 3)).max())
+    assert c.prefix["l1"] == pytest.approx(kernel * 4, rel=1e-8)
+    # sound: no margin gradient has a larger ∞-norm (the dual of L1)
+    x = torch.rand(300, 2, 6, 6)
+    rows = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert _max_dual_gradient(cnet, x, "l1") <= float(c.margin_constants(rows, "l1").max())

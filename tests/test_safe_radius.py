@@ -45,7 +45,8 @@ def _data(n=40, seed=0):
     return x, (g > 0).astype(np.int64), g
 
 
-DUAL = {"l2": float(np.linalg.norm(W)), "linf": float(np.abs(W).sum())}
+DUAL = {"l2": float(np.linalg.norm(W)), "linf": float(np.abs(W).sum()),
+        "l1": float(np.abs(W).max())}
 
 
 def _rounding_slack(x, expected, dual):
@@ -70,7 +71,7 @@ def _check_sandwich(res, expected, mask, norm, tol=2e-3, x=None):
     np.testing.assert_allclose(upper, expected[mask], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
 def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
     x, y, g = _data()
     res = _run(_binary(), x, y, norms=[norm], radii=[0.1, 0.3], clever_radius=100.0,
@@ -83,7 +84,7 @@ def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
     assert res.kind == "certified"
 
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
 def test_uncertainty_radius_of_a_linear_binary_model(norm) -> None:
     tau = 0.8
     x, y, g = _data(seed=1)
@@ -217,7 +218,8 @@ def test_an_op_without_a_local_bound_falls_back_to_the_lipschitz_bound(monkeypat
     x, _, _ = _data(n=10)
     with torch.no_grad():
         y = model(torch.from_numpy(x)).argmax(1).numpy()
-    res = _run(model, x, y, norms=["l2"], clever_samples=5, bisection_steps=3)
+    res = _run(model, x, y, norms=["l2"], clever_samples=5, bisection_steps=3,
+               local_bound="crown")
     assert res.diagnostics["local_bound"].startswith("lipschitz only: ")
     assert "_Clip" in res.diagnostics["local_bound"] or "Clip" in res.diagnostics["local_bound"]
     assert (res.per_point["bound@l2"] == "lipschitz").all()
@@ -226,7 +228,8 @@ def test_an_op_without_a_local_bound_falls_back_to_the_lipschitz_bound(monkeypat
     assert res.diagnostics["l2"]["certified_by"]["crown"] == 0
     # the same network with a plain clamp (Hardtanh) is bounded by CROWN beyond Lipschitz
     model2 = nn.Sequential(model[0], nn.Hardtanh(), model[2]).eval()
-    res2 = _run(model2, x, y, norms=["l2"], clever_samples=5, bisection_steps=3)
+    res2 = _run(model2, x, y, norms=["l2"], clever_samples=5, bisection_steps=3,
+                local_bound="crown")
     assert res2.diagnostics["local_bound"] == "crown"
     assert (res2.per_point["lower@l2"] >= res2.per_point["lower_lipschitz@l2"]).all()
     assert res2.diagnostics["l2"]["certified_by"]["crown"] > 0

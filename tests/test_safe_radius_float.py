@@ -185,7 +185,8 @@ def test_no_float32_input_inside_the_crown_certified_ball_flips_the_prediction(n
     model, x, t = _relu_net_and_points()
     data = robust_cert.load_data((x, t), input_range=(0.0, 1.0))
     clf = robust_cert.load_model(model, input_shape=data.input_shape)
-    res = SafeRadius(SafeRadiusConfig(norms=[norm], clever_batches=2, clever_samples=1)).run(
+    res = SafeRadius(SafeRadiusConfig(norms=[norm], clever_batches=2, clever_samples=1,
+                                        local_bound="crown")).run(
         clf, data, RunContext(CPU, batch_size=64, seed=0))
     pp = res.per_point
     lower, lip = pp[f"lower@{norm}"], pp[f"lower_lipschitz@{norm}"]

@@ -25,11 +25,14 @@ class Step:
 
     ``kind`` says how the graph walk composes it (the only kinds it knows):
 
-    * ``affine``: z ↦ A z + b. ``l2``/``linf`` bound ‖A‖ in each norm; ``apply``/``apply_abs``
+    * ``affine``: z ↦ A z + b. ``l2``/``linf``/``l1`` bound ‖A‖ in each norm (``l1``: the
+      largest column sum of |A|; None: derived soundly, from ``matrix`` when there is one, else
+      √(outputs)·``l2``); ``apply``/``apply_abs``
       compute A z and |A| z (no bias), ``bias`` is |b|, ``fan_in`` the products per output
       (the γ index), ``matrix`` the explicit (out, in) A when there is one (a final one
       becomes the head of :class:`~robust_cert.bounds.LipschitzBound`).
-    * ``max``: a max over windows (exact in float); ``apply`` carries errors through it.
+    * ``max``: a max over windows (exact in float); ``apply`` carries errors through it;
+      ``l1``: the most windows one input element lies in.
     * ``act``: an elementwise map of slope ≤ max(``l2``, ``linf``) whose own rounding is
       ``ulps``·u·(linf·|z| + 1/2).
     * ``scale``: multiplication by a constant of magnitude ≤ ``linf`` (one rounding, γ₂).
@@ -37,7 +40,10 @@ class Step:
       indexing, negation: ``negates``); errors are carried by re-running the node's op.
     * ``first``: element 0 of a (values, indices) tuple.
     * ``add``: Σ ±coef_i·input_i (one rounding, γ₂); ``coef`` are the |coefficients|.
-    * ``cat``: concatenation of its inputs (L2 by root sum of squares, L∞ by max).
+    * ``cat``: concatenation of its inputs (L2 by root sum of squares, L∞ by max, L1 by sum).
+
+    Elementwise kinds (``act``, ``scale``) have the same constant in every norm (their largest
+    slope), so their ``l1`` is that.
     """
 
     node: torch.fx.Node
@@ -45,6 +51,7 @@ class Step:
     inputs: list[torch.fx.Node]
     l2: float = 1.0  # operator constants (affine, max, act, scale)
     linf: float = 1.0
+    l1: float | None = None  # 1→1 operator constant (None: see above)
     coef: list[float] = field(default_factory=list)  # add: |coefficient| of each input
     # affine: z ↦ A z (no bias); max: the pooling
     apply: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -80,7 +80,8 @@ class GraphBound:
         self.steps: list[Step] = []
         #: the registered op, its call and its params of every bounded node (local bounds)
         self.calls: dict[torch.fx.Node, tuple] = {}
-        self.lip: dict[torch.fx.Node, tuple[float, float]] = {self.input: (1.0, 1.0)}
+        #: Lipschitz constants of every value w.r.t. the input in (L2, L∞, L1)
+        self.lip: dict[torch.fx.Node, tuple[float, float, float]] = {self.input: (1.0, 1.0, 1.0)}
         self.layers: list[dict] = []
         for n in self.order:
             if n is self.input or not self.depends[n]:
@@ -174,18 +175,34 @@ class GraphBound:
         self.calls[n] = (op, call, params)
         return op.lipschitz(call, params)
 
-    def _propagate_lip(self, step: Step) -> tuple[float, float]:
+    def _propagate_lip(self, step: Step) -> tuple[float, float, float]:
         ins = [self.lip[a] for a in step.inputs]
         if step.kind in ("affine", "max", "act", "scale"):
-            return ins[0][0] * step.l2, ins[0][1] * step.linf
+            return ins[0][0] * step.l2, ins[0][1] * step.linf, ins[0][2] * self._l1(step)
         if step.kind in ("same", "first"):
             return ins[0]
         if step.kind == "add":
             return (sum(c * li[0] for c, li in zip(step.coef, ins, strict=True)),
-                    sum(c * li[1] for c, li in zip(step.coef, ins, strict=True)))
-        if step.kind == "cat":
-            return math.sqrt(sum(li[0] ** 2 for li in ins)), max(li[1] for li in ins)
+                    sum(c * li[1] for c, li in zip(step.coef, ins, strict=True)),
+                    sum(c * li[2] for c, li in zip(step.coef, ins, strict=True)))
+        if step.kind == "cat":  # ‖(a, b)‖₁ = ‖a‖₁ + ‖b‖₁
+            return (math.sqrt(sum(li[0] ** 2 for li in ins)), max(li[1] for li in ins),
+                    sum(li[2] for li in ins))
         raise AssertionError(step.kind)
+
+    def _l1(self, step: Step) -> float:
+        """The 1→1 constant of a step: its own ``l1``; for an elementwise map its slope
+        bound; for an explicit matrix its largest column sum of |A|; else √m·‖A‖₂ (m outputs:
+        ‖Aδ‖₁ ≤ √m‖Aδ‖₂ ≤ √m‖A‖₂‖δ‖₂ ≤ √m‖A‖₂‖δ‖₁), sound for any linear or 1-Lipschitz-per-
+        window map."""
+        if step.l1 is not None:
+            return step.l1
+        if step.kind in ("act", "scale"):
+            return max(step.l2, step.linf)
+        if step.matrix is not None:
+            return float(step.matrix.detach().double().abs().sum(0).max()) * NORM_SAFETY
+        out = first(self.values[step.node])
+        return math.sqrt(out[0].numel()) * step.l2
 
     # ---- rounding errors
 
@@ -382,7 +399,13 @@ class LipschitzBound:
         if norm == "l2":
             return l2
         linf = rows.abs().sum(-1) * self.prefix["linf"] * NORM_SAFETY
-        return torch.minimum(linf, l2 * math.sqrt(self.input_dim))
+        if norm == "linf":
+            return torch.minimum(linf, l2 * math.sqrt(self.input_dim))
+        if norm != "l1":
+            raise ValueError(f"norm must be l2, linf or l1, got {norm!r}")
+        # ‖δ‖₂ ≤ ‖δ‖₁ and ‖δ‖∞ ≤ ‖δ‖₁: the L2 and L∞ constants also bound the L1 one
+        l1 = rows.abs().amax(-1) * self.prefix["l1"] * NORM_SAFETY
+        return torch.minimum(torch.minimum(l1, l2), linf)
 
     def rounding(self, x: torch.Tensor, radius: torch.Tensor | None = None, norm: str = "l2"):
         """Elementwise bounds (float64, shape of the logits) on the rounding error of the
@@ -440,6 +463,6 @@ def lipschitz_bound(module: nn.Module, input_shape: tuple[int, ...],
         prefix_node = last.inputs[0]
         graph.layers = [entry for entry in graph.layers if entry["layer"] != out.name]
         graph.layers.append({"layer": out.name, "type": f"{last.info} (head)"})
-    l2, linf = graph.lip[prefix_node]
-    return LipschitzBound({"l2": l2, "linf": linf}, head, graph.layers,
+    l2, linf, l1 = graph.lip[prefix_node]
+    return LipschitzBound({"l2": l2, "linf": linf, "l1": l1}, head, graph.layers,
                           int(np.prod(input_shape)), graph)

@@ -616,6 +616,13 @@ class Metric(ABC, Generic[ConfigT]):
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         """Evaluate on the device; report progress through ``ctx.advance``."""
 
+    def check(self, model: Classifier, data: EvalSet, device: torch.device) -> None:
+        """Refuse, before any metric runs, a configuration this model and data cannot run
+        (a RobustCertError subclass with one line naming the problem: an output index the
+        model lacks, a radius outside the input box, a reference model of another shape).
+        :func:`robust_cert.certify` calls it for every metric of the policy. The default
+        accepts everything."""
+
     def finalize(self, result: MetricResult, model: Classifier, data: EvalSet,
                  ctx: RunContext) -> MetricResult:
         """The reported result from the merge of the blocks' results (shardable metrics

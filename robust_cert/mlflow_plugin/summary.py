@@ -66,6 +66,44 @@ def headline_metrics(cert: Certificate) -> dict[str, float]:
     return out
 
 
+def sandwich_metrics(cert: Certificate) -> dict[str, float]:
+    """The safe radius's per-norm summaries as MLflow metrics: ``safe_radius.<kind>.<norm>.``
+    ``median_lower`` / ``median_upper`` / ``median_ratio`` (certified / witnessed) /
+    ``median_clever`` / ``median_estimate`` / ``sandwich_violations`` and, per certifying
+    bound, ``certified_by_<bound>`` (points); for reachability each output's reachable range
+    at each radius, ``safe_radius.reach.<norm>.r<r>.o<k>.{outer,found}_{lo,hi}``. Only finite
+    numbers; names restricted to the characters MLflow accepts."""
+    out: dict[str, float] = {}
+    for res in cert.results:
+        if res["metric"] != "safe_radius" or res["status"] != "ok":
+            continue
+        diag = res.get("diagnostics") or {}
+        kind = str(diag.get("property", "adversarial"))
+        for nm in catalog.NORM_LABELS:
+            d = diag.get(nm)
+            if not isinstance(d, dict):
+                continue
+            base = f"safe_radius.{kind}.{nm}."
+            for key in ("median_lower", "median_upper", "median_ratio", "median_clever",
+                        "median_estimate", "sandwich_violations"):
+                _finite(out, base + key, d.get(key))
+            for bound, count in (d.get("certified_by") or {}).items():
+                _finite(out, base + f"certified_by_{bound}", count)
+        for tag, row in (diag.get("ranges") or {}).items():
+            nm, r, k = tag.split(":")
+            base = re.sub(r"[^\w.\-]", "_", f"safe_radius.reach.{nm}.r{r}.o{k}.", flags=re.ASCII)
+            for part in ("outer", "found"):
+                if row.get(part):
+                    _finite(out, base + f"{part}_lo", row[part][0])
+                    _finite(out, base + f"{part}_hi", row[part][1])
+    return out
+
+
+def _finite(out: dict[str, float], key: str, value) -> None:
+    if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+        out[key] = float(value)
+
+
 def curve_points(cert: Certificate) -> dict[str, list[tuple[int, float]]]:
     """Each catalog curve (``catalog.entry(metric).curve``) the certificate has, as (step,
     value) points with the step the x value in thousandths (``round(1000·ε)``) and the value

@@ -45,7 +45,12 @@ from robust_cert.mlflow_plugin.baseline import attach_comparison
 from robust_cert.mlflow_plugin.client import connect, current_tracking_uri, redact_uri
 from robust_cert.mlflow_plugin.loaders import LOADERS, load_reference
 from robust_cert.mlflow_plugin.names import CERT_TAG, DEFAULT_EXPERIMENT, KIND_TAG, MANIFEST
-from robust_cert.mlflow_plugin.summary import curve_points, headline_metrics, run_name
+from robust_cert.mlflow_plugin.summary import (
+    curve_points,
+    headline_metrics,
+    run_name,
+    sandwich_metrics,
+)
 from robust_cert.mlflow_plugin.versions import tag_version, withdraw_certificate
 from robust_cert.policy import load_policy
 from robust_cert.report import write_report
@@ -471,6 +476,8 @@ def _log_run(mlflow, clf, evalset, cert: Certificate, model_id, files: list[Path
     # a few short, distinct names (the full numbers with CIs are in the certificate), on
     # the logged model too so the experiment's Models tab compares versions
     mlflow.log_metrics(headline_metrics(cert), model_id=model_id, dataset=dataset)
+    if sandwich := sandwich_metrics(cert):  # the safe radius's sandwich and ranges
+        mlflow.log_metrics(sandwich)
     for f in files:
         mlflow.log_artifact(str(f))
 

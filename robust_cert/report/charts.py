@@ -563,7 +563,7 @@ def p_sigma_histogram(inp: ChartInputs) -> Chart | None:
 
 #: At most this many points in a safe-radius sandwich (evenly spaced in the sorted order).
 MAX_SANDWICH = 60
-_NORM_NAMES = {"l2": "L2", "linf": "L∞"}
+_NORM_NAMES = catalog.NORM_LABELS
 
 
 @_per_point("Safe-radius sandwich", inputs=False)
@@ -581,18 +581,24 @@ def safe_radius_sandwich(inp: ChartInputs) -> list[Chart]:
                                                                       "clever")]
         if any(a is None or len(a) != len(holds) for a in arrays):
             continue
+        est_all = inp.per_point.get(f"safe_radius/estimate@{nm}")
+        if est_all is None or len(est_all) != len(holds):
+            est_all = np.full(len(holds), np.nan)
         idx = np.flatnonzero(holds)
         if not len(idx):
             continue
         lower, upper, clever = (np.asarray(a, dtype=float)[idx] for a in arrays)
+        estimate = np.asarray(est_all, dtype=float)[idx]
         key = np.where(np.isfinite(lower), lower, clever)
         order = np.lexsort((idx, upper, key))
         if len(order) > MAX_SANDWICH:  # evenly spaced, both ends included
             order = order[np.unique(np.linspace(0, len(order) - 1, MAX_SANDWICH).round()
                                     .astype(int))]
         lower, upper, clever = lower[order], upper[order], clever[order]
+        estimate = estimate[order]
         xs = np.arange(len(order))
-        finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (lower, upper, clever)])
+        finite = np.concatenate([v[np.isfinite(v) & (v > 0)]
+                                 for v in (lower, upper, clever, estimate)])
         if not finite.size:
             continue
         floor, top = finite.min() / 2, finite.max() * 2
@@ -608,6 +614,10 @@ def safe_radius_sandwich(inp: ChartInputs) -> list[Chart]:
         ok = np.isfinite(clever) & (clever > 0)
         ax.scatter(xs[ok], clever[ok], marker="o", s=12, color=SERIES, zorder=3,
                    label="estimate (CLEVER)")
+        ok = np.isfinite(estimate) & (estimate > 0)
+        if ok.any():
+            ax.scatter(xs[ok], estimate[ok], marker="D", s=10, facecolors="none",
+                       edgecolors=SERIES, zorder=3, label="estimate (pattern search)")
         ok = np.isfinite(upper) & (upper > 0)
         ax.scatter(xs[ok], upper[ok], marker="v", s=16, color=FAIL_COLOUR, zorder=3,
                    label="upper bound (witness)")
@@ -630,17 +640,75 @@ def safe_radius_sandwich(inp: ChartInputs) -> list[Chart]:
         violations = res["diagnostics"].get(nm, {}).get("sandwich_violations", 0)
         warn = (f" {violations} points have a lower bound above their witness: the Lipschitz "
                 f"bound is not sound for them." if violations else "")
+        by = res["diagnostics"].get(nm, {}).get("certified_by") or {}
+        by_text = "; ".join(f"{n} by {catalog.BOUND_LABELS.get(k, k)}"
+                            for k, n in by.items() if n)
+        if by_text:
+            warn += f" Certified by: {by_text}."
+        invariance = res["diagnostics"].get("invariance")
+        if invariance:
+            warn += f" The invariant kind is {invariance}."
         charts.append(Chart(
             f"chart-safe-radius-{nm}",
             f"Safe-radius sandwich ({_NORM_NAMES.get(nm, nm)}, {prop})",
             to_svg(fig),
             f"For each test point where the {prop} property holds, the maximum safe "
-            f"{_NORM_NAMES.get(nm, nm)} radius lies between the sound Lipschitz lower bound "
+            f"{_NORM_NAMES.get(nm, nm)} radius lies between the sound lower bound "
             f"(▲, certified) and the distance of the closest violation found (▼, a witness); "
-            f"● is the CLEVER-style estimate (no guarantee). Log scale; dashed lines are the "
+            f"● is the CLEVER-style estimate and ◇ the derivative-free pattern-search "
+            f"estimate (no guarantee). Log scale; dashed lines are the "
             f"radii of the reported proportions.{sampled}{warn} Drawn from the certification "
             f"run's per-point results; a report re-rendered from the certificate JSON leaves "
             f"this figure out."))
+    return charts
+
+
+#: At most this many (output, radius) rows in the reachable-range chart.
+MAX_RANGE_ROWS = 24
+
+
+def safe_radius_ranges(inp: ChartInputs) -> list[Chart]:
+    """Reachability: per norm, the reachable range of each output at each radius over the
+    evaluation set — sound outer range (light) and witnessed inner range (dark), from the
+    certificate's ``diagnostics.ranges`` (no per-point results needed)."""
+    res = inp.result("safe_radius")
+    ranges = (res or {}).get("diagnostics", {}).get("ranges") or {}
+    by_norm: dict[str, list[tuple[str, str, dict]]] = {}
+    for tag, row in ranges.items():
+        nm, r, k = tag.split(":")
+        by_norm.setdefault(nm, []).append((r, k, row))
+    charts = []
+    norms = [n for n in (res or {}).get("config", {}).get("norms", []) if n in by_norm]
+    for nm in norms + sorted(set(by_norm) - set(norms)):
+        rows = [t for t in by_norm[nm] if t[2].get("found")][:MAX_RANGE_ROWS]
+        if not rows:
+            continue
+        fig = _figure(6.4, 0.35 * len(rows) + 1.0)
+        ax = fig.axes[0]
+        ys = np.arange(len(rows))
+        for y, (_, _, row) in zip(ys, rows, strict=True):
+            if row.get("outer"):
+                lo, hi = row["outer"]
+                ax.barh(y, hi - lo, left=lo, height=0.7, color="#cfd8e3",
+                        label="sound outer range" if y == 0 else None)
+            lo, hi = row["found"]
+            ax.barh(y, hi - lo, left=lo, height=0.35, color=SERIES,
+                    label="witnessed (attained)" if y == 0 else None)
+        ax.set_yticks(ys, [f"output {k}, r = {r}" for r, k, _ in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("output value (logit)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        bad = sum(int(row.get("violations", 0)) for _, _, row in rows)
+        warn = (f" {bad} points have a witnessed value outside their sound range: a bug."
+                if bad else "")
+        name = _NORM_NAMES.get(nm, nm)
+        charts.append(Chart(
+            f"chart-safe-radius-ranges-{nm}", f"Reachable ranges ({name} balls)", to_svg(fig),
+            f"For each output and radius r, over all evaluation points: the range of the "
+            f"output over the {name} ball of radius r around each point. The light bar is "
+            f"sound (the union of per-point outer bounds: no input in any ball, and no float32 "
+            f"evaluation of one, gives a value outside it); the dark bar is the union of the "
+            f"values the search attained (the true reachable range contains it).{warn}"))
     return charts
 
 
@@ -713,7 +781,7 @@ CHARTS: dict[str, tuple[Callable[[ChartInputs], Chart | list[Chart] | None], ...
     "probabilistic_robustness": (failure_rate_curve,),
     "randomized_smoothing": (certified_accuracy_curve,),
     "analytical_robustness": (p_sigma_histogram,),
-    "safe_radius": (safe_radius_sandwich,),
+    "safe_radius": (safe_radius_sandwich, safe_radius_ranges),
     "divergence": (decision_surfaces,),
 }
 

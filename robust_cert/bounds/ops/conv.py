@@ -113,7 +113,7 @@ class Conv(BoundOp):
         fourier = conv_fourier_bound(w64, in_shape, pad, dilation, groups)
         l2 = min(fourier, math.sqrt(l1 * linf))
         return call.step("affine", l2=l2 * NORM_SAFETY, linf=linf * NORM_SAFETY,
-                         apply=apply, apply_abs=apply_abs,
+                         l1=l1 * NORM_SAFETY, apply=apply, apply_abs=apply_abs,
                          bias=None if b is None else b.detach().abs().view(-1, *([1] * nd)),
                          fan_in=int(np.prod(w.shape[1:])) + 1,
                          u=unit_roundoff(w.dtype, w.device, "conv"), u_kind="conv", info=info,

@@ -72,8 +72,9 @@ class Linear(BoundOp):
         w64 = w.double()
         l2 = float(torch.linalg.matrix_norm(w64, 2)) * NORM_SAFETY
         linf = float(w64.abs().sum(1).max()) * NORM_SAFETY
+        l1 = float(w64.abs().sum(0).max()) * NORM_SAFETY  # the largest column sum
         wabs = w.abs()
-        return call.step("affine", l2=l2, linf=linf,
+        return call.step("affine", l2=l2, linf=linf, l1=l1,
                          apply=lambda v: F.linear(v, w), apply_abs=lambda v: F.linear(v, wabs),
                          bias=None if b is None else b.detach().abs(), fan_in=w.shape[1] + 1,
                          u=unit_roundoff(w.dtype, w.device, "matmul"), u_kind="matmul",

@@ -85,7 +85,7 @@ class BatchNorm(BoundOp):
         # operations per element (folded or not)
         const = (scale.abs() * mean.detach().double().abs()
                  + (b.detach().double().abs() if b is not None else 0.0)).to(z.dtype).view(view)
-        return call.step("affine", l2=s * NORM_SAFETY, linf=s * NORM_SAFETY,
+        return call.step("affine", l2=s * NORM_SAFETY, linf=s * NORM_SAFETY, l1=s * NORM_SAFETY,
                          apply=lambda v: v * sabs, apply_abs=lambda v: v * sabs,
                          bias=const, fan_in=6,
                          u=unit_roundoff(z.dtype, z.device), u_kind="", info="BatchNorm (eval)")

@@ -165,7 +165,8 @@ class MaxPool(BoundOp):
             count = float(np.prod(k))
         else:
             count = float(np.prod([math.ceil(ki / si) for ki, si in zip(k, s, strict=False)]))
-        return call.step("max", l2=math.sqrt(count), linf=1.0, apply=apply, info=info)
+        # L1: Σ_out |max_w a − max_w b| ≤ Σ_out Σ_w |a − b| ≤ count·‖a − b‖₁
+        return call.step("max", l2=math.sqrt(count), linf=1.0, l1=count, apply=apply, info=info)
 
 
 class AvgPoolParams(NamedTuple):
@@ -226,7 +227,8 @@ class AvgPool(BoundOp):
         # spatial size (the whole sample for a mean over several dimensions), + 1 division
         fan = int(np.prod(z.shape[2:])) if spatial and z.ndim > 2 else z[0].numel()
         return call.step("affine", l2=math.sqrt(l1 * linf) * NORM_SAFETY,
-                         linf=linf * NORM_SAFETY, apply=apply, apply_abs=apply, bias=None,
+                         linf=linf * NORM_SAFETY, l1=l1 * NORM_SAFETY, apply=apply,
+                         apply_abs=apply, bias=None,
                          fan_in=fan + 1, u=unit_roundoff(z.dtype, z.device), u_kind="",
                          info=info)
 
