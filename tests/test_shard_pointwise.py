@@ -20,6 +20,16 @@ from robust_cert import engine
 from robust_cert.distributed import World
 from robust_cert.metrics import REGISTRY
 from robust_cert.metrics.base import RunContext
+from robust_cert.metrics.local_probabilistic import (
+    LocalProbabilisticConfig,
+    LocalProbabilisticRobustness,
+)
+from robust_cert.metrics.probabilistic import (
+    ProbabilisticRobustness,
+    ProbabilisticRobustnessConfig,
+)
+from robust_cert.metrics.smoothing import RandomizedSmoothing, SmoothingConfig
+from robust_cert.models.base import Classifier
 from robust_cert.policy import load_policy
 from tests.helpers import assert_identical
 from tests.test_shard_misc import digits_points, small_cnn
@@ -148,8 +158,7 @@ def test_a_point_draws_the_same_in_any_range_and_differently_from_its_twin(setup
     """Run on points 20..49 alone, a pointwise metric gives those points what the whole run
     gives them; two copies of the same input at different indices draw different noise."""
     model, data = setup
-    cls = REGISTRY["randomized_smoothing"]
-    metric = cls(cls.Config(**POINTWISE["randomized_smoothing"]))
+    metric = RandomizedSmoothing(SmoothingConfig(**POINTWISE["randomized_smoothing"]))
     whole = metric.run(model, data, RunContext(CPU, batch_size=64, seed=3))
     part = dataclasses.replace(data, x=data.x[20:50], y=data.y[20:50])
     some = metric.run(model, part, RunContext(CPU, batch_size=4, seed=3, offset=20,
@@ -157,14 +166,14 @@ def test_a_point_draws_the_same_in_any_range_and_differently_from_its_twin(setup
     for key in ("prediction", "n_a", "p_lower"):
         np.testing.assert_array_equal(some.per_point[key], whole.per_point[key][20:50])
     twins = dataclasses.replace(data, x=data.x[:1].repeat(40, 1, 1, 1), y=data.y[:1].repeat(40))
-    cls = REGISTRY["local_probabilistic_robustness"]
-    metric = cls(cls.Config(distribution="gaussian", sigma=0.5, p0=0.2, p1=0.05, max_draws=60))
+    metric = LocalProbabilisticRobustness(LocalProbabilisticConfig(
+        distribution="gaussian", sigma=0.5, p0=0.2, p1=0.05, max_draws=60))
     res = metric.run(model, twins, RunContext(CPU, batch_size=16, seed=0))
     assert len(set(zip(res.per_point["draws"].tolist(),
                        res.per_point["failures"].tolist(), strict=True))) > 1
 
 
-def _threshold_model() -> robust_cert.models.base.Classifier:
+def _threshold_model() -> Classifier:
     """1-D input, class 1 iff x > 0.5 (logits [0, x − 0.5])."""
     lin = nn.Linear(1, 2)
     with torch.no_grad():
@@ -182,8 +191,7 @@ def test_pair_failures_keep_their_binomial_distribution() -> None:
     n_points = 50
     x = np.full((n_points, 1), 0.54, dtype=np.float32)
     data = robust_cert.load_data((x, np.ones(n_points, dtype=np.int64)))
-    cls = REGISTRY["probabilistic_robustness"]
-    metric = cls(cls.Config(eps=0.1, samples=4000))
+    metric = ProbabilisticRobustness(ProbabilisticRobustnessConfig(eps=[0.1], samples=4000))
     ks = []
     for seed in range(3):
         prop = metric.run(clf, data, RunContext(CPU, batch_size=64, seed=seed)).proportions[0]
@@ -202,10 +210,10 @@ def test_smoothing_counts_keep_their_binomial_distribution() -> None:
     m = 60
     x = np.full((m, 1), 0.5 + c, dtype=np.float32)
     data = robust_cert.load_data((x, np.ones(m, dtype=np.int64)))
-    cls = REGISTRY["randomized_smoothing"]
-    metric = cls(cls.Config(sigma=sigma, n0=10, n=n, alpha=0.1, radii=[0.0]))
+    metric = RandomizedSmoothing(SmoothingConfig(sigma=sigma, n0=10, n=n, alpha=0.1,
+                                                 radii=[0.0]))
     res = metric.run(clf, data, RunContext(CPU, batch_size=7, seed=0))
-    p = st.norm.cdf(c / sigma)
+    p = float(st.norm.cdf(c / sigma))
     n_a = res.per_point["n_a"]
     assert (res.per_point["prediction"] == 1).all()
     assert st.binomtest(int(n_a.sum()), m * n, p).pvalue > 1e-4
