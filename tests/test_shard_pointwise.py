@@ -130,15 +130,23 @@ def test_pointwise_blocks_do_not_depend_on_the_batch_size_and_run_together() -> 
     shares = [World(rank=r, size=2).share(len(blocks)) for r in range(2)]
     assert [engine.runs_of(blocks, s, True) for s in shares] == [[range(0, 48)],
                                                                  [range(48, 70)]]
-    # a metric drawing per batch keeps one batch per block, run one by one
+    # a metric drawing per batch keeps one batch per block, run one by one: as many blocks
+    # as batches of 32 would be (3), of sizes within one point (24, 23, 23), not 32, 32, 6
     adversarial = load_policy({"name": "a", "batch_size": 32, "metrics": {
         "robust_accuracy": {"eps": [0.1], "attacks": ["pgd"]}},
         "requirements": [{"metric": "robust_accuracy", "eps": 0.1, "at_least": 0.0}]})
     atk = adversarial.metric("robust_accuracy")
     assert not atk.pointwise
     blocks = engine.metric_blocks(atk, 70, 32)
-    assert blocks == [range(0, 32), range(32, 64), range(64, 70)]
-    assert engine.runs_of(blocks, range(0, 2), False) == [range(0, 32), range(32, 64)]
+    assert blocks == [range(0, 24), range(24, 47), range(47, 70)] == engine.batch_blocks(70, 32)
+    assert engine.runs_of(blocks, range(0, 2), False) == [range(0, 24), range(24, 47)]
+    for n in range(1, 300):
+        for batch in (1, 7, 32, 256):
+            sizes = [len(b) for b in engine.batch_blocks(n, batch)]
+            assert sum(sizes) == n
+            assert len(sizes) == -(-n // batch)
+            assert max(sizes) <= batch
+            assert max(sizes) - min(sizes) <= 1 or len(sizes) == 1
 
 
 def test_results_are_identical_for_1_2_3_processes_and_any_batch_size(setup) -> None:
