@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from robust_cert.data import EvalSet
 from robust_cert.distributed import World
 from robust_cert.errors import ModelError, RobustCertError
-from robust_cert.metrics.base import MetricResult, RunContext
+from robust_cert.metrics.base import MetricResult, RunContext, balanced_ranges
 from robust_cert.models.base import Classifier
 from robust_cert.models.diagnose import (
     does_not_fit,
@@ -142,19 +142,56 @@ class SeededForward:
             return self.fn(x)
 
 
-def block_size(n: int, batch_size: int) -> int:
-    """Points per block: ``batch_size`` (a block is one batch of points, so a single process
-    pays no extra per-batch overhead; on tiny models blocks of 23 instead of 256 digits
-    points tripled the CPU time of digits.yaml). It depends on the policy only, never on the
-    number of processes: the blocks, their seeds, and so the certificate are the same for
-    any number of processes. Lower ``batch_size`` to spread a small set over more processes."""
-    return max(1, min(batch_size, n))
+#: Points per block of a pointwise metric (:attr:`Metric.pointwise`): the unit of sharding,
+#: fixed (independent of the batch size and of the number of processes), small so that the
+#: blocks spread evenly over the processes. A process runs all the points of its blocks in
+#: one call, in full batches; the blocks only decide which process runs which points.
+BLOCK_POINTS = 16
+
+
+def block_size(n: int, batch_size: int, pointwise: bool = False) -> int:
+    """Points in the largest block (see :func:`metric_blocks`)."""
+    if pointwise:
+        return max(1, min(BLOCK_POINTS, n))
+    return max((len(b) for b in batch_blocks(n, batch_size)), default=1)
 
 
 def blocks_of(n: int, block: int) -> list[range]:
-    """The consecutive blocks of ``block`` points a shardable metric runs on (the last one
-    shorter): the same for any number of processes."""
+    """The consecutive blocks of ``block`` points (the last one shorter)."""
     return [range(s, min(s + block, n)) for s in range(0, n, block)]
+
+
+def batch_blocks(n: int, batch_size: int) -> list[range]:
+    """The blocks of a shardable metric that draws per batch (not pointwise), one batch each:
+    as many as batches of ``batch_size`` would be (⌈n / batch_size⌉: a single process makes
+    no more calls than at its batch size; on tiny models blocks of 23 instead of 256 digits
+    points tripled the CPU time of digits.yaml), of sizes that differ by at most one point,
+    the larger first: 359 digits points at 256 are 2 blocks of 180 and 179, not 256 and 103,
+    so 2 processes share them evenly."""
+    return balanced_ranges(n, batch_size)
+
+
+def metric_blocks(metric, n: int, batch_size: int) -> list[range]:
+    """The consecutive blocks a shardable ``metric`` is sharded by on ``n`` points at
+    ``batch_size``: a pointwise metric (:attr:`Metric.pointwise`: draws seeded per point)
+    has blocks of :data:`BLOCK_POINTS`, whatever the batch size; any other draws per batch,
+    so its blocks are batches (:func:`batch_blocks`). Either way they depend on n and the
+    policy only, never on the number of processes: the blocks, their seeds, and so the
+    certificate are the same for any number of processes."""
+    if metric.pointwise:
+        return blocks_of(n, block_size(n, batch_size, True))
+    return batch_blocks(n, batch_size)
+
+
+def runs_of(blocks: list[range], mine: range, pointwise: bool) -> list[range]:
+    """The ranges of points one process runs, one ``Metric.run`` call each, for its share
+    ``mine`` of ``blocks``: a pointwise metric runs all of them together (one range: a
+    share is consecutive blocks), any other one block by block."""
+    if not mine:
+        return []
+    if pointwise:
+        return [range(blocks[mine.start].start, blocks[mine.stop - 1].stop)]
+    return [blocks[b] for b in mine]
 
 
 def _free_memory(device: torch.device) -> None:
@@ -205,10 +242,16 @@ def run_suite(
     Metrics that need input gradients on a model without them are recorded as not
     applicable, never silently dropped. Each metric draws from generators seeded by
     (seed, metric), so the same seed gives the same results whatever the metric order.
-    A shardable metric (:attr:`Metric.shardable`) runs on consecutive blocks of
-    :func:`block_size` points, each seeded by its first point, spread over the processes
-    of ``world`` (consecutive shares); rank 0 merges the blocks in order and finalizes, so
-    the result is the same for any number of processes. Other metrics run on rank 0 only.
+    A shardable metric (:attr:`Metric.shardable`) is cut into consecutive blocks of
+    :func:`block_size` points, spread over the processes of ``world`` (consecutive shares);
+    rank 0 merges the results in order and finalizes, so the result is the same for any
+    number of processes. A pointwise metric (:attr:`Metric.pointwise`: draws seeded per
+    point) has small fixed blocks (:data:`BLOCK_POINTS`) and each process runs all the
+    points of its blocks in one call, in full batches: its result depends neither on the
+    number of processes nor on the batch size. Any other shardable metric draws per batch:
+    its blocks are batches, run one by one, each seeded by its first point (the result
+    depends on the batch size, not on the number of processes). Other metrics run on rank 0
+    only.
     An error on any process fails the run on every process (:mod:`robust_cert.distributed`).
     Out of memory, a block is retried at half the batch size (recorded in the result's
     ``diagnostics.memory_retries``); at batch size 1 it is a ModelError.
@@ -225,12 +268,14 @@ def run_suite(
         raise ModelError(f"{', '.join(needs)}: reference 'twin' needs a gradient twin, but "
                          "none was given (pass gradient_twin=, or --gradient-twin on the CLI)")
     n = len(data)
-    blocks = blocks_of(n, block_size(n, policy.batch_size))
-    mine = world.share(len(blocks))
+
+    def runs(m) -> list[range]:  # this process's Metric.run calls of a shardable metric
+        blocks = metric_blocks(m, n, policy.batch_size)
+        return runs_of(blocks, world.share(len(blocks)), m.pointwise)
 
     def cost(m) -> int:
         if m.shardable:
-            return sum(m.cost(len(blocks[b])) for b in mine)
+            return sum(m.cost(len(r)) for r in runs(m))
         return m.cost(n) if world.main else 0
 
     if model.device.type == "cuda" and not data.x.is_pinned():  # page-locked: async copies
@@ -285,10 +330,10 @@ def run_suite(
                             raise
                 continue
             local = []
+            runner = _pointwise(model) if metric.pointwise else model
             if error is None:
                 try:
-                    for b in mine:
-                        block = blocks[b]
+                    for block in runs(metric):
                         part = _subset(data, block)
                         # after an out-of-memory retry, later blocks start at the batch
                         # size that fitted
@@ -299,7 +344,7 @@ def run_suite(
                             forward_cap=retries[-1]["batch_size"] if retries else None)
                         with model_failures(metric.name, parts, policy.batch_size):
                             local.append(run_with_memory(
-                                lambda c, m=metric, p=part: m.run(_capped(model, c), p, c),
+                                lambda c, m=metric, p=part, r=runner: m.run(_capped(r, c), p, c),
                                 ctx,
                                 f"{metric.name} (points {block.start}-{block.stop - 1})",
                                 retries, parts))
@@ -347,6 +392,35 @@ def _capped(model: Classifier, ctx: RunContext) -> Classifier:
     if cap is None or (model.max_batch is not None and model.max_batch <= cap):
         return model
     return dataclasses.replace(model, max_batch=cap)
+
+
+class NoSingleBatch:
+    """``fn`` on a batch of 1 run as a batch of 2 (the input twice, first row kept): many
+    kernels take another path for a single row (a matrix-vector product instead of a
+    matrix product) and round differently in the last bit, so without this a point's logits
+    would depend on whether a process's range of points left it alone in its last batch.
+    At 2 and more the outputs for a point do not depend on the others on the models tested
+    (tests/test_shard_pointwise.py). When 2 images run out of memory, the single one runs
+    alone (so "does not fit at batch size 1" still means 1 image)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            return self.fn(x)
+        try:
+            return self.fn(torch.cat([x, x]))[:1]
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+        return self.fn(x)
+
+
+def _pointwise(model: Classifier) -> Classifier:
+    """``model`` as a pointwise metric runs it: no forward pass of a single image
+    (:class:`NoSingleBatch`)."""
+    return dataclasses.replace(model, forward=NoSingleBatch(model.forward))
 
 
 def _subset(data: EvalSet, block: range) -> EvalSet:

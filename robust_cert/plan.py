@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from robust_cert.data import EvalSet
+from robust_cert.distributed import World
 from robust_cert.errors import PolicyError
 from robust_cert.metrics.base import RunContext
 from robust_cert.models.base import Classifier
@@ -43,7 +44,7 @@ class MetricCost:
     scale: float  # the metric's cost(n_points) / cost(pilot_points)
     status: str = "ok"  # "ok" | "not_applicable"
     reason: str = ""
-    #: the busiest process's share of the work: its blocks / all blocks for a shardable
+    #: the busiest process's share of the work: its points / all points for a shardable
     #: metric on several processes, else 1
     share: float = 1.0
 
@@ -201,10 +202,14 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
     pilot = dataclasses.replace(data, x=data.x[:k], y=data.y[:k])
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    from robust_cert.engine import block_size
+    from robust_cert.engine import metric_blocks
 
-    blocks = math.ceil(n / block_size(n, policy.batch_size))
-    busiest = math.ceil(blocks / processes) / blocks if blocks else 1.0
+    def busiest(metric) -> float:  # the busiest process's share of the points
+        blocks = metric_blocks(metric, n, policy.batch_size)
+        most = max((sum(len(blocks[b]) for b in World(rank=r, size=processes).share(
+            len(blocks))) for r in range(processes)), default=n)
+        return most / n if n else 1.0
+
     probe = data.x[: policy.batch_size * 4]  # the points _throughput times, as float32
     out = Plan(device=str(model.device), points=n, processes=processes,
                forward_per_s=_throughput(model, probe, policy.batch_size, gradient=False),
@@ -231,7 +236,7 @@ def plan(model: Classifier, data: EvalSet, policy: Policy, *, seed: int = 0,
         elapsed = time.perf_counter() - started
         out.metrics.append(MetricCost(name, k, elapsed, counter.forward, counter.gradient,
                                       scale, res.status, res.reason,
-                                      busiest if metric.shardable else 1.0))
+                                      busiest(metric) if metric.shardable else 1.0))
     out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
         out.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20

@@ -29,7 +29,8 @@ WORKER = ROOT / "tests" / "shard_worker.py"
 sys.path.insert(0, str(ROOT / "tests"))
 from shard_worker import POINTS, small_cnn  # noqa: E402
 
-#: 40 points in blocks of 16: three blocks (16, 16, 8), so 4 processes leave one idle.
+#: 40 points at batch 16: three blocks (16, 16, 8 for the pointwise families, 14, 13, 13 for
+#: those that draw per batch), so 4 processes leave one idle.
 POLICY = {
     "name": "shard", "version": "1", "batch_size": 16, "confidence": 0.95,
     "metrics": {
@@ -187,9 +188,9 @@ def test_out_of_memory_halves_the_batch_retries_and_records_it(state):
     res = engine.run_suite(clf, data, _memory_policy(32), progress=False)["accuracy"]
     assert res.proportions[0].k == plain.proportions[0].k
     np.testing.assert_array_equal(res.per_point["prediction"], plain.per_point["prediction"])
-    # blocks of 32 points: 32 → 16 → 8 in the first block; the second starts at 8, which fits
+    # accuracy is pointwise: one process runs its 40 points in one call, batch 32 → 16 → 8
     assert [r["batch_size"] for r in res.diagnostics["memory_retries"]] == [16, 8]
-    assert res.diagnostics["memory_retries"][0]["stage"] == "accuracy (points 0-31)"
+    assert res.diagnostics["memory_retries"][0]["stage"] == f"accuracy (points 0-{POINTS - 1})"
     assert "memory_retries" not in plain.diagnostics
 
 
@@ -285,7 +286,7 @@ def test_a_model_that_does_not_fit_at_batch_1_is_a_clear_error(state):
     with pytest.raises(ModelError) as err:
         engine.run_suite(clf, data, _memory_policy(16), progress=False)
     msg = str(err.value)
-    assert msg.startswith("accuracy (points 0-15): the model does not fit in the memory of cpu "
+    assert msg.startswith("accuracy (points 0-19): the model does not fit in the memory of cpu "
                           "even at batch size 1 (CUDA out of memory. Tried to allocate 4 MiB")
     assert f"its parameters and buffers alone take {size / 2**20:.1f} MiB" in msg
     assert "\n" not in msg

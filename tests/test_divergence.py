@@ -130,7 +130,7 @@ def test_blocked_run_keeps_the_known_answers(norm, dual) -> None:
            "surface_points": 3, "surface_grid": 5}
     res = engine.run_suite(clf, data, policy_with("divergence", cfg), progress=False,
                            seed=4)["divergence"]
-    assert len(engine.blocks_of(60, BATCH)) == 4
+    assert len(engine.batch_blocks(60, BATCH)) == 4
     for e in cfg["eps"]:
         r = e * dual
         expected = _bern_kl(g, g - np.sign(g) * r)

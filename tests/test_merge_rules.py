@@ -289,7 +289,7 @@ def _check_family(name: str, cfg: dict, clf, data, batch: int) -> MetricResult:
     cls = REGISTRY[name]
     metric = cls(cls.Config(**cfg))
     whole = RunContext(device=CPU, batch_size=batch, seed=0, gradient_twin=clf)
-    blocks = engine.blocks_of(len(data), batch)
+    blocks = engine.batch_blocks(len(data), batch)
     assert len(blocks) == 2
     parts = [engine._subset(data, b) for b in blocks]
     runs = [metric.run(clf, p, dataclasses.replace(whole, offset=b.start, total=len(data)))

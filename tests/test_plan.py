@@ -115,17 +115,20 @@ def test_certify_announces_the_estimate_and_the_bar_counts_estimated_seconds(mon
 
 
 def test_plan_on_several_processes_counts_the_busiest_share():
-    """40 points in blocks of 16 are 3 blocks: 2 processes → the busiest runs 2 of 3; a metric
-    that is not shardable runs whole on rank 0."""
+    """40 points in blocks of 16 (accuracy is pointwise: blocks of engine.BLOCK_POINTS at any
+    batch size) are 3 blocks of 16, 16 and 8 points: 2 processes → the busiest runs 32 of
+    the 40 points; a metric that is not shardable runs whole on rank 0."""
+    assert engine.BLOCK_POINTS == 16
     _, clf, data = _linear_setup()
-    policy = robust_cert.load_policy({
-        "name": "p", "batch_size": 16, "metrics": {"accuracy": {}},
-        "requirements": [{"metric": "accuracy", "at_least": 0.5}]})
-    one = plan(clf, data, policy, pilot_points=4)
-    two = plan(clf, data, policy, pilot_points=4, processes=2)
-    assert one.metrics[0].share == 1.0
-    assert two.metrics[0].share == pytest.approx(2 / 3)
+    for batch in (16, 256):
+        policy = robust_cert.load_policy({
+            "name": "p", "batch_size": batch, "metrics": {"accuracy": {}},
+            "requirements": [{"metric": "accuracy", "at_least": 0.5}]})
+        one = plan(clf, data, policy, pilot_points=4)
+        two = plan(clf, data, policy, pilot_points=4, processes=2)
+        assert one.metrics[0].share == 1.0
+        assert two.metrics[0].share == pytest.approx(32 / 40)
     assert two.metrics[0].seconds == pytest.approx(
-        two.metrics[0].pilot_seconds * two.metrics[0].scale * 2 / 3)
+        two.metrics[0].pilot_seconds * two.metrics[0].scale * 32 / 40)
     assert "2 processes" in two.table()
     assert two.to_dict()["processes"] == 2

@@ -78,7 +78,7 @@ def _blocked(metric, model, data: EvalSet, *, order=None, between=None,
     its offset (in ``order``, or by simulated ranks of ``world_size``, each with a metric
     instance of its own, the last rank first), merge in block order, finalize."""
     n = len(data)
-    blocks = engine.blocks_of(n, BATCH)
+    blocks = engine.batch_blocks(n, BATCH)
     whole = _ctx()
     runs = {}
 
@@ -119,9 +119,9 @@ def _examples_from_robust(res: MetricResult, clean_ok: np.ndarray, eps: list[flo
 
 def test_blocked_run_gives_the_exact_worst_case_and_the_whole_run() -> None:
     """Linear binary model on [0, 1]^4: the exact L∞ worst case with the box (as in
-    test_attacks), through the real engine on 5 blocks of 16 points; the result is the run on
-    the whole set with the same batch size, bit for bit, and its summaries are those of the
-    merged per-point arrays."""
+    test_attacks), through the real engine on 5 blocks of at most 16 points; the result is
+    the run on the whole set with the same batch size, bit for bit, and its summaries are
+    those of the merged per-point arrays."""
     rng = np.random.default_rng(8)
     x = rng.choice([0.0, 0.03, 0.5, 0.97, 1.0], size=(90, 4)) + rng.uniform(-0.02, 0.02,
                                                                               (90, 4))
@@ -140,7 +140,7 @@ def test_blocked_run_gives_the_exact_worst_case_and_the_whole_run() -> None:
     clf = robust_cert.load_model(binary_linear(w, b),
                                  input_shape=(4,))
     pol = _policy(eps=[0.0, eps], attacks=["fgsm", "pgd"], steps=20)
-    assert len(engine.blocks_of(len(data), pol.batch_size)) == 5
+    assert len(engine.batch_blocks(len(data), pol.batch_size)) == 5
     res = engine.run_suite(clf, data, pol, progress=False)["robust_accuracy"]
 
     robust = res.per_point["robust"]
@@ -206,7 +206,7 @@ def test_finalize_recomputes_mcnemar_and_sanity_from_merged_counts(caplog) -> No
 
     d = res.diagnostics
     # the first block alone passes the gradient check, the others fail it
-    blocks = engine.blocks_of(len(data), BATCH)
+    blocks = engine.batch_blocks(len(data), BATCH)
     runs = [metric.run(clf, engine._subset(data, bl),
                        dataclasses.replace(_ctx(), offset=bl.start, total=len(data)))
             for bl in blocks]
@@ -318,15 +318,16 @@ def test_result_does_not_depend_on_block_order_ranks_or_what_ran_between() -> No
     _assert_same(engine.run_suite(clf, data, pol, progress=False)["robust_accuracy"],
                  reference)
     # the blocks are seeded by where they are: a block moved elsewhere draws differently
-    blocks = engine.blocks_of(len(data), BATCH)
+    blocks = engine.batch_blocks(len(data), BATCH)
     part = engine._subset(data, blocks[1])
     at = {off: metric.run(clf, part, dataclasses.replace(_ctx(), offset=off, total=len(data)))
           for off in (blocks[1].start, 0)}
-    assert not np.array_equal(at[0].per_point["example_adv"], at[16].per_point["example_adv"])
+    assert not np.array_equal(at[0].per_point["example_adv"],
+                              at[blocks[1].start].per_point["example_adv"])
 
 
 def test_digits_cnn_blocks_merge_examples_and_counts(digits_model) -> None:
-    """60 digits images, 4 blocks of 16: APGD-CE + Square through the engine equals the run
+    """60 digits images, 4 blocks of 15: APGD-CE + Square through the engine equals the run
     on the whole set; the examples kept after the merge are the first broken points of the
     whole, with their own adversarial images."""
     d = robust_cert.load_data("digits")

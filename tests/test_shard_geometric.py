@@ -1,8 +1,8 @@
 """Sharded runs of the geometric metrics (issue 14): calibration, corruptions, safe radius.
 
-The engine runs a shardable metric on consecutive blocks of ``batch_size`` points (possibly in
+The engine runs a shardable metric on consecutive blocks of points (possibly in
 several processes), merges the blocks' results in order and finalizes. These tests check, per
-metric, through the real engine (60 digits points in blocks of 16, or the known-answer models
+metric, through the real engine (60 digits points in 4 blocks of 15, or the known-answer models
 of the metric's own tests): (a) the blocked result is right — equal to one ``run`` on the
 whole set, and the known answers still hold; (b) the finalized summaries are those of the
 merged per-point arrays; (c) the result does not depend on how blocks are spread over
@@ -37,7 +37,7 @@ from tests.linear_models import binary_linear
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-N, BS, SEED = 60, 16, 3  # 4 blocks: 16, 16, 16, 12
+N, BS, SEED = 60, 16, 3  # 4 blocks of 15
 
 CAL = {"bins": 10, "bootstrap": 200, "thresholds": [0.5, 0.99995, 1.0]}
 COR = {"corruptions": ["gaussian_noise", "shot_noise", "glass_blur", "fog", "contrast"],
@@ -103,7 +103,7 @@ def _ranks(metrics: dict, clf, data, order, seed=SEED, batch_size=BS, noise=Fals
     by block; then per metric the blocks merged in block order and finalized. ``noise``
     reseeds and draws from torch's global generator between blocks."""
     n = len(data)
-    blocks = engine.blocks_of(n, batch_size)
+    blocks = engine.batch_blocks(n, batch_size)
     whole = RunContext(CPU, batch_size=batch_size, seed=seed)
     parts: dict = {name: {} for name in metrics}
     for step, b in enumerate(order(range(len(blocks)))):

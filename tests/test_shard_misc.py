@@ -26,7 +26,7 @@ from tests.helpers import assert_identical
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
-#: 60 points in blocks of 16: four blocks (16, 16, 16, 12)
+#: 60 points at batch 16: four blocks of 15
 POINTS, BATCH = 60, 16
 
 
@@ -61,7 +61,7 @@ def run_in_blocks(metric: Metric, model: Classifier, data: EvalSet, batch_size: 
     has its own instance)."""
     assert metric.shardable
     n = len(data)
-    blocks = engine.blocks_of(n, batch_size)
+    blocks = engine.batch_blocks(n, batch_size)
     whole = RunContext(device=model.device, batch_size=batch_size, seed=seed,
                        gradient_twin=twin)
     done = {}
@@ -97,7 +97,7 @@ def assert_world_size_invariant(metric: Metric, model: Classifier, data: EvalSet
                                 engine_result: MetricResult, **kw) -> MetricResult:
     """The engine's result equals the simulated in-order run, and that equals runs with the
     blocks in reverse order, with other work in between, and on fresh instances."""
-    n_blocks = len(engine.blocks_of(len(data), kw.get("batch_size", BATCH)))
+    n_blocks = len(engine.batch_blocks(len(data), kw.get("batch_size", BATCH)))
     in_order = run_in_blocks(metric, model, data, **kw)
     assert_identical(engine_result, in_order)
     assert_identical(in_order, run_in_blocks(metric, model, data,
@@ -152,7 +152,7 @@ def test_parity_in_blocks_matches_the_whole_run_and_the_known_draws() -> None:
                            gradient_twin=twin)["parity"]
     whole = Parity(ParityConfig(**PARITY)).run(
         model, data, RunContext(CPU, batch_size=BATCH, seed=0, gradient_twin=twin))
-    blocks = engine.blocks_of(POINTS, BATCH)
+    blocks = engine.batch_blocks(POINTS, BATCH)
     assert len(blocks) == 4
     # clean agreement is deterministic: the blocked run is the whole run
     for key in ("agree", "max_abs_logit_diff"):

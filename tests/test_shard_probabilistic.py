@@ -54,7 +54,7 @@ torch.set_num_threads(1)
 
 CPU = torch.device("cpu")
 WIDE = (-10.0, 10.0)
-BATCH = 16  # 56 points: blocks of 16, 16, 16 and 8
+BATCH = 16  # 56 points: 4 blocks of 14 (per batch), of 16, 16, 16, 8 (pointwise)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,7 +67,7 @@ def _policy(name: str, config: dict, requirement: dict):
 
 
 def _engine(clf, data, pol, name: str, seed: int = 0) -> MetricResult:
-    assert len(engine.blocks_of(len(data), pol.batch_size)) >= 3
+    assert len(engine.batch_blocks(len(data), pol.batch_size)) >= 3
     return engine.run_suite(clf, data, pol, seed=seed, progress=False)[name]
 
 
@@ -88,7 +88,7 @@ def _sharded(metric, clf, data, *, size: int = 1, reverse: bool = False, between
     runs its share of the blocks (ranks run last first when ``reverse``), ``between`` runs
     after every block, rank 0 merges every block's result in block order and finalizes."""
     n = len(data)
-    blocks = engine.blocks_of(n, BATCH)
+    blocks = engine.batch_blocks(n, BATCH)
     whole = RunContext(device=CPU, batch_size=BATCH, seed=seed, confidence=confidence)
     ranks = [World(rank=r, size=size) for r in range(size)]
     gathered: dict[int, list] = {}
@@ -129,7 +129,7 @@ def _disturber(metric, clf, data):
 def _world_size_invariance(metric, clf, data, reference: MetricResult) -> None:
     """(c): every simulated spread of the blocks gives the engine's result, bit for bit."""
     between = _disturber(metric, clf, data)
-    n_blocks = len(engine.blocks_of(len(data), BATCH))
+    n_blocks = len(engine.batch_blocks(len(data), BATCH))
     for kw in ({}, {"size": 2, "between": between}, {"size": n_blocks, "reverse": True},
                {"size": 3, "reverse": True, "between": between}):
         assert_identical(_sharded(metric, clf, data, **kw), reference)
@@ -284,7 +284,7 @@ def test_local_probabilistic_sharded() -> None:
     assert {k: v for k, v in d.items() if k not in random} == \
         {k: v for k, v in whole.diagnostics.items() if k not in random}
     # forward images add up over the blocks
-    blocks = engine.blocks_of(m, BATCH)
+    blocks = engine.batch_blocks(m, BATCH)
     per_block = [metric.run(clf, _block(data, b), RunContext(
         device=CPU, batch_size=BATCH, seed=0, offset=b.start, total=m)) for b in blocks]
     assert d["forward_images"] == sum(r.diagnostics["forward_images"] for r in per_block)

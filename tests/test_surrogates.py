@@ -124,7 +124,7 @@ def test_blocked_run_keeps_the_closed_forms() -> None:
     clf = robust_cert.load_model(model, input_shape=(5,))
     res = engine.run_suite(clf, data, policy_with("surrogates", {"power_iterations": 200}),
                            progress=False)["surrogates"]
-    assert len(engine.blocks_of(POINTS, BATCH)) == 4
+    assert len(engine.batch_blocks(POINTS, BATCH)) == 4
     w = model[0].weight.detach().double().numpy()
     b = model[0].bias.detach().double().numpy()
     np.testing.assert_allclose(res.per_point["jacobian_fro"], np.linalg.norm(w), rtol=1e-5)
@@ -155,7 +155,7 @@ def test_blocked_summaries_come_from_the_merged_points() -> None:
                                         "max": float(v.max())}
     # few iterations: some points have not converged; the count is the blocks' sum
     counts = []
-    for block in engine.blocks_of(POINTS, BATCH):
+    for block in engine.batch_blocks(POINTS, BATCH):
         part = dataclasses.replace(data, x=data.x[block.start:block.stop],
                                    y=data.y[block.start:block.stop])
         counts.append(metric.run(clf, part, RunContext(CPU, BATCH, seed=3, offset=block.start,

@@ -39,6 +39,8 @@ class Accuracy(Metric[AccuracyConfig]):
 
     #: per-class counts add
     merge_rules = {"per_class_recall": {"*": {"k": "sum", "n": "sum"}}}
+    #: nothing is drawn per point or per batch: any range of points, any batch size
+    pointwise = True
 
     def selectors(self):
         return [{}]

@@ -243,7 +243,7 @@ class RobustAccuracy(Metric[RobustAccuracyConfig]):
     queries, alone or inside AutoAttack-standard (5,000 queries). Whether the model is random
     at evaluation time is checked once per certification (``certificate.sanity``).
 
-    Sharding (:attr:`shardable`): the engine runs it on blocks of ``batch_size`` points. What
+    Sharding (:attr:`shardable`): the engine runs it on blocks of one batch each. What
     is drawn per block: each attack call on a batch of points (PGD's random start, the seeds
     of APGD, APGD-T, FAB, Square and AutoAttack) is seeded from (seed, attack, ε, index of
     the batch's first point in the whole set), so a block draws exactly what a run on the

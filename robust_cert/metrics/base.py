@@ -540,10 +540,28 @@ class RunContext:
         g.manual_seed(_derive_seed(self.seed, label))
         return g
 
+    def point_generators(self, label: str, count: int) -> list[torch.Generator]:
+        """One generator for each of the ``count`` points of the data the metric got, point
+        i seeded from (seed, label, ``offset`` + i, its index in the whole set): a point
+        draws the same numbers in any block, batch or process, whatever runs with it
+        (:attr:`Metric.pointwise`). About 30 µs per point on a CPU."""
+        out = []
+        for i in range(self.offset, self.offset + count):
+            g = torch.Generator(device="cpu")
+            g.manual_seed(_derive_seed(self.seed, f"{label}#{i}"))
+            out.append(g)
+        return out
+
     def seed_global(self, label: str) -> None:
         """Seed torch's global RNG (per block, like :meth:`generator`) for libraries that
         draw from it (torchattacks)."""
         torch.manual_seed(self.derive(label))
+
+
+def draw_per_point(generators, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """``draw(g)`` for each point's generator, stacked along a new first dimension: each
+    point's numbers come from its own generator (:meth:`RunContext.point_generators`)."""
+    return torch.stack([draw(g) for g in generators])
 
 
 def _derive_seed(seed: int, label: str) -> int:
@@ -576,10 +594,23 @@ class Metric(ABC, Generic[ConfigT]):
     #: ``ctx.total`` and the seed (draws from ``ctx.generator``), and :meth:`MetricResult.merge`
     #: of the blocks in order followed by :meth:`finalize` gives the reported result. The
     #: engine then runs it block by block (blocks of at most ``batch_size`` points, see
-    #: :func:`robust_cert.engine.block_size`), spread over the
+    #: :func:`robust_cert.engine.metric_blocks`), spread over the
     #: processes of a ``torchrun`` launch, and the result does not depend on how many there
     #: are. False: :meth:`run` sees the whole set, in one process.
     shardable: ClassVar[bool] = False
+    #: True (with ``shardable``) when :meth:`run` on any consecutive range of points gives,
+    #: for each point, what a run on the whole set gives it, at any ``batch_size``: whatever
+    #: it draws for a point comes from that point's own generators
+    #: (:meth:`RunContext.point_generators`, seeded by the point's index in the whole set),
+    #: in a sequence of draws that depends on the configuration and the point's own outcomes
+    #: only, and draws for the whole set come from :meth:`RunContext.global_generator`. The
+    #: engine then shards it in small fixed blocks (:data:`robust_cert.engine.BLOCK_POINTS`)
+    #: and runs all the points of a process's blocks in one call, in full batches; the
+    #: result depends neither on the number of processes nor on the batch size (given
+    #: forward passes whose outputs for a point do not depend on the other points of the
+    #: batch, as on CPU for batches of at least 2). False: draws per batch, blocks of one
+    #: batch each (:func:`robust_cert.engine.batch_blocks`) run one by one.
+    pointwise: ClassVar[bool] = False
     #: How each diagnostic key the family produces merges over blocks (:data:`MERGE_RULES`,
     #: torchmetrics' ``dist_reduce_fx``): key → rule, or a dict of rules for a dict-valued
     #: diagnostic (dotted keys allowed). Checked and normalized when the class is defined
@@ -648,12 +679,28 @@ class Metric(ABC, Generic[ConfigT]):
         )
 
 
+def balanced_ranges(n: int, batch_size: int) -> list[range]:
+    """``n`` points cut into as many consecutive ranges as batches of ``batch_size`` would
+    be (⌈n / batch_size⌉), of sizes that differ by at most one, the larger first: 359 points
+    at 256 are 180 and 179, not 256 and 103. The batches of :func:`batches` and the blocks
+    of the metrics that draw per batch (:func:`robust_cert.engine.batch_blocks`), so that a
+    run on the whole set and the engine's blocks cut the points alike."""
+    if n <= 0:
+        return []
+    count = -(-n // max(1, batch_size))
+    base, extra = divmod(n, count)
+    starts = [i * base + min(i, extra) for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(starts, starts[1:], strict=False)]
+
+
 def batches(data: EvalSet, batch_size: int, device: torch.device):
-    """Yield (index slice, x, y) batches of the evaluation set on ``device`` (copied
-    asynchronously when the inputs are in page-locked memory, as the engine keeps them for
-    CUDA; the next batch's copy then overlaps the current batch's work)."""
+    """Yield (index slice, x, y) batches of the evaluation set on ``device``, at most
+    ``batch_size`` points each, as many as batches of ``batch_size`` and of sizes within one
+    point of each other (:func:`balanced_ranges`); copied asynchronously when the inputs
+    are in page-locked memory, as the engine keeps them for CUDA (the next batch's copy then
+    overlaps the current batch's work)."""
     async_copy = device.type == "cuda" and data.x.is_pinned()
-    for start in range(0, len(data), batch_size):
-        sl = slice(start, min(start + batch_size, len(data)))
+    for r in balanced_ranges(len(data), batch_size):
+        sl = slice(r.start, r.stop)
         yield (sl, data.x[sl].to(device, non_blocking=async_copy),
                data.y[sl].to(device, non_blocking=async_copy))

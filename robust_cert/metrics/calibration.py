@@ -104,6 +104,8 @@ class Calibration(Metric[CalibrationConfig]):
     merge_rules = {"ece": "recompute", "ece_ci": "recompute", "ece_ci_method": "same",
                    "nll": "recompute", "brier": "recompute", "reliability": "recompute",
                    "coverage": {"*": {"k": "sum", "n": "sum"}}, "kinds": "same"}
+    #: nothing is drawn per point or per batch: any range of points, any batch size
+    pointwise = True
 
     def selectors(self):
         return [{"threshold": t} for t in self.config.thresholds]

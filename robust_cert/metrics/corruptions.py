@@ -398,7 +398,7 @@ class CorruptionAccuracy(Metric[CorruptionsConfig]):
     (C, H, W) or (H, W); other inputs are "not applicable". Inputs in [lo, hi] are mapped to
     [0, 1] for corruption and back. Draws depend on the batch size (seeded per batch).
 
-    Sharding (``shardable``): the engine runs blocks of ``batch_size`` points; a block's
+    Sharding (``shardable``): the engine runs blocks of one batch each; a block's
     corruptions are drawn per batch as above (seeded by the batch's position in the whole set,
     so a block draws the same in any process, and the result equals a one-process run with the
     same batch size), and the mean-cell picks are drawn for the whole set from a generator

@@ -11,7 +11,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from scipy import stats as _st
 
 from robust_cert.data import EvalSet
-from robust_cert.metrics.base import Metric, MetricConfig, MetricResult, Proportion, RunContext
+from robust_cert.metrics.base import (
+    Metric,
+    MetricConfig,
+    MetricResult,
+    Proportion,
+    RunContext,
+    draw_per_point,
+)
 from robust_cert.models.base import Classifier
 from robust_cert.stats import SPRT, clopper_pearson
 
@@ -198,9 +205,10 @@ class LocalProbabilisticRobustness(Metric[LocalProbabilisticConfig]):
     is the one-sided Clopper–Pearson lower bound on ρ at the policy's confidence minus e.
 
     Sharding (``shardable``): the engine may run the test on consecutive blocks of points, in
-    several processes. Each block draws the noise of its points from its own generator,
-    seeded by (seed, distribution and scale, the block's first point): a point's draws depend
-    on its block, never on the process that runs it. :meth:`finalize` recomputes every
+    several processes. Each point draws its noise from its own generator, seeded by (seed,
+    distribution and scale, the point's index in the whole set), ``b`` draws per round of
+    the schedule: a point's draws depend neither on its block, nor on the process that runs
+    it, nor on the batch size (:attr:`pointwise`). :meth:`finalize` recomputes every
     summary in ``diagnostics`` from the merged per-point arrays (only ``forward_images`` is
     summed over the blocks), so the result is the same for any number of processes.
 
@@ -235,6 +243,7 @@ class LocalProbabilisticRobustness(Metric[LocalProbabilisticConfig]):
                    "expected_wrong_robust_decisions_at_most": "recompute",
                    "expected_wrong_not_robust_decisions_at_most": "recompute",
                    "robust_population_fraction_at_least": "recompute"}
+    pointwise = True
 
     def selectors(self):
         return [{"p0": self.config.p0}]
@@ -254,7 +263,7 @@ class LocalProbabilisticRobustness(Metric[LocalProbabilisticConfig]):
         draws = np.zeros(m, dtype=np.int64)
         decision = np.zeros(m, dtype=np.int8)
         at_budget = np.zeros(m, dtype=bool)
-        g = ctx.generator(f"{self.name}/{cfg.distribution}/{cfg.scale!r}")
+        gens = ctx.point_generators(f"{self.name}/{cfg.distribution}/{cfg.scale!r}", m)
         active = np.arange(m)
         forward_images = 0
         while active.size:
@@ -264,7 +273,11 @@ class LocalProbabilisticRobustness(Metric[LocalProbabilisticConfig]):
             for s in range(0, active.size, per_fwd):
                 idx = active[s:s + per_fwd]
                 x = data.x[idx]
-                xp = (x[:, None] + draw_noise(x, b, cfg.distribution, cfg.scale, g))
+                # each point's b draws from its own generator: the same whatever the batch
+                noise = draw_per_point(
+                    [gens[i] for i in idx.tolist()],
+                    lambda g, b=b, x1=x[:1]: draw_noise(x1, b, cfg.distribution, cfg.scale, g)[0])
+                xp = x[:, None] + noise
                 xp = to_device(xp.clamp_(lo, hi).flatten(0, 1), ctx.device)
                 # one copy back per forward pass (up to max_forward_images images): the
                 # sequential test decides on the host which points go on

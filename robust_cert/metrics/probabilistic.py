@@ -150,8 +150,9 @@ class ProbabilisticRobustness(Metric[ProbabilisticRobustnessConfig]):
     Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
     several processes. The points of the ``samples`` pairs are drawn for the whole set (a
     generator seeded by (seed, ε), the same in every block); each block evaluates the pairs
-    whose point it holds, drawing their noise in pair order from its own generator, seeded by
-    (seed, ε, the block's first point). :meth:`finalize` puts the merged per-pair arrays
+    whose point it holds, each point drawing its pairs' noise in pair order from its own
+    generator, seeded by (seed, ε, the point's index) (:attr:`pointwise`: the result depends
+    on neither the blocks nor the batch size). :meth:`finalize` puts the merged per-pair arrays
     (``failed@ε``, ``index@ε``: the point of each pair in the whole set) back in pair order
     and computes the bands from the merged counts, so the result is the same for any number
     of processes.
@@ -172,6 +173,7 @@ class ProbabilisticRobustness(Metric[ProbabilisticRobustnessConfig]):
 
     #: blocks carry no diagnostics; the bands are of the merged counts (:meth:`finalize`)
     merge_rules = {"bands": "recompute"}
+    pointwise = True
 
     def selectors(self):
         return [{"eps": e} for e in self.config.eps]
@@ -192,17 +194,19 @@ class ProbabilisticRobustness(Metric[ProbabilisticRobustnessConfig]):
             num, idx = _pairs_in(ctx.global_generator(f"{self.name}/{eps!r}/points"),
                                  n_total, m, ctx.offset, ctx.offset + n_data)
             local = idx - ctx.offset
-            g = ctx.generator(f"{self.name}/{eps!r}")  # this block's noise, in pair order
+            # each point's noise from its own generator (seed, ε, point), in pair order
+            gens = ctx.point_generators(f"{self.name}/{eps!r}", n_data)
             progress = ProportionalProgress(ctx.advance, m, len(local))
             fails = []
-            for s in range(0, len(local), ctx.batch_size):
-                bi = local[s:s + ctx.batch_size]
-                x = data.x[bi]
-                delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
-                xp = to_device((x + delta).clamp_(lo, hi), dev)
-                pred = model.logits(xp).argmax(1)
-                fails.append(pred != to_device(target[bi], dev))  # stays on the device
-                progress.step(len(bi))
+            for cl in _noise_chunks(local, num):
+                noise = _pair_noise(gens, cl, data.x.shape[1:])
+                for s in range(0, len(cl), ctx.batch_size):
+                    bi = cl[s:s + ctx.batch_size]
+                    delta = (noise[s:s + ctx.batch_size] * 2 - 1) * eps
+                    xp = to_device((data.x[bi] + delta).clamp_(lo, hi), dev)
+                    pred = model.logits(xp).argmax(1)
+                    fails.append(pred != to_device(target[bi], dev))  # stays on the device
+                    progress.step(len(bi))
             # one copy back per radius and block
             fail = (torch.cat(fails).cpu().numpy() if fails else np.zeros(0, dtype=bool))
             where = local.numpy()
@@ -241,6 +245,38 @@ class ProbabilisticRobustness(Metric[ProbabilisticRobustnessConfig]):
 #: the points of the pairs are drawn in chunks of this many (memory); part of the definition
 #: of the draws, like the seed
 PAIR_CHUNK = 1 << 20
+
+
+#: the pairs' noise is drawn in chunks of this many consecutive pair numbers (memory): in
+#: each chunk, every point draws the U[0, 1) numbers of its pairs there, in pair order, in one
+#: call to its own generator; part of the definition of the draws, like the seed
+NOISE_CHUNK = 4096
+
+
+def _noise_chunks(local: torch.Tensor, num: torch.Tensor):
+    """The points of the pairs in each :data:`NOISE_CHUNK` of pair numbers, in pair order
+    (``local``, ``num``: the points and pair numbers of this run's pairs, in pair order)."""
+    if not len(num):
+        return
+    chunk = num // NOISE_CHUNK
+    for c in torch.unique(chunk).tolist():
+        sel = (chunk == c).nonzero()[:, 0]
+        yield local[sel]
+
+
+def _pair_noise(generators, points: torch.Tensor, shape) -> torch.Tensor:
+    """U[0, 1) numbers of shape ``(len(points), *shape)`` for pairs at ``points`` (indices
+    into ``generators``, in pair order): each point's rows, in pair order, from one call to
+    its own generator, so a pair's numbers do not depend on which other points run."""
+    out = torch.empty((len(points), *shape))
+    order = torch.argsort(points, stable=True)
+    sorted_points = points[order]
+    uniq, counts = torch.unique_consecutive(sorted_points, return_counts=True)
+    start = 0
+    for p, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+        out[order[start:start + c]] = torch.rand((c, *shape), generator=generators[p])
+        start += c
+    return out
 
 
 def _pairs_in(generator: torch.Generator, n_total: int, m: int, start: int, stop: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ from robust_cert.metrics.base import (
     MetricResult,
     Proportion,
     RunContext,
+    draw_per_point,
     value_list,
 )
 from robust_cert.metrics.local_probabilistic import to_device
@@ -48,12 +50,16 @@ def radius_cap(sigma: float, n: int, alpha: float) -> float:
 
 
 def smoothed_counts(model: Classifier, x: torch.Tensor, sigma: float, num: int,
-                    generator: torch.Generator, max_forward_images: int = 4096) -> torch.Tensor:
+                    generator: torch.Generator | Sequence[torch.Generator],
+                    max_forward_images: int = 4096) -> torch.Tensor:
     """Class counts (len(x), C) of f(x + δ) over ``num`` draws δ ~ N(0, σ²I) per point.
 
     Many points and many draws share each forward pass (at most ``max_forward_images``
-    images); noise is drawn on the CPU from ``generator`` (reproducible on any device). The
-    counts are accumulated on the model's device and copied back once (returned on the CPU).
+    images); noise is drawn on the CPU (reproducible on any device) from ``generator``: one
+    generator for the batch, or one per point (``len(x)`` of them,
+    :meth:`RunContext.point_generators`), each point then drawing its noise in chunks of
+    min(num, max_forward_images) draws, whatever the other points. The counts are
+    accumulated on the model's device and copied back once (returned on the CPU).
     """
     p = x.shape[0]
     counts = torch.zeros(p, model.num_classes, dtype=torch.long, device=model.device)
@@ -64,7 +70,13 @@ def smoothed_counts(model: Classifier, x: torch.Tensor, sigma: float, num: int,
         done = 0
         while done < num:
             b = min(block, num - done)
-            noise = torch.randn((xs.shape[0], b, *xs.shape[1:]), generator=generator) * sigma
+            if isinstance(generator, torch.Generator):
+                noise = torch.randn((xs.shape[0], b, *xs.shape[1:]), generator=generator)
+            else:
+                shape = (b, *xs.shape[1:])
+                noise = draw_per_point(generator[s:s + per_fwd],
+                                       lambda g, shape=shape: torch.randn(shape, generator=g))
+            noise = noise * sigma
             xp = to_device((xs[:, None] + noise).flatten(0, 1), model.device)
             pred = model.logits(xp).argmax(1).view(xs.shape[0], b)
             counts[s:s + xs.shape[0]] += torch.nn.functional.one_hot(
@@ -81,7 +93,8 @@ def p_lower_bound(n_a: np.ndarray, n: int, alpha: float) -> np.ndarray:
 
 
 def certify(model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float,
-            generator: torch.Generator, max_forward_images: int = 4096):
+            generator: torch.Generator | Sequence[torch.Generator],
+            max_forward_images: int = 4096):
     """Cohen et al.'s CERTIFY for a batch of points at once.
 
     n0 draws select the class c_A (most frequent), n fresh draws count n_A;
@@ -104,7 +117,8 @@ def certify(model: Classifier, x: torch.Tensor, sigma: float, n0: int, n: int, a
 
 
 def predict(model: Classifier, x: torch.Tensor, sigma: float, n: int, alpha: float,
-            generator: torch.Generator, max_forward_images: int = 4096) -> np.ndarray:
+            generator: torch.Generator | Sequence[torch.Generator],
+            max_forward_images: int = 4096) -> np.ndarray:
     """Cohen et al.'s PREDICT for a batch: the top class of n draws, or −1 (abstain) unless
     the two-sided binomial test of n_A vs n_B (top two counts) at p = 1/2 has p-value ≤ α.
 
@@ -172,9 +186,10 @@ class RandomizedSmoothing(Metric[SmoothingConfig]):
     that is random at evaluation time is smoothed together with its own randomness.
 
     Sharding (``shardable``): the engine may run it on consecutive blocks of points, in
-    several processes; each block draws the noise of its points (n0 selection draws, then n
-    counting draws, batch by batch) from its own generator, seeded by (seed, σ, the block's
-    first point), so a point's draws depend on its block, never on the process. The
+    several processes; each point draws its noise (n0 selection draws, then n counting
+    draws) from its own generator, seeded by (seed, σ, the point's index in the whole set),
+    so a point's draws depend neither on its block, nor on the process, nor on the batch
+    size (:attr:`pointwise`). The
     per-point certificates concatenate and :meth:`finalize` recomputes the diagnostics from
     them.
 
@@ -197,6 +212,7 @@ class RandomizedSmoothing(Metric[SmoothingConfig]):
     merge_rules = {"guarantee": "same", "abstained": "sum", "certified_correct": "sum",
                    "radius_cap": "same", "expected_wrong_certificates_at_most": "recompute",
                    "forward_images": "sum"}
+    pointwise = True
 
     def selectors(self):
         return [{"radius": r} for r in self.config.radii]
@@ -206,8 +222,8 @@ class RandomizedSmoothing(Metric[SmoothingConfig]):
 
     def run(self, model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
         cfg = self.config
-        g = ctx.generator(f"{self.name}/{cfg.sigma!r}")
         m = len(data)
+        gens = ctx.point_generators(f"{self.name}/{cfg.sigma!r}", m)
         prediction = np.empty(m, dtype=np.int64)
         radius = np.empty(m, dtype=np.float64)
         p_low = np.empty(m, dtype=np.float64)
@@ -215,7 +231,7 @@ class RandomizedSmoothing(Metric[SmoothingConfig]):
         for s in range(0, m, ctx.batch_size):
             sl = slice(s, min(s + ctx.batch_size, m))
             prediction[sl], radius[sl], p_low[sl], n_a[sl] = certify(
-                model, data.x[sl], cfg.sigma, cfg.n0, cfg.n, cfg.alpha, g,
+                model, data.x[sl], cfg.sigma, cfg.n0, cfg.n, cfg.alpha, gens[sl],
                 cfg.max_forward_images)
             ctx.advance(sl.stop - sl.start)
         correct = prediction == data.y.numpy()
