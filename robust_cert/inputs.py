@@ -25,6 +25,7 @@ only the HTML report's per-point charts do that.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -39,7 +40,7 @@ from robust_cert.errors import DataError
 SCAN_BLOCK = 256
 
 
-class Inputs:
+class Inputs(abc.ABC):
     """Evaluation inputs (N × sample shape) read as float32 on demand (see the module doc).
 
     Subclasses implement :meth:`_read` (consecutive points) and may override :meth:`_take`
@@ -53,9 +54,9 @@ class Inputs:
     def __len__(self) -> int:
         return int(self.shape[0])
 
+    @abc.abstractmethod
     def _read(self, start: int, stop: int) -> np.ndarray:
         """Points ``start`` … ``stop − 1`` as a float32 array."""
-        raise NotImplementedError
 
     def _take(self, idx: np.ndarray) -> np.ndarray:
         """The points ``idx`` (in that order) as a float32 array."""

@@ -143,7 +143,7 @@ class FeatureThreat:
 
     def encode(self, data: EvalSet) -> EvalSet:
         """The evaluation set in encoded coordinates (same name, source, hash, labels)."""
-        x = data.x.double().reshape(len(data), -1).numpy()
+        x = data.x[:].double().reshape(len(data), -1).numpy()
         u = (x - self.lo) / self.scale
         for j, v in self.values.items():
             u[:, j] = self.grid * np.searchsorted(v, x[:, j])
@@ -243,7 +243,7 @@ def fit(spec: FeatureSpec, data: EvalSet) -> FeatureThreat:
     names = [str(n) for n in data.details.get("features", [])]
     if len(names) != d:
         names = [str(i) for i in range(d)]
-    x = data.x.double().numpy()
+    x = data.x[:].double().numpy()
 
     def index(key, where: str) -> int:
         if isinstance(key, int) or (isinstance(key, str) and key.isdigit() and key not in names):

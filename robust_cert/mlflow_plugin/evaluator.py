@@ -132,7 +132,7 @@ def _data(cfg: dict, dataset):
         flat = int(np.prod(data.input_shape))
         if int(np.prod(shape)) != flat:
             raise ModelError(f"input_shape {list(shape)} does not fit rows of {flat} features")
-        x = data.x.reshape((len(data), *shape))
+        x = data.x[:].reshape((len(data), *shape))
         data = dataclasses.replace(data, x=x, sha256=data_sha256(x.numpy(), data.y.numpy()))
     return data
 
