@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from robust_cert.data import EvalSet
 from robust_cert.distributed import World
 from robust_cert.errors import ModelError, RobustCertError
+from robust_cert.inputs import Inputs
 from robust_cert.metrics.base import MetricResult, RunContext, balanced_ranges
 from robust_cert.models.base import Classifier
 from robust_cert.models.diagnose import (
@@ -425,8 +426,9 @@ def _pointwise(model: Classifier) -> Classifier:
 
 def _subset(data: EvalSet, block: range) -> EvalSet:
     """The points of ``block``, as an EvalSet sharing the whole set's storage."""
-    return dataclasses.replace(data, x=data.x[block.start:block.stop],
-                               y=data.y[block.start:block.stop])
+    x = (data.x.window(block.start, block.stop) if isinstance(data.x, Inputs)
+         else data.x[block.start:block.stop])
+    return dataclasses.replace(data, x=x, y=data.y[block.start:block.stop])
 
 
 def _note_retries(result: MetricResult, retries: list) -> MetricResult:

@@ -110,6 +110,11 @@ class Inputs(abc.ABC):
         for start in range(0, len(self), size):
             yield start, self._read(start, min(start + size, len(self)))
 
+    def window(self, start: int, stop: int) -> Inputs:
+        """Points ``start`` … ``stop − 1`` as inputs read on demand too (nothing is read
+        here): how the engine hands a process's range of points to a metric."""
+        return _Window(self, start, stop)
+
     def numpy(self) -> np.ndarray:
         """The whole set as one float32 array (N × sample shape): memory of the full set."""
         out = np.empty(tuple(self.shape), dtype=np.float32)
@@ -225,6 +230,23 @@ class PixelInputs(Inputs):
     @property
     def nbytes(self) -> int:
         return int(self.pixels.nbytes)
+
+
+class _Window(Inputs):
+    """Consecutive points of another :class:`Inputs` (see :meth:`Inputs.window`)."""
+
+    def __init__(self, base: Inputs, start: int, stop: int):
+        n = len(base)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"points {start}..{stop} are out of range for {n} points")
+        super().__init__((stop - start, *base.shape[1:]))
+        self.base, self.start = base, start
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        return self.base._read(self.start + start, self.start + stop)
+
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        return self.base._take(idx + self.start)
 
 
 def item_digest(x: np.ndarray) -> int:

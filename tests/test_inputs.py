@@ -85,8 +85,9 @@ def _certify(data):
         "metrics": {
             "accuracy": {},
             "probabilistic_robustness": {"eps": [0.05, 0.2], "samples": 90},
+            # max_forward_images bounds the points its noisy copies are formed for at once
             "local_probabilistic_robustness": {"eps": 0.2, "p0": 0.2, "p1": 0.05,
-                                               "max_draws": 200},
+                                               "max_draws": 200, "max_forward_images": 8},
             "robust_accuracy": {"eps": [0.1], "attacks": ["pgd"], "steps": 3},
         },
         "requirements": [{"metric": "accuracy", "at_least": 0.0}]}
@@ -169,7 +170,7 @@ def test_factory_is_read_by_blocks_and_matches_the_float32_path(factory, monkeyp
     monkeypatch.setattr(Inputs, "numpy", lambda self: pytest.fail("materialised whole"))
     lazy = _certify("lazy_factories:images")
     assert largest
-    assert max(largest) <= 8  # never more than a batch at once
+    assert max(largest) <= 8  # never more than a batch (or max_forward_images) at once
     _same_certificates(lazy, _certify((whole, np.arange(30) % 3)))
 
 
