@@ -558,10 +558,17 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             "local_bound": (cfg.local_bound if not local_why else
                             f"lipschitz only: {local_why}"),
         }
+        return self._conclude(bound, why, props, holds, out, diagnostics, model, data, ctx)
+
+    def _conclude(self, bound: LipschitzBound | None, why: str, props: list[Proportion],
+                  holds: np.ndarray, out: dict, diagnostics: dict[str, object],
+                  model: Classifier, data: EvalSet, ctx: RunContext) -> MetricResult:
+        """The result of a run: not applicable (``why``) when radii were asked for and no
+        Lipschitz bound exists; finalized unless the engine merges shards first."""
         if bound is not None:
             diagnostics["lipschitz"] = {"prefix": bound.prefix, "layers": bound.layers}
         per_point = {"holds": holds, **out}
-        if bound is None and cfg.radii:
+        if bound is None and self.config.radii:
             res = self.result([], per_point=per_point, diagnostics=diagnostics,
                               status="not_applicable", reason=why)
         else:
@@ -844,15 +851,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                             "oracle only: O and f are not both single affine maps, so the "
                             "joint constant is not available (the oracle's own radius)"),
         }
-        if bound_o is not None:
-            diagnostics["lipschitz"] = {"prefix": bound_o.prefix, "layers": bound_o.layers}
-        per_point = {"holds": holds, **out}
-        if bound_o is None and cfg.radii:
-            res = self.result([], per_point=per_point, diagnostics=diagnostics,
-                              status="not_applicable", reason=why)
-        else:
-            res = self.result(props, per_point=per_point, diagnostics=diagnostics)
-        return res if ctx.total is not None else self.finalize(res, model, data, ctx)
+        return self._conclude(bound_o, why, props, holds, out, diagnostics, model, data, ctx)
 
     def _network_bound(self, clf: Classifier, data: EvalSet,
                        cache: _BoundCache) -> tuple[LipschitzBound | None, str]:
