@@ -85,6 +85,32 @@ def test_adversarial_msr_of_a_linear_binary_model(norm) -> None:
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
+def test_boundary_search_reaches_the_msr_of_a_linear_binary_model(norm) -> None:
+    """The default witness search with a single bisection step: the minimal-norm boundary
+    search alone must reach |g|/‖w‖_dual (‖w‖₂, ‖w‖₁, ‖w‖∞) within 0.1%, never below it."""
+    x, y, g = _data()
+    res = _run(_binary(), x, y, norms=[norm], bisection_steps=1, clever_samples=2,
+               clever_batches=2, estimate_steps=0, local_bound="off")
+    expected = np.abs(g) / DUAL[norm]
+    upper = res.per_point[f"upper@{norm}"]
+    assert (upper >= expected * (1 - 1e-5) - 1e-6).all()  # a witness is never inside
+    np.testing.assert_allclose(upper, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_boundary_search_off_is_bisection_only_and_no_closer() -> None:
+    """witness_steps 0 leaves the bisection alone; the boundary search only adds witnesses, so
+    the default is never farther than it (per point, same points)."""
+    x, y, _ = _data()
+    kw = dict(norms=["l2"], bisection_steps=4, attack_steps=5, clever_samples=2,
+              clever_batches=2, estimate_steps=0, local_bound="off")
+    off = _run(_binary(), x, y, witness_steps=0, **kw).per_point["upper@l2"]
+    on = _run(_binary(), x, y, **kw).per_point["upper@l2"]
+    assert np.isfinite(off).all()
+    assert (on <= off).all()
+    assert np.median(on / off) < 0.999  # 4 bisection steps alone stay a few % above
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
 def test_uncertainty_radius_of_a_linear_binary_model(norm) -> None:
     tau = 0.8
     x, y, g = _data(seed=1)

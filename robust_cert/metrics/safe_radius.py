@@ -12,8 +12,11 @@ safety property — the largest ε such that the property holds on the whole ε-
   the largest radius, searched on [Lipschitz radius, witness], at which sound local
   lower bounds of all margins over the ball (CROWN, CROWN-IBP or IBP:
   :func:`robust_cert.bounds.local_radius`, float32 rounding included) stay positive;
-* **upper bound** (a witness): the distance of the closest violating input found by bisection
-  over ε with a batched projected-gradient search;
+* **upper bound** (a witness): the distance of the closest violating input found, by a
+  minimal-norm search along the decision boundary (FMN-style, untargeted and towards the
+  runner-up classes) and by bisection over ε with a batched projected-gradient search;
+  every witness is re-evaluated in float32 inside the input box and really violates the
+  property;
 * **estimate** (CLEVER-style): h_j(x) / L̂_j with L̂_j the location of a reverse-Weibull fit
   to the maxima of the dual gradient norms over batches of points sampled in a ball (as IBM
   ART's ``clever_u``), capped at the sampling radius.
@@ -95,6 +98,12 @@ class SafeRadiusConfig(MetricConfig):
                                      description="bisection upper end; default: the box")
     bisection_steps: int = Field(default=12, ge=1, le=60)
     attack_steps: int = Field(default=20, ge=1, le=10_000)
+    witness_steps: int = Field(default=50, ge=0, le=10_000, description="steps of each "
+                               "minimal-norm boundary search of the witness (0: off, "
+                               "bisection only)")
+    witness_targets: int = Field(default=3, ge=0, le=1000, description="adversarial: besides "
+                                 "the untargeted boundary search, one search towards each of "
+                                 "the classes ranked 2nd, 3rd, … at x (this many)")
     clever_batches: int = Field(default=10, ge=2, le=10_000)
     clever_samples: int = Field(default=100, ge=1, le=100_000,
                                 description="samples per CLEVER batch")
@@ -267,8 +276,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     Args (policy ``metrics.safe_radius``): property (``adversarial``), norms (``[l2, linf]``;
     also ``l1``),
     radii (``[]``), tau (0.5), output/low/high (reachability), max_radius (the input box:
-    hi − lo for L∞, (hi − lo)·√d for L2), bisection_steps (12), attack_steps (20, step
-    2.5·ε/steps, from δ = 0), clever_batches (10), clever_samples (100 per batch),
+    hi − lo for L∞, (hi − lo)·√d for L2), witness_steps (50: steps of each minimal-norm
+    boundary search), witness_targets (3: adversarial searches towards the runner-up
+    classes), bisection_steps (12), attack_steps (20, step 2.5·ε/steps, from δ = 0),
+    clever_batches (10), clever_samples (100 per batch),
     clever_radius (2.0, data units), power_iterations (100: the reported power-iteration
     estimate ``l2_lower`` of each convolution, never part of the bound), local_bound
     (``crown``; ``crown-ibp``, ``ibp`` or ``off``), bound_steps (12: trial radii of the local
@@ -282,8 +293,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     samples of a batch are drawn from a generator seeded by (run seed, norm, index of the
     batch's first point in the whole set), so a block draws the same in any process and the
     result equals a one-process run with the same batch size; the witness search draws
-    nothing. The Lipschitz bound depends on the network only: it is computed once per
-    process and metric instance and reused while the module and its tensors are unchanged
+    nothing (it starts at x, its targets are the point's own ranked classes). The Lipschitz
+    bound depends on the network only: it is computed once per process and metric instance
+    and reused while the module and its tensors are unchanged
     (see :class:`_BoundCache`). Proportions and per-point arrays merge exactly; :meth:`finalize`
     recomputes the summaries in ``diagnostics`` (``holds``, medians, ``no_witness``,
     ``sandwich_violations``) from the merged ``per_point``. :meth:`run` on the whole set
@@ -903,10 +915,20 @@ class SafeRadius(Metric[SafeRadiusConfig]):
 
     def _witness(self, fn: nn.Module, x: torch.Tensor, t: torch.Tensor, norm: str,
                  max_r: float, box: tuple[float, float]) -> torch.Tensor:
-        """Bisection over ε of a batched projected-gradient search (per-point ε): the distance
-        of the closest violation found (float64, on the device), inf where none is found at
-        ``max_r``/2^k, k < 6. The host waits for the device once per search (to pick the
-        points still searched), never per attack step."""
+        """The distance of the closest violation found per point (float64, on the device), inf
+        where none is found within ``max_r``.
+
+        The smaller of two searches, each point for itself: bisection over ε of a batched
+        projected-gradient search (per-point ε; a bracket ε = ``max_r``/2^k, k < 6, first),
+        and the minimal-norm boundary searches (:meth:`_boundary_search`, ``witness_steps``
+        each; for ``adversarial`` one untargeted and one towards each of the
+        ``witness_targets`` next-ranked classes at x). The bisection runs as with
+        ``witness_steps`` 0, so the witness is never farther than the bisection's alone (the
+        boundary search can land on a farther piece of a non-smooth objective, e.g. the
+        invariant kind's). Every violation counted is re-evaluated (:meth:`_verified`): its
+        point lies in the input box and its float32 logits violate the property. The host
+        waits for the device once per search (to pick the points still searched), never per
+        attack step."""
         cfg = self.config
         p = x.shape[0]
         best = torch.full((p,), math.inf, dtype=torch.float64, device=x.device)
@@ -923,6 +945,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 break
             adv, found = self._search(fn, x[idx], t[idx], torch.full_like(lo[idx], max_r / 2 ** k),
                                       norm, box)
+            found = self._verified(fn, x[idx], t[idx], adv, found, box)
             best[idx] = torch.where(found, _dist(adv, x[idx], norm), best[idx])
         active = torch.isfinite(best) & ~viol0
         hi = torch.where(active, best, hi)
@@ -932,11 +955,112 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                 break
             eps = (lo[idx] + hi[idx]) / 2
             adv, found = self._search(fn, x[idx], t[idx], eps, norm, box)
+            found = self._verified(fn, x[idx], t[idx], adv, found, box)
             dist = _dist(adv, x[idx], norm)
             best[idx] = torch.where(found, torch.minimum(best[idx], dist), best[idx])
             hi[idx] = torch.where(found, torch.minimum(eps, dist), hi[idx])
             lo[idx] = torch.where(found, lo[idx], eps)
+        if cfg.witness_steps:
+            targets: list[torch.Tensor | None] = [None]
+            if cfg.property == "adversarial" and cfg.witness_targets:
+                with torch.no_grad():
+                    ranked = fn(x).argsort(1, descending=True)
+                targets += [ranked[:, k] for k in range(1, min(1 + cfg.witness_targets,
+                                                                ranked.shape[1]))]
+            idx = (~viol0).nonzero().squeeze(1)
+            for target in targets:
+                if not idx.numel():
+                    break
+                adv, found = self._boundary_search(
+                    fn, x[idx], t[idx], norm, box, max_r,
+                    None if target is None else target[idx])
+                found = self._verified(fn, x[idx], t[idx], adv, found, box)
+                dist = _dist(adv, x[idx], norm)
+                found &= dist <= max_r
+                best[idx] = torch.where(found, torch.minimum(best[idx], dist), best[idx])
         return best
+
+    def _verified(self, fn: nn.Module, x: torch.Tensor, t: torch.Tensor, adv: torch.Tensor,
+                  found: torch.Tensor, box: tuple[float, float]) -> torch.Tensor:
+        """``found`` where the candidate witness ``adv`` really is one: a point of the input
+        box whose float32 logits, evaluated afresh (no gradient, IEEE float32 products),
+        violate the property."""
+        with torch.no_grad(), strict_float32():
+            viol = self._violated(fn(adv), t)
+        inside = ((adv >= box[0]) & (adv <= box[1])).flatten(1).all(1)
+        return found & viol & inside
+
+    def _boundary_search(self, fn: nn.Module, x: torch.Tensor, t: torch.Tensor, norm: str,
+                         box: tuple[float, float], max_r: float,
+                         target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A minimal-norm search for the closest violation (after FMN, Pintor et al. 2021):
+        per point, normalised gradient steps on the objective (untargeted: the property's
+        :meth:`_objective`; with ``target``: the margin f_t − f_target), projected onto a
+        ball whose radius ε adapts — while nothing is found, ε = (‖δ‖ + the linear estimate of
+        the distance to the boundary: |objective| / dual norm of its gradient)·(1 + γ), just
+        across it (a step landing on the boundary itself violates nothing); on a violation ε
+        shrinks to min(ε(1 − γ), best distance); after one, ε grows by (1 + γ) while the
+        iterate is safe — so the iterate slides along the boundary towards x. Steps
+        are a fraction α of ε (the gradient normalised in L2, scaled by √d for L∞), α and γ
+        cosine-annealed from 1 to 0.01 and 0.05 to 0.001 over ``witness_steps``; coordinates
+        at a face of the box the step would leave carry no gradient. Starts at x, draws
+        nothing. Returns the closest violating point seen (each in the box, as evaluated) and
+        whether one was seen; :meth:`_witness` re-verifies them."""
+        cfg = self.config
+        steps = cfg.witness_steps
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        p = x.shape[0]
+        d = x[0].numel()
+        delta = torch.zeros_like(x)
+        eps = torch.full((p,), math.inf, dtype=x.dtype, device=x.device)
+        best = torch.full((p,), math.inf, dtype=torch.float64, device=x.device)
+        best_x = x.clone()
+        found = torch.zeros(p, dtype=torch.bool, device=x.device)
+        scale = math.sqrt(d) if norm == "linf" else 1.0
+        for k in range(steps + 1):
+            cosine = (1 + math.cos(math.pi * k / steps)) / 2
+            alpha = 0.01 + (1.0 - 0.01) * cosine
+            gamma = 0.001 + (0.05 - 0.001) * cosine
+            with torch.enable_grad():
+                dv = delta.clone().requires_grad_(True)
+                xa = (x + dv).clamp(*box)
+                logits = fn(xa)
+                if target is None:
+                    obj = self._objective(logits, t)
+                else:
+                    obj = (logits.gather(1, t[:, None]) - logits.gather(1, target[:, None]))[:, 0]
+                (grad,) = torch.autograd.grad(obj.sum(), dv)
+            with torch.no_grad():
+                xa = xa.detach()
+                viol = self._violated(logits.detach(), t)
+                dist = _dist(xa, x, norm)
+                better = viol & (dist < best)
+                best = torch.where(better, dist, best)
+                best_x = torch.where(better.view(shape), xa, best_x)
+                found |= viol
+                if k == steps:
+                    break
+                # a coordinate at a face of the box that the descent step would leave
+                stuck = ((xa <= box[0]) & (grad > 0)) | ((xa >= box[1]) & (grad < 0))
+                grad = torch.where(stuck, torch.zeros_like(grad), grad)
+                to_boundary = obj.detach().abs() / _dual_norm(grad.flatten(1), norm).clamp_min(
+                    1e-12)
+                eps = torch.where(viol, torch.minimum(eps * (1 - gamma), best.to(x.dtype)),
+                                  (1 + gamma) * torch.where(
+                                      found, eps, _norm_of(delta.flatten(1), norm) + to_boundary))
+                eps = eps.clamp(max=max_r)
+                gn = grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+                delta = delta - (alpha * scale) * eps.view(shape) * grad / gn
+                e = eps.view(shape)
+                if norm == "linf":
+                    delta = torch.maximum(torch.minimum(delta, e), -e)
+                elif norm == "l1":
+                    delta = _project_l1(delta, e)
+                else:
+                    dn = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape)
+                    delta = delta * (e / dn).clamp(max=1.0)
+                delta = (x + delta).clamp(*box) - x
+        return best_x, found
 
     def _search(self, fn, x, t, eps, norm, box):
         cfg = self.config
