@@ -115,8 +115,8 @@ class SafeRadiusConfig(MetricConfig):
                                      "directions per iteration (each tried ±)")
     local_bound: Literal["crown", "crown-ibp", "ibp", "off"] = Field(
         default="crown-ibp", description="local bound tried beyond the Lipschitz radius: "
-        "crown-ibp (default; digits CNN L∞ median lower/upper 0.29 vs 0.055 Lipschitz-only, "
-        "about 1.2× the run time) or crown (tightest: 0.43 L∞ / 0.26 L2, about 10× the run "
+        "crown-ibp (default; digits CNN L∞ median lower/upper 0.30 vs 0.055 Lipschitz-only, "
+        "about 1.2× the run time) or crown (tightest: 0.45 L∞ / 0.27 L2, about 10× the run "
         "time), ibp, off")
     bound_steps: int = Field(default=12, ge=0, le=60,
                              description="relaxations fitted per point (at most): each a "
