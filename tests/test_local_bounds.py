@@ -237,13 +237,16 @@ def _pooled(seed=0):
                          nn.Flatten(), nn.Linear(24, 3)).eval()
 
 
-def test_tiled_max_pooling_gives_the_general_paths_bounds(monkeypatch) -> None:
-    from robust_cert.bounds.ops import pooling
+@pytest.mark.parametrize("switch", ["pooling.TILED_FAST_PATH", "activations.RELU_FAST_PATH"])
+def test_fast_paths_give_the_general_paths_bounds(monkeypatch, switch) -> None:
+    """Tiled max pooling and ReLU have their own code: the bounds of the general one."""
+    from robust_cert.bounds import ops
     model = _pooled()
     x = torch.rand(4, 1, 8, 8)
     bound = lipschitz_bound(model, (1, 8, 8))
     fast = local_bounds(bound, x, 0.05, "linf")
-    monkeypatch.setattr(pooling, "TILED_FAST_PATH", False)
+    module, name = switch.split(".")
+    monkeypatch.setattr(getattr(ops, module), name, False)
     general = local_bounds(bound, x, 0.05, "linf")
     assert torch.allclose(fast.exact, general.exact, rtol=1e-12, atol=1e-12)
 
@@ -378,9 +381,13 @@ def test_local_radius_shortcuts_give_the_full_computations_radius(method) -> Non
             seen["zero"] += int((got == 0).sum())
             seen["between"] += int(((got > 0) & (got < r)).sum())
         ibp, full = local.forms(x, r, norm, spec, (0.0, 1.0), method)
-        ibp_t, part = local.forms(x, r, norm, spec, (0.0, 1.0), method, threshold=ibp.median())
+        ibp_t, part = local.forms(x, r, norm, spec, (0.0, 1.0), method,
+                                  threshold=ibp.median())
         assert torch.equal(ibp, ibp_t)
-        assert part is not None and part.rows is not None and part.valid is not None
+        assert full is not None
+        assert part is not None
+        assert part.rows is not None
+        assert part.valid is not None
         assert 0 < int(part.valid.sum()) < ibp.numel()
         kept = part.lower(r * 0.7)
         ref = full.lower(r * 0.7).gather(1, part.rows)
@@ -397,7 +404,8 @@ def test_crown_skips_refining_the_first_affine_op_in_linf_without_loss() -> None
     x = torch.rand(6, 1, 8, 8)
     bound = lipschitz_bound(model, (1, 8, 8))
     local = local_analysis(bound)
-    assert len(local.box_exact) == 1 and local.box_exact < set(local.refined)
+    assert len(local.box_exact) == 1
+    assert local.box_exact < set(local.refined)
     skipped = {nm: local_bounds(bound, x, r, nm, box=(0.0, 1.0)).exact
                for nm, r in (("linf", 0.04), ("l2", 0.2))}
     kept = local.box_exact

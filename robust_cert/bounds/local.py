@@ -118,6 +118,8 @@ class Region:
         if isinstance(t, torch.Tensor):
             tf = torch.broadcast_to(t.to(a.device, torch.float64),
                                     (a.shape[0], *a.shape[2:])).reshape(a.shape[0], -1)
+            if not bool(tf.any()):  # a zero constant (a ReLU's lower line): adds nothing
+                return
             self.bias = self.bias + torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
             self.mag = self.mag + af.norm(dim=2) * tf.norm(dim=1)[:, None]
         else:
@@ -655,6 +657,7 @@ def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, nor
     if bis.numel():
         rows, keep = _compress(~at_big[bis])
         assert rows is not None  # each point has a row not positive at big
+        assert keep is not None
         sub = form.take(bis, rows)
         s_ibp, s_t = ibp_k[bis].gather(1, rows), t_k[bis].gather(1, rows)
         s_valid = keep & valid[bis].gather(1, rows)
