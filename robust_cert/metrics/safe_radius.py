@@ -874,8 +874,11 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         (:func:`~robust_cert.bounds.local_radius`: sound for the exact network and its
         float32 evaluation on the closed ball, ∩ the input box with ``within_box``): r is
         certified (the bracket's lower end rises to it) and, when r < R, the radii above R
-        are given up (relaxations fitted to a larger ball are looser). A point's search ends
-        once its bracket is within ``bound_rtol`` of its upper end. The rounding bound of the
+        are given up (relaxations fitted to a larger ball are looser). The trial radii: first
+        a probe at the Lipschitz radius / (1 − ``bound_rtol``) (where the local bound cannot
+        beat the Lipschitz radius by that much, one fit ends the point's search), then the
+        geometric middle of the bracket. A point's search ends once its bracket is within
+        ``bound_rtol`` of its upper end. The rounding bound of the
         logits is computed once at the upper end: it grows with the radius, so it covers
         every step."""
         cfg = self.config
@@ -888,11 +891,19 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         _, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
         assert e_ball is not None  # with a radius: the ball's bound
         box_arg = box if cfg.within_box else None
-        for _ in range(cfg.bound_steps):
+        for step in range(cfg.bound_steps):
             idx = live.nonzero().squeeze(1)
             if not idx.numel():
                 break
-            trial = (lo[idx] + hi[idx]) / 2
+            lo_i, hi_i = lo[idx], hi[idx]
+            # geometric middle of the bracket (its ends are often an order of magnitude
+            # apart); first a probe just above the Lipschitz radius: where the local bound
+            # fails there, the search ends after one fit (the bracket is within bound_rtol)
+            mid = torch.where(lo_i > 0, (lo_i * hi_i).sqrt(), (lo_i + hi_i) / 2)
+            if step == 0 and cfg.bound_rtol > 0:
+                mid = torch.where(lo_i > 0, torch.minimum(lo_i / (1 - cfg.bound_rtol), mid),
+                                  mid)
+            trial = mid
             r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
                              box=box_arg, method=cfg.local_bound,
                              max_memory=cfg.max_bound_memory, ball_error=e_ball[idx])
