@@ -874,10 +874,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         (:func:`~robust_cert.bounds.local_radius`: sound for the exact network and its
         float32 evaluation on the closed ball, ∩ the input box with ``within_box``): r is
         certified (the bracket's lower end rises to it) and, when r < R, the radii above R
-        are given up (relaxations fitted to a larger ball are looser). The trial radii: first
-        a probe at the Lipschitz radius / (1 − ``bound_rtol``) (where the local bound cannot
-        beat the Lipschitz radius by that much, one fit ends the point's search), then the
-        geometric middle of the bracket. A point's search ends once its bracket is within
+        are given up (relaxations fitted to a larger ball are looser). The trial radii: the
+        geometric middle of the bracket, but after a fit that left a point at its Lipschitz
+        radius, a probe at that radius / (1 − ``bound_rtol``) (where the local bound cannot
+        beat the Lipschitz radius by that much, the point's search ends there). A point's search ends once its bracket is within
         ``bound_rtol`` of its upper end. The rounding bound of the
         logits is computed once at the upper end: it grows with the radius, so it covers
         every step."""
@@ -896,14 +896,15 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             if not idx.numel():
                 break
             lo_i, hi_i = lo[idx], hi[idx]
-            # geometric middle of the bracket (its ends are often an order of magnitude
-            # apart); first a probe just above the Lipschitz radius: where the local bound
-            # fails there, the search ends after one fit (the bracket is within bound_rtol)
-            mid = torch.where(lo_i > 0, (lo_i * hi_i).sqrt(), (lo_i + hi_i) / 2)
-            if step == 0 and cfg.bound_rtol > 0:
-                mid = torch.where(lo_i > 0, torch.minimum(lo_i / (1 - cfg.bound_rtol), mid),
-                                  mid)
-            trial = mid
+            # the geometric middle of the bracket (its ends are often an order of magnitude
+            # apart); after a first fit that did not raise a point above its Lipschitz
+            # radius, a probe just above it: where the local bound fails there too, the
+            # search ends (the bracket is within bound_rtol)
+            trial = torch.where(lo_i > 0, (lo_i * hi_i).sqrt(), (lo_i + hi_i) / 2)
+            if step > 0 and cfg.bound_rtol > 0:
+                probe = (lo_i > 0) & (lo_i <= r_lip[idx])
+                trial = torch.where(probe, torch.minimum(lo_i / (1 - cfg.bound_rtol), trial),
+                                    trial)
             r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
                              box=box_arg, method=cfg.local_bound,
                              max_memory=cfg.max_bound_memory, ball_error=e_ball[idx])
