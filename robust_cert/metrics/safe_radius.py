@@ -877,10 +877,10 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         are given up (relaxations fitted to a larger ball are looser). The trial radii: the
         geometric middle of the bracket, but after a fit that left a point at its Lipschitz
         radius, a probe at that radius / (1 − ``bound_rtol``) (where the local bound cannot
-        beat the Lipschitz radius by that much, the point's search ends there). A point's search ends once its bracket is within
-        ``bound_rtol`` of its upper end. The rounding bound of the
-        logits is computed once at the upper end: it grows with the radius, so it covers
-        every step."""
+        beat the Lipschitz radius by that much, the point's search ends there). A point's
+        search ends once its bracket is within ``bound_rtol`` of its upper end. The rounding
+        bound of the logits is computed once at the upper end: it grows with the radius, so
+        it covers every step."""
         cfg = self.config
         lo = r_lip.double().clone()
         hi = torch.where(torch.isfinite(upper), upper, torch.full_like(upper, max_r)).double()
