@@ -597,7 +597,9 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     |C|·E_ball, since E grows with the radius), non-increasing in r. The largest r keeping
     them all positive is found by bisection on these forms (:data:`RADIUS_STEPS` steps, no
     network pass), and the returned r is one where positivity was checked: sound, whatever
-    the rounding of the bisection. It is at most the radius a fresh bound at r would
+    the rounding of the bisection. Work that cannot change r is skipped
+    (:func:`_radius_on_forms`: rows and points already certified by IBP, rows already
+    positive at ``radius``). It is at most the radius a fresh bound at r would
     certify (tighter intervals at r): call again with a radius between (bisection of
     :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
     local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
