@@ -26,6 +26,10 @@ ball). Reported per norm, over the points where the property holds:
   trial radius), against one forward and one backward pass to the input of the same points
   (batch of all of them, best of 5, same process): per point and radius step (target ≤ 3×,
   issue 23) and per point for the whole search (all its steps); the steps per point;
+* what bounds that cost from below: the C − 1 margin rows of each point are back-substituted
+  through the network in float64, so one step costs at least C − 1 float64 backward passes
+  (timed as one forward-backward of the points repeated C − 1 times, in float64; and in
+  float32, what a float32 evaluation of the bound could reach);
 * the peak of the bound's estimated memory per point, against ``max_bound_memory``.
 
 Exits 1 when a target is missed (tightness, sandwich, flips or cost), 0 otherwise.
@@ -34,6 +38,7 @@ Exits 1 when a target is missed (tightness, sandwich, flips or cost), 0 otherwis
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
@@ -205,6 +210,16 @@ def main() -> int:
     xg = x.clone().requires_grad_(True)
     fb = min(_timed(lambda: torch.autograd.grad(model(xg).sum(), xg)) for _ in range(5))
     fb_point = fb / len(x)
+    # what bounds the cost from below: the C − 1 margin rows of every point back-substituted
+    # through the network in float64 cost at least C − 1 float64 backward passes (the same
+    # points repeated C − 1 times, one forward-backward, best of 5)
+    m64 = copy.deepcopy(model).double()
+    rows = int(model(x[:1]).shape[1]) - 1
+    xr = x.double().repeat(rows, *[1] * (x.ndim - 1)).requires_grad_(True)
+    floor = min(_timed(lambda: torch.autograd.grad(m64(xr).sum(), xr)) for _ in range(5))
+    xr32 = x.repeat(rows, *[1] * (x.ndim - 1)).requires_grad_(True)  # the same in float32
+    floor32 = min(_timed(lambda: torch.autograd.grad(model(xr32).sum(), xr32))
+                  for _ in range(5))
     ok = True
     target = TARGET_RATIO[args.model]
     box = None if args.whole_ball else (0.0, 1.0)
@@ -245,6 +260,10 @@ def main() -> int:
     row(f"{args.mode} cost per point (both norms, whole search)",
         f"{per_point:.0f}x forward+backward")
     row("forward+backward per point", f"{fb_point * 1e6:.0f} us (batch {len(x)})")
+    row(f"floor: {rows} float64 forward+backward per point (the margin rows)",
+        f"{floor / len(x) / fb_point:.1f}x forward+backward")
+    row(f"(the same {rows} passes in float32)",
+        f"{floor32 / len(x) / fb_point:.1f}x forward+backward")
     bound = lipschitz_bound(model, data.input_shape)
     est = local_analysis(bound).bytes_per_point(args.mode, 9)
     row(f"estimated {args.mode} memory per point", f"{est / 2**20:.1f} MiB",

@@ -237,13 +237,16 @@ def _pooled(seed=0):
                          nn.Flatten(), nn.Linear(24, 3)).eval()
 
 
-def test_tiled_max_pooling_gives_the_general_paths_bounds(monkeypatch) -> None:
-    from robust_cert.bounds.ops import pooling
+@pytest.mark.parametrize("switch", ["pooling.TILED_FAST_PATH", "activations.RELU_FAST_PATH"])
+def test_fast_paths_give_the_general_paths_bounds(monkeypatch, switch) -> None:
+    """Tiled max pooling and ReLU have their own code: the bounds of the general one."""
+    from robust_cert.bounds import ops
     model = _pooled()
     x = torch.rand(4, 1, 8, 8)
     bound = lipschitz_bound(model, (1, 8, 8))
     fast = local_bounds(bound, x, 0.05, "linf")
-    monkeypatch.setattr(pooling, "TILED_FAST_PATH", False)
+    module, name = switch.split(".")
+    monkeypatch.setattr(getattr(ops, module), name, False)
     general = local_bounds(bound, x, 0.05, "linf")
     assert torch.allclose(fast.exact, general.exact, rtol=1e-12, atol=1e-12)
 
@@ -332,3 +335,85 @@ def test_the_l2_ball_within_the_box_is_bounded_by_its_exact_minimum() -> None:
             assert got[p, j] >= ball - 1e-12
     assert (got > (np.einsum("psd,pd->ps", a, x0) - r[:, None] * np.linalg.norm(a, axis=2))
             + 1e-3).any()
+
+
+def _reference_radius(local, x, big, norm, spec, box, method, thr):
+    """local_radius without its shortcuts: every row of every point back-substituted, the
+    bisection over all of them (:data:`RADIUS_STEPS` steps)."""
+    from robust_cert.bounds.local import RADIUS_STEPS
+    ibp, form = local.forms(x, big, norm, spec, box, method)
+
+    def ok(r):
+        return ((torch.maximum(ibp, form.lower(r)) - thr) > 0).all(1)
+
+    lo, hi = torch.zeros_like(big), big.clone()
+    full, zero = ok(hi), ok(lo)
+    for _ in range(RADIUS_STEPS):
+        mid = (lo + hi) / 2
+        good = ok(mid)
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    return torch.where(full, big, torch.where(zero, lo, torch.zeros_like(lo)))
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_local_radius_shortcuts_give_the_full_computations_radius(method) -> None:
+    """Rows positive by IBP not back-substituted, points certified by IBP not bounded by
+    CROWN, the bisection on the rows not positive at the trial radius only: the radius of
+    the computation without them, bit for bit; and the rows kept by ``forms`` with a
+    threshold are the full computation's rows."""
+    from robust_cert.bounds.local import _radius_on_forms
+    model = _pooled(2)
+    x = torch.rand(16, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    local = local_analysis(bound)
+    with torch.no_grad():
+        spec = default_spec(model(x).double())
+    g = torch.Generator().manual_seed(0)
+    seen = {"full": 0, "zero": 0, "between": 0}
+    for norm, big in (("linf", 0.03), ("l2", 0.15), ("l1", 0.5)):
+        r = big * (0.2 + 1.8 * torch.rand(16, generator=g, dtype=torch.float64))
+        thr = 1e-3 * torch.rand(16, spec.shape[1], generator=g, dtype=torch.float64)
+        for box in (None, (0.0, 1.0)):
+            want = _reference_radius(local, x, r, norm, spec, box, method, thr)
+            got = _radius_on_forms(local, x, r, norm, spec, box, method, thr)
+            assert torch.equal(got, want)
+            seen["full"] += int((got == r).sum())
+            seen["zero"] += int((got == 0).sum())
+            seen["between"] += int(((got > 0) & (got < r)).sum())
+        ibp, full = local.forms(x, r, norm, spec, (0.0, 1.0), method)
+        ibp_t, part = local.forms(x, r, norm, spec, (0.0, 1.0), method,
+                                  threshold=ibp.median())
+        assert torch.equal(ibp, ibp_t)
+        assert full is not None
+        assert part is not None
+        assert part.rows is not None
+        assert part.valid is not None
+        assert 0 < int(part.valid.sum()) < ibp.numel()
+        kept = part.lower(r * 0.7)
+        ref = full.lower(r * 0.7).gather(1, part.rows)
+        assert torch.equal(kept[part.valid], ref[part.valid])
+        assert (ibp.gather(1, part.rows)[part.valid] <= ibp.median()).all()
+    assert all(seen.values()), seen  # every branch of the shortcuts taken
+
+
+def test_crown_skips_refining_the_first_affine_op_in_linf_without_loss() -> None:
+    """In L∞ the first affine op's IBP interval over the region (a box) is its exact range:
+    CROWN refinement of it changes the bounds by no more than the float allowances, and in
+    L2 it is still refined (there it tightens)."""
+    model = _pooled(3)
+    x = torch.rand(6, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    local = local_analysis(bound)
+    assert len(local.box_exact) == 1
+    assert local.box_exact < set(local.refined)
+    skipped = {nm: local_bounds(bound, x, r, nm, box=(0.0, 1.0)).exact
+               for nm, r in (("linf", 0.04), ("l2", 0.2))}
+    kept = local.box_exact
+    local.box_exact = set()
+    try:
+        full = {nm: local_bounds(bound, x, r, nm, box=(0.0, 1.0)).exact
+                for nm, r in (("linf", 0.04), ("l2", 0.2))}
+    finally:
+        local.box_exact = kept
+    assert torch.allclose(skipped["linf"], full["linf"], rtol=0, atol=1e-8)
+    assert torch.equal(skipped["l2"], full["l2"])

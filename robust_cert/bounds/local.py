@@ -12,7 +12,9 @@ batch at once, in L∞, L2 and L1:
 2. forward, every node's interval comes from its inputs' (IBP); with ``method="crown"`` the
    inputs of every relaxed op (ReLU, max pooling, other activations) are first tightened by
    CROWN itself (a backward pass from that node with the rows ±e_i of its unstable elements),
-   intersected with IBP's;
+   intersected with IBP's — but for one affine op of the input in L∞: over a box (the L∞
+   region, ∩ the input box or not) IBP's interval of an affine map (centre ± |W|·radius) is
+   its exact range, which CROWN's bound of the same rows cannot exceed;
 3. the margins: C·f ≥ A_in·x + c with the coefficients A_in back-substituted from the output
    (C itself, not the logits one by one: the specification trick) to the input through each
    op's relaxation, and min over the ball of A_in·x = A_in·x0 − r‖A_in‖_q with q the dual
@@ -116,6 +118,8 @@ class Region:
         if isinstance(t, torch.Tensor):
             tf = torch.broadcast_to(t.to(a.device, torch.float64),
                                     (a.shape[0], *a.shape[2:])).reshape(a.shape[0], -1)
+            if not bool(tf.any()):  # a zero constant (a ReLU's lower line): adds nothing
+                return
             self.bias = self.bias + torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
             self.mag = self.mag + af.norm(dim=2) * tf.norm(dim=1)[:, None]
         else:
@@ -179,6 +183,15 @@ class LocalBound:
         self.refined = [n for n in graph.order if n is not graph.input and n in kinds
                         and any(graph.calls[u][0].relaxed for u in users[n])
                         and not graph.calls[n][0].relaxed and kinds[n] not in ("same", "first")]
+        # nodes that are one affine op of the input (through moves of elements only): their
+        # IBP interval over a box is the exact range, so in L∞ (whose region, ∩ the input
+        # box or not, is a box) CROWN cannot tighten it and they are not refined
+        moved = {graph.input}
+        for step in graph.steps:
+            if step.kind == "same" and len(step.inputs) == 1 and step.inputs[0] in moved:
+                moved.add(step.node)
+        self.box_exact = {s.node for s in graph.steps if s.kind == "affine"
+                          and len(set(s.inputs)) == 1 and s.inputs[0] in moved}
         self.numel = {n: first(graph.values[n])[0].numel() for n in graph.order
                       if isinstance(first(graph.values[n]), torch.Tensor)}
 
@@ -207,10 +220,19 @@ class LocalBound:
         return ibp if form is None else torch.maximum(ibp, form.lower(radius))
 
     def forms(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
-              box: tuple[float, float] | None, method: str) -> tuple[torch.Tensor,
-                                                                      LinearForm | None]:
+              box: tuple[float, float] | None, method: str,
+              threshold: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                               LinearForm | None]:
         """IBP's lower bounds (float64, (batch, specs)) of spec·f over the region and, but for
-        ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP)."""
+        ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP).
+
+        With ``threshold`` (batch, specs), only the rows whose IBP bound is ≤ it are
+        back-substituted (a row above it stays above it on every smaller ball: IBP's bound
+        at this radius holds there): the form then holds k rows per point, row j of point p
+        being spec row ``form.rows[p, j]``, meaningful where ``form.valid[p, j]`` (the others
+        repeat a dropped row); None when no row of any point is needed. The bounds of the
+        rows kept are those of the full computation (every row is back-substituted on its
+        own: the rows never mix)."""
         g = self.graph
         with torch.no_grad():
             values = g._evaluate(x0.to(g.dtype))
@@ -228,7 +250,8 @@ class LocalBound:
                 op, call, params = g.calls[n]
                 lo, hi = op.interval(call, params, ctx)
                 ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
-                if refine and n in self.refined:
+                if refine and n in self.refined and not (norm == "linf"
+                                                         and n in self.box_exact):
                     self._refine(n, ctx, inp)
             out = g.output
             shape = ctx.lower[out].shape[1:]
@@ -237,9 +260,17 @@ class LocalBound:
             ibp = (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
             if method == "ibp":
                 return ibp, None
+            rows = valid = None
+            if threshold is not None:
+                need = ibp <= threshold.to(ibp.device, torch.float64)
+                rows, valid = _compress(need)
+                if rows is None:
+                    return ibp, None
+                c = c.gather(1, rows[:, :, None].expand(-1, -1, c.shape[2]))
             form = self._backward(out, c.view(c.shape[0], c.shape[1], *shape), ctx, inp,
                                   form=True)
             assert isinstance(form, LinearForm)  # with form
+            form.rows, form.valid = rows, valid
             return ibp, form
 
     def _refine(self, n, ctx: Region, inp) -> None:
@@ -330,6 +361,18 @@ class LocalBound:
         return lin if form else lin.lower(r)
 
 
+def _compress(need: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The True columns of each row of ``need`` (batch, n), first: (indices (batch, k),
+    valid (batch, k)) with k the most in a row, the rest of each row padded with other
+    columns (valid False); (None, None) when k = 0."""
+    counts = need.sum(1)
+    k = int(counts.max()) if need.shape[0] else 0
+    if k == 0:
+        return None, None
+    order = torch.argsort(need.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
+    return order, torch.arange(k, device=need.device)[None, :] < counts[:, None]
+
+
 _DUAL = {"linf": lambda t: t.abs().sum(-1), "l2": lambda t: t.norm(dim=-1),
          "l1": lambda t: t.abs().amax(-1)}
 
@@ -347,6 +390,9 @@ class LinearForm:
     the magnitude of the terms at ``radius_max`` (an upper bound of theirs at any r ≤
     radius_max)."""
 
+    rows: torch.Tensor | None = None  # the spec rows held (see LocalBound.forms)
+    valid: torch.Tensor | None = None
+
     def __init__(self, a_in: torch.Tensor | None, bias: torch.Tensor, mag: torch.Tensor,
                  x0: torch.Tensor, radius_max: torch.Tensor, norm: str,
                  box: tuple[float, float] | None):
@@ -361,6 +407,22 @@ class LinearForm:
         self.const = bias - REL_SLACK * (mag + (a_in.abs() * reach).sum(-1))
         self.center = (a_in * xc).sum(-1)
         self.dual = _DUAL[norm](a_in)
+
+    def take(self, points: torch.Tensor, rows: torch.Tensor) -> LinearForm:
+        """The form of the rows ``rows`` (p, k: indices into this form's rows) of the points
+        ``points`` (p): the same bounds, only fewer of them."""
+        out = object.__new__(LinearForm)
+        out.x0, out.radius_max, out.box, out.norm = (self.x0[points], self.radius_max[points],
+                                                     self.box, self.norm)
+        out.const = self.const[points].gather(1, rows)
+        if self.a_in is None:
+            out.a_in = None
+            return out
+        out.a_in = self.a_in[points].gather(
+            1, rows[:, :, None].expand(-1, -1, self.a_in.shape[2]))
+        out.center = self.center[points].gather(1, rows)
+        out.dual = self.dual[points].gather(1, rows)
+        return out
 
     def lower(self, r: torch.Tensor) -> torch.Tensor:
         """The lower bound (batch, specs) over the region of radius ``r`` (per point, each
@@ -535,7 +597,9 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     |C|·E_ball, since E grows with the radius), non-increasing in r. The largest r keeping
     them all positive is found by bisection on these forms (:data:`RADIUS_STEPS` steps, no
     network pass), and the returned r is one where positivity was checked: sound, whatever
-    the rounding of the bisection. It is at most the radius a fresh bound at r would
+    the rounding of the bisection. Work that cannot change r is skipped
+    (:func:`_radius_on_forms`: rows and points already certified by IBP, rows already
+    positive at ``radius``). It is at most the radius a fresh bound at r would
     certify (tighter intervals at r): call again with a radius between (bisection of
     :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
     local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
@@ -546,22 +610,65 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     out = []
     for i in range(0, b, chunk):
         sl = slice(i, i + chunk)
-        ibp, form = local.forms(x0[sl], radius[sl], norm, spec[sl], box, method)
-        t = thr[sl]
-
-        def ok(r, ibp=ibp, form=form, t=t):
-            low = ibp if form is None else torch.maximum(ibp, form.lower(r))
-            return ((low - t) > 0).all(1)
-
-        big = radius[sl]
-        lo, hi = torch.zeros_like(big), big.clone()
-        full, zero = ok(hi), ok(lo)
-        if form is not None:
-            for _ in range(RADIUS_STEPS):
-                mid = (lo + hi) / 2
-                good = ok(mid)
-                lo = torch.where(good, mid, lo)
-                hi = torch.where(good, hi, mid)
-        r = torch.where(full, big, torch.where(zero, lo, torch.zeros_like(lo)))
-        out.append(r)
+        out.append(_radius_on_forms(local, x0[sl], radius[sl], norm, spec[sl], box, method,
+                                    thr[sl]))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, norm: str,
+                     spec: torch.Tensor, box: tuple[float, float] | None, method: str,
+                     t: torch.Tensor) -> torch.Tensor:
+    """:func:`local_radius` on one chunk of points (thresholds ``t``), with three shortcuts
+    that leave its result unchanged, since every bound involved is non-increasing in r
+    (fitted at ``big``, valid on every smaller ball):
+
+    * with ``method="crown"``, a point whose IBP bounds at ``big`` exceed ``t`` on every row
+      is certified at ``big`` without CROWN (one IBP pass first: its intervals are the ones
+      CROWN's forward pass starts from, and the result takes the larger of the two bounds);
+    * a row whose IBP bound exceeds its threshold is not back-substituted
+      (:meth:`LocalBound.forms` with ``threshold``): it holds at every r ≤ ``big``;
+    * the bisection runs only on the points certified at r = 0 and not at ``big``, and only
+      on their rows not already positive at ``big`` (those stay positive below it)."""
+    r_out = torch.zeros_like(big)
+    todo = torch.arange(big.shape[0], device=big.device)
+    if method == "crown":
+        ibp0, _ = local.forms(x0, big, norm, spec, box, "ibp")
+        done = ((ibp0 - t) > 0).all(1)
+        r_out[done] = big[done]
+        todo = (~done).nonzero().squeeze(1)
+        if not todo.numel():
+            return r_out
+        x0, big, spec, t = x0[todo], big[todo], spec[todo], t[todo]
+    ibp, form = local.forms(x0, big, norm, spec, box, method, threshold=t)
+    if form is None:  # IBP: a constant in r (or no row left to back-substitute)
+        good = ((ibp - t) > 0).all(1)
+        r_out[todo] = torch.where(good, big, torch.zeros_like(big))
+        return r_out
+    assert form.rows is not None  # forms with a threshold
+    assert form.valid is not None
+    ibp_k, t_k, valid = ibp.gather(1, form.rows), t.gather(1, form.rows), form.valid
+
+    def rows_ok(f: LinearForm, r, ibp_k, t_k, valid):
+        return ((torch.maximum(ibp_k, f.lower(r)) - t_k) > 0) | ~valid
+
+    at_big = rows_ok(form, big, ibp_k, t_k, valid)
+    full = at_big.all(1)
+    zero = rows_ok(form, torch.zeros_like(big), ibp_k, t_k, valid).all(1)
+    r = torch.where(full, big, torch.zeros_like(big))
+    bis = (zero & ~full).nonzero().squeeze(1)
+    if bis.numel():
+        rows, keep = _compress(~at_big[bis])
+        assert rows is not None  # each point has a row not positive at big
+        assert keep is not None
+        sub = form.take(bis, rows)
+        s_ibp, s_t = ibp_k[bis].gather(1, rows), t_k[bis].gather(1, rows)
+        s_valid = keep & valid[bis].gather(1, rows)
+        lo, hi = torch.zeros_like(big[bis]), big[bis].clone()
+        for _ in range(RADIUS_STEPS):
+            mid = (lo + hi) / 2
+            good = rows_ok(sub, mid, s_ibp, s_t, s_valid).all(1)
+            lo = torch.where(good, mid, lo)
+            hi = torch.where(good, hi, mid)
+        r[bis] = lo
+    r_out[todo] = r
+    return r_out

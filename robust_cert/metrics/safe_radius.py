@@ -886,10 +886,13 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         (:func:`~robust_cert.bounds.local_radius`: sound for the exact network and its
         float32 evaluation on the closed ball, ∩ the input box with ``within_box``): r is
         certified (the bracket's lower end rises to it) and, when r < R, the radii above R
-        are given up (relaxations fitted to a larger ball are looser). A point's search ends
-        once its bracket is within ``bound_rtol`` of its upper end. The rounding bound of the
-        logits is computed once at the upper end: it grows with the radius, so it covers
-        every step."""
+        are given up (relaxations fitted to a larger ball are looser). The trial radii: the
+        geometric middle of the bracket, but after a fit that left a point at its Lipschitz
+        radius, a probe at that radius / (1 − ``bound_rtol``) (where the local bound cannot
+        beat the Lipschitz radius by that much, the point's search ends there). A point's
+        search ends once its bracket is within ``bound_rtol`` of its upper end. The rounding
+        bound of the logits is computed once at the upper end: it grows with the radius, so
+        it covers every step."""
         cfg = self.config
         lo = r_lip.double().clone()
         hi = torch.where(torch.isfinite(upper), upper, torch.full_like(upper, max_r)).double()
@@ -900,11 +903,20 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         _, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
         assert e_ball is not None  # with a radius: the ball's bound
         box_arg = box if cfg.within_box else None
-        for _ in range(cfg.bound_steps):
+        for step in range(cfg.bound_steps):
             idx = live.nonzero().squeeze(1)
             if not idx.numel():
                 break
-            trial = (lo[idx] + hi[idx]) / 2
+            lo_i, hi_i = lo[idx], hi[idx]
+            # the geometric middle of the bracket (its ends are often an order of magnitude
+            # apart); after a first fit that did not raise a point above its Lipschitz
+            # radius, a probe just above it: where the local bound fails there too, the
+            # search ends (the bracket is within bound_rtol)
+            trial = torch.where(lo_i > 0, (lo_i * hi_i).sqrt(), (lo_i + hi_i) / 2)
+            if step > 0 and cfg.bound_rtol > 0:
+                probe = (lo_i > 0) & (lo_i <= r_lip[idx])
+                trial = torch.where(probe, torch.minimum(lo_i / (1 - cfg.bound_rtol), trial),
+                                    trial)
             r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
                              box=box_arg, method=cfg.local_bound,
                              max_memory=cfg.max_bound_memory, ball_error=e_ball[idx])

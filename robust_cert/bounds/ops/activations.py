@@ -80,6 +80,10 @@ class Activation(BoundOp):
         return ctx.relax(a, lower, upper)
 
 
+#: ReLU's own relaxation code (the general clamp's lines for the range [0, ∞), in fewer
+#: passes); off: the general code (tests compare the two).
+RELU_FAST_PATH = True
+
 RELU6 = {F.relu6} | aten_targets("relu6")
 HARDTANH = {F.hardtanh} | aten_targets("hardtanh", "hardtanh_")
 
@@ -129,6 +133,13 @@ class ReLU(Activation):
         src = call.deps[0]
         lo, up = ctx.lower[src], ctx.upper[src]
         a, b = self.clamp_range(call)
+        if RELU_FAST_PATH and a == 0.0 and b == math.inf:  # ReLU: the lines below, fewer passes
+            cross = (lo < 0) & (up > 0)
+            slope = up / (up - lo).clamp(min=1e-300)
+            au = torch.where(cross, slope, (lo >= 0).double())
+            al = torch.where(cross, (up > -lo).double(), au)
+            bu = torch.where(cross, -slope * lo, torch.zeros_like(lo))
+            return [(src, self.relax(coef, (al, torch.zeros_like(lo)), (au, bu), ctx))]
         one, zero = torch.ones_like(lo), torch.zeros_like(lo)
         bf = b  # ∞ for ReLU: the cases at b never hold (their unselected values are unused)
         width = (up - lo).clamp(min=1e-300)

@@ -117,13 +117,21 @@ class MaxPool(BoundOp):
         kk, nwin = lam.shape[2], lam.shape[3]
         if (TILED_FAST_PATH and pad == (0, 0) and dil == (1, 1) and st == k
                 and h % k[0] == 0 and w % k[1] == 0):
-            # windows tile the input: the coefficients of each window's elements, laid back
-            # by a reshape (the same sums as the general scatter and fold below)
-            pick = torch.zeros_like(lam).scatter_(2, best, 1.0)  # (b, c, kk, L)
-            v = neg.unsqueeze(3) * lam.unsqueeze(1) + (coef - neg).unsqueeze(3) * pick.unsqueeze(1)
+            # windows tile the input: each element's coefficient is its window's negative
+            # part times its λ plus the positive part where it is the window's pick (the same
+            # products as the general scatter and fold below). λ and the picks are laid out
+            # as images (no spec dimension) and the window coefficients broadcast over each
+            # window, so the result is written once, already in the input's layout.
             ho, wo = h // k[0], w // k[1]
-            v = v.view(b, s, c, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4)
-            return [(src, v.reshape(b, s, c, h, w))]
+            pick = torch.zeros_like(lam).scatter_(2, best, 1.0)  # (b, c, kk, L)
+
+            def image(t):  # (b, c, kk, L) -> (b, 1, c, ho, k0, wo, k1)
+                return (t.view(b, c, k[0], k[1], ho, wo).permute(0, 1, 4, 2, 5, 3).contiguous()
+                        .unsqueeze(1))
+
+            win = (b, s, c, ho, 1, wo, 1)
+            v = torch.addcmul(neg.view(win) * image(lam), (coef - neg).view(win), image(pick))
+            return [(src, v.view(b, s, c, h, w))]
         out = torch.zeros((b, s, c, h * w), dtype=a.dtype, device=a.device)
         out.scatter_add_(3, flat.unsqueeze(1).expand(b, s, c, -1), coef - neg)
         cols = (neg.unsqueeze(3) * lam.unsqueeze(1)).reshape(b * s * c, kk, nwin)
