@@ -36,6 +36,30 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS_POLICY = REPO / "examples" / "policies" / "digits.yaml"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` (``make test`` runs ``-n 2 --dist loadgroup``),
+    keep expensive set-ups on one worker: every test that uses the `demo` fixture (a demo run
+    on a real server, minutes) goes to group ``demo``; every other test that uses a module- or
+    class-scoped fixture goes to its file's group, so that fixture is built once. The rest
+    (session fixtures such as `digits_model` or `postgres` are built once per worker) are
+    spread test by test. Runs first, before xdist reads the groups. Without loadgroup it does
+    nothing."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        names = set(getattr(info, "names_closure", ()))
+        if "demo" in names:
+            group = "demo"
+        elif info is not None and any(d.scope in ("module", "class")
+                                      for defs in info.name2fixturedefs.values() for d in defs):
+            group = item.nodeid.split("::")[0]
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def digits_model():
     """A standard-trained digits CNN (a few seconds on one thread)."""
