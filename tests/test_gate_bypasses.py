@@ -383,6 +383,10 @@ _STALLED_CERTIFY = textwrap.dedent("""
             return real(self, *args, **kwargs)
 
         MlflowClient.log_artifact = stalled
+    from functools import partial
+    from robust_cert.mlflow_plugin import tracking
+    from robust_cert.report import write_report
+    tracking.write_report = partial(write_report, pdf="off")  # as _no_pdf_reports does
     from robust_cert.cli import main
     sys.exit(main(["certify", uri, "--policy", policy, "--tracking-uri", url, "--out", out,
                    "--no-progress"]))
