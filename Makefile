@@ -13,7 +13,7 @@ STAMP := $(VENV)/.robust_cert-installed
 
 help:
 	@echo "make demo   train two digits CNNs (+ an ONNX export), register them in a local sqlite MLflow store, certify them"
-	@echo "make test   lint (ruff, pyright) and run the test suite (starts a real mlflow server on 127.0.0.1)"
+	@echo "make test   lint (ruff, pyright) and run the test suite on 2 processes (starts real mlflow servers on 127.0.0.1)"
 	@echo "make typecheck  pyright (basic) on robust_cert/"
 	@echo "make bench  benchmarks (bench/): costs as multiples of the measured ideal"
 	@echo "make clean  remove the virtual environment and demo output"
@@ -43,8 +43,11 @@ typecheck: $(STAMP)  # pyright basic on robust_cert/ ([tool.pyright]), alone
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# The suite on PYTEST_WORKERS processes (pytest-xdist, one thread each; 0 runs it serially).
+# loadgroup keeps tests that share an expensive fixture on one worker (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Speed targets as ratios against baselines measured in the same run. Every bench prints its
 # table and PASS/MISS per target and exits 1 when one is missed; all of them run, then the

@@ -36,6 +36,78 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS_POLICY = REPO / "examples" / "policies" / "digits.yaml"
 
 
+#: Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), the folder where the workers
+#: write the group of each test they collected (tests/conftest.py's own scheduler reads it).
+_GROUPS_ENV = "ROBUST_CERT_TEST_GROUPS"
+
+
+def _group(item) -> str | None:
+    """The scheduling unit of a test: ``demo`` for every test that uses the `demo` fixture (a
+    demo run on a real server, minutes, built once per worker that needs it); its file for any
+    other test that uses a module- or class-scoped fixture (built once); None (on its own) for
+    the rest. Session fixtures such as `digits_model` or `postgres` are built once per worker."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    if "demo" in info.names_closure:
+        return "demo"
+    if any(d.scope in ("module", "class") for defs in info.name2fixturedefs.values()
+           for d in defs):
+        return item.nodeid.split("::")[0]
+    return None
+
+
+def pytest_configure(config):
+    # the xdist controller (its workers have a workerinput attribute) makes the folder
+    # before it starts the workers, which inherit the environment
+    if getattr(config.option, "dist", "no") == "loadgroup" and \
+            not hasattr(config, "workerinput"):
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="robust-cert-test-groups-")
+        os.environ[_GROUPS_ENV] = folder
+        config.add_cleanup(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker under ``--dist loadgroup``: write {test id: group} (see `_group`)
+    for the controller's scheduler. (xdist's own loadgroup marks rename the test ids, which
+    pytest 9's ids no longer allow; this does the same through a file.)"""
+    folder = os.environ.get(_GROUPS_ENV)
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if folder and worker:
+        import json
+
+        groups = {item.nodeid: g for item in items if (g := _group(item)) is not None}
+        tmp = Path(folder) / f".{worker}.json"
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(Path(folder) / f"{worker}.json")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups the workers wrote: each group is one unit of
+    work sent to one worker, every other test is a unit of its own; the units go out largest
+    first (xdist's LoadScopeScheduling)."""
+    folder = os.environ.get(_GROUPS_ENV)
+    if getattr(config.option, "dist", "no") != "loadgroup" or not folder:
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        _groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:  # every worker collected the same tests: read one
+                files = sorted(Path(folder).glob("gw*.json"))
+                self._groups = json.loads(files[0].read_text()) if files else {}
+            return self._groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def digits_model():
     """A standard-trained digits CNN (a few seconds on one thread)."""

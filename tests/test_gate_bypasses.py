@@ -107,6 +107,22 @@ def gated(request):
         "postgresql-routes": "routed_pg_mlflow_server"}[request.param])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_pdf_reports():
+    """The battery is about the gate, not the report: its in-process certifications write
+    report.html without report.pdf (a PDF/A render is about 1.5 s of CPU, and the battery
+    certifies about seventy times over its four servers). The PDF is tested in
+    tests/test_report.py; the manifest checks below cover the files that are written."""
+    from functools import partial
+
+    from robust_cert.mlflow_plugin import tracking
+    from robust_cert.report import write_report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking, "write_report", partial(write_report, pdf="off"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def small_model():
     from robust_cert.digits_cnn import train_digits_cnn
@@ -339,9 +355,13 @@ def test_forged_and_copied_certificates(gated, client, small_model, tmp_path):
 
 # ---- 4. interrupted and killed re-certifications -------------------------------------------
 _STALLED_CERTIFY = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
+
+    # Ctrl-C as in a terminal, even where the suite runs with SIGINT ignored (nohup, a
+    # background job), which this process would inherit
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     marker, where, stall, url, uri, policy, out = sys.argv[1:8]
     if where == "tags":  # the first summary tag: after the old certificate was withdrawn
@@ -363,6 +383,10 @@ _STALLED_CERTIFY = textwrap.dedent("""
             return real(self, *args, **kwargs)
 
         MlflowClient.log_artifact = stalled
+    from functools import partial
+    from robust_cert.mlflow_plugin import tracking
+    from robust_cert.report import write_report
+    tracking.write_report = partial(write_report, pdf="off")  # as _no_pdf_reports does
     from robust_cert.cli import main
     sys.exit(main(["certify", uri, "--policy", policy, "--tracking-uri", url, "--out", out,
                    "--no-progress"]))
