@@ -23,10 +23,40 @@ def _scipy_stats():
     """``scipy.stats``, imported on first use: it takes about a second to import, and the
     Clopper-Pearson bounds and normal quantiles that every certificate and report needs come
     from ``scipy.special`` (``betaincinv``, ``ndtri``: the same functions, bit for bit, that
-    ``scipy.stats.beta.ppf`` and ``norm.ppf`` evaluate)."""
+    ``scipy.stats.beta.ppf`` and ``norm.ppf`` evaluate), as do the one-sided binomial tails
+    (:func:`_binom_sf`, :func:`_binom_cdf`)."""
     from scipy import stats
 
     return stats
+
+
+def _binom_sf(k: int, n: int, p: float) -> float:
+    """P(X > k) for X ~ Binomial(n, p), 0 ≤ p ≤ 1: what ``scipy.stats.binom.sf`` returns, bit
+    for bit — it is the Boost ufunc ``scipy.special._ufuncs._binom_sf`` that binom.sf calls
+    inside its support (1 below it, 0 from n on), without importing scipy.stats. A SciPy
+    without that ufunc gets binom.sf itself."""
+    ufunc = getattr(getattr(_sp, "_ufuncs", None), "_binom_sf", None)
+    if ufunc is None:
+        return float(_scipy_stats().binom.sf(k, n, p))
+    if k < 0:
+        return 1.0
+    if k >= n:
+        return 0.0
+    return float(ufunc(k, n, p))
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X ≤ k) for X ~ Binomial(n, p), 0 ≤ p ≤ 1: what ``scipy.stats.binom.cdf`` returns, bit
+    for bit (the Boost ufunc ``scipy.special._ufuncs._binom_cdf`` it calls inside its support;
+    0 below it, 1 from n on), without importing scipy.stats."""
+    ufunc = getattr(getattr(_sp, "_ufuncs", None), "_binom_cdf", None)
+    if ufunc is None:
+        return float(_scipy_stats().binom.cdf(k, n, p))
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return float(ufunc(k, n, p))
 
 __all__ = [
     "SPRT",
@@ -127,9 +157,9 @@ def binom_test_pvalue(k: int, n: int, p0: float, alternative: str) -> float:
     if alternative not in _ALTERNATIVES:
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}")
     if alternative == "greater":
-        p = _scipy_stats().binom.sf(k - 1, n, p0)
+        p = _binom_sf(k - 1, n, p0)
     elif alternative == "less":
-        p = _scipy_stats().binom.cdf(k, n, p0)
+        p = _binom_cdf(k, n, p0)
     else:
         p = _scipy_stats().binomtest(k, n, p0, alternative="two-sided").pvalue
     return float(min(1.0, max(0.0, p)))
@@ -146,7 +176,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     c = _check_int("c", c, 0)
     if b + c == 0:
         return 1.0
-    return float(min(1.0, 2.0 * _scipy_stats().binom.cdf(min(b, c), b + c, 0.5)))
+    return float(min(1.0, 2.0 * _binom_cdf(min(b, c), b + c, 0.5)))
 
 
 # --------------------------------------------------------------------------- betting

@@ -38,8 +38,38 @@ def test_tango_interval_uses_the_normal_quantile():
     assert stats.tango_score(30, 12, 200, hi) == pytest.approx(-z, abs=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 20, 359, 2995, 100_000])
+def test_binomial_tails_are_scipy_binom_bit_for_bit(n):
+    """The one-sided binomial tests and McNemar's test read the binomial tails from the
+    ufuncs scipy.stats.binom calls: its sf and cdf, to the last bit, at every k (and outside
+    the support) and every p0, the ends 0 and 1 included."""
+    ks = range(-1, n + 2) if n <= 40 else sorted({-1, 0, 1, 2, n // 3, n // 2, n - 1, n, n + 1})
+    for p in (0.0, 1e-12, 0.02, 0.1, 0.123456789, 0.5, 0.9, 0.99, 1 - 1e-12, 1.0):
+        for k in ks:
+            assert stats._binom_sf(k, n, p) == float(scipy_stats.binom.sf(k, n, p)), (k, n, p)
+            assert stats._binom_cdf(k, n, p) == float(scipy_stats.binom.cdf(k, n, p)), (k, n, p)
+            if 0 <= k <= n:
+                assert stats.binom_test_pvalue(k, n, p, "greater") == min(
+                    1.0, float(scipy_stats.binom.sf(k - 1, n, p))), (k, n, p)
+                assert stats.binom_test_pvalue(k, n, p, "less") == min(
+                    1.0, float(scipy_stats.binom.cdf(k, n, p))), (k, n, p)
+
+
+def test_one_sided_binomial_tests_do_not_import_scipy_stats():
+    """A certification's verdict (one-sided tests) and McNemar's test do not import
+    scipy.stats (about a second of start-up); the two-sided test still does."""
+    loaded = _modules_after("from robust_cert import stats\n"
+                            "stats.binom_test_pvalue(7, 20, 0.2, 'greater')\n"
+                            "stats.binom_test_pvalue(7, 20, 0.2, 'less')\n"
+                            "stats.mcnemar_exact(3, 11)")
+    assert "scipy.special" in loaded
+    assert "scipy.stats" not in loaded
+    assert "scipy.stats" in _modules_after(
+        "from robust_cert import stats\nstats.binom_test_pvalue(7, 20, 0.2, 'two-sided')")
+
+
 def test_binomial_tests_still_match_scipy():
-    """The binomial tests import scipy.stats on first use and give its values."""
+    """The binomial tests give scipy.stats' values."""
     assert stats.binom_test_pvalue(7, 20, 0.2, "greater") == pytest.approx(
         scipy_stats.binom.sf(6, 20, 0.2), rel=1e-12)
     assert stats.binom_test_pvalue(7, 20, 0.2, "two-sided") == pytest.approx(

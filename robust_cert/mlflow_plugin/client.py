@@ -17,6 +17,35 @@ def connect(tracking_uri: str | None = None):
         mlflow.set_registry_uri(tracking_uri)
     check_server(mlflow.get_tracking_uri())
     return MlflowClient()
+#: The MLflow store modules a tracking URI's scheme is read and written through (the
+#: tracking store and the model registry's), which MLflow imports when it first connects.
+_STORE_MODULES = {
+    scheme: ("mlflow.store.tracking.sqlalchemy_store",
+             "mlflow.store.model_registry.sqlalchemy_store")
+    for scheme in ("sqlite", "postgresql", "mysql", "mssql")
+}
+
+
+def import_store_modules(tracking_uri: str | None = None) -> None:
+    """Import now what connecting to ``tracking_uri`` (default: MLflow's own resolution) will
+    import — mlflow, its client and, for a database URI, its SQLAlchemy stores (about a second
+    of imports) — so that a command can import everything it needs in one stretch (see
+    ``robust_cert.cli``). Touches no server and no file; a store module that this MLflow does
+    not have is left to MLflow to find when it connects."""
+    import importlib
+
+    import mlflow
+    import mlflow.tracking  # (the client)
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    for module in _STORE_MODULES.get(scheme, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
 #: URI schemes an MLflow client can track to ("" is a local path).
 _TRACKING_SCHEMES = ("", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
                      "databricks", "databricks-uc", "uc")
