@@ -152,7 +152,7 @@ class FeatureThreat:
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """Data-space inputs of encoded inputs ``u`` (any float dtype, any device)."""
-        lo, hi, s, mask, tables = self._tensors(u.device)
+        lo, hi, s, tables = self._tensors(u.device)
         flat = u.reshape(u.shape[0], -1)
         x = lo + s * flat.double()
         x = torch.maximum(torch.minimum(x, hi), lo)
@@ -160,19 +160,15 @@ class FeatureThreat:
             cols, table, start, last = tables
             k = torch.round(flat[:, cols].detach().double() / self.grid)
             k = torch.minimum(k.clamp_min(0), last).long() + start
-            fixed = torch.zeros_like(x, requires_grad=False)
-            fixed[:, cols] = table[k]
-            x = torch.where(mask, fixed, x)
+            x[:, cols] = table[k]  # x is new here; the overwritten entries get no gradient
         return x.to(u.dtype).reshape(u.shape)
 
     def _tensors(self, device: torch.device):
-        """lo, hi, s, the immutable mask and, when there are immutable features with values,
+        """lo, hi, s and, when there are immutable features (each has its values),
         (their columns, their values one after another, where each column's values start,
         each column's last index) on ``device``, made once per device."""
         key = str(device)
         if key not in self._cache:
-            mask = torch.zeros(len(self.names), dtype=torch.bool)
-            mask[list(self.immutable)] = True
             tables = None
             if self.values:
                 cols = list(self.values)
@@ -186,8 +182,7 @@ class FeatureThreat:
             self._cache[key] = (
                 torch.as_tensor(self.lo, device=device),
                 torch.as_tensor(self.hi, device=device),
-                torch.as_tensor(self.scale, device=device),
-                mask.to(device), tables)
+                torch.as_tensor(self.scale, device=device), tables)
         return self._cache[key]
 
     def wrap(self, model: Classifier) -> Classifier:

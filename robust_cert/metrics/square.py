@@ -135,7 +135,11 @@ class FullSquare(Square):
                 p = self.p_selection(i_iter)
                 s = max(int(round(math.sqrt(p * n_features / c))), 1)
                 vh, vw = self._position(h - s), self._position(w - s)
-                delta = 2. * self.eps * self.random_choice([c, 1, 1])
+                if c == 1:  # one sign, as a number: upstream's sign(2t − 1) · 2ε in float32
+                    t = float(torch.rand([1, 1, 1]))
+                    delta = float(np.float32(2. * self.eps)) * ((t > 0.5) - (t < 0.5))
+                else:
+                    delta = 2. * self.eps * self.random_choice([c, 1, 1])
                 rows, cols = slice(vh, vh + s), slice(vw, vw + s)
                 x_new = ba.clone()
                 x_new[:, :, rows, cols] = torch.clamp(torch.min(torch.max(
@@ -145,10 +149,14 @@ class FullSquare(Square):
                 done += 1
                 # upstream's blend, not a select: a NaN or infinite margin or loss of the new
                 # query makes the kept one NaN there (0 · inf), and the row then stops
-                better = (loss_new < la).float()
-                la = better * loss_new + (1. - better) * la
-                better = torch.max(better, (m <= 0.).float())
-                ma = better * m + (1. - better) * ma
+                if self.loss == "margin":  # loss = margin, and on a live row margin ≤ 0
+                    better = (m < ma).float()  # implies a lower loss: the two blends are one
+                    ma = la = better * m + (1. - better) * ma
+                else:
+                    better = (loss_new < la).float()
+                    la = better * loss_new + (1. - better) * la
+                    better = torch.max(better, (m <= 0.).float())
+                    ma = better * m + (1. - better) * ma
                 ba = torch.where(better.view(-1, 1, 1, 1) > 0, x_new, ba)
             x_best[at] = ba
             n_queries[at] += done
