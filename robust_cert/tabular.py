@@ -152,29 +152,37 @@ class FeatureThreat:
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """Data-space inputs of encoded inputs ``u`` (any float dtype, any device)."""
-        lo, hi, s, mask, tables = self._tensors(u.device)
+        lo, hi, s, tables = self._tensors(u.device)
         flat = u.reshape(u.shape[0], -1)
         x = lo + s * flat.double()
         x = torch.maximum(torch.minimum(x, hi), lo)
-        if tables:
-            fixed = torch.zeros_like(x, requires_grad=False)
-            for j, table in tables.items():
-                k = torch.round(flat[:, j].detach().double() / self.grid)
-                fixed[:, j] = table[k.clamp(0, len(table) - 1).long()]
-            x = torch.where(mask, fixed, x)
+        if tables is not None:  # every immutable column at once: index, clamp, look up
+            cols, table, start, last = tables
+            k = torch.round(flat[:, cols].detach().double() / self.grid)
+            k = torch.minimum(k.clamp_min(0), last).long() + start
+            x[:, cols] = table[k]  # x is new here; the overwritten entries get no gradient
         return x.to(u.dtype).reshape(u.shape)
 
     def _tensors(self, device: torch.device):
+        """lo, hi, s and, when there are immutable features (each has its values),
+        (their columns, their values one after another, where each column's values start,
+        each column's last index) on ``device``, made once per device."""
         key = str(device)
         if key not in self._cache:
-            mask = torch.zeros(len(self.names), dtype=torch.bool)
-            mask[list(self.immutable)] = True
+            tables = None
+            if self.values:
+                cols = list(self.values)
+                sizes = [len(self.values[j]) for j in cols]
+                tables = (
+                    torch.tensor(cols, device=device),
+                    torch.as_tensor(np.concatenate([self.values[j] for j in cols]),
+                                    device=device),
+                    torch.tensor(np.cumsum([0] + sizes[:-1]), device=device),
+                    torch.tensor([n - 1 for n in sizes], dtype=torch.float64, device=device))
             self._cache[key] = (
                 torch.as_tensor(self.lo, device=device),
                 torch.as_tensor(self.hi, device=device),
-                torch.as_tensor(self.scale, device=device),
-                mask.to(device),
-                {j: torch.as_tensor(v, device=device) for j, v in self.values.items()})
+                torch.as_tensor(self.scale, device=device), tables)
         return self._cache[key]
 
     def wrap(self, model: Classifier) -> Classifier:

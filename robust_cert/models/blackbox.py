@@ -60,6 +60,17 @@ def check_probabilities(out, rows: int, source: str, *, pyfunc: bool = False) ->
     :data:`PROBABILITY_TOLERANCE` of 1. One value per row, integer or boolean outputs are
     refused as labels; with ``pyfunc`` the message says how to log a probability model.
     """
+    return np.maximum(_checked(out, rows, source, pyfunc), 0.0)
+
+
+def _checked(out, rows: int, source: str, pyfunc: bool) -> np.ndarray:
+    """:func:`check_probabilities` without the final clip at 0: ``out`` as float64 (no copy
+    when it is float64 already), every entry ≥ −:data:`PROBABILITY_TOLERANCE`.
+
+    The values are checked with two reductions over the batch (its minimum and its largest
+    row-sum error), whose comparisons are false for NaN and fail for ±inf (an infinite entry
+    makes the minimum −inf or its row's sum ±inf or NaN), so a valid batch costs no more; a
+    failing one is then diagnosed (:func:`_refuse`) for its one-line message."""
     how = f"; {HOW_TO_LOG}" if pyfunc else ""
     if hasattr(out, "to_numpy"):  # a pandas DataFrame or Series
         out = out.to_numpy()
@@ -77,6 +88,16 @@ def check_probabilities(out, rows: int, source: str, *, pyfunc: bool = False) ->
         raise ModelError(f"{source}: the model returns integers (labels?), not one "
                          f"probability per class{how}")
     arr = arr.astype(np.float64, copy=False)
+    if arr.min() >= -PROBABILITY_TOLERANCE and \
+            np.abs(arr.sum(1) - 1.0).max() <= PROBABILITY_TOLERANCE:
+        return arr
+    _refuse(arr, rows, source, how)
+    raise AssertionError("unreachable: _refuse raises on a batch that failed the checks")
+
+
+def _refuse(arr: np.ndarray, rows: int, source: str, how: str) -> None:
+    """ModelError naming why ``arr`` (float64, (rows, classes)) is not probabilities: NaN or
+    infinite rows, a negative entry, or a row sum off 1."""
     finite = np.isfinite(arr).all(1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -93,7 +114,6 @@ def check_probabilities(out, rows: int, source: str, *, pyfunc: bool = False) ->
         raise ModelError(f"{source}: the model's output rows do not sum to 1 (row {i} of the "
                          f"batch sums to {sums[i]:.6g}; tolerance {PROBABILITY_TOLERANCE:g}), so "
                          f"they are not probabilities{how}")
-    return np.maximum(arr, 0.0)
 
 
 class ProbaForward:
@@ -117,17 +137,28 @@ class ProbaForward:
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
         """Checked probabilities (float64, (N, classes)) of feature rows ``(N, d)``."""
-        n = rows.shape[0]
+        return check_probabilities(self._ask(rows), rows.shape[0], self.source,
+                                   pyfunc=self.pyfunc)
+
+    def _ask(self, rows: np.ndarray):
+        """The model's raw answer for feature rows ``(N, d)``, in the form it takes."""
         arr = rows.astype(self.dtype, copy=False)
         if self.feature_shape is not None:
-            arr = arr.reshape(n, *self.feature_shape)
+            arr = arr.reshape(rows.shape[0], *self.feature_shape)
         if self.columns is not None:
             import pandas as pd
 
             arr = pd.DataFrame(arr, columns=self.columns, copy=False)
             if self.column_dtypes:
                 arr = arr.astype(self.column_dtypes)
-        return check_probabilities(self.predict(arr), n, self.source, pyfunc=self.pyfunc)
+        return self.predict(arr)
+
+    def _log_probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """``log(max(p, float32 tiny))`` in float64 of the checked probabilities ``p`` of
+        ``rows`` (the clip at float32 tiny also does :func:`check_probabilities`' clip at 0)."""
+        p = _checked(self._ask(rows), rows.shape[0], self.source, self.pyfunc)
+        out = np.maximum(p, _TINY)
+        return np.log(out, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -138,11 +169,12 @@ class ProbaForward:
         if n == 0:  # the model is not asked about zero rows
             return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
         rows = flat.numpy()
-        parts = [self.probabilities(rows[s:s + self.max_batch])
-                 for s in range(0, n, self.max_batch)]
-        p = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        logits = np.log(np.maximum(p, _TINY)).astype(np.float32)
-        return torch.from_numpy(logits).to(x.device)
+        if n <= self.max_batch:
+            logits = self._log_probabilities(rows)
+        else:
+            logits = np.concatenate([self._log_probabilities(rows[s:s + self.max_batch])
+                                     for s in range(0, n, self.max_batch)])
+        return torch.from_numpy(logits.astype(np.float32)).to(x.device)
 
 
 def from_predict(

@@ -1,0 +1,213 @@
+"""The black-box query path, made cheaper per query without changing what it computes:
+FullSquare's L∞ loop against torchattacks' own loop (same draws, same queries, same result),
+the window positions against ``random_int``'s float32 arithmetic, the vectorised output
+checks of a black-box model, and the vectorised decoding of immutable features against a
+per-column reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchattacks import Square
+
+from robust_cert.errors import ModelError
+from robust_cert.metrics.square import FullSquare
+from robust_cert.models.blackbox import check_probabilities, from_predict
+
+
+class _Recorded(nn.Module):
+    """A small MLP that records every batch it is asked about; rows whose first input is
+    above ``nan_above`` get NaN logits (a model that fails on some inputs)."""
+
+    def __init__(self, d: int, classes: int, seed: int, nan_above: float | None = None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, classes))
+        self.nan_above = nan_above
+        self.queries: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.queries.append(x.clone())
+        out = self.net(x)
+        if self.nan_above is not None:
+            out = torch.where((x.flatten(1)[:, :1] > self.nan_above), float("nan"), out)
+        return out
+
+
+class _UpstreamLoop(FullSquare):
+    """torchattacks' own loop and margin, with FullSquare's window positions."""
+
+    def attack_single_run(self, x, y):
+        return Square.attack_single_run(self, x, y)
+
+    def margin_and_loss(self, x, y):
+        return Square.margin_and_loss(self, x, y)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("shape", "eps", "loss", "targeted", "nan_above"), [
+    ((1, 1, 13), 0.15, "margin", False, None),  # a tabular row (the black-box layout)
+    ((1, 1, 13), 0.4, "ce", False, None),
+    ((3, 5, 6), 0.1, "margin", True, None),  # an image, targeted
+    ((2, 4, 4), 0.3, "ce", True, None),
+    ((1, 1, 9), 0.2, "margin", False, 0.8),  # NaN logits on some rows
+])
+def test_linf_loop_makes_upstreams_queries_and_result(shape, eps, loss, targeted, nan_above):
+    """Every query (rows, order, values), the queries per point and the best points equal
+    upstream's loop on the same seed, including points that stop early (broken), points
+    never broken, a query budget that runs out, and rows with NaN margins."""
+    d = int(np.prod(shape))
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.uniform(0, 1, size=(40, *shape)), dtype=torch.float32)
+    runs = []
+    for cls in (FullSquare, _UpstreamLoop):
+        model = _Recorded(d, 4, seed=5, nan_above=nan_above)
+        with torch.no_grad():
+            y = model.net(x).argmax(1)
+        if targeted:
+            y = (y + 1) % 4
+        atk = cls(model, norm="Linf", eps=eps, n_queries=120, loss=loss, seed=0)
+        atk.targeted = targeted
+        atk.init_hyperparam(x)
+        model.queries.clear()
+        torch.manual_seed(11)
+        n_queries, best = atk.attack_single_run(x, y)
+        runs.append((n_queries, best, model.queries))
+    (nq, best, queries), (nq_up, best_up, queries_up) = runs
+    assert len(queries) == len(queries_up)
+    for q, q_up in zip(queries, queries_up, strict=True):
+        _same(q, q_up)
+    _same(nq, nq_up)
+    _same(best, best_up)
+    assert ((nq > 1) & (nq < 121)).any()  # some stopped during the search
+    assert (nq == 121).any()  # some ran the whole budget
+
+
+def test_full_attack_with_restarts_equals_upstreams_loop():
+    """Through ``forward`` and ``perturb`` (two restarts, the per-channel layout of a
+    (C, 1, 1) row): the same adversarial points as upstream's loop."""
+    x = torch.tensor(np.random.default_rng(4).uniform(0, 1, size=(30, 10, 1, 1)),
+                     dtype=torch.float32)
+    outs = []
+    for cls in (FullSquare, _UpstreamLoop):
+        model = _Recorded(10, 3, seed=2)
+        with torch.no_grad():
+            y = model.net(x).argmax(1)
+        outs.append(cls(model, norm="Linf", eps=0.2, n_queries=60, n_restarts=2, seed=9)(x, y))
+    _same(outs[0], outs[1])
+
+
+def test_window_positions_follow_random_ints_float32_arithmetic(monkeypatch):
+    """``_position(high)`` is ``random_int(0, high)`` as an int, for the same uniform draw t,
+    including draws where ``span · t`` rounds up to an integer in float32 (the largest
+    float32 below k / span) and the largest draw below 1."""
+    atk = FullSquare(_Recorded(3, 2, seed=0), eps=0.1)
+    draws = []
+    for span in range(1, 70):
+        for k in range(1, span + 1):
+            edge = np.nextafter(np.float32(k / span), np.float32(0))
+            draws += [(span, float(edge)), (span, float(np.float32(k / span)))]
+        draws += [(span, float(np.nextafter(np.float32(1), np.float32(0)))), (span, 0.0)]
+    draws += [(0, 0.3), (-4, 0.9)]  # a window wider than the image: position 0
+    rounded_up = 0
+    for span, t in draws:
+        value = torch.tensor([t], dtype=torch.float32)
+        monkeypatch.setattr(torch, "rand", lambda *a, v=value, **k: v.clone())
+        expected = int(atk.random_int(0, span - 1))
+        assert atk._position(span - 1) == expected, (span, t)
+        rounded_up += span > 0 and expected == int(np.float32(span) * np.float32(t)) and \
+            expected > int(span * t)
+    assert rounded_up > 0  # the float32 rounding case was exercised
+
+
+def test_output_checks_catch_every_bad_batch_in_forward_calls():
+    """A model valid on the probe but not later: labels, NaN in one entry, ±inf, a row off 1
+    by more than the tolerance, a negative entry; each refused with its one line at the call
+    that sees it. Within the tolerance a row is accepted and a negative entry becomes log of
+    float32 tiny."""
+    bad = {
+        1.0: (np.array([0.4, 0.6, np.nan]), "NaN or infinite"),
+        2.0: (np.array([np.inf, 0.0, 0.0]), "NaN or infinite"),
+        3.0: (np.array([-np.inf, 1.0, 1.0]), "NaN or infinite"),
+        4.0: (np.array([0.5, 0.5, 2e-4]), "do not sum to 1"),
+        5.0: (np.array([-0.01, 0.5, 0.51]), "negative values"),
+    }
+
+    def predict(rows):
+        out = np.tile([0.2, 0.3, 0.5], (len(rows), 1))
+        for i, v in enumerate(rows[:, 0]):
+            if v in bad:
+                out[i] = bad[v][0]
+            if v == 6.0:
+                out[i] = [-5e-5, 0.5, 0.50005]  # within the tolerance
+        return out
+
+    clf = from_predict(predict, n_features=2, fmt="pyfunc", sha256="0" * 64, name="m")
+    ok = torch.zeros(5, 2)
+    np.testing.assert_allclose(clf.logits(ok).numpy(), np.log([[0.2, 0.3, 0.5]] * 5),
+                               rtol=1e-6)
+    for value, (_, phrase) in bad.items():
+        x = torch.zeros(5, 2)
+        x[3, 0] = value
+        with pytest.raises(ModelError, match=phrase) as err:
+            clf.logits(x)
+        assert "\n" not in str(err.value)
+        if phrase == "NaN or infinite":
+            assert "first row 3 of the batch" in str(err.value)
+        if phrase == "do not sum to 1":
+            assert "row 3 of the batch sums to 1.0002" in str(err.value)
+    x = torch.zeros(5, 2)
+    x[1, 0] = 6.0
+    out = clf.logits(x).numpy()
+    assert out[1, 0] == pytest.approx(np.log(np.finfo(np.float32).tiny), abs=1e-3)
+    assert out[1, 2] == pytest.approx(np.log(0.50005), abs=1e-6)
+    clipped = check_probabilities(predict(np.array([[6.0, 0.0]])), 1, "m")
+    assert clipped[0, 0] == 0.0
+    assert (clipped >= 0).all()
+    labels = from_predict(lambda r: np.tile([0.5, 0.5], (len(r), 1)) if len(r) == 2
+                          else np.zeros(len(r), dtype=np.int64),
+                          n_features=2, fmt="pyfunc", sha256="0" * 64, name="m")
+    with pytest.raises(ModelError, match=r"one value per row \(labels\?\)"):
+        labels.logits(torch.zeros(3, 2))
+
+
+def test_decode_of_immutable_features_equals_a_per_column_reference():
+    """Decoding every immutable column at once equals decoding them one by one (round to the
+    grid, clamp to the known values, look up), for perturbations that stay on a value, move
+    to another index, or fall off either end of the list; free features are clipped to their
+    range; gradients reach free features only."""
+    from robust_cert.data import load_data
+    from robust_cert.policy import FeatureSpec
+    from robust_cert.tabular import fit
+
+    rng = np.random.default_rng(8)
+    n = 60
+    x = np.stack([rng.uniform(-2, 2, n), rng.integers(0, 4, n) * 2.5, rng.normal(0, 3, n),
+                  rng.choice([-7.0, 1.0, 30.0], n), rng.uniform(0, 1, n)],
+                 axis=1).astype(np.float32)
+    data = load_data((x, np.zeros(n, dtype=np.int64)), input_range=(-1e3, 1e3))
+    threat = fit(FeatureSpec(scale="std", immutable=[3, 1]), data)
+    u = threat.encode(data).x[:]
+    k = rng.integers(-2, 6, size=(n, 5)).astype(np.float32)
+    jitter = rng.uniform(-0.4, 0.4, size=(n, 5)).astype(np.float32)
+    moved = u + torch.from_numpy((k + jitter) * threat.grid * np.isin(np.arange(5), [1, 3])
+                                 + rng.normal(0, 3, size=(n, 5)).astype(np.float32)
+                                 * ~np.isin(np.arange(5), [1, 3]))
+    got = threat.decode(moved)
+    flat = moved.double().numpy()
+    want = np.clip(threat.lo + threat.scale * flat, threat.lo, threat.hi)
+    for j in (1, 3):
+        values = threat.values[j]
+        idx = np.clip(np.round(flat[:, j] / threat.grid), 0, len(values) - 1).astype(int)
+        want[:, j] = values[idx]
+    np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+    moved.requires_grad_(True)
+    threat.decode(moved).sum().backward()
+    assert moved.grad is not None
+    assert (moved.grad[:, [1, 3]] == 0).all()
+    assert (moved.grad[:, [0, 2, 4]] != 0).any()
