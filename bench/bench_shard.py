@@ -72,6 +72,9 @@ def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     import robust_cert
+    from robust_cert.cli import skip_final_collection
+
+    skip_final_collection()  # what the robust-cert command does: the exit skips a last GC
 
     if spec["arch"] == "digits":
         from robust_cert.digits_cnn import DigitsCNN
