@@ -22,9 +22,14 @@ whole command (wall time of the subprocess: start, imports, loading, certificati
 certificate written). Targets (issue 24): speed-up of N = 2 processes over one ≥ 1.8× on the
 certification and ≥ 1.5× on the whole command, on 2 idle cores; the two certificates must
 be identical but for ``issued_at`` and ``environment.processes``. The exit status is 1 when a
-target is missed or the certificates differ. The table says how many cores were idle at the
-start and the load average: on a machine busy with other work the speed-ups are lower, and
-the figures are not the bench's.
+target is missed or the certificates differ. Load-independent rows say where the N processes'
+time goes: per metric, each process's CPU seconds in its ``Metric.run`` calls, their max / mean
+(1.00: balanced) and their sum against the one process's (above 1: work sharding adds or
+repeats); the same for the whole certification; and each process's wall time waiting in
+exchanges (for the slowest process, or for rank 0's serial work). The table says how many
+cores were idle at the start and the load average: on a machine busy with other work the
+speed-ups are lower, and the figures are not the bench's; CPU seconds vary there too (±20%
+between runs of the same work at load 10: shared caches, memory bandwidth).
 
 ``--quick`` checks that the bench works, in about a minute: the first 120 digits points, a
 300-point ResNet set (trained on 300 images, 1 epoch); its targets are judged the same way.
@@ -86,12 +91,48 @@ def worker(spec_path: str) -> int:
     model.eval()
     with np.load(spec["data"]) as arrays:
         x, y = arrays["x"], arrays["y"]
-    started = time.perf_counter()
+    work = _account()
+    started, cpu0 = time.perf_counter(), time.process_time()
     cert = robust_cert.certify(model, (x, y), spec["policy"], progress=False, threads=1)
     seconds = time.perf_counter() - started
+    rank = int(os.environ.get("RANK", "0"))
+    work["certify"] = time.process_time() - cpu0
+    Path(f"{spec['out']}.rank{rank}").write_text(json.dumps(work))
     if cert is not None:
         Path(spec["out"]).write_text(json.dumps({"seconds": seconds, "body": cert.body}))
     return 0
+
+
+def _account() -> dict:
+    """This process's CPU seconds per metric (its ``Metric.run`` calls, from
+    ``robust_cert.engine.run_with_memory``) and wall seconds waiting in exchanges (in
+    ``World.exchange``: for the slowest process, for rank 0's serial work): filled in as the
+    certification runs. CPU time is this process's own, so it does not depend on what else
+    the machine runs (much: caches and memory bandwidth are shared)."""
+    from robust_cert import engine
+    from robust_cert.distributed import World
+
+    work: dict = {"metrics": {}, "wait": 0.0}
+    run, exchange = engine.run_with_memory, World.exchange
+
+    def timed_run(fn, ctx, stage, retries, models=()):
+        cpu = time.process_time()
+        try:
+            return run(fn, ctx, stage, retries, models)
+        finally:
+            name = stage.split(" ")[0]
+            work["metrics"][name] = work["metrics"].get(name, 0.0) + time.process_time() - cpu
+
+    def timed_exchange(self, payload, error=None):
+        wall = time.perf_counter()
+        try:
+            return exchange(self, payload, error)
+        finally:
+            work["wait"] += time.perf_counter() - wall
+
+    engine.run_with_memory = timed_run
+    World.exchange = timed_exchange
+    return work
 
 
 def _idle_cores() -> float:
@@ -184,7 +225,31 @@ def run(spec: dict, work: Path, name: str, processes: int) -> dict:
     if done.returncode != 0 or not out.exists():
         raise SystemExit(f"{name} on {processes} process(es) failed (exit {done.returncode}):\n"
                          f"{done.stderr[-4000:]}")
-    return {**json.loads(out.read_text()), "wall": wall}
+    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+    return {**json.loads(out.read_text()), "wall": wall, "ranks": ranks}
+
+
+def balance(runs: dict, n: int) -> list[tuple[str, str]]:
+    """Load-independent rows: per metric, the CPU seconds of each of the n processes, their
+    max / mean (1.00: balanced), and their sum against one process's (above 1: work the
+    sharding adds or repeats); the certification's CPU the same way; each process's wait in
+    exchanges."""
+    one, many = runs[1]["ranks"][0], runs[n]["ranks"]
+    rows = []
+    for metric in one["metrics"]:
+        cpu = [r["metrics"].get(metric, 0.0) for r in many]
+        rows.append((f"{metric}: CPU s per process", _cpu_row(cpu, one["metrics"][metric])))
+    cpu = [r["certify"] for r in many]
+    rows.append(("certification: CPU s per process", _cpu_row(cpu, one["certify"])))
+    rows.append(("wait in exchanges, s per process",
+                 " / ".join(f"{r['wait']:.1f}" for r in many)))
+    return rows
+
+
+def _cpu_row(cpu: list[float], single: float) -> str:
+    mean = sum(cpu) / len(cpu)
+    return (f"{' / '.join(f'{c:.1f}' for c in cpu)} (1 process: {single:.1f}); max/mean "
+            f"{max(cpu) / max(mean, 1e-9):.3f}, sum/1 process {sum(cpu) / max(single, 1e-9):.3f}")
 
 
 def strip(body: dict) -> dict:
@@ -204,8 +269,11 @@ def main(argv=None) -> int:
                         help="reduced sizes, to check that the bench works")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
+    if args.worker:  # and exit as the robust-cert command does (robust_cert.cli.run):
+        code = worker(args.worker)  # its files are closed; skip the interpreter's teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     bad = [s for s in sets if s not in ("digits", "resnet")]
     if bad or not sets:
@@ -236,6 +304,8 @@ def main(argv=None) -> int:
             cert >= CERT_TARGET)
         row(f"{name}: speed-up, whole command", f"{whole:.2f}×", f"≥ {WHOLE_TARGET}×",
             whole >= WHOLE_TARGET)
+        for label, text in balance(runs, n):
+            row(f"{name}: {label}", text)
         same = strip(runs[1]["body"]) == strip(runs[n]["body"])
         row(f"{name}: certificates identical (but issued_at, processes)",
             "yes" if same else "NO", "yes", same)

@@ -117,6 +117,45 @@ def test_budget_fallback_uses_clopper_pearson() -> None:
     assert res.diagnostics["decided_at_budget"] == int(at_budget.sum())
 
 
+def test_budget_fallback_bounds_are_scipy_stats_beta_ppf_bit_for_bit() -> None:
+    # _fallback reads its quantiles from scipy.special; scipy.stats.beta.ppf (an independent
+    # entry point) must give the very same floats, so the decisions cannot move by a rounding
+    from scipy import stats as st
+
+    from robust_cert.metrics.local_probabilistic import _fallback
+
+    cfg = LocalProbabilisticConfig(eps=0.1, p0=0.01, p1=0.001)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for n in (1, 2, 7, 100, 400, 4096, 100_000):
+        draws = np.full(300, n, dtype=np.int64)
+        failures = np.concatenate([np.arange(min(n, 149) + 1),
+                                   rng.integers(0, n + 1, 299 - min(n, 149))])
+        k, m = failures.astype(np.float64), draws.astype(np.float64)
+        upper = np.where(k < m, st.beta.ppf(1 - cfg.alpha, k + 1, np.maximum(m - k, 1)), 1.0)
+        lower = np.where(k > 0, st.beta.ppf(cfg.beta, np.maximum(k, 1), m - k + 1), 0.0)
+        expected = np.where(upper < cfg.p0, ROBUST,
+                            np.where(lower > cfg.p1, NOT_ROBUST, 0)).astype(np.int8)
+        np.testing.assert_array_equal(_fallback(failures, draws, cfg), expected)
+        seen |= set(expected.tolist())
+    assert seen == {ROBUST, NOT_ROBUST, 0}  # every decision is exercised
+
+
+def test_digits_policy_loads_without_scipy_stats() -> None:
+    # scipy.stats costs about a second to import, in every process of a sharded run
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom robust_cert.policy import load_policy\n"
+            f"p = load_policy({str(REPO / 'examples' / 'policies' / 'digits.yaml')!r})\n"
+            "[p.metric(n) for n in p.metrics]\n"
+            "from robust_cert.metrics import REGISTRY\nREGISTRY['local_probabilistic_robustness']\n"
+            "print(sorted(m for m in sys.modules if m.startswith('scipy.stats')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_draw_counts_do_not_depend_on_block_size() -> None:
     # deterministic outcomes (p_fail 0 or 1) make the draw counts exact whatever the blocks
     x, y = [2.0, -2.0, 3.0], [1, 0, 0]
