@@ -349,8 +349,10 @@ def test_torchrun_certify_cli_writes_once_from_rank_0(mlflow_server, state, tmp_
     client = MlflowClient(mlflow_server.url, mlflow_server.url)
     mv = client.get_model_version("sharded-cnn", version)
     runs = client.search_runs([client.get_run(mv.tags[RUN_ID_TAG]).info.experiment_id],
-                              "tags.`robust_cert.kind` = 'certification'")
-    assert [r.info.run_id for r in runs] == [mv.tags[RUN_ID_TAG]]
+                              "tags.`robust_cert.kind` = 'certification' and "
+                              "tags.`robust_cert.model` = 'sharded-cnn' and "
+                              f"tags.`robust_cert.version` = '{version}'")
+    assert [r.info.run_id for r in runs] == [mv.tags[RUN_ID_TAG]]  # one run, by rank 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
