@@ -58,9 +58,10 @@ REL_SLACK = 1e-9
 DEFAULT_MAX_MEMORY = 1 << 30
 #: On the CPU, the working set of one chunk of points (bytes, at most ``max_memory``): larger
 #: chunks bought no speed there (359 digits points, crown-ibp: 1.68 s of CPU in one chunk of
-#: ~210 MB, 1.71 s in 32 MiB chunks, 1.73 s in 8 MiB ones), only a higher peak of the process.
+#: ~210 MB, 1.71 s in 32 MiB chunks, 1.73 s in 8 MiB ones), only a higher peak of the process
+#: (safe_radius of digits-adversarial.yaml alone: 496 MB at 1 GiB, 479 at 32 MiB, 458 at 8).
 #: On an accelerator, chunks fill ``max_memory`` (more points per kernel).
-CPU_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 8 << 20
 #: Norms of the ball and their dual norm on the input coefficients.
 NORMS = ("linf", "l2", "l1")
 METHODS = ("crown", "crown-ibp", "ibp")
