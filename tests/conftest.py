@@ -224,17 +224,21 @@ def client(demo):
     return MlflowClient(tracking_uri=demo[0], registry_uri=demo[0])
 
 
-#: MLflow's experiment variables as the session found them (see _fresh_mlflow_uris).
+#: MLflow's exported variables as the session found them (see _fresh_mlflow_uris).
 _EXPORTED_AT_START = {k: os.environ.get(k) for k in ("MLFLOW_EXPERIMENT_ID",
-                                                     "MLFLOW_EXPERIMENT_NAME")}
+                                                     "MLFLOW_EXPERIMENT_NAME",
+                                                     "MLFLOW_TRACKING_URI",
+                                                     "MLFLOW_REGISTRY_URI")}
 
 
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_uris():
     """Each test starts with no process-wide tracking/registry URI and no active experiment
     set by an earlier test (mlflow.set_tracking_uri / set_registry_uri / set_experiment are
-    global, and set_experiment also exports MLFLOW_EXPERIMENT_ID: an experiment id of one
-    store does not exist in another)."""
+    global, and each also exports its value: MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI,
+    MLFLOW_EXPERIMENT_ID. An exported registry URI outlives the global: a later fixture that
+    sets only the tracking URI would register models on an earlier test's server, stopped
+    by then; an experiment id of one store does not exist in another)."""
     yield
     # back to the session's own values: a module- or session-scoped fixture that set an
     # experiment ran before this test's set-up, so the values at set-up may already be its

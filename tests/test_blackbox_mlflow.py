@@ -47,6 +47,7 @@ def registered(mlflow_server, tmp_path_factory):
     np.savez(path, x=x.reshape(len(x), -1), y=y)
     lr = LogisticRegression(max_iter=300).fit(x.reshape(len(x), -1), y)
     mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
     experiment = MlflowClient(tracking_uri=url).create_experiment("blackbox")
     example = x[:2].reshape(2, -1).astype(np.float64)
     with mlflow.start_run(experiment_id=experiment):
@@ -56,6 +57,7 @@ def registered(mlflow_server, tmp_path_factory):
         mlflow.pyfunc.log_model(name="p", python_model=_Labels(), input_example=example,
                                 registered_model_name="labels-pyfunc")
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
     return url, path
 
 
