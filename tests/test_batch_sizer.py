@@ -91,6 +91,18 @@ def test_pieces_never_leave_one_image_alone_and_respect_the_cap():
         assert n == 1 or all(k >= 2 for k in fn.calls)
 
 
+def test_calls_too_small_for_the_size_being_tried_run_at_the_best_so_far():
+    sizer, fn = sized({32: 2.0, 64: 1.0, 128: 0.5, 256: 0.4})
+    x = torch.rand(200, 1, 2, 2)
+    for _ in range(10):
+        sizer.run(fn, x, 256)
+    assert sizer.best is None  # 256 never fits a call of 200: still being tried
+    assert sorted(sizer.timings) == [32, 64, 128]
+    fn.calls.clear()
+    sizer.run(fn, x, 256)
+    assert fn.calls == [128, 72]
+
+
 def test_small_calls_are_not_split_and_try_nothing():
     sizer, fn = sized({32: 2.0, 64: 1.0})
     for _ in range(5):

@@ -109,8 +109,9 @@ class CpuBatchSizer:
     the calls it is given — no extra forward pass — each for :data:`CALLS` calls whose first
     is discarded (one-time kernel set-up), and stops at the first size whose best CPU time
     per image is no better than the previous size's; from then on every call is split into
-    pieces of the best size. The pieces of one call never leave a single image alone
-    (a batch of one may round differently, see ``engine.NoSingleBatch``).
+    pieces of the best size. Calls too small for the size being tried run in pieces of the
+    best size so far. The pieces of one call never leave a single image alone (a batch of
+    one may round differently, see ``engine.NoSingleBatch``).
 
     What this changes is only how a batch is split: in eval mode a row's logits do not depend
     on the other rows, so the logits are the same for any choice (on CPU, for pieces of at
@@ -140,8 +141,18 @@ class CpuBatchSizer:
         self._trying = 0  # index into sizes of the size being tried
         self.clock: Callable[[], float] = time.process_time
 
-    def _size(self, cap: int | None) -> int:
-        size = self.best if self.best is not None else self.sizes[self._trying]
+    def _size(self, left: int, cap: int | None) -> int:
+        """The size of the next piece of a call with ``left`` images still to run: the chosen
+        size; while trying, the size being tried when the call has that many images left,
+        else the best size so far (the one before it), else all that is left."""
+        if self.best is not None:
+            size = self.best
+        elif left >= self.sizes[self._trying]:
+            size = self.sizes[self._trying]
+        elif self._trying > 0:
+            size = self.sizes[self._trying - 1]
+        else:
+            size = left
         return size if cap is None else max(1, min(size, cap))
 
     def _record(self, size: int, seconds_per_image: float) -> None:
@@ -166,11 +177,11 @@ class CpuBatchSizer:
         n = x.shape[0]
         outs, start = [], 0
         while start < n:
-            size = self._size(cap)
+            size = self._size(n - start, cap)
             k = min(size, n - start)
             if n - start - k == 1 and k > 2:
                 k -= 1  # leave 2, not 1, for the last piece
-            trying = self.best is None and k == size
+            trying = self.best is None and k == size == self.sizes[self._trying]
             t = self.clock() if trying else 0.0
             outs.append(fn(x[start:start + k]))
             if trying:
