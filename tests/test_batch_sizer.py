@@ -127,7 +127,7 @@ def test_engine_sets_it_on_cpu_and_the_logits_do_not_change():
 def test_a_metric_through_the_sizer_is_bit_identical():
     data = digits_points(40)
     clf = robust_cert.load_model(small_cnn(), input_shape=(1, 8, 8), device=CPU)
-    metric = ProbabilisticRobustness(ProbabilisticRobustnessConfig(eps=0.1, samples=3000))
+    metric = ProbabilisticRobustness(ProbabilisticRobustnessConfig(eps=[0.1], samples=3000))
     ctx = robust_cert.metrics.base.RunContext(CPU, batch_size=256, seed=3)
     plain = metric.run(clf, data, ctx)
     capped = engine.device_capped(clf, 256)
