@@ -125,6 +125,8 @@ class _Calls:
         def grad(outputs, inputs, grad_outputs=None, **kw):
             if kw.get("is_grads_batched"):
                 self.backward.append(grad_outputs.shape[0] * grad_outputs.shape[1])
+            elif grad_outputs is not None:  # a plain backward pass: one row per image
+                self.backward.append(grad_outputs.shape[0])
             return real(outputs, inputs, grad_outputs=grad_outputs, **kw)
 
         monkeypatch.setattr(torch.autograd, "grad", grad)
@@ -134,11 +136,12 @@ class _Calls:
         return self.module(z)
 
 
-def test_jacobians_within_a_budget_are_the_per_sample_jacobians(monkeypatch) -> None:
-    """Jacobians from batched vector-Jacobian products equal each sample's own (float32
-    rounding: |Δ| ≤ 1e-5 relative on values of order 1), logits in order, and every
-    autograd call back-propagates at most ``budget`` images × class rows (points and class
-    rows split to fit)."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_jacobians_within_a_budget_are_the_per_sample_jacobians(monkeypatch, batched) -> None:
+    """Jacobians from batched vector-Jacobian products (or, not ``batched``, plain backward
+    passes, one per class) equal each sample's own (float32 rounding: |Δ| ≤ 1e-5 relative on
+    values of order 1), logits in order, and every autograd call back-propagates at most
+    ``budget`` images × class rows (points and class rows split to fit)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
     x = torch.randn(23, 6)
@@ -147,7 +150,7 @@ def test_jacobians_within_a_budget_are_the_per_sample_jacobians(monkeypatch) -> 
         ref_logits = mlp(x)
     for budget, sizes in ((None, [23]), (20, [4] * 5 + [3]), (3, [1] * 23)):
         calls = _Calls(mlp, monkeypatch)
-        lg, j = logits_and_jacobian(calls, x, budget, classes=5)
+        lg, j = logits_and_jacobian(calls, x, budget, classes=5, batched=batched)
         assert calls.sizes == sizes
         if budget is not None:
             assert max(calls.backward) <= budget
@@ -158,7 +161,9 @@ def test_jacobians_within_a_budget_are_the_per_sample_jacobians(monkeypatch) -> 
     assert jacobian_budget(dataclasses.replace(clf, max_batch=64), 4096) == 64
 
 
-def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians(monkeypatch) -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians(monkeypatch,
+                                                                       batched) -> None:
     """The MMSE step's per-point mean Jacobian over n noisy copies, back-propagated through
     x ↦ (1/n) Σ_k f(x + ε_k), equals the mean of the copies' own Jacobians (float32
     rounding), with the copies' logits in order, whether points, copies or class rows are
@@ -173,7 +178,8 @@ def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians(monkeypatc
     # budget → forward sizes: all at once; 2 points of 4 copies; 2 copies; 1 copy, 3 rows
     for budget, sizes in ((None, [28]), (40, [8, 8, 8, 4]), (12, [2] * 14), (3, [1] * 28)):
         calls = _Calls(mlp, monkeypatch)
-        lg, j = noisy_logits_and_mean_jacobian(calls, x, noise, budget, classes=5)
+        lg, j = noisy_logits_and_mean_jacobian(calls, x, noise, budget, classes=5,
+                                               batched=batched)
         assert calls.sizes == sizes
         if budget is not None:
             assert max(calls.backward) <= budget
@@ -182,19 +188,45 @@ def test_mean_jacobian_of_noisy_copies_is_the_mean_of_their_jacobians(monkeypatc
                                    atol=1e-6)
 
 
-def test_outputs_that_ignore_the_input_have_zero_jacobians() -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_outputs_that_ignore_the_input_have_zero_jacobians(batched) -> None:
     """A constant model, and one whose output depends on parameters only: zero Jacobian
     rows (as torch.func.jacrev gives), not an autograd error."""
     bias = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
     x = torch.randn(4, 6)
     for fn in (lambda z: torch.zeros(z.shape[0], 3), lambda z: bias.expand(z.shape[0], 3)):
-        lg, j = logits_and_jacobian(fn, x, 8, classes=3)
+        lg, j = logits_and_jacobian(fn, x, 8, classes=3, batched=batched)
         assert tuple(j.shape) == (4, 3, 6)
         assert not j.any()
-        lg, j = noisy_logits_and_mean_jacobian(fn, x, torch.randn(4, 2, 6), 8, classes=3)
+        lg, j = noisy_logits_and_mean_jacobian(fn, x, torch.randn(4, 2, 6), 8, classes=3,
+                                               batched=batched)
         assert tuple(lg.shape) == (8, 3)
         assert tuple(j.shape) == (4, 3, 6)
         assert not j.any()
+
+
+def test_plain_backward_rows_are_the_vmapped_rows_bit_for_bit() -> None:
+    """On the CPU the class rows are plain backward passes (the default there), through the
+    same forward passes: the same logits and Jacobians, bit for bit, as the vmapped product on
+    a CNN with BatchNorm, ReLU and pooling (so a certificate does not change with the
+    switch), whatever the budget's split, for one image alone too."""
+    torch.manual_seed(4)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.rand(13, 3, 8, 8)
+    noise = 0.05 * torch.randn(13, 4, 3, 8, 8)
+    for budget in (None, 40, 7, 256):
+        a = logits_and_jacobian(cnn, x, budget, classes=10, batched=True)
+        b = logits_and_jacobian(cnn, x, budget, classes=10)
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1], b[1])
+        a = noisy_logits_and_mean_jacobian(cnn, x, noise, budget, classes=10, batched=True)
+        b = noisy_logits_and_mean_jacobian(cnn, x, noise, budget, classes=10)
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1], b[1])
+    one = logits_and_jacobian(cnn, x[:1], classes=10)[1]
+    assert torch.equal(one, logits_and_jacobian(cnn, x[:1], classes=10, batched=True)[1])
 
 
 def test_metric_on_a_small_mlp() -> None:

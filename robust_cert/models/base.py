@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,10 @@ class Classifier:
     size selects). The engine sets it to the policy's ``batch_size`` on CPU, where a forward
     pass of 4,096 images runs at less than half the images per second of one of 64 (cache
     sizes), and to the halved batch size after an out-of-memory retry on any device.
+
+    ``batch_sizer``, when set (by the engine on CPU), picks the images per forward call of
+    :meth:`logits` at or below ``max_batch`` from the CPU time the calls really take
+    (:class:`CpuBatchSizer`): on a CPU a batch of 256 can cost more per image than one of 64.
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -48,12 +53,18 @@ class Classifier:
     extra: dict = field(default_factory=dict)
     gradient_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # input gradients
     max_batch: int | None = None  # images per forward call; None: any batch in one call
+    #: chooses the images per call of :meth:`logits` (≤ ``max_batch``); shared by the copies
+    #: ``dataclasses.replace`` makes, so what it has measured carries over
+    batch_sizer: CpuBatchSizer | None = None
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch already on ``self.device``, in forward calls of at most
-        ``max_batch`` images; checks each call's output shape."""
+        ``max_batch`` images (of the size ``batch_sizer`` picks, when set); checks each call's
+        output shape."""
         cap = self.max_batch
+        if self.batch_sizer is not None and x.shape[0] > 2:
+            return self.batch_sizer.run(self._logits, x, cap)
         if cap is not None and x.shape[0] > cap:
             return torch.cat([self._logits(x[s:s + cap]) for s in range(0, x.shape[0], cap)])
         return self._logits(x)
@@ -85,6 +96,98 @@ class Classifier:
         Square: it needs no input gradients, so any model has one, and its queries reach the
         judged model, never a gradient twin."""
         return _AttackView(self.forward, self.device)
+
+
+class CpuBatchSizer:
+    """Picks the images per forward call on a CPU from the calls a certification really runs.
+
+    On a CPU the time per image of a forward pass depends on the batch: past the caches'
+    size it grows (ResNet-18 at width 16, one thread: 256 images cost about 1.5× per image
+    what 64 cost), below some size the per-call overhead dominates, and where the best size
+    lies depends on the model and the machine. The sizer tries the candidate sizes 32, 64,
+    128, ... (powers of two below ``cap``, then ``cap``) in increasing order on the images of
+    the calls it is given — no extra forward pass — each for :data:`CALLS` calls whose first
+    is discarded (one-time kernel set-up), and stops at the first size whose best CPU time
+    per image is no better than the previous size's; from then on every call is split into
+    pieces of the best size. Calls too small for the size being tried run in pieces of the
+    best size so far. The pieces of one call never leave a single image alone (a batch of
+    one may round differently, see ``engine.NoSingleBatch``).
+
+    What this changes is only how a batch is split: in eval mode a row's logits do not depend
+    on the other rows, so the logits are the same for any choice (on CPU, for pieces of at
+    least 2 images: tests/test_shard_pointwise.py); the choice depends on the timings, hence
+    on the machine's load, and never on the results. Timings are the process's CPU time
+    (``time.process_time``: the intra-op threads included), so other processes' load
+    inflates them less than wall time.
+    """
+
+    #: calls per candidate size: the first is discarded, the best of the others kept
+    CALLS = 3
+    #: the smallest candidate size
+    SMALLEST = 32
+
+    def __init__(self, cap: int):
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        sizes, size = [], self.SMALLEST
+        while size < cap:
+            sizes.append(size)
+            size *= 2
+        sizes.append(cap)
+        self.sizes: list[int] = sizes
+        self.timings: dict[int, list[float]] = {}
+        #: the size every call is split at, once chosen (None while trying)
+        self.best: int | None = sizes[0] if len(sizes) == 1 else None
+        self._trying = 0  # index into sizes of the size being tried
+        self.clock: Callable[[], float] = time.process_time
+
+    def _size(self, left: int, cap: int | None) -> int:
+        """The size of the next piece of a call with ``left`` images still to run: the chosen
+        size; while trying, the size being tried when the call has that many images left,
+        else the best size so far (the one before it), else all that is left."""
+        if self.best is not None:
+            size = self.best
+        elif left >= self.sizes[self._trying]:
+            size = self.sizes[self._trying]
+        elif self._trying > 0:
+            size = self.sizes[self._trying - 1]
+        else:
+            size = left
+        return size if cap is None else max(1, min(size, cap))
+
+    def _record(self, size: int, seconds_per_image: float) -> None:
+        seen = self.timings.setdefault(size, [])
+        seen.append(seconds_per_image)
+        if len(seen) < self.CALLS:
+            return
+        mine = min(seen[1:])
+        if self._trying > 0:
+            before = self.sizes[self._trying - 1]
+            if mine >= min(self.timings[before][1:]):
+                self.best = before
+                return
+        self._trying += 1
+        if self._trying == len(self.sizes):
+            self.best = size
+
+    def run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            cap: int | None) -> torch.Tensor:
+        """``fn`` on ``x`` in consecutive pieces of the current size (never one image alone
+        unless ``x`` is one image), concatenated."""
+        n = x.shape[0]
+        outs, start = [], 0
+        while start < n:
+            size = self._size(n - start, cap)
+            k = min(size, n - start)
+            if n - start - k == 1 and k > 2:
+                k -= 1  # leave 2, not 1, for the last piece
+            trying = self.best is None and k == size == self.sizes[self._trying]
+            t = self.clock() if trying else 0.0
+            outs.append(fn(x[start:start + k]))
+            if trying:
+                self._record(size, (self.clock() - t) / k)
+            start += k
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class _AttackView(nn.Module):

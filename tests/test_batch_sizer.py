@@ -1,0 +1,136 @@
+"""The CPU batch sizer (``models.base.CpuBatchSizer``): which sizes it tries, which it keeps
+(from a fake clock with known costs per image), that it only splits a batch (pieces of at
+most the cap, never one image alone, the same logits), and that the engine sets it on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import robust_cert
+from robust_cert import engine
+from robust_cert.metrics.probabilistic import (
+    ProbabilisticRobustness,
+    ProbabilisticRobustnessConfig,
+)
+from robust_cert.models.base import CpuBatchSizer
+from tests.helpers import assert_identical
+from tests.test_shard_misc import digits_points, small_cnn
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("cap", "sizes"), [
+    (256, [32, 64, 128, 256]), (64, [32, 64]), (100, [32, 64, 100]), (32, [32]), (20, [20]),
+    (1, [1])])
+def test_candidate_sizes(cap, sizes):
+    assert CpuBatchSizer(cap).sizes == sizes
+
+
+def test_cap_below_one_is_refused():
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        CpuBatchSizer(0)
+
+
+class FakeCost:
+    """A forward function whose calls advance a fake clock by cost[size] per image (the
+    first call at each size costs 100× more: the one-time set-up the sizer discards)."""
+
+    def __init__(self, cost: dict[int, float]):
+        self.cost, self.now, self.calls, self.seen = cost, 0.0, [], set()
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[0]
+        per = self.cost.get(k, 10.0)
+        self.now += k * per * (100 if k not in self.seen else 1)
+        self.seen.add(k)
+        self.calls.append(k)
+        return x.flatten(1)[:, :3] * 2
+
+
+def sized(cost: dict[int, float], cap: int = 256) -> tuple[CpuBatchSizer, FakeCost]:
+    sizer, fn = CpuBatchSizer(cap), FakeCost(cost)
+    sizer.clock = fn.clock
+    return sizer, fn
+
+
+@pytest.mark.parametrize(("cost", "best", "tried"), [
+    ({32: 2.0, 64: 1.0, 128: 1.5, 256: 3.0}, 64, [32, 64, 128]),  # stops at the first worse
+    ({32: 1.0, 64: 1.2, 128: 0.5, 256: 0.4}, 32, [32, 64]),  # no look past a worse size
+    ({32: 4.0, 64: 3.0, 128: 2.0, 256: 1.0}, 256, [32, 64, 128, 256]),  # the cap
+    ({32: 1.0, 64: 1.0, 128: 1.0, 256: 1.0}, 32, [32, 64]),  # no better: the smaller
+])
+def test_keeps_the_size_with_the_least_time_per_image(cost, best, tried):
+    sizer, fn = sized(cost)
+    x = torch.rand(600, 1, 2, 2)
+    for _ in range(8):
+        out = sizer.run(fn, x, 256)
+        torch.testing.assert_close(out, fn(x), rtol=0, atol=0)
+    assert sizer.best == best
+    assert sorted(sizer.timings) == tried
+    assert all(len(sizer.timings[s]) == CpuBatchSizer.CALLS for s in tried)
+    fn.calls.clear()
+    sizer.run(fn, x, 256)  # once chosen: pieces of the best size (the last one shorter)
+    assert fn.calls[:-1] == [best] * (len(fn.calls) - 1)
+
+
+def test_pieces_never_leave_one_image_alone_and_respect_the_cap():
+    sizer, fn = sized({32: 2.0, 64: 1.0, 128: 1.5, 256: 3.0})
+    for n in [3, 33, 65, 97, 129, 200, 257, 513, 1]:
+        x = torch.rand(n, 1, 2, 2)
+        fn.calls.clear()
+        out = sizer.run(fn, x, 100)
+        assert out.shape == (n, 3)
+        assert sum(fn.calls) == n
+        assert all(k <= 100 for k in fn.calls)
+        assert n == 1 or all(k >= 2 for k in fn.calls)
+
+
+def test_calls_too_small_for_the_size_being_tried_run_at_the_best_so_far():
+    sizer, fn = sized({32: 2.0, 64: 1.0, 128: 0.5, 256: 0.4})
+    x = torch.rand(200, 1, 2, 2)
+    for _ in range(10):
+        sizer.run(fn, x, 256)
+    assert sizer.best is None  # 256 never fits a call of 200: still being tried
+    assert sorted(sizer.timings) == [32, 64, 128]
+    fn.calls.clear()
+    sizer.run(fn, x, 256)
+    assert fn.calls == [128, 72]
+
+
+def test_small_calls_are_not_split_and_try_nothing():
+    sizer, fn = sized({32: 2.0, 64: 1.0})
+    for _ in range(5):
+        sizer.run(fn, torch.rand(20, 1, 2, 2), 256)
+    assert fn.calls == [20] * 5
+    assert sizer.timings == {}
+    assert sizer.best is None
+
+
+def test_engine_sets_it_on_cpu_and_the_logits_do_not_change():
+    clf = robust_cert.load_model(small_cnn(), input_shape=(1, 8, 8), device=CPU)
+    capped = engine.device_capped(clf, 256)
+    assert capped.max_batch == 256
+    assert isinstance(capped.batch_sizer, CpuBatchSizer)
+    x = torch.rand(700, 1, 8, 8)
+    whole = clf.logits(x)
+    for _ in range(12):  # through the trial sizes to the chosen one
+        torch.testing.assert_close(capped.logits(x), whole, rtol=0, atol=0)
+    assert capped.batch_sizer.best is not None
+
+
+def test_a_metric_through_the_sizer_is_bit_identical():
+    data = digits_points(40)
+    clf = robust_cert.load_model(small_cnn(), input_shape=(1, 8, 8), device=CPU)
+    metric = ProbabilisticRobustness(ProbabilisticRobustnessConfig(eps=[0.1], samples=3000))
+    ctx = robust_cert.metrics.base.RunContext(CPU, batch_size=256, seed=3)
+    plain = metric.run(clf, data, ctx)
+    capped = engine.device_capped(clf, 256)
+    for _ in range(3):
+        assert_identical(metric.run(capped, data, ctx), plain)
+    assert np.isfinite(plain.proportions[0].estimate)
