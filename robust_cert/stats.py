@@ -200,6 +200,23 @@ def _unit_values(x: object, name: str = "x") -> np.ndarray:
     return a
 
 
+def _boundary(gap: Callable[[float], float], out: float, inside: float) -> float:
+    """The float of [0, 1] nearest ``out`` where the monotone ``gap`` is still ≥ 0: bisection
+    between ``out`` (gap < 0) and ``inside`` (gap ≥ 0) until the two are adjacent floats (about
+    56 halvings for a bound near 0.07). What is returned always has gap ≥ 0, so it lies on the
+    outer side of the exact root — a bound rounded outward by less than one float spacing,
+    never inward. Pure Python on floats: no root finder to import (scipy.optimize costs about
+    a second), and the same float on every machine."""
+    while True:
+        mid = 0.5 * (out + inside)
+        if mid in (out, inside):
+            return float(inside)
+        if gap(mid) >= 0:
+            inside = mid
+        else:
+            out = mid
+
+
 class BettingBound:
     """Betting confidence bounds and e-values for the mean of bounded independent variables.
 
@@ -292,15 +309,13 @@ class BettingBound:
         return float(min(1.0, math.exp(-log_e))) if log_e > -700 else 1.0
 
     def bound(self, alpha: float, side: str) -> float:
-        """One-sided bound at level alpha: P(μ > upper) ≤ alpha, P(μ < lower) ≤ alpha."""
+        """One-sided bound at level alpha: P(μ > upper) ≤ alpha, P(μ < lower) ≤ alpha.
+
+        The bound is the edge of the confidence set {m : E(m) < 1/alpha} rounded outward to
+        the nearest float whose capital reaches 1/alpha (see :func:`_boundary`)."""
         validate_confidence(alpha, name="alpha")
         if side not in ("upper", "lower"):
             raise ValueError(f"side must be 'upper' or 'lower', got {side!r}")
-        from scipy.optimize import brentq as _brentq
-
-        # scipy's inferred signature: rtol a float64, and full_output's tuple in the return
-        brentq = cast(Callable[..., float], _brentq)
-
         target = math.log(1.0 / alpha)
         gap = lambda m: self.log_evalue(m, side) - target  # increasing (upper) / decreasing
         if side == "upper":
@@ -308,18 +323,12 @@ class BettingBound:
                 return 1.0
             if gap(0.0) >= 0:
                 return 0.0
-            m = brentq(gap, 0.0, 1.0, xtol=1e-13, rtol=1e-13)
-            while gap(m) < 0:  # round outward: E(m) >= 1/alpha, so m is not below the bound
-                m = min(1.0, m + 1e-13)
-            return float(m)
+            return _boundary(gap, 0.0, 1.0)
         if gap(0.0) < 0:
             return 0.0
         if gap(1.0) >= 0:
             return 1.0
-        m = brentq(gap, 0.0, 1.0, xtol=1e-13, rtol=1e-13)
-        while gap(m) < 0:
-            m = max(0.0, m - 1e-13)
-        return float(m)
+        return _boundary(gap, 1.0, 0.0)
 
     def interval(self, confidence: float = 0.95, side: str = "two-sided"
                  ) -> tuple[float, float]:

@@ -264,3 +264,17 @@ def test_verdict_fails_on_the_population_lower_bound() -> None:
     lower = prop.bound(o.level, "lower", tune_alpha=0.05)
     assert 0.02 < lower < 0.5
     assert f"lower bound {lower:.4g} is above the threshold 0.02" in o.reason
+
+
+@pytest.mark.parametrize("side", ["upper", "lower"])
+def test_bound_is_the_outermost_float_whose_capital_reaches_one_over_alpha(side: str) -> None:
+    """Rounded outward by less than one float spacing: the capital at the bound reaches 1/α
+    (the bound itself is excluded from the confidence set), and at the next float inward it
+    does not."""
+    rng = np.random.default_rng(5)
+    x = rng.binomial(10, rng.beta(0.3, 5, 359)) / 10
+    bb = stats.BettingBound(x, tune_alpha=0.05)
+    bound = bb.bound(0.05, side)
+    inward = np.nextafter(bound, 0.0 if side == "upper" else 1.0)
+    assert bb.log_evalue(bound, side) >= math.log(20)
+    assert bb.log_evalue(float(inward), side) < math.log(20)
