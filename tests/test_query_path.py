@@ -21,19 +21,27 @@ class _Recorded(nn.Module):
     """A small MLP that records every batch it is asked about; rows whose first input is
     above ``nan_above`` get NaN logits (a model that fails on some inputs)."""
 
-    def __init__(self, d: int, classes: int, seed: int, nan_above: float | None = None):
+    def __init__(self, d: int, classes: int, seed: int, nan_above: float | None = None,
+                 double: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, classes))
-        self.nan_above = nan_above
+        self.nan_above, self.as_double = nan_above, double
         self.queries: list[torch.Tensor] = []
 
     def forward(self, x):
         self.queries.append(x.clone())
-        out = self.net(x)
+        out = self.net(x).double() if self.as_double else self.net(x)
         if self.nan_above is not None:
             out = torch.where((x.flatten(1)[:, :1] > self.nan_above), float("nan"), out)
         return out
+
+
+class _TensorLoop(FullSquare):
+    """FullSquare's L∞ loop in tensor operations (the path of inputs on a GPU), on the CPU."""
+
+    def attack_single_run(self, x, y):
+        return self._linf_torch(x, y)
 
 
 class _UpstreamLoop(FullSquare):
@@ -50,23 +58,29 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize(("shape", "eps", "loss", "targeted", "nan_above"), [
-    ((1, 1, 13), 0.15, "margin", False, None),  # a tabular row (the black-box layout)
-    ((1, 1, 13), 0.4, "ce", False, None),
-    ((3, 5, 6), 0.1, "margin", True, None),  # an image, targeted
-    ((2, 4, 4), 0.3, "ce", True, None),
-    ((1, 1, 9), 0.2, "margin", False, 0.8),  # NaN logits on some rows
+@pytest.mark.parametrize("loop", [FullSquare, _TensorLoop], ids=["numpy", "tensor"])
+@pytest.mark.parametrize(("shape", "eps", "loss", "targeted", "nan_above", "double"), [
+    ((1, 1, 13), 0.15, "margin", False, None, False),  # a tabular row (the black-box layout)
+    ((1, 1, 13), 0.4, "ce", False, None, False),
+    ((3, 5, 6), 0.1, "margin", True, None, False),  # an image, targeted
+    ((2, 4, 4), 0.3, "ce", True, None, False),
+    ((1, 1, 9), 0.2, "margin", False, 0.8, False),  # NaN logits on some rows
+    ((1, 1, 9), 0.25, "ce", False, 0.8, False),
+    ((2, 3, 3), 0.2, "margin", False, None, True),  # float64 logits
+    ((1, 1, 11), 0.3, "ce", True, None, True),
 ])
-def test_linf_loop_makes_upstreams_queries_and_result(shape, eps, loss, targeted, nan_above):
+def test_linf_loop_makes_upstreams_queries_and_result(loop, shape, eps, loss, targeted,
+                                                      nan_above, double):
     """Every query (rows, order, values), the queries per point and the best points equal
     upstream's loop on the same seed, including points that stop early (broken), points
-    never broken, a query budget that runs out, and rows with NaN margins."""
+    never broken, a query budget that runs out, and rows with NaN margins; for both of
+    FullSquare's L∞ loops (numpy on the CPU, tensors elsewhere)."""
     d = int(np.prod(shape))
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.uniform(0, 1, size=(40, *shape)), dtype=torch.float32)
     runs = []
-    for cls in (FullSquare, _UpstreamLoop):
-        model = _Recorded(d, 4, seed=5, nan_above=nan_above)
+    for cls in (loop, _UpstreamLoop):
+        model = _Recorded(d, 4, seed=5, nan_above=nan_above, double=double)
         with torch.no_grad():
             y = model.net(x).argmax(1)
         if targeted:
