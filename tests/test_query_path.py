@@ -225,3 +225,52 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
     assert moved.grad is not None
     assert (moved.grad[:, [1, 3]] == 0).all()
     assert (moved.grad[:, [0, 2, 4]] != 0).any()
+
+
+@pytest.mark.parametrize(("lo", "hi", "shape"), [
+    (-1.5, 1.5, (30,)), (1 / 3, 2 / 3 + 1e-7, (3, 4, 5)), (-3.3, 1e3, (2, 7)),
+    (0.0, 1.0, (3, 4, 5)), (0.0, 1.0, (6,)), (0.0, 255.0, (9,))])
+def test_view_to_data_in_numpy_equals_its_tensor_arithmetic(lo, hi, shape):
+    """The attack view's map from [0, 1] back to the data range gives bit for bit the same
+    float32 values on a CPU tensor without gradients (numpy) as on one with gradients (torch
+    operations), tabular padding column dropped alike; float64 arithmetic rounded once would
+    differ, so the comparison can tell float32 steps apart."""
+    from robust_cert.metrics.adversarial import _UnitRangeView
+
+    view = _UnitRangeView(nn.Identity(), lo, hi, shape)
+    x = torch.from_numpy(np.random.default_rng(6).uniform(lo, hi, size=(300, *shape))
+                         .astype(np.float32))
+    u = view.to_attack(x)
+    fast = view.to_data(u)
+    slow = view.to_data(u.clone().requires_grad_(True)).detach()
+    assert fast.shape == (300, *shape)
+    assert fast.dtype == torch.float32
+    _same(fast, slow)
+    if (lo, hi) == (-3.3, 1e3):
+        flat = u[..., :-1].reshape(300, *shape).double()
+        assert not torch.equal((lo + (hi - lo) * flat).float(), fast)
+
+
+def test_black_box_forward_reads_tensors_of_any_layout():
+    """The black-box forward gives the same logits for a contiguous batch, a strided view of
+    it and a batch that requires gradients, and a (0, classes) answer for an empty batch
+    without asking the model."""
+    calls = []
+
+    def predict(rows):
+        calls.append(len(rows))
+        p = np.exp(rows[:, :3])
+        return p / p.sum(1, keepdims=True)
+
+    clf = from_predict(predict, n_features=4, fmt="pyfunc", sha256="0" * 64, name="m")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(8, 6)).astype(np.float32))
+    view = x[:, 1:5]
+    want = clf.forward(view.contiguous())
+    _same(clf.forward(view), want)
+    _same(clf.forward(view.clone().requires_grad_(True)), want)
+    np.testing.assert_allclose(want.numpy(), torch.log_softmax(view[:, :3].double(), 1).numpy(),
+                               rtol=1e-6)
+    calls.clear()
+    empty = clf.forward(torch.zeros(0, 4))
+    assert empty.shape == (0, 3)
+    assert calls == []

@@ -209,19 +209,26 @@ class FullSquare(Square):
                     break
                 p = self.p_selection(i_iter)
                 s = max(int(round(math.sqrt(p * n_features / c))), 1)
-                vh, vw = self._position(h - s), self._position(w - s)
+                # the query's draws in one call: upstream draws two positions, then c signs,
+                # one torch.rand each (nothing in between), and the CPU generator gives a
+                # block of n uniforms equal to n single draws, in order
+                t = torch.rand([2 + c]).numpy()
+                vh, vw = _position_at(h - s, float(t[0])), _position_at(w - s, float(t[1]))
                 if c == 1:  # one sign, as a number: upstream's sign(2t − 1) · 2ε in float32
-                    t = float(torch.rand([1, 1, 1]))
-                    delta = np.float32(2. * eps) * np.float32((t > 0.5) - (t < 0.5))
-                else:
-                    delta = np.float32(2. * eps) * self.random_choice([c, 1, 1]).numpy()
+                    t2 = float(t[2])
+                    delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
+                else:  # random_choice's sign(2t − 1) in float32
+                    signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
+                    delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
                 rows, cols = slice(vh, vh + s), slice(vw, vw + s)
                 x_new = ba.copy()
                 win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
                 np.minimum(win, hi[:, :, rows, cols], out=win)
                 x_new[:, :, rows, cols] = np.clip(win, zero, one, out=win)
                 logits_t = self.get_logits(torch.from_numpy(x_new))
-                logits = logits_t.detach().numpy()
+                if logits_t.requires_grad or logits_t.device.type != "cpu":
+                    logits_t = logits_t.detach().cpu()
+                logits = logits_t.numpy()
                 done += 1
                 index = np.arange(len(ya)), ya
                 y_corr = logits[index]
@@ -251,9 +258,7 @@ class FullSquare(Square):
         """:meth:`random_int` ``(0, high)`` as a Python int: the same draw (one
         ``torch.rand(1)``) and the same float32 arithmetic (``span · t`` rounded to float32,
         then floored), without the tensor operations."""
-        span = max(int(high) + 1, 1)
-        t = float(torch.rand([1]))
-        return min(int(np.float32(span * t)), span - 1)
+        return _position_at(high, torch.rand([1]).item())
 
     def random_int(self, low=0, high=1, shape=(1,)):
         """Uniform integers in ``[low, high]`` (inclusive); ``low`` when ``high < low``.
@@ -264,6 +269,14 @@ class FullSquare(Square):
         span = max(int(high) - int(low) + 1, 1)
         t = torch.rand(list(shape))
         return (low + torch.floor(span * t).clamp(max=span - 1)).long()
+
+
+def _position_at(high: int, t: float) -> int:
+    """The window position :meth:`FullSquare._position` gives for the uniform draw ``t`` (a
+    float32 value): ``floor(float32(span · t))`` with ``span = max(high + 1, 1)``, at most
+    ``span − 1``."""
+    span = max(int(high) + 1, 1)
+    return min(int(np.float32(span * t)), span - 1)
 
 
 def full_square_inside(attack):
