@@ -194,7 +194,8 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
     """Decoding every immutable column at once equals decoding them one by one (round to the
     grid, clamp to the known values, look up), for perturbations that stay on a value, move
     to another index, or fall off either end of the list; free features are clipped to their
-    range; gradients reach free features only."""
+    range; gradients reach free features only. The numpy path (CPU, no gradients) and the
+    tensor path give the same values, in float32 and float64."""
     from robust_cert.data import load_data
     from robust_cert.policy import FeatureSpec
     from robust_cert.tabular import fit
@@ -213,6 +214,9 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
                                  + rng.normal(0, 3, size=(n, 5)).astype(np.float32)
                                  * ~np.isin(np.arange(5), [1, 3]))
     got = threat.decode(moved)
+    _same(got, threat.decode(moved.clone().requires_grad_(True)).detach())  # numpy = torch
+    _same(threat.decode(moved.double()),
+          threat.decode(moved.double().requires_grad_(True)).detach())
     flat = moved.double().numpy()
     want = np.clip(threat.lo + threat.scale * flat, threat.lo, threat.hi)
     for j in (1, 3):
