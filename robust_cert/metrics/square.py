@@ -177,7 +177,9 @@ class FullSquare(Square):
         the loop makes a dozen per query. The arithmetic is the tensor loop's, element by
         element in float32 (a Python float operand is rounded to float32 first, by numpy's
         scalar promotion as by torch's CPU kernels; min, max and clip propagate NaN alike);
-        the draws are the same ``torch.rand`` calls in the same order; the model gets each
+        the draws are the same uniforms in the same order (a query's two positions and its
+        signs from one ``torch.rand`` block, which the CPU generator fills exactly as it
+        answers the single calls upstream makes for them, one after another); the model gets each
         query as a CPU tensor (sharing the query's memory, a fresh array every query) and its
         logits are read in their own dtype. The cross-entropy loss (``loss="ce"``) is torch's own on
         those logits."""
