@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_blackbox.py
 
 One CPU thread: torch's, and the models' own thread pools (scikit-learn's OpenMP, BLAS)
-limited to one with threadpoolctl. For each model, robust accuracy with Square alone runs on
+limited to one as a certification on one thread limits them
+(``robust_cert.devices.library_threads``, which ``robust_cert.api.certify`` opens around a
+black-box model's queries). For each model, robust accuracy with Square alone runs on
 a tabular set (30 features, 3 classes) through robust_cert's black-box Classifier, recording
 every array it sends to ``predict_proba``; the *ideal* time is then ``predict_proba``
 replayed on exactly those arrays (the same queries, the same batch sizes, already in the
@@ -39,6 +41,7 @@ from harness import CPU, finish, load_average, row, timed
 from threadpoolctl import threadpool_limits
 
 from robust_cert.data import EvalSet
+from robust_cert.devices import library_threads
 from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
 from robust_cert.metrics.base import RunContext
 from robust_cert.models.blackbox import from_predict
@@ -83,7 +86,7 @@ def measure(label: str, estimator, targeted: bool, features: bool = False) -> No
     first: list[np.ndarray] = []
     for _ in range(REPS):  # interleaved, best of each: load from others hits both alike
         queries.clear()
-        with threadpool_limits(1):
+        with library_threads(1):
             c = time.thread_time()
             res, t = timed(lambda: metric.run(clf, data, RunContext(CPU, batch_size=BATCH,
                                                                       seed=0)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -139,7 +140,8 @@ def certify(
             log.info("the model has its own input gradients; the gradient twin serves only as "
                      "a parity reference")
     refuse_white_box(pol, clf)
-    with model_failures("the first forward passes", model_parts(clf, twin), pol.batch_size):
+    with model_failures("the first forward passes", model_parts(clf, twin), pol.batch_size), \
+            model_threads(clf, n_threads):
         deterministic = engine.check_deterministic(clf, evalset, pol.batch_size)
         clf = engine.check_outputs(clf, evalset, pol.batch_size, pol.model.outputs)
     model_findings = {}
@@ -169,8 +171,9 @@ def certify(
 
         refused = None
         if world.main:
-            estimate = plan(run_clf, run_set, pol, seed=seed, gradient_twin=run_twin,
-                            processes=world.size)
+            with model_threads(clf, n_threads):
+                estimate = plan(run_clf, run_set, pol, seed=seed, gradient_twin=run_twin,
+                                processes=world.size)
             log.info("estimated cost:\n%s", estimate.table())
             if announce is not None:
                 announce(estimate)
@@ -180,8 +183,9 @@ def certify(
             except PolicyError as exc:
                 refused = exc
         world.exchange(None, refused)
-    results = engine.run_suite(run_clf, run_set, pol, seed=seed, progress=progress,
-                               gradient_twin=run_twin, world=world, expected_s=expected)
+    with model_threads(clf, n_threads):
+        results = engine.run_suite(run_clf, run_set, pol, seed=seed, progress=progress,
+                                   gradient_twin=run_twin, world=world, expected_s=expected)
     if not world.main:
         return None
     assert results is not None  # run_suite returns the results on the main process
@@ -202,6 +206,20 @@ def certify(
     return _build_certificate(clf, evalset, pol, results, overall, outcomes, seed=seed,
                               threads=n_threads, sanity=sanity, command=command,
                               twin=twin_record, processes=world.size, threat=threat)
+
+
+def model_threads(clf: Classifier, threads: int):
+    """While open, a black-box model (a format of
+    :data:`robust_cert.models.blackbox.FORMATS`) computes on the certification's ``threads``:
+    the native thread pools of the process (OpenMP, BLAS) are limited to it
+    (:func:`robust_cert.devices.library_threads`), as torch's intra-op threads are. Any
+    other model: nothing changes (torch's threads are set by
+    :func:`robust_cert.devices.configure_threads`; ONNX Runtime has its own settings)."""
+    from robust_cert.models.blackbox import FORMATS
+
+    if clf.format not in FORMATS:
+        return contextlib.nullcontext()
+    return devices.library_threads(threads)
 
 
 def feature_threat(pol: Policy, evalset: EvalSet):

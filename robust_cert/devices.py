@@ -48,3 +48,21 @@ def configure_threads(threads: int | None = None) -> int:
         raise RobustCertError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     return threads
+
+
+def library_threads(threads: int):
+    """A context manager limiting the thread pools of the native libraries loaded in this
+    process — OpenMP runtimes (scikit-learn's, XGBoost's, LightGBM's, torch's) and BLAS
+    (OpenBLAS, MKL) — to ``threads`` while it is open, and restoring them on exit
+    (threadpoolctl). OpenMP limits apply to the calling thread, BLAS limits to the process.
+
+    Why a certification of a black-box model needs it: its estimator calls its own
+    thread pools, which by default take every core, whatever the certification's thread
+    count. Which pool scikit-learn's OpenMP calls reach even depends on import order (loaded
+    after torch, they bind to torch's runtime and follow ``torch.set_num_threads``; loaded
+    first, they keep their own and use every core), and at the Square attack's query
+    batches of a few dozen rows each parallel region costs more than it saves."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=int(threads))
+

@@ -151,7 +151,14 @@ class FeatureThreat:
         return dataclasses.replace(data, x=u32, input_range=self.box)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """Data-space inputs of encoded inputs ``u`` (any float dtype, any device)."""
+        """Data-space inputs of encoded inputs ``u`` (any float dtype, any device).
+
+        A CPU float32/float64 tensor without gradients is decoded in numpy, with the same
+        float64 operations one by one (no torch dispatch per operation: the Square attack
+        decodes every query batch); anything else with torch operations."""
+        if u.device.type == "cpu" and not u.requires_grad and \
+                u.dtype in (torch.float32, torch.float64):
+            return torch.from_numpy(self._decode_numpy(u.numpy()).reshape(u.shape))
         lo, hi, s, tables = self._tensors(u.device)
         flat = u.reshape(u.shape[0], -1)
         x = lo + s * flat.double()
@@ -162,6 +169,36 @@ class FeatureThreat:
             k = torch.minimum(k.clamp_min(0), last).long() + start
             x[:, cols] = table[k]  # x is new here; the overwritten entries get no gradient
         return x.to(u.dtype).reshape(u.shape)
+
+    def _decode_numpy(self, u: np.ndarray) -> np.ndarray:
+        """:meth:`decode` of a float array (N, …) as an array (N, d) of ``u``'s dtype: the
+        tensor path's float64 steps (scale and shift, clip to [lo, hi], immutable columns
+        rounded half to even to a value index, clamped, looked up), in numpy."""
+        flat = u.reshape(u.shape[0], -1)
+        x = np.multiply(self.scale, flat.astype(np.float64))
+        x = np.add(self.lo, x, out=x)
+        x = np.maximum(np.minimum(x, self.hi, out=x), self.lo, out=x)
+        tables = self._arrays()
+        if tables is not None:
+            cols, table, start, last = tables
+            k = np.round(flat[:, cols].astype(np.float64) / self.grid)
+            k = np.minimum(np.maximum(k, 0.0), last).astype(np.int64) + start
+            x[:, cols] = table[k]
+        return x.astype(u.dtype, copy=False)
+
+    def _arrays(self):
+        """:meth:`_tensors`' tables as numpy arrays (None without immutable features)."""
+        if "numpy" not in self._cache:
+            tables = None
+            if self.values:
+                cols = list(self.values)
+                sizes = [len(self.values[j]) for j in cols]
+                tables = (np.array(cols, dtype=np.int64),
+                          np.concatenate([self.values[j] for j in cols]).astype(np.float64),
+                          np.cumsum([0] + sizes[:-1]).astype(np.int64),
+                          np.array([n - 1 for n in sizes], dtype=np.float64))
+            self._cache["numpy"] = tables
+        return self._cache["numpy"]
 
     def _tensors(self, device: torch.device):
         """lo, hi, s and, when there are immutable features (each has its values),

@@ -300,3 +300,49 @@ def test_dataframe_models_get_their_columns_and_missing_columns_are_named():
     with pytest.raises(DataError, match=r"takes 3 input columns but the data has 2 features "
                                         r"per sample: no data for column\(s\) 'debt'"):
         from_estimator(lr, input_shape=(2,))
+
+
+class _ThreadRecorder:
+    """Records, at each predict_proba, the largest thread count of the process's OpenMP
+    runtimes (threadpoolctl), around a fitted LogisticRegression."""
+
+    def __init__(self, est):
+        self.est, self.classes_, self.n_features_in_ = est, est.classes_, est.n_features_in_
+        self.seen: list[int] = []
+
+    def fit(self, x, y):  # an estimator's interface; the model is fitted already
+        return self
+
+    def predict_proba(self, rows):
+        from threadpoolctl import threadpool_info
+
+        self.seen.append(max(i["num_threads"] for i in threadpool_info()
+                             if i["user_api"] == "openmp"))
+        return self.est.predict_proba(rows)
+
+
+def test_black_box_model_computes_on_the_certifications_threads():
+    """During a certification with threads=1 every OpenMP runtime of the process (the
+    estimator's own pool included) is limited to 1 thread at every query after the load,
+    whatever it was before; after it, the limits the caller had are back (but torch's, which
+    certify sets)."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    x, y = _tabular(80, 4, seed=2)
+    model = _ThreadRecorder(LogisticRegression().fit(x[:40], y[:40]))
+    def others():  # the OpenMP runtimes but torch's (certify sets torch's, as it always did)
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "openmp" and "torch" not in i["filepath"]}
+
+    with threadpool_limits(limits=3, user_api="openmp"):
+        before = others()
+        assert before
+        assert set(before.values()) == {3}
+        robust_cert.certify(model, (x[40:], y[40:]), _policy({"accuracy": {}}), threads=1,
+                            progress=False)
+        after = others()
+    # the first call is the load's probe (two rows), before the model's format is known
+    assert len(model.seen) > 2
+    assert set(model.seen[1:]) == {1}
+    assert after == before

@@ -21,19 +21,27 @@ class _Recorded(nn.Module):
     """A small MLP that records every batch it is asked about; rows whose first input is
     above ``nan_above`` get NaN logits (a model that fails on some inputs)."""
 
-    def __init__(self, d: int, classes: int, seed: int, nan_above: float | None = None):
+    def __init__(self, d: int, classes: int, seed: int, nan_above: float | None = None,
+                 double: bool = False):
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, classes))
-        self.nan_above = nan_above
+        self.nan_above, self.as_double = nan_above, double
         self.queries: list[torch.Tensor] = []
 
     def forward(self, x):
         self.queries.append(x.clone())
-        out = self.net(x)
+        out = self.net(x).double() if self.as_double else self.net(x)
         if self.nan_above is not None:
             out = torch.where((x.flatten(1)[:, :1] > self.nan_above), float("nan"), out)
         return out
+
+
+class _TensorLoop(FullSquare):
+    """FullSquare's L∞ loop in tensor operations (the path of inputs on a GPU), on the CPU."""
+
+    def attack_single_run(self, x, y):
+        return self._linf_torch(x, y)
 
 
 class _UpstreamLoop(FullSquare):
@@ -50,23 +58,29 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize(("shape", "eps", "loss", "targeted", "nan_above"), [
-    ((1, 1, 13), 0.15, "margin", False, None),  # a tabular row (the black-box layout)
-    ((1, 1, 13), 0.4, "ce", False, None),
-    ((3, 5, 6), 0.1, "margin", True, None),  # an image, targeted
-    ((2, 4, 4), 0.3, "ce", True, None),
-    ((1, 1, 9), 0.2, "margin", False, 0.8),  # NaN logits on some rows
+@pytest.mark.parametrize("loop", [FullSquare, _TensorLoop], ids=["numpy", "tensor"])
+@pytest.mark.parametrize(("shape", "eps", "loss", "targeted", "nan_above", "double"), [
+    ((1, 1, 13), 0.15, "margin", False, None, False),  # a tabular row (the black-box layout)
+    ((1, 1, 13), 0.4, "ce", False, None, False),
+    ((3, 5, 6), 0.1, "margin", True, None, False),  # an image, targeted
+    ((2, 4, 4), 0.3, "ce", True, None, False),
+    ((1, 1, 9), 0.2, "margin", False, 0.8, False),  # NaN logits on some rows
+    ((1, 1, 9), 0.25, "ce", False, 0.8, False),
+    ((2, 3, 3), 0.2, "margin", False, None, True),  # float64 logits
+    ((1, 1, 11), 0.3, "ce", True, None, True),
 ])
-def test_linf_loop_makes_upstreams_queries_and_result(shape, eps, loss, targeted, nan_above):
+def test_linf_loop_makes_upstreams_queries_and_result(loop, shape, eps, loss, targeted,
+                                                      nan_above, double):
     """Every query (rows, order, values), the queries per point and the best points equal
     upstream's loop on the same seed, including points that stop early (broken), points
-    never broken, a query budget that runs out, and rows with NaN margins."""
+    never broken, a query budget that runs out, and rows with NaN margins; for both of
+    FullSquare's L∞ loops (numpy on the CPU, tensors elsewhere)."""
     d = int(np.prod(shape))
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.uniform(0, 1, size=(40, *shape)), dtype=torch.float32)
     runs = []
-    for cls in (FullSquare, _UpstreamLoop):
-        model = _Recorded(d, 4, seed=5, nan_above=nan_above)
+    for cls in (loop, _UpstreamLoop):
+        model = _Recorded(d, 4, seed=5, nan_above=nan_above, double=double)
         with torch.no_grad():
             y = model.net(x).argmax(1)
         if targeted:
@@ -180,7 +194,8 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
     """Decoding every immutable column at once equals decoding them one by one (round to the
     grid, clamp to the known values, look up), for perturbations that stay on a value, move
     to another index, or fall off either end of the list; free features are clipped to their
-    range; gradients reach free features only."""
+    range; gradients reach free features only. The numpy path (CPU, no gradients) and the
+    tensor path give the same values, in float32 and float64."""
     from robust_cert.data import load_data
     from robust_cert.policy import FeatureSpec
     from robust_cert.tabular import fit
@@ -199,6 +214,9 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
                                  + rng.normal(0, 3, size=(n, 5)).astype(np.float32)
                                  * ~np.isin(np.arange(5), [1, 3]))
     got = threat.decode(moved)
+    _same(got, threat.decode(moved.clone().requires_grad_(True)).detach())  # numpy = torch
+    _same(threat.decode(moved.double()),
+          threat.decode(moved.double().requires_grad_(True)).detach())
     flat = moved.double().numpy()
     want = np.clip(threat.lo + threat.scale * flat, threat.lo, threat.hi)
     for j in (1, 3):
@@ -211,3 +229,52 @@ def test_decode_of_immutable_features_equals_a_per_column_reference():
     assert moved.grad is not None
     assert (moved.grad[:, [1, 3]] == 0).all()
     assert (moved.grad[:, [0, 2, 4]] != 0).any()
+
+
+@pytest.mark.parametrize(("lo", "hi", "shape"), [
+    (-1.5, 1.5, (30,)), (1 / 3, 2 / 3 + 1e-7, (3, 4, 5)), (-3.3, 1e3, (2, 7)),
+    (0.0, 1.0, (3, 4, 5)), (0.0, 1.0, (6,)), (0.0, 255.0, (9,))])
+def test_view_to_data_in_numpy_equals_its_tensor_arithmetic(lo, hi, shape):
+    """The attack view's map from [0, 1] back to the data range gives bit for bit the same
+    float32 values on a CPU tensor without gradients (numpy) as on one with gradients (torch
+    operations), tabular padding column dropped alike; float64 arithmetic rounded once would
+    differ, so the comparison can tell float32 steps apart."""
+    from robust_cert.metrics.adversarial import _UnitRangeView
+
+    view = _UnitRangeView(nn.Identity(), lo, hi, shape)
+    x = torch.from_numpy(np.random.default_rng(6).uniform(lo, hi, size=(300, *shape))
+                         .astype(np.float32))
+    u = view.to_attack(x)
+    fast = view.to_data(u)
+    slow = view.to_data(u.clone().requires_grad_(True)).detach()
+    assert fast.shape == (300, *shape)
+    assert fast.dtype == torch.float32
+    _same(fast, slow)
+    if (lo, hi) == (-3.3, 1e3):
+        flat = u[..., :-1].reshape(300, *shape).double()
+        assert not torch.equal((lo + (hi - lo) * flat).float(), fast)
+
+
+def test_black_box_forward_reads_tensors_of_any_layout():
+    """The black-box forward gives the same logits for a contiguous batch, a strided view of
+    it and a batch that requires gradients, and a (0, classes) answer for an empty batch
+    without asking the model."""
+    calls = []
+
+    def predict(rows):
+        calls.append(len(rows))
+        p = np.exp(rows[:, :3])
+        return p / p.sum(1, keepdims=True)
+
+    clf = from_predict(predict, n_features=4, fmt="pyfunc", sha256="0" * 64, name="m")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(8, 6)).astype(np.float32))
+    view = x[:, 1:5]
+    want = clf.forward(view.contiguous())
+    _same(clf.forward(view), want)
+    _same(clf.forward(view.clone().requires_grad_(True)), want)
+    np.testing.assert_allclose(want.numpy(), torch.log_softmax(view[:, :3].double(), 1).numpy(),
+                               rtol=1e-6)
+    calls.clear()
+    empty = clf.forward(torch.zeros(0, 4))
+    assert empty.shape == (0, 3)
+    assert calls == []

@@ -24,8 +24,10 @@ query on CPU (whole-batch gathers and scatters, a full-image delta, a cross-entr
 loss discards), which is the model's own time for a tree ensemble on a few dozen rows. The
 re-implementation draws the same random numbers in the same order, sends the model the same
 inputs (same rows, same order, same values) and keeps the same best points, so the attack's
-queries and result are upstream's (``tests/test_attacks.py`` compares the two on fixed
-seeds). The L2 loop is upstream's.
+queries and result are upstream's (``tests/test_query_path.py`` compares the two on fixed
+seeds). On the CPU its per-query bookkeeping is numpy on views of the same memory (at a few
+dozen rows a torch operation costs several microseconds of dispatch, a numpy one about
+one); elsewhere (a GPU) it is tensor operations. The L2 loop is upstream's.
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class FullSquare(Square):
         upstream's (queries per point, best points)."""
         if self.norm != "Linf" or self.verbose:
             return super().attack_single_run(x, y)
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return self._linf_numpy(x, y)
+        return self._linf_torch(x, y)
+
+    def _linf_torch(self, x, y):
+        """The L∞ loop of :meth:`attack_single_run` in tensor operations (any device)."""
         with torch.no_grad():
             c, h, w = x.shape[1:]
             n_features = c * h * w
@@ -162,13 +170,97 @@ class FullSquare(Square):
             n_queries[at] += done
         return n_queries, x_best
 
+    def _linf_numpy(self, x, y):
+        """The L∞ loop of :meth:`attack_single_run` for float32 inputs on the CPU, its
+        per-query bookkeeping in numpy on views of the same memory: at a few dozen rows a
+        torch operation costs several microseconds of dispatch and a numpy one about one, and
+        the loop makes a dozen per query. The arithmetic is the tensor loop's, element by
+        element in float32 (a Python float operand is rounded to float32 first, by numpy's
+        scalar promotion as by torch's CPU kernels; min, max and clip propagate NaN alike);
+        the draws are the same uniforms in the same order (a query's two positions and its
+        signs from one ``torch.rand`` block, which the CPU generator fills exactly as it
+        answers the single calls upstream makes for them, one after another); the model gets each
+        query as a CPU tensor (sharing the query's memory, a fresh array every query) and its
+        logits are read in their own dtype. The cross-entropy loss (``loss="ce"``) is torch's own on
+        those logits."""
+        with torch.no_grad():
+            c, h, w = x.shape[1:]
+            n_features = c * h * w
+            eps = self.eps
+            x_best = torch.clamp(x + eps * self.random_choice([x.shape[0], c, 1, w]), 0., 1.)
+            margin, loss = self.margin_and_loss(x_best, y)
+            n_queries = torch.ones(x.shape[0], device=self.device)
+            best_np, nq_np = x_best.numpy(), n_queries.numpy()  # views: written back in place
+            at = (margin > 0.0).nonzero().flatten().numpy()
+            lo_t, hi_t = x - eps, x + eps  # torch's float32 arithmetic, as the tensor loop
+            ba, ya = best_np[at], y.numpy()[at]
+            lo, hi = lo_t.numpy()[at], hi_t.numpy()[at]
+            ma, la = margin.numpy()[at], loss.numpy()[at]
+            one, zero = np.float32(1.), np.float32(0.)
+            targeted, ce = self.targeted, self.loss != "margin"
+            done = 0  # queries made
+            for i_iter in range(self.n_queries):
+                keep = ma > zero
+                if not keep.all():  # some rows stop: write them back, compact the rest
+                    gone = ~keep
+                    best_np[at[gone]] = ba[gone]
+                    nq_np[at[gone]] += done
+                    at, ba, ya, lo, hi = at[keep], ba[keep], ya[keep], lo[keep], hi[keep]
+                    ma, la = ma[keep], la[keep]
+                if at.size == 0:
+                    break
+                p = self.p_selection(i_iter)
+                s = max(int(round(math.sqrt(p * n_features / c))), 1)
+                # the query's draws in one call: upstream draws two positions, then c signs,
+                # one torch.rand each (nothing in between), and the CPU generator gives a
+                # block of n uniforms equal to n single draws, in order
+                t = torch.rand([2 + c]).numpy()
+                vh, vw = _position_at(h - s, float(t[0])), _position_at(w - s, float(t[1]))
+                if c == 1:  # one sign, as a number: upstream's sign(2t − 1) · 2ε in float32
+                    t2 = float(t[2])
+                    delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
+                else:  # random_choice's sign(2t − 1) in float32
+                    signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
+                    delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
+                rows, cols = slice(vh, vh + s), slice(vw, vw + s)
+                x_new = ba.copy()
+                win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
+                np.minimum(win, hi[:, :, rows, cols], out=win)
+                x_new[:, :, rows, cols] = np.clip(win, zero, one, out=win)
+                logits_t = self.get_logits(torch.from_numpy(x_new))
+                if logits_t.requires_grad or logits_t.device.type != "cpu":
+                    logits_t = logits_t.detach().cpu()
+                logits = logits_t.numpy()
+                done += 1
+                index = np.arange(len(ya)), ya
+                y_corr = logits[index]
+                others = logits.copy()
+                others[index] = -np.inf
+                y_others = others.max(1)
+                m = y_others - y_corr if targeted else y_corr - y_others
+                # upstream's blend, not a select: a NaN or infinite margin or loss of the new
+                # query makes the kept one NaN there (0 · inf), and the row then stops
+                if not ce:  # loss = margin, and on a live row margin ≤ 0
+                    better = (m < ma).astype(np.float32)  # implies a lower loss: one blend
+                    ma = la = better * m + (one - better) * ma
+                else:
+                    xent = F.cross_entropy(logits_t, torch.from_numpy(ya),
+                                           reduction="none").numpy()
+                    loss_new = xent if targeted else np.float32(-1.) * xent
+                    better = (loss_new < la).astype(np.float32)
+                    la = better * loss_new + (one - better) * la
+                    better = np.maximum(better, (m <= zero).astype(np.float32))
+                    ma = better * m + (one - better) * ma
+                ba = np.where(better.reshape(-1, 1, 1, 1) > zero, x_new, ba)
+            best_np[at] = ba
+            nq_np[at] += done
+        return n_queries, x_best
+
     def _position(self, high: int) -> int:
         """:meth:`random_int` ``(0, high)`` as a Python int: the same draw (one
         ``torch.rand(1)``) and the same float32 arithmetic (``span · t`` rounded to float32,
         then floored), without the tensor operations."""
-        span = max(int(high) + 1, 1)
-        t = float(torch.rand([1]))
-        return min(int(np.float32(span * t)), span - 1)
+        return _position_at(high, torch.rand([1]).item())
 
     def random_int(self, low=0, high=1, shape=(1,)):
         """Uniform integers in ``[low, high]`` (inclusive); ``low`` when ``high < low``.
@@ -179,6 +271,14 @@ class FullSquare(Square):
         span = max(int(high) - int(low) + 1, 1)
         t = torch.rand(list(shape))
         return (low + torch.floor(span * t).clamp(max=span - 1)).long()
+
+
+def _position_at(high: int, t: float) -> int:
+    """The window position :meth:`FullSquare._position` gives for the uniform draw ``t`` (a
+    float32 value): ``floor(float32(span · t))`` with ``span = max(high + 1, 1)``, at most
+    ``span − 1``."""
+    span = max(int(high) + 1, 1)
+    return min(int(np.float32(span * t)), span - 1)
 
 
 def full_square_inside(attack):

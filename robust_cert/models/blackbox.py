@@ -162,19 +162,25 @@ class ProbaForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        flat = x.detach().to("cpu").reshape(n, -1)
-        if flat.shape[1] != self.n_features:
-            raise ModelError(f"{self.source}: a sample has {flat.shape[1]} values; the model "
+        on_cpu = x.device.type == "cpu"
+        # a CPU tensor is read in place (numpy), without torch operations: at the Square
+        # attack's query batches their dispatch costs more than the reshape itself
+        if x.requires_grad:
+            x = x.detach()
+        arr = x.numpy() if on_cpu else x.to("cpu").numpy()
+        rows = arr.reshape(n, math.prod(arr.shape[1:]))
+        if rows.shape[1] != self.n_features:
+            raise ModelError(f"{self.source}: a sample has {rows.shape[1]} values; the model "
                              f"takes {self.n_features} features")
         if n == 0:  # the model is not asked about zero rows
             return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
-        rows = flat.numpy()
         if n <= self.max_batch:
             logits = self._log_probabilities(rows)
         else:
             logits = np.concatenate([self._log_probabilities(rows[s:s + self.max_batch])
                                      for s in range(0, n, self.max_batch)])
-        return torch.from_numpy(logits.astype(np.float32)).to(x.device)
+        out = torch.from_numpy(logits.astype(np.float32))
+        return out if on_cpu else out.to(x.device)
 
 
 def from_predict(
