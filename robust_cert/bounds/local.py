@@ -224,17 +224,21 @@ class LocalBound:
         if method == "crown" and "linear" in self.missing:
             raise NotBoundable(self.missing["linear"])
 
-    def bytes_per_point(self, method: str, specs: int, alpha_steps: int = 0) -> int:
+    def bytes_per_point(self, method: str, specs: int, alpha_steps: int = 0,
+                        max_rows: int | None = None) -> int:
         """A generous estimate of the memory one point needs (float64 coefficients of the
-        widest back-substitution, three live copies; with ``alpha_steps``, alpha-CROWN's
-        autograd graph of the margins' back-substitution: four copies of every node's
-        coefficients, and its slopes with their Adam moments and best values)."""
+        widest back-substitution, three live copies, at most ``max_rows`` rows of a node's
+        tightening at a time; with ``alpha_steps``, alpha-CROWN's autograd graph of the
+        margins' back-substitution: four copies of every node's coefficients, and its
+        slopes with their Adam moments and best values)."""
         widest = max(self.numel.values())
         total = sum(self.numel.values()) * 8 * 4
         if method == "ibp":
             return total
         refined = self.refined if method == "crown" else []  # crown-ibp: the specs only
         rows = max([2 * self.numel[n] for n in refined] + [specs])
+        if max_rows:
+            rows = min(rows, max(max_rows, specs))
         out = total + rows * widest * 8 * 3
         if alpha_steps > 0:
             out = max(out, total + specs * 8 * (4 * sum(self.numel.values())
@@ -242,16 +246,17 @@ class LocalBound:
         return out
 
     def margins(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
-                box: tuple[float, float] | None, method: str,
-                alpha_steps: int = 0) -> torch.Tensor:
+                box: tuple[float, float] | None, method: str, alpha_steps: int = 0,
+                max_rows: int | None = None) -> torch.Tensor:
         """Lower bounds (float64, (batch, specs)) of spec·f over the region, exact network."""
-        ibp, form = self.forms(x0, radius, norm, spec, box, method, alpha_steps=alpha_steps)
+        ibp, form = self.forms(x0, radius, norm, spec, box, method, alpha_steps=alpha_steps,
+                               max_rows=max_rows)
         return ibp if form is None else torch.maximum(ibp, form.lower(radius))
 
     def forms(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
               box: tuple[float, float] | None, method: str,
-              threshold: torch.Tensor | None = None,
-              alpha_steps: int = 0) -> tuple[torch.Tensor, LinearForm | None]:
+              threshold: torch.Tensor | None = None, alpha_steps: int = 0,
+              max_rows: int | None = None) -> tuple[torch.Tensor, LinearForm | None]:
         """IBP's lower bounds (float64, (batch, specs)) of spec·f over the region and, but for
         ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP).
 
@@ -264,8 +269,11 @@ class LocalBound:
         own: the rows never mix).
 
         With ``alpha_steps`` > 0 (and a CROWN method), the margins' form is alpha-CROWN's
-        (:meth:`_alpha_form`): the lower slopes of the unstable ReLUs optimised per point and
-        row at this radius; never below CROWN's at any r ≤ ``radius``."""
+        (:meth:`_alpha_form`): the free parameters of the relaxations (ReLU lower slopes,
+        max-pooling weights) optimised per point and row at this radius; never below CROWN's
+        at any r ≤ ``radius``. With ``max_rows``, ``method="crown"`` tightens an
+        intermediate node by at most that many rows at a time (the same bounds, less memory:
+        :meth:`bytes_per_point`)."""
         g = self.graph
         with torch.no_grad():
             values = g._evaluate(x0.to(g.dtype))
@@ -285,7 +293,7 @@ class LocalBound:
                 ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
                 if refine and n in self.refined and not (norm == "linf"
                                                          and n in self.box_exact):
-                    self._refine(n, ctx, inp)
+                    self._refine(n, ctx, inp, max_rows)
             out = g.output
             shape = ctx.lower[out].shape[1:]
             c = spec.to(x.device, torch.float64)
@@ -386,7 +394,7 @@ class LocalBound:
         final.alt = crown
         return final
 
-    def _refine(self, n, ctx: Region, inp) -> None:
+    def _refine(self, n, ctx: Region, inp, max_rows: int | None = None) -> None:
         lo, hi = ctx.lower[n], ctx.upper[n]
         mask = None
         for u in self.users[n]:
@@ -416,12 +424,21 @@ class LocalBound:
         idx = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
         valid = torch.arange(k, device=lo.device)[None, :] < counts[:, None]
         nel = flat.shape[1]
-        a = torch.zeros((b, k, nel), dtype=torch.float64, device=lo.device)
-        a.scatter_(2, idx[:, :, None], 1.0)
-        # rows e_i, and −e_i added at the first relaxation (the map before it is linear)
-        lb = self._backward(n, a.view(b, k, *lo.shape[1:]), ctx, inp, mirror=True)
-        assert isinstance(lb, torch.Tensor)  # without form
-        new_lo, new_hi = lb[:, :k], -lb[:, k:]
+        # rows e_i, and −e_i added at the first relaxation (the map before it is linear), at
+        # most max_rows (both signs) at a time: the rows never mix, so the bounds are those
+        # of all of them at once
+        step = k if not max_rows else max(1, max_rows // 2)
+        parts_lo, parts_hi = [], []
+        for j in range(0, k, step):
+            part = idx[:, j:j + step]
+            kj = part.shape[1]
+            a = torch.zeros((b, kj, nel), dtype=torch.float64, device=lo.device)
+            a.scatter_(2, part[:, :, None], 1.0)
+            lb = self._backward(n, a.view(b, kj, *lo.shape[1:]), ctx, inp, mirror=True)
+            assert isinstance(lb, torch.Tensor)  # without form
+            parts_lo.append(lb[:, :kj])
+            parts_hi.append(-lb[:, kj:])
+        new_lo, new_hi = torch.cat(parts_lo, 1), torch.cat(parts_hi, 1)
         lo_f, hi_f = lo.reshape(b, -1).clone(), hi.reshape(b, -1).clone()
         old_lo, old_hi = lo_f.gather(1, idx), hi_f.gather(1, idx)
         lo_f.scatter_(1, idx, torch.where(valid, torch.maximum(old_lo, new_lo), old_lo))
@@ -643,7 +660,8 @@ def default_spec(logits: torch.Tensor) -> torch.Tensor:
 def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
              spec: torch.Tensor | None, method: str, max_memory: int, alpha_steps: int = 0):
     """Checked arguments of :func:`local_bounds` and :func:`local_radius`: (analysis, radii
-    per point, spec, points per chunk)."""
+    per point, spec, points per chunk, rows per tightening pass: None for all, or, with
+    ``method="crown"``, fewer when all at once would not fit one point in ``max_memory``)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if method not in METHODS:
@@ -663,12 +681,22 @@ def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
             logits = bound.graph._evaluate(x0.to(bound.graph.dtype))[bound.graph.output]
         spec = default_spec(first(logits).flatten(1).double())
     spec = spec.to(x0.device, torch.float64)
-    per_point = local.bytes_per_point(method, spec.shape[1], alpha_steps)
+    specs = spec.shape[1]
+    per_point = local.bytes_per_point(method, specs, alpha_steps)
+    max_rows = None
+    if per_point > max_memory and method == "crown":
+        # tighten intermediate nodes by fewer rows at a time (the same bounds): the most
+        # (an even number, both signs of each element) that keep one point within budget
+        floor = local.bytes_per_point(method, specs, alpha_steps, specs + 1)
+        per_row = local.bytes_per_point(method, specs, alpha_steps, specs + 2) - floor
+        fit = specs + 1 + max(0, int((max_memory - floor) // max(1, per_row)))
+        max_rows = max(2, fit - fit % 2)
+        per_point = local.bytes_per_point(method, specs, alpha_steps, max_rows)
     if per_point > max_memory:
         raise NotBoundable(f"the {method} bound needs about {per_point / 2**20:.0f} MiB per "
                            f"point, above max_bound_memory ({max_memory / 2**20:.0f} MiB)")
     budget = max_memory if x0.device.type != "cpu" else min(max_memory, CPU_CHUNK_BYTES)
-    return local, radius, spec, max(1, int(budget // per_point))
+    return local, radius, spec, max(1, int(budget // per_point)), max_rows
 
 
 def _rounding(bound: LipschitzBound, x0: torch.Tensor, radius: torch.Tensor, norm: str,
@@ -700,11 +728,11 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     slopes; never looser than CROWN's, sound whatever the steps reach; 0: off). Raises
     :class:`NotBoundable` naming an op without the bound ``method`` needs.
     """
-    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory,
-                                          alpha_steps)
+    local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
+                                                     max_memory, alpha_steps)
     b = x0.shape[0]
     parts = [local.margins(x0[i:i + chunk], radius[i:i + chunk], norm, spec[i:i + chunk], box,
-                           method, alpha_steps) for i in range(0, b, chunk)]
+                           method, alpha_steps, max_rows) for i in range(0, b, chunk)]
     exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
     rnd = _rounding(bound, x0, radius, norm, spec, ball_error)
     return LocalMargins(exact - rnd, exact, rnd, method)
@@ -737,8 +765,8 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     ``radius`` (:func:`local_bounds`). It is at most the radius a fresh bound at r would
     certify (tighter intervals at r): call again with a radius between (bisection of
     :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
-    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory,
-                                          alpha_steps)
+    local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
+                                                     max_memory, alpha_steps)
     b = x0.shape[0]
     thr = _rounding(bound, x0, radius, norm, spec, ball_error)
     if offset is not None:
@@ -747,13 +775,14 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     for i in range(0, b, chunk):
         sl = slice(i, i + chunk)
         out.append(_radius_on_forms(local, x0[sl], radius[sl], norm, spec[sl], box, method,
-                                    thr[sl], alpha_steps))
+                                    thr[sl], alpha_steps, max_rows))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, norm: str,
                      spec: torch.Tensor, box: tuple[float, float] | None, method: str,
-                     t: torch.Tensor, alpha_steps: int = 0) -> torch.Tensor:
+                     t: torch.Tensor, alpha_steps: int = 0,
+                     max_rows: int | None = None) -> torch.Tensor:
     """:func:`local_radius` on one chunk of points (thresholds ``t``), with three shortcuts
     that leave its result unchanged, since every bound involved is non-increasing in r
     (fitted at ``big``, valid on every smaller ball):
@@ -776,7 +805,7 @@ def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, nor
             return r_out
         x0, big, spec, t = x0[todo], big[todo], spec[todo], t[todo]
     ibp, form = local.forms(x0, big, norm, spec, box, method, threshold=t,
-                            alpha_steps=alpha_steps)
+                            alpha_steps=alpha_steps, max_rows=max_rows)
     if form is None:  # IBP: a constant in r (or no row left to back-substitute)
         good = ((ibp - t) > 0).all(1)
         r_out[todo] = torch.where(good, big, torch.zeros_like(big))
