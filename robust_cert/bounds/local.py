@@ -301,25 +301,28 @@ class LocalBound:
             ibp = (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
             if method == "ibp":
                 return ibp, None
-            rows = valid = None
+            rows = valid = goal = None
             if threshold is not None:
-                need = ibp <= threshold.to(ibp.device, torch.float64)
+                thr = threshold.to(ibp.device, torch.float64)
+                need = ibp <= thr
                 rows, valid = _compress(need)
                 if rows is None:
                     return ibp, None
                 c = c.gather(1, rows[:, :, None].expand(-1, -1, c.shape[2]))
+                # alpha-CROWN may stop once every row kept is above its threshold
+                goal = torch.where(valid, thr.gather(1, rows), -torch.inf)
             c = c.view(c.shape[0], c.shape[1], *shape)
             form = None
             if alpha_steps > 0:
-                form = self._alpha_form(out, c, ctx, inp, alpha_steps)
+                form = self._alpha_form(out, c, ctx, inp, alpha_steps, goal)
             if form is None:
                 form = self._backward(out, c, ctx, inp, form=True)
             assert isinstance(form, LinearForm)  # with form
             form.rows, form.valid = rows, valid
             return ibp, form
 
-    def _alpha_form(self, out, c: torch.Tensor, ctx: Region, inp,
-                    steps: int) -> LinearForm | None:
+    def _alpha_form(self, out, c: torch.Tensor, ctx: Region, inp, steps: int,
+                    goal: torch.Tensor | None = None) -> LinearForm | None:
         """alpha-CROWN (Xu et al. 2021) on the margins ``c``: the lower slopes α ∈ [0, 1] of
         the unstable elements of every relaxed op with a free slope
         (:meth:`BoundOp.alpha_init <robust_cert.bounds.BoundOp.alpha_init>`: ReLU), one per
@@ -331,7 +334,9 @@ class LocalBound:
         valid lower line: the op clamps them); the returned form is the larger of it and
         CROWN's (:attr:`LinearForm.alt`) at every r. None when no op has a free slope, and
         CROWN's own form when none of them is reached by the margins' coefficients (a
-        relaxation by constants before them). Intermediate bounds are left as they are."""
+        relaxation by constants before them). With ``goal`` (batch, specs), the steps stop
+        once every row's best bound exceeds it (CROWN's form alone when it already does).
+        Intermediate bounds are left as they are."""
         g = self.graph
         b, s = c.shape[:2]
         alpha: dict[torch.fx.Node, list[torch.Tensor]] = {}
@@ -374,6 +379,8 @@ class LocalBound:
                     v = val.detach()
                     if best_val is None:  # CROWN's slopes: its form, the floor
                         crown, best_val = form.detached(), v
+                        if goal is not None and bool((v > goal).all()):
+                            return crown
                     else:
                         better = v > best_val
                         best_val = torch.where(better, v, best_val)
@@ -381,6 +388,8 @@ class LocalBound:
                             best[n] = [torch.where(better.view(b, s, *([1] * (a.ndim - 2))),
                                                    a.detach(), old)
                                        for a, old in zip(vs, best[n], strict=True)]
+                    if goal is not None and bool((best_val > goal).all()):
+                        break
                     if it < steps:
                         opt.step()
                         for a in leaves:
