@@ -86,7 +86,9 @@ class MaxPool(BoundOp):
     c = max_j [(1 − λ_j) u_j − Σ_{i≠j} λ_i l_i]: for each j, z_j − λ·z is linear with
     coefficient 1 − λ_j ≥ 0 on z_j and −λ_i ≤ 0 on the others, so its maximum over the box
     is that term, and max_j z_j − λ·z ≤ c (exact, y = z_k, when z_k dominates: λ = e_k,
-    c = 0; the triangle relaxation of a + relu(b − a) for two elements).
+    c = 0; the triangle relaxation of a + relu(b − a) for two elements). The bound holds for
+    any λ ∈ [0, 1] (only λ_i ≥ 0 and 1 − λ_j ≥ 0 are used), so alpha-CROWN optimises λ and
+    the lower line's weights (:meth:`_alpha_linear`), one set per spec row.
     """
 
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -180,8 +182,8 @@ class MaxPool(BoundOp):
         """alpha-CROWN's back-substitution, one relaxation per spec row: the upper weights
         λ (b, s, c, kk, L) clamped to [0, 1] on the elements that can be the max (any such λ
         is valid: the bound of the class docstring needs only λ_i ≥ 0 and 1 − λ_j ≥ 0), the
-        lower y ≥ Σ μ_i z_i with μ ≥ 0 of sum 1 (a mean of the window's elements is at most
-        their max: the weights clamped at 0 and normalised; all zero: the pick)."""
+        lower y ≥ Σ μ_i z_i + (1 − Σμ)·max_j l_j with μ ≥ 0 of sum at most 1 (the weights
+        clamped at 0 and normalised to a sum just below 1; all zero: the pick)."""
         lam_p, mu_p = alpha
         b, c, h, w = win_.shape
         s = a.shape[1]
@@ -191,7 +193,12 @@ class MaxPool(BoundOp):
         mu = mu_p.clamp(min=0.0) * real
         tot_mu = mu.sum(3, keepdim=True)
         pick = torch.zeros_like(win_.lam).scatter_(2, win_.best, 1.0).unsqueeze(1)
-        mu = torch.where(tot_mu > 0, mu / tot_mu.clamp(min=1e-300), pick)
+        # Σμ ≤ 1 for sure (the division's rounding aside), and the rest on the window's
+        # largest lower bound: y ≥ Σ μ_i z_i + (1 − Σμ)·max_j l_j holds for any μ ≥ 0 with
+        # Σμ ≤ 1 (y ≥ every z_i and y ≥ max_j l_j); 1 − Σμ is computed within 1e-14
+        mu = torch.where(tot_mu > 0, mu / (tot_mu.clamp(min=1e-300) * (1 + 1e-12)), pick)
+        top = win_.wl.amax(2).unsqueeze(1)  # (b, 1, c, L), finite: every window has an element
+        rest = (1 - mu.sum(3)) * top - 1e-14 * top.abs()
         lf = win_.lf.unsqueeze(1)
         wu = torch.where(real, win_.wu.unsqueeze(1), 0.0)  # padding: finite, then excluded
         tot = (lam * lf).sum(3, keepdim=True)
@@ -199,6 +206,7 @@ class MaxPool(BoundOp):
         coef = a.reshape(b, s, c, -1)
         neg = coef.clamp(max=0)
         ctx.add_bias_rows(neg, const)
+        ctx.add_bias_rows(coef - neg, rest)
         cols = (neg.unsqueeze(3) * lam + (coef - neg).unsqueeze(3) * mu)
         hp, wp = h + 2 * win_.pad[0], w + 2 * win_.pad[1]
         out = F.fold(cols.reshape(b * s * c, kk, nwin), (hp, wp), win_.k, dilation=win_.dil,
