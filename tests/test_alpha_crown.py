@@ -173,3 +173,39 @@ def test_negative_alpha_steps_are_refused() -> None:
     bound = lipschitz_bound(model, (1, 8, 8))
     with pytest.raises(ValueError, match="alpha_steps must be >= 0"):
         local_bounds(bound, torch.rand(1, 1, 8, 8), 0.01, "linf", alpha_steps=-1)
+
+
+def test_safe_radius_with_alpha_steps_certifies_at_least_as_much() -> None:
+    """The metric's setting: on these points the certified radius with alpha-CROWN is at
+    least CROWN-IBP's alone and larger on some (each fit is never looser; the searches'
+    trial radii may differ), below every witness; a negative number of steps is refused by
+    the policy's validation."""
+    import numpy as np
+    import pydantic
+
+    import robust_cert
+    from robust_cert.metrics.base import RunContext
+    from robust_cert.metrics.safe_radius import SafeRadius, SafeRadiusConfig
+    from tests.test_safe_radius import CPU
+
+    model = _pooled(1)
+    x = torch.rand(12, 1, 8, 8).numpy()
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    data = robust_cert.load_data((x, y), input_range=(0.0, 1.0))
+    clf = robust_cert.load_model(model, input_shape=data.input_shape)
+    out = {}
+    for steps in (0, 10):
+        cfg = SafeRadiusConfig(norms=["linf"], local_bound="crown-ibp", alpha_steps=steps,
+                               within_box=True, clever_batches=2, clever_samples=1,
+                               estimate_steps=0)
+        out[steps] = SafeRadius(cfg).run(clf, data, RunContext(CPU, batch_size=12, seed=0))
+    lo0, lo1 = out[0].per_point["lower@linf"], out[10].per_point["lower@linf"]
+    up = out[10].per_point["upper@linf"]
+    assert (lo1 >= lo0 * (1 - 1e-12)).all()
+    assert (lo1 > lo0 * 1.01).any()
+    assert (lo1 <= up).all()
+    assert out[10].diagnostics["linf"]["sandwich_violations"] == 0
+    assert np.isfinite(lo1).all()
+    with pytest.raises(pydantic.ValidationError, match="alpha_steps"):
+        SafeRadiusConfig(alpha_steps=-1)
