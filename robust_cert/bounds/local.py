@@ -306,7 +306,7 @@ class LocalBound:
                 thr = threshold.to(ibp.device, torch.float64)
                 need = ibp <= thr
                 rows, valid = _compress(need)
-                if rows is None:
+                if rows is None or valid is None:
                     return ibp, None
                 c = c.gather(1, rows[:, :, None].expand(-1, -1, c.shape[2]))
                 # alpha-CROWN may stop once every row kept is above its threshold
