@@ -303,7 +303,7 @@ class LocalBound:
                 return ibp, None
             rows = valid = goal = None
             if threshold is not None:
-                thr = threshold.to(ibp.device, torch.float64)
+                thr = torch.broadcast_to(threshold.to(ibp.device, torch.float64), ibp.shape)
                 need = ibp <= thr
                 rows, valid = _compress(need)
                 if rows is None or valid is None:
