@@ -121,7 +121,9 @@ class SafeRadiusConfig(MetricConfig):
     alpha_steps: int = Field(default=0, ge=0, le=1000, description="alpha-CROWN with crown "
                              "or crown-ibp: optimisation steps of the relaxations' free "
                              "parameters (ReLU lower slopes, max-pooling weights) per bound "
-                             "computation; never looser than without (0: off)")
+                             "computation; never looser than without (0: off; digits CNN, "
+                             "20 steps: crown L∞ 0.45 → 0.50, L2 0.27 → 0.30, crown-ibp L∞ "
+                             "0.30 → 0.34, L2 unchanged, at about 5× and 15× the run time)")
     bound_steps: int = Field(default=12, ge=0, le=60,
                              description="relaxations fitted per point (at most): each a "
                              "bound computation at one trial radius")
