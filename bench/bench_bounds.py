@@ -1,7 +1,7 @@
 """Tightness, soundness and cost of the certified safe radius (issue 23), in one command:
 
     .venv/bin/python bench/bench_bounds.py [--model digits|resnet18] [--points N]
-        [--mode crown|crown-ibp|ibp] [--threads 1] [--whole-ball]
+        [--mode crown|crown-ibp|ibp] [--alpha-steps N] [--threads 1] [--whole-ball]
 
 ``--model digits`` (default): the digits CNN (``robust_cert.digits_cnn.train_digits_cnn``, a
 few seconds), the first ``--points`` (120) digits test points. ``--model resnet18``: the
@@ -9,7 +9,9 @@ CIFAR-style ResNet-18 of ``tests/architectures.py`` at ``--width`` (16), trained
 seconds on its generated stripes (as ``bench/bench_resnet.py``), ``--points`` (8) test
 images. ``safe_radius`` (adversarial property, L2 and L∞, the default witness search) runs
 twice on the same points: local bound off ("before": the global Lipschitz bound alone) and
-``--mode`` ("after": max(Lipschitz, local)), certifying the ball ∩ the input box
+``--mode`` ("after": max(Lipschitz, local); with ``--alpha-steps`` N > 0, alpha-CROWN's
+relaxation, N optimisation steps per bound computation; default: the metric's
+``alpha_steps``), certifying the ball ∩ the input box
 (``within_box``: the witnesses are searched there too; ``--whole-ball`` certifies the whole
 ball). Reported per norm, over the points where the property holds:
 
@@ -173,6 +175,8 @@ def main() -> int:
     ap.add_argument("--points", type=int, default=None, help="default 120 (digits), 8 (resnet)")
     ap.add_argument("--width", type=int, default=16, help="ResNet-18 width")
     ap.add_argument("--mode", choices=("crown", "crown-ibp", "ibp"), default="crown")
+    ap.add_argument("--alpha-steps", type=int, default=None,
+                    help="alpha-CROWN steps of the local bound (default: the metric's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--whole-ball", action="store_true",
                     help="certify the whole ball (default: the ball ∩ the input box, where "
@@ -195,9 +199,10 @@ def main() -> int:
     sr.local_radius = timer
     try:
         for mode in ("off", args.mode):
+            extra = {} if args.alpha_steps is None else {"alpha_steps": args.alpha_steps}
             cfg = SafeRadiusConfig(norms=["l2", "linf"], local_bound=mode,
                                    within_box=not args.whole_ball, clever_batches=2,
-                                   clever_samples=1)
+                                   clever_samples=1, **extra)
             t = time.perf_counter()
             results[mode] = SafeRadius(cfg).run(clf, data,
                                                 RunContext(CPU, batch_size=len(y_np), seed=0))
@@ -205,7 +210,9 @@ def main() -> int:
     finally:
         sr.local_radius = timer.inner
     res = results[args.mode]
-    row("local bound", str(res.diagnostics["local_bound"]))
+    alpha = (SafeRadiusConfig().alpha_steps if args.alpha_steps is None
+             else args.alpha_steps)
+    row("local bound", f"{res.diagnostics['local_bound']}, alpha_steps {alpha}")
     x = torch.from_numpy(x_np)
     xg = x.clone().requires_grad_(True)
     fb = min(_timed(lambda: torch.autograd.grad(model(xg).sum(), xg)) for _ in range(5))
@@ -265,7 +272,7 @@ def main() -> int:
     row(f"(the same {rows} passes in float32)",
         f"{floor32 / len(x) / fb_point:.1f}x forward+backward")
     bound = lipschitz_bound(model, data.input_shape)
-    est = local_analysis(bound).bytes_per_point(args.mode, 9)
+    est = local_analysis(bound).bytes_per_point(args.mode, 9, alpha)
     row(f"estimated {args.mode} memory per point", f"{est / 2**20:.1f} MiB",
         f"chunks within max_bound_memory {SafeRadiusConfig().max_bound_memory / 2**20:.0f} MiB")
     row("load average at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

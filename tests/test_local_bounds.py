@@ -192,8 +192,34 @@ def test_chunks_within_the_memory_budget_give_the_same_bounds() -> None:
     per = local_analysis(bound).bytes_per_point("crown", 3)
     chunked = local_bounds(bound, x, 0.01, "linf", max_memory=2 * per)
     assert torch.allclose(whole.lower, chunked.lower, rtol=0, atol=1e-9)
+    # below one point's estimate, crown tightens each node by fewer rows at a time: the same
+    # bounds (the rows never mix)
+    rows = local_bounds(bound, x, 0.01, "linf", max_memory=per // 2)
+    assert torch.allclose(whole.lower, rows.lower, rtol=0, atol=1e-9)
     with pytest.raises(NotBoundable, match="max_bound_memory"):
-        local_bounds(bound, x, 0.01, "linf", max_memory=per // 2)
+        local_bounds(bound, x, 0.01, "linf", method="crown-ibp",
+                     max_memory=local_analysis(bound).bytes_per_point("crown-ibp", 3) // 2)
+    with pytest.raises(NotBoundable, match="max_bound_memory"):
+        local_bounds(bound, x, 0.01, "linf", max_memory=local_analysis(
+            bound).bytes_per_point("crown", 3, max_rows=2) // 2)
+
+
+def test_tightening_rows_in_parts_gives_the_same_bounds() -> None:
+    """crown with at most 8 or 50 tightening rows at a time: the bounds of all at once,
+    in every norm (a ResNet: residual additions, BatchNorm, strided convolutions)."""
+    torch.manual_seed(0)
+    model = ResNet18(width=4).eval()
+    x = torch.rand(2, 3, 8, 8)
+    bound = lipschitz_bound(model, (3, 8, 8))
+    local = local_analysis(bound)
+    with torch.no_grad():
+        spec = default_spec(model(x).double())
+    for norm, r in (("linf", 2e-3), ("l2", 1e-2)):
+        rr = torch.full((2,), r, dtype=torch.float64)
+        whole = local.margins(x, rr, norm, spec, None, "crown")
+        for rows in (8, 50):
+            part = local.margins(x, rr, norm, spec, None, "crown", max_rows=rows)
+            assert torch.allclose(whole, part, rtol=1e-12, atol=1e-12)
 
 
 def test_a_resnet_is_bounded_by_crown() -> None:

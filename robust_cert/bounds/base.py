@@ -273,6 +273,17 @@ class BoundOp(abc.ABC):
         bounds change the relaxation, so are worth tightening; None: all."""
         return None
 
+    def alpha_init(self, call: OpCall, params: Any, lo: torch.Tensor,
+                   hi: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """For a ``relaxed`` op whose relaxation has free parameters (alpha-CROWN: a ReLU's
+        lower slopes, a max pooling's weights): the values its :meth:`linear` uses by
+        default, each a tensor with the batch first (a tuple of them for several), from
+        which the local bound starts optimising them in [0, 1] (:meth:`linear` then reads
+        them, in the same form with a spec-row dimension after the batch, from
+        ``ctx.alpha[node]``, and must be sound for every value it is given); None: nothing to
+        optimise on [lo, hi] (the default)."""
+        return None
+
     def constant(self, call: OpCall, params: Any, lo: torch.Tensor,
                  hi: torch.Tensor) -> torch.Tensor | None:
         """For a ``relaxed`` elementwise op: the input elements (a bool mask of ``lo``'s

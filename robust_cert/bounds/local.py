@@ -62,6 +62,8 @@ DEFAULT_MAX_MEMORY = 1 << 30
 #: (safe_radius of digits-adversarial.yaml alone: 496 MB at 1 GiB, 479 at 32 MiB, 458 at 8).
 #: On an accelerator, chunks fill ``max_memory`` (more points per kernel).
 CPU_CHUNK_BYTES = 8 << 20
+#: Adam's learning rate on alpha-CROWN's slopes (in [0, 1]).
+ALPHA_LR = 0.1
 #: Norms of the ball and their dual norm on the input coefficients.
 NORMS = ("linf", "l2", "l1")
 METHODS = ("crown", "crown-ibp", "ibp")
@@ -72,7 +74,9 @@ class Region:
     :meth:`~robust_cert.bounds.BoundOp.linear` see: ``lower``/``upper`` (the intervals of the
     nodes bounded so far, float64, batch first), ``values`` (every node's value at the centres
     x0: constants such as sizes are those of this batch), :meth:`rerun`, :meth:`transpose`
-    and :meth:`add_bias`."""
+    and :meth:`add_bias`; ``alpha`` (None, or while the margins are back-substituted by
+    alpha-CROWN: relaxed node → the lower-line slopes (batch, specs, *shape) of its unstable
+    elements, each clamped to [0, 1] by the op that reads them)."""
 
     def __init__(self, graph: GraphBound, values: dict, batch: int):
         self.graph = graph
@@ -83,6 +87,7 @@ class Region:
         self._modules = dict(graph.gm.named_modules())
         self.bias: torch.Tensor | None = None
         self.mag: torch.Tensor | None = None
+        self.alpha: dict | None = None
 
     def value(self, n: torch.fx.Node):
         """The value of node ``n`` at the centres (element 0 of a tuple)."""
@@ -133,6 +138,14 @@ class Region:
             if t:
                 self.bias = self.bias + af.sum(-1) * t
                 self.mag = self.mag + af.abs().sum(-1) * abs(t)
+
+    def add_bias_rows(self, a: torch.Tensor, t: torch.Tensor) -> None:
+        """Add Σ a·t (over the output elements) to the bound's constant, ``t`` one value per
+        spec row and element (a's shape); magnitude Σ|a||t|."""
+        assert self.bias is not None  # set by _backward
+        assert self.mag is not None
+        self.bias = self.bias + (a * t).flatten(2).sum(-1)
+        self.mag = self.mag + (a.abs() * t.abs()).flatten(2).sum(-1)
 
     def relax(self, a: torch.Tensor, lower: tuple, upper: tuple) -> torch.Tensor:
         """Back-substitution through an elementwise relaxation αL·z + βL ≤ φ(z) ≤ αU·z + βU
@@ -198,6 +211,9 @@ class LocalBound:
                 moved.add(step.node)
         self.box_exact = {s.node for s in graph.steps if s.kind == "affine"
                           and len(set(s.inputs)) == 1 and s.inputs[0] in moved}
+        # relaxed nodes with one dependent input: the candidates for alpha-CROWN's slopes
+        self.slopes = [s.node for s in graph.steps if graph.calls[s.node][0].relaxed
+                       and len(graph.calls[s.node][1].deps) == 1]
         self.numel = {n: first(graph.values[n])[0].numel() for n in graph.order
                       if isinstance(first(graph.values[n]), torch.Tensor)}
 
@@ -208,27 +224,39 @@ class LocalBound:
         if method == "crown" and "linear" in self.missing:
             raise NotBoundable(self.missing["linear"])
 
-    def bytes_per_point(self, method: str, specs: int) -> int:
+    def bytes_per_point(self, method: str, specs: int, alpha_steps: int = 0,
+                        max_rows: int | None = None) -> int:
         """A generous estimate of the memory one point needs (float64 coefficients of the
-        widest back-substitution, three live copies)."""
+        widest back-substitution, three live copies, at most ``max_rows`` rows of a node's
+        tightening at a time; with ``alpha_steps``, alpha-CROWN's autograd graph of the
+        margins' back-substitution: four copies of every node's coefficients, and its
+        slopes with their Adam moments and best values)."""
         widest = max(self.numel.values())
         total = sum(self.numel.values()) * 8 * 4
         if method == "ibp":
             return total
         refined = self.refined if method == "crown" else []  # crown-ibp: the specs only
         rows = max([2 * self.numel[n] for n in refined] + [specs])
-        return total + rows * widest * 8 * 3
+        if max_rows:
+            rows = min(rows, max(max_rows, specs))
+        out = total + rows * widest * 8 * 3
+        if alpha_steps > 0:
+            out = max(out, total + specs * 8 * (4 * sum(self.numel.values())
+                                                + 5 * sum(self.numel[n] for n in self.slopes)))
+        return out
 
     def margins(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
-                box: tuple[float, float] | None, method: str) -> torch.Tensor:
+                box: tuple[float, float] | None, method: str, alpha_steps: int = 0,
+                max_rows: int | None = None) -> torch.Tensor:
         """Lower bounds (float64, (batch, specs)) of spec·f over the region, exact network."""
-        ibp, form = self.forms(x0, radius, norm, spec, box, method)
+        ibp, form = self.forms(x0, radius, norm, spec, box, method, alpha_steps=alpha_steps,
+                               max_rows=max_rows)
         return ibp if form is None else torch.maximum(ibp, form.lower(radius))
 
     def forms(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
               box: tuple[float, float] | None, method: str,
-              threshold: torch.Tensor | None = None) -> tuple[torch.Tensor,
-                                                               LinearForm | None]:
+              threshold: torch.Tensor | None = None, alpha_steps: int = 0,
+              max_rows: int | None = None) -> tuple[torch.Tensor, LinearForm | None]:
         """IBP's lower bounds (float64, (batch, specs)) of spec·f over the region and, but for
         ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP).
 
@@ -238,7 +266,14 @@ class LocalBound:
         being spec row ``form.rows[p, j]``, meaningful where ``form.valid[p, j]`` (the others
         repeat a dropped row); None when no row of any point is needed. The bounds of the
         rows kept are those of the full computation (every row is back-substituted on its
-        own: the rows never mix)."""
+        own: the rows never mix).
+
+        With ``alpha_steps`` > 0 (and a CROWN method), the margins' form is alpha-CROWN's
+        (:meth:`_alpha_form`): the free parameters of the relaxations (ReLU lower slopes,
+        max-pooling weights) optimised per point and row at this radius; never below CROWN's
+        at any r ≤ ``radius``. With ``max_rows``, ``method="crown"`` tightens an
+        intermediate node by at most that many rows at a time (the same bounds, less memory:
+        :meth:`bytes_per_point`)."""
         g = self.graph
         with torch.no_grad():
             values = g._evaluate(x0.to(g.dtype))
@@ -258,7 +293,7 @@ class LocalBound:
                 ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
                 if refine and n in self.refined and not (norm == "linf"
                                                          and n in self.box_exact):
-                    self._refine(n, ctx, inp)
+                    self._refine(n, ctx, inp, max_rows)
             out = g.output
             shape = ctx.lower[out].shape[1:]
             c = spec.to(x.device, torch.float64)
@@ -266,20 +301,109 @@ class LocalBound:
             ibp = (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
             if method == "ibp":
                 return ibp, None
-            rows = valid = None
+            rows = valid = goal = None
             if threshold is not None:
-                need = ibp <= threshold.to(ibp.device, torch.float64)
+                thr = torch.broadcast_to(threshold.to(ibp.device, torch.float64), ibp.shape)
+                need = ibp <= thr
                 rows, valid = _compress(need)
-                if rows is None:
+                if rows is None or valid is None:
                     return ibp, None
                 c = c.gather(1, rows[:, :, None].expand(-1, -1, c.shape[2]))
-            form = self._backward(out, c.view(c.shape[0], c.shape[1], *shape), ctx, inp,
-                                  form=True)
+                # alpha-CROWN may stop once every row kept is above its threshold
+                goal = torch.where(valid, thr.gather(1, rows), -torch.inf)
+            c = c.view(c.shape[0], c.shape[1], *shape)
+            form = None
+            if alpha_steps > 0:
+                form = self._alpha_form(out, c, ctx, inp, alpha_steps, goal)
+            if form is None:
+                form = self._backward(out, c, ctx, inp, form=True)
             assert isinstance(form, LinearForm)  # with form
             form.rows, form.valid = rows, valid
             return ibp, form
 
-    def _refine(self, n, ctx: Region, inp) -> None:
+    def _alpha_form(self, out, c: torch.Tensor, ctx: Region, inp, steps: int,
+                    goal: torch.Tensor | None = None) -> LinearForm | None:
+        """alpha-CROWN (Xu et al. 2021) on the margins ``c``: the lower slopes α ∈ [0, 1] of
+        the unstable elements of every relaxed op with a free slope
+        (:meth:`BoundOp.alpha_init <robust_cert.bounds.BoundOp.alpha_init>`: ReLU), one per
+        point, spec row and element, start at CROWN's and take ``steps`` projected Adam
+        steps (learning rate :data:`ALPHA_LR`) up the bound of each row over the ball of
+        this radius (its sum: the rows are independent). The slopes kept for each row are the
+        best evaluated (CROWN's among them), and the bound is the usual back-substitution with
+        them, so its soundness does not depend on the optimisation (any α ∈ [0, 1] gives a
+        valid lower line: the op clamps them); the returned form is the larger of it and
+        CROWN's (:attr:`LinearForm.alt`) at every r. None when no op has a free slope, and
+        CROWN's own form when none of them is reached by the margins' coefficients (a
+        relaxation by constants before them). With ``goal`` (batch, specs), the steps stop
+        once every row's best bound exceeds it (CROWN's form alone when it already does).
+        Intermediate bounds are left as they are."""
+        g = self.graph
+        b, s = c.shape[:2]
+        alpha: dict[torch.fx.Node, list[torch.Tensor]] = {}
+        single: set = set()  # the ops whose alpha_init returned one tensor (not a tuple)
+        for n in self.slopes:
+            op, call, params = g.calls[n]
+            src = call.deps[0]
+            init = op.alpha_init(call, params, ctx.lower[src], ctx.upper[src])
+            if init is None:
+                continue
+            if not isinstance(init, tuple):
+                single.add(n)
+                init = (init,)
+            alpha[n] = [v.unsqueeze(1).expand(b, s, *v.shape[1:]).clone() for v in init]
+        if not alpha:
+            return None
+
+        def as_read(d: dict) -> dict:  # what the ops read: their alpha_init's form
+            return {n: (vs[0] if n in single else tuple(vs)) for n, vs in d.items()}
+
+        r = inp[1]
+        best = {n: [v.clone() for v in vs] for n, vs in alpha.items()}
+        leaves = [v.requires_grad_(True) for vs in alpha.values() for v in vs]
+        opt = torch.optim.Adam(leaves, lr=ALPHA_LR)
+        best_val: torch.Tensor | None = None
+        crown: LinearForm | None = None
+        try:
+            for it in range(steps + 1):
+                ctx.alpha = as_read(alpha)
+                with torch.enable_grad():
+                    form = self._backward(out, c, ctx, inp, form=True)
+                    assert isinstance(form, LinearForm)  # with form
+                    val = form.lower(r)
+                    if not val.requires_grad:  # no optimised op is reached: CROWN's form
+                        return form
+                    if it < steps:
+                        opt.zero_grad()
+                        (-val.sum()).backward()
+                with torch.no_grad():
+                    v = val.detach()
+                    if best_val is None:  # CROWN's slopes: its form, the floor
+                        crown, best_val = form.detached(), v
+                        if goal is not None and bool((v > goal).all()):
+                            return crown
+                    else:
+                        better = v > best_val
+                        best_val = torch.where(better, v, best_val)
+                        for n, vs in alpha.items():
+                            best[n] = [torch.where(better.view(b, s, *([1] * (a.ndim - 2))),
+                                                   a.detach(), old)
+                                       for a, old in zip(vs, best[n], strict=True)]
+                    if goal is not None and bool((best_val > goal).all()):
+                        break
+                    if it < steps:
+                        opt.step()
+                        for a in leaves:
+                            a.nan_to_num_(nan=0.0).clamp_(0.0, 1.0)
+            ctx.alpha = as_read(best)
+            with torch.no_grad():
+                final = self._backward(out, c, ctx, inp, form=True)
+        finally:
+            ctx.alpha = None
+        assert isinstance(final, LinearForm)  # with form
+        final.alt = crown
+        return final
+
+    def _refine(self, n, ctx: Region, inp, max_rows: int | None = None) -> None:
         lo, hi = ctx.lower[n], ctx.upper[n]
         mask = None
         for u in self.users[n]:
@@ -309,12 +433,21 @@ class LocalBound:
         idx = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
         valid = torch.arange(k, device=lo.device)[None, :] < counts[:, None]
         nel = flat.shape[1]
-        a = torch.zeros((b, k, nel), dtype=torch.float64, device=lo.device)
-        a.scatter_(2, idx[:, :, None], 1.0)
-        # rows e_i, and −e_i added at the first relaxation (the map before it is linear)
-        lb = self._backward(n, a.view(b, k, *lo.shape[1:]), ctx, inp, mirror=True)
-        assert isinstance(lb, torch.Tensor)  # without form
-        new_lo, new_hi = lb[:, :k], -lb[:, k:]
+        # rows e_i, and −e_i added at the first relaxation (the map before it is linear), at
+        # most max_rows (both signs) at a time: the rows never mix, so the bounds are those
+        # of all of them at once
+        step = k if not max_rows else max(1, max_rows // 2)
+        parts_lo, parts_hi = [], []
+        for j in range(0, k, step):
+            part = idx[:, j:j + step]
+            kj = part.shape[1]
+            a = torch.zeros((b, kj, nel), dtype=torch.float64, device=lo.device)
+            a.scatter_(2, part[:, :, None], 1.0)
+            lb = self._backward(n, a.view(b, kj, *lo.shape[1:]), ctx, inp, mirror=True)
+            assert isinstance(lb, torch.Tensor)  # without form
+            parts_lo.append(lb[:, :kj])
+            parts_hi.append(-lb[:, kj:])
+        new_lo, new_hi = torch.cat(parts_lo, 1), torch.cat(parts_hi, 1)
         lo_f, hi_f = lo.reshape(b, -1).clone(), hi.reshape(b, -1).clone()
         old_lo, old_hi = lo_f.gather(1, idx), hi_f.gather(1, idx)
         lo_f.scatter_(1, idx, torch.where(valid, torch.maximum(old_lo, new_lo), old_lo))
@@ -398,6 +531,8 @@ class LinearForm:
 
     rows: torch.Tensor | None = None  # the spec rows held (see LocalBound.forms)
     valid: torch.Tensor | None = None
+    #: another form of the same rows (alpha-CROWN: CROWN's); :meth:`lower` takes the larger
+    alt: LinearForm | None = None
 
     def __init__(self, a_in: torch.Tensor | None, bias: torch.Tensor, mag: torch.Tensor,
                  x0: torch.Tensor, radius_max: torch.Tensor, norm: str,
@@ -420,6 +555,7 @@ class LinearForm:
         out = object.__new__(LinearForm)
         out.x0, out.radius_max, out.box, out.norm = (self.x0[points], self.radius_max[points],
                                                      self.box, self.norm)
+        out.alt = None if self.alt is None else self.alt.take(points, rows)
         out.const = self.const[points].gather(1, rows)
         if self.a_in is None:
             out.a_in = None
@@ -430,9 +566,20 @@ class LinearForm:
         out.dual = self.dual[points].gather(1, rows)
         return out
 
+    def detached(self) -> LinearForm:
+        """The same form with its tensors out of autograd's graph."""
+        out = object.__new__(LinearForm)
+        out.__dict__.update({k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                             for k, v in self.__dict__.items()})
+        return out
+
     def lower(self, r: torch.Tensor) -> torch.Tensor:
         """The lower bound (batch, specs) over the region of radius ``r`` (per point, each
-        ≤ ``radius_max``; not checked here)."""
+        ≤ ``radius_max``; not checked here); with :attr:`alt`, the larger of the two."""
+        own = self._lower(r)
+        return own if self.alt is None else torch.maximum(own, self.alt.lower(r))
+
+    def _lower(self, r: torch.Tensor) -> torch.Tensor:
         if self.a_in is None:
             return self.const
         out = self.center - r[:, None] * self.dual
@@ -520,13 +667,16 @@ def default_spec(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
-             spec: torch.Tensor | None, method: str, max_memory: int):
+             spec: torch.Tensor | None, method: str, max_memory: int, alpha_steps: int = 0):
     """Checked arguments of :func:`local_bounds` and :func:`local_radius`: (analysis, radii
-    per point, spec, points per chunk)."""
+    per point, spec, points per chunk, rows per tightening pass: None for all, or, with
+    ``method="crown"``, fewer when all at once would not fit one point in ``max_memory``)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if alpha_steps < 0:
+        raise ValueError(f"alpha_steps must be >= 0, got {alpha_steps}")
     local = local_analysis(bound)
     local.check(method)
     b = x0.shape[0]
@@ -540,12 +690,22 @@ def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
             logits = bound.graph._evaluate(x0.to(bound.graph.dtype))[bound.graph.output]
         spec = default_spec(first(logits).flatten(1).double())
     spec = spec.to(x0.device, torch.float64)
-    per_point = local.bytes_per_point(method, spec.shape[1])
+    specs = spec.shape[1]
+    per_point = local.bytes_per_point(method, specs, alpha_steps)
+    max_rows = None
+    if per_point > max_memory and method == "crown":
+        # tighten intermediate nodes by fewer rows at a time (the same bounds): the most
+        # (an even number, both signs of each element) that keep one point within budget
+        floor = local.bytes_per_point(method, specs, alpha_steps, specs + 1)
+        per_row = local.bytes_per_point(method, specs, alpha_steps, specs + 2) - floor
+        fit = specs + 1 + max(0, int((max_memory - floor) // max(1, per_row)))
+        max_rows = max(2, fit - fit % 2)
+        per_point = local.bytes_per_point(method, specs, alpha_steps, max_rows)
     if per_point > max_memory:
         raise NotBoundable(f"the {method} bound needs about {per_point / 2**20:.0f} MiB per "
                            f"point, above max_bound_memory ({max_memory / 2**20:.0f} MiB)")
     budget = max_memory if x0.device.type != "cpu" else min(max_memory, CPU_CHUNK_BYTES)
-    return local, radius, spec, max(1, int(budget // per_point))
+    return local, radius, spec, max(1, int(budget // per_point)), max_rows
 
 
 def _rounding(bound: LipschitzBound, x0: torch.Tensor, radius: torch.Tensor, norm: str,
@@ -560,7 +720,7 @@ def _rounding(bound: LipschitzBound, x0: torch.Tensor, radius: torch.Tensor, nor
 def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
                  spec: torch.Tensor | None = None, *, box: tuple[float, float] | None = None,
                  method: str = "crown", max_memory: int = DEFAULT_MAX_MEMORY,
-                 ball_error: torch.Tensor | None = None) -> LocalMargins:
+                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0) -> LocalMargins:
     """Sound lower bounds of the margins spec·f over B_``norm``(x0, radius) (∩ ``box``) for
     each point of the batch ``x0`` (see the module doc for the algorithm and its soundness).
 
@@ -572,12 +732,16 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     coefficients) stays within it (a single point above it raises :class:`NotBoundable`);
     ``ball_error``: an elementwise bound (batch, C) of the float32 rounding of the logits
     over a ball containing this one (default: :meth:`LipschitzBound.rounding` at this
-    radius). Raises :class:`NotBoundable` naming an op without the bound ``method`` needs.
+    radius); ``alpha_steps``: with a CROWN method, the margins' relaxation is alpha-CROWN's
+    (:meth:`LocalBound._alpha_form`: this many optimisation steps of the ReLUs' lower
+    slopes; never looser than CROWN's, sound whatever the steps reach; 0: off). Raises
+    :class:`NotBoundable` naming an op without the bound ``method`` needs.
     """
-    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
+    local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
+                                                     max_memory, alpha_steps)
     b = x0.shape[0]
     parts = [local.margins(x0[i:i + chunk], radius[i:i + chunk], norm, spec[i:i + chunk], box,
-                           method) for i in range(0, b, chunk)]
+                           method, alpha_steps, max_rows) for i in range(0, b, chunk)]
     exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
     rnd = _rounding(bound, x0, radius, norm, spec, ball_error)
     return LocalMargins(exact - rnd, exact, rnd, method)
@@ -591,7 +755,7 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
                  spec: torch.Tensor | None = None, offset: torch.Tensor | None = None, *,
                  box: tuple[float, float] | None = None, method: str = "crown",
                  max_memory: int = DEFAULT_MAX_MEMORY,
-                 ball_error: torch.Tensor | None = None) -> torch.Tensor:
+                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0) -> torch.Tensor:
     """Per point of ``x0``: a radius r ≤ ``radius`` (float64) such that every margin
     spec_j·f − offset_j (offset default 0) is positive over the closed ball B_``norm``(x0, r)
     (∩ ``box``), for the exact network and its float32 evaluation; ``radius`` itself where
@@ -606,10 +770,12 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     network pass), and the returned r is one where positivity was checked: sound, whatever
     the rounding of the bisection. Work that cannot change r is skipped
     (:func:`_radius_on_forms`: rows and points already certified by IBP, rows already
-    positive at ``radius``). It is at most the radius a fresh bound at r would
+    positive at ``radius``). ``alpha_steps``: alpha-CROWN's margins, optimised at
+    ``radius`` (:func:`local_bounds`). It is at most the radius a fresh bound at r would
     certify (tighter intervals at r): call again with a radius between (bisection of
     :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
-    local, radius, spec, chunk = _prepare(bound, x0, radius, norm, spec, method, max_memory)
+    local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
+                                                     max_memory, alpha_steps)
     b = x0.shape[0]
     thr = _rounding(bound, x0, radius, norm, spec, ball_error)
     if offset is not None:
@@ -618,13 +784,14 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     for i in range(0, b, chunk):
         sl = slice(i, i + chunk)
         out.append(_radius_on_forms(local, x0[sl], radius[sl], norm, spec[sl], box, method,
-                                    thr[sl]))
+                                    thr[sl], alpha_steps, max_rows))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, norm: str,
                      spec: torch.Tensor, box: tuple[float, float] | None, method: str,
-                     t: torch.Tensor) -> torch.Tensor:
+                     t: torch.Tensor, alpha_steps: int = 0,
+                     max_rows: int | None = None) -> torch.Tensor:
     """:func:`local_radius` on one chunk of points (thresholds ``t``), with three shortcuts
     that leave its result unchanged, since every bound involved is non-increasing in r
     (fitted at ``big``, valid on every smaller ball):
@@ -646,7 +813,8 @@ def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, nor
         if not todo.numel():
             return r_out
         x0, big, spec, t = x0[todo], big[todo], spec[todo], t[todo]
-    ibp, form = local.forms(x0, big, norm, spec, box, method, threshold=t)
+    ibp, form = local.forms(x0, big, norm, spec, box, method, threshold=t,
+                            alpha_steps=alpha_steps, max_rows=max_rows)
     if form is None:  # IBP: a constant in r (or no row left to back-substitute)
         good = ((ibp - t) > 0).all(1)
         r_out[todo] = torch.where(good, big, torch.zeros_like(big))

@@ -91,7 +91,8 @@ HARDTANH = {F.hardtanh} | aten_targets("hardtanh", "hardtanh_")
 @register_bound_op
 class ReLU(Activation):
     """ReLU, ReLU6, Hardtanh (any clamp range): slope ≤ 1; exact in float (a max or clamp,
-    no rounding)."""
+    no rounding). For ReLU, alpha-CROWN may replace the lower slope of an unstable element by
+    any α ∈ [0, 1] (α·z ≤ max(z, 0) for every z), one per spec row (``ctx.alpha``)."""
 
     modules = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
     functions = {F.relu, torch.relu, F.relu6, F.hardtanh} | aten_targets(
@@ -129,10 +130,29 @@ class ReLU(Activation):
         a, b = self.clamp_range(call)
         return (hi <= a) | (lo >= b)
 
+    def alpha_init(self, call: OpCall, params, lo, hi):
+        # ReLU (not ReLU6/Hardtanh): the lower line α·z of an unstable element, CROWN's α
+        if self.clamp_range(call) != (0.0, math.inf) or not bool(((lo < 0) & (hi > 0)).any()):
+            return None
+        return (hi > -lo).double()
+
     def linear(self, call: OpCall, params, coef: torch.Tensor, ctx):
         src = call.deps[0]
         lo, up = ctx.lower[src], ctx.upper[src]
         a, b = self.clamp_range(call)
+        alpha = ctx.alpha.get(call.node) if ctx.alpha else None
+        if alpha is not None and a == 0.0 and b == math.inf:
+            # alpha-CROWN: the lower line α·z of an unstable element, α ∈ [0, 1] (any such
+            # line is below ReLU everywhere), one α per spec row (batch, specs, *shape); the
+            # upper chord and the stable elements as below
+            cross = (lo < 0) & (up > 0)
+            slope = up / (up - lo).clamp(min=1e-300)
+            au = torch.where(cross, slope, (lo >= 0).double())
+            bu = torch.where(cross, -slope * lo, torch.zeros_like(lo))
+            al = torch.where(cross.unsqueeze(1), alpha.clamp(0.0, 1.0), au.unsqueeze(1))
+            neg = coef.clamp(max=0)
+            ctx.add_bias(neg, bu)
+            return [(src, coef.clamp(min=0) * al + neg * au.unsqueeze(1))]
         if RELU_FAST_PATH and a == 0.0 and b == math.inf:  # ReLU: the lines below, fewer passes
             cross = (lo < 0) & (up > 0)
             slope = up / (up - lo).clamp(min=1e-300)

@@ -52,6 +52,23 @@ class MaxPoolParams(NamedTuple):
     ceil_mode: bool = False
 
 
+class _Windows(NamedTuple):
+    """The windows of a 2-D max pooling over input bounds (see :meth:`MaxPool.linear`)."""
+
+    k: tuple
+    st: tuple
+    pad: tuple
+    dil: tuple
+    shape: tuple  # (b, c, h, w) of the input
+    wi: torch.Tensor  # (1, kk, L): each window element's flat input index (−1: padding)
+    wl: torch.Tensor  # (b, c, kk, L): lower bounds (−∞: padding)
+    wu: torch.Tensor  # upper bounds (−∞: padding)
+    lf: torch.Tensor  # lower bounds, padding 0
+    best: torch.Tensor  # (b, c, 1, L): the element of the largest lower bound
+    cand: torch.Tensor  # (b, c, kk, L): the elements that can be the max
+    lam: torch.Tensor  # (b, c, kk, L): the upper weights ∝ (u_i − max_j l_j)⁺
+
+
 @register_bound_op
 class MaxPool(BoundOp):
     """Max pooling, any kernel, stride, padding and dilation (also ``*_with_indices``).
@@ -69,7 +86,9 @@ class MaxPool(BoundOp):
     c = max_j [(1 − λ_j) u_j − Σ_{i≠j} λ_i l_i]: for each j, z_j − λ·z is linear with
     coefficient 1 − λ_j ≥ 0 on z_j and −λ_i ≤ 0 on the others, so its maximum over the box
     is that term, and max_j z_j − λ·z ≤ c (exact, y = z_k, when z_k dominates: λ = e_k,
-    c = 0; the triangle relaxation of a + relu(b − a) for two elements).
+    c = 0; the triangle relaxation of a + relu(b − a) for two elements). The bound holds for
+    any λ ∈ [0, 1] (only λ_i ≥ 0 and 1 − λ_j ≥ 0 are used), so alpha-CROWN optimises λ and
+    the lower line's weights (:meth:`_alpha_linear`), one set per spec row.
     """
 
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -80,9 +99,15 @@ class MaxPool(BoundOp):
         src = call.deps[0]
         return first(params.apply(ctx.lower[src])), first(params.apply(ctx.upper[src]))
 
-    def linear(self, call: OpCall, params: MaxPoolParams, a: torch.Tensor, ctx):
-        src = call.deps[0]
-        zl, zu = ctx.lower[src], ctx.upper[src]
+    def alpha_init(self, call: OpCall, params: MaxPoolParams, lo, hi):
+        # alpha-CROWN: the upper weights λ and the lower weights μ (one-hot: the pick) of
+        # every window, (batch, channels, window size, windows) each, as linear uses them
+        w = self._windows(call, params, lo, hi)
+        if not bool((w.lam > 0).sum(2).gt(1).any()):  # every window has a dominant element
+            return None
+        return w.lam, torch.zeros_like(w.lam).scatter_(2, w.best, 1.0)
+
+    def _windows(self, call: OpCall, params: MaxPoolParams, zl, zu) -> _Windows:
         if zl.ndim != 4 or params.ceil_mode:
             raise NotBoundable(f"no linear relaxation (CROWN) for {call.label} at {call.where}"
                                " (2-D max pooling without ceil_mode only)")
@@ -101,13 +126,24 @@ class MaxPool(BoundOp):
         index = torch.arange(h * w, dtype=torch.float64, device=zl.device).view(1, 1, h, w)
         wi = F.unfold(F.pad(index, spec, value=-1.0), k, dilation=dil, stride=st)
         best = wl.argmax(2, keepdim=True)  # (b, c, 1, L)
-        flat = wi[0].expand(b, c, -1, -1).gather(2, best).squeeze(2).long()  # (b, c, L)
         # upper: y ≤ Σ λ_i z_i + c with λ_i ∝ (u_i − max_j l_j)⁺ (the elements that can be
         # the max; λ = e_k when z_k dominates: exact), c = max_j (1 − λ_j)u_j − Σ_{i≠j} λ_i l_i
         top = wl.amax(2, keepdim=True)
         wt = (wu - top).clamp(min=0)
         lam = wt / wt.sum(2, keepdim=True).clamp(min=1e-300)
         lf = torch.where(torch.isfinite(wl), wl, 0.0)
+        return _Windows(k, st, pad, dil, (b, c, h, w), wi, wl, wu, lf, best, wt > 0, lam)
+
+    def linear(self, call: OpCall, params: MaxPoolParams, a: torch.Tensor, ctx):
+        src = call.deps[0]
+        win_ = self._windows(call, params, ctx.lower[src], ctx.upper[src])
+        k, st, pad, dil, wi, wu, lf, best, lam = (win_.k, win_.st, win_.pad, win_.dil, win_.wi,
+                                                  win_.wu, win_.lf, win_.best, win_.lam)
+        b, c, h, w = win_.shape
+        alpha = ctx.alpha.get(call.node) if ctx.alpha else None
+        if alpha is not None:
+            return [(src, self._alpha_linear(win_, alpha, a, ctx))]
+        flat = wi[0].expand(b, c, -1, -1).gather(2, best).squeeze(2).long()  # (b, c, L)
         tot = (lam * lf).sum(2, keepdim=True)
         const = ((1 - lam) * wu - (tot - lam * lf)).amax(2)  # (b, c, L)
         s = a.shape[1]
@@ -140,6 +176,43 @@ class MaxPool(BoundOp):
             :, 0, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
         out = out + up.reshape(b, s, c, h * w)
         return [(src, out.view(b, s, c, h, w))]
+
+    @staticmethod
+    def _alpha_linear(win_: _Windows, alpha, a: torch.Tensor, ctx) -> torch.Tensor:
+        """alpha-CROWN's back-substitution, one relaxation per spec row: the upper weights
+        λ (b, s, c, kk, L) clamped to [0, 1] on the elements that can be the max (any such λ
+        is valid: the bound of the class docstring needs only λ_i ≥ 0 and 1 − λ_j ≥ 0), the
+        lower y ≥ Σ μ_i z_i + (1 − Σμ)·max_j l_j with μ ≥ 0 of sum at most 1 (the weights
+        clamped at 0 and normalised to a sum just below 1; all zero: the pick)."""
+        lam_p, mu_p = alpha
+        b, c, h, w = win_.shape
+        s = a.shape[1]
+        kk, nwin = win_.lam.shape[2], win_.lam.shape[3]
+        lam = lam_p.clamp(0.0, 1.0) * win_.cand.unsqueeze(1)
+        real = torch.isfinite(win_.wl).unsqueeze(1)
+        mu = mu_p.clamp(min=0.0) * real
+        tot_mu = mu.sum(3, keepdim=True)
+        pick = torch.zeros_like(win_.lam).scatter_(2, win_.best, 1.0).unsqueeze(1)
+        # Σμ ≤ 1 for sure (the division's rounding aside), and the rest on the window's
+        # largest lower bound: y ≥ Σ μ_i z_i + (1 − Σμ)·max_j l_j holds for any μ ≥ 0 with
+        # Σμ ≤ 1 (y ≥ every z_i and y ≥ max_j l_j); 1 − Σμ is computed within 1e-14
+        mu = torch.where(tot_mu > 0, mu / (tot_mu.clamp(min=1e-300) * (1 + 1e-12)), pick)
+        top = win_.wl.amax(2).unsqueeze(1)  # (b, 1, c, L), finite: every window has an element
+        rest = (1 - mu.sum(3)) * top - 1e-14 * top.abs()
+        lf = win_.lf.unsqueeze(1)
+        wu = torch.where(real, win_.wu.unsqueeze(1), 0.0)  # padding: finite, then excluded
+        tot = (lam * lf).sum(3, keepdim=True)
+        const = torch.where(real, (1 - lam) * wu - (tot - lam * lf), -math.inf).amax(3)
+        coef = a.reshape(b, s, c, -1)
+        neg = coef.clamp(max=0)
+        ctx.add_bias_rows(neg, const)
+        ctx.add_bias_rows(coef - neg, rest)
+        cols = (neg.unsqueeze(3) * lam + (coef - neg).unsqueeze(3) * mu)
+        hp, wp = h + 2 * win_.pad[0], w + 2 * win_.pad[1]
+        out = F.fold(cols.reshape(b * s * c, kk, nwin), (hp, wp), win_.k, dilation=win_.dil,
+                     stride=win_.st)[:, 0, win_.pad[0]:win_.pad[0] + h,
+                                     win_.pad[1]:win_.pad[1] + w]
+        return out.reshape(b, s, c, h, w)
 
     def params(self, call: OpCall) -> MaxPoolParams:
         if call.form == "module":
