@@ -324,6 +324,63 @@ def test_clever_score_fits_only_the_margins_that_can_attain_the_minimum(monkeypa
         assert clever_score(maxima, hh, 10.0) == min(10.0, *every)
 
 
+def test_local_bound_skips_only_points_it_can_never_certify(monkeypatch) -> None:
+    """A point whose rounding allowance exceeds one of its margins at x is not searched by the
+    local bound, and the per-point results are those of a run that searches every point, bit
+    for bit (rounding bounds inflated so that about half the points are such points)."""
+    import robust_cert.metrics.safe_radius as sr
+    from robust_cert.bounds import LipschitzBound
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 3)).eval()
+    x = np.random.default_rng(3).uniform(-1, 1, size=(16, 4)).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x)).double()
+    y = logits.argmax(1).numpy()
+    top2 = logits.topk(2, 1).values
+    gap = float(np.median((top2[:, 0] - top2[:, 1]).numpy()))
+    real = LipschitzBound.rounding
+
+    def inflated(self, xx, radius=None, norm="l2"):
+        # E_ball − E(x) = gap/2 per logit: a point is skipped where a margin is ≤ gap
+        ec, eb = real(self, xx, radius, norm)
+        return ec, (eb + gap / 2 if eb is not None else None)
+
+    monkeypatch.setattr(LipschitzBound, "rounding", inflated)
+    searched: list[int] = []
+    real_local = sr.local_radius
+
+    def counting(bound, x0, *a, **k):
+        searched.append(x0.shape[0])
+        return real_local(bound, x0, *a, **k)
+
+    monkeypatch.setattr(sr, "local_radius", counting)
+    skipped: list[int] = []
+    real_skip = sr._uncertifiable
+
+    def recording(*a):
+        out = real_skip(*a)
+        skipped.append(int(out.sum()))
+        return out
+
+    kw = dict(norms=["l2", "linf"], local_bound="crown-ibp", clever_samples=2,
+              clever_batches=2, estimate_steps=0, bisection_steps=4, attack_steps=5)
+    monkeypatch.setattr(sr, "_uncertifiable", recording)
+    fast = _run(net, x, y, input_range=(-2.0, 2.0), **kw)
+    calls_fast, n_skipped = list(searched), sum(skipped)
+    searched.clear()
+    monkeypatch.setattr(sr, "_uncertifiable",
+                        lambda a, *_: torch.zeros(a.shape[0], dtype=torch.bool))
+    full = _run(net, x, y, input_range=(-2.0, 2.0), **kw)
+    assert 0 < n_skipped < 2 * len(x)  # some points of each norm skipped, not all
+    assert sum(calls_fast) < sum(searched)
+    for nm in ("l2", "linf"):
+        assert np.isfinite(full.per_point[f"lower_local@{nm}"]).any()  # the bound certifies
+    for key, v in full.per_point.items():
+        np.testing.assert_array_equal(fast.per_point[key], v, err_msg=key)
+
+
 # --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------
 
 

@@ -913,11 +913,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             return torch.full_like(lo, math.nan)
         e_center, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
         assert e_ball is not None  # with a radius: the ball's bound
-        a_abs = a.abs().double()
-        reach = h.double() + torch.einsum("pmc,pc->pm", a_abs, e_center.to(a_abs.device))
-        thr = torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)) + b
-        hopeless = (reach <= thr - 1e-6 * (reach.abs() + thr.abs())).any(1)
-        live &= ~hopeless
+        live &= ~_uncertifiable(a, b, h, e_center, e_ball)
         box_arg = box if cfg.within_box else None
         for step in range(cfg.bound_steps):
             idx = live.nonzero().squeeze(1)
@@ -1266,6 +1262,17 @@ def _certified_radius(bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor, h
              + torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)))
     r = ((h - slack).clamp_min(0) / lip).amin(1) * _RADIUS_SAFETY
     return torch.minimum(r, r0)
+
+
+def _uncertifiable(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, e_center: torch.Tensor,
+                   e_ball: torch.Tensor) -> torch.Tensor:
+    """Per point: some margin j has ĥ_j + |a_j|·E(x) ≤ |a_j|·E_ball + b_j (with a relative
+    allowance of 1e-6 for this float64 test), i.e. its exact value at x is at most the
+    threshold a local bound of it must beat (see :meth:`SafeRadius._local_radius`)."""
+    a_abs = a.abs().double()
+    reach = h.double() + torch.einsum("pmc,pc->pm", a_abs, e_center.to(a_abs.device))
+    thr = torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)) + b
+    return (reach <= thr - 1e-6 * (reach.abs() + thr.abs())).any(1)
 
 
 def _dist(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
