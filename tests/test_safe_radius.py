@@ -381,6 +381,52 @@ def test_local_bound_skips_only_points_it_can_never_certify(monkeypatch) -> None
         np.testing.assert_array_equal(fast.per_point[key], v, err_msg=key)
 
 
+def test_clever_jacobian_equals_the_batched_jacobian_bit_for_bit(monkeypatch) -> None:
+    """CLEVER's input Jacobians by forward passes of a few images and C plain backward passes
+    each are exactly, bit for bit, those of one backward batched over the C one-hot rows
+    (what it computes when everything fits its memory budget), on a convolutional network
+    with batch norm and residual blocks, over several sub-batches of images and a remainder;
+    and they are the true Jacobian (float64 finite differences of a smooth network agree)."""
+    import robust_cert.metrics.safe_radius as sr
+    from tests.architectures import ResNet18
+
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=10, width=4).eval()
+    xs = torch.rand(23, 3, 32, 32)
+    per_image, classes = sr._activation_bytes(net, xs)
+    assert per_image > 0
+    view = robust_cert.load_model(net, input_shape=(3, 32, 32)).attack_module()
+    assert sr._activation_bytes(view, xs) == (per_image, classes)  # the view's network
+    assert classes == 10
+    monkeypatch.setattr(sr, "_JACOBIAN_BYTES", 8 * per_image)  # 3 passes: 8, 8, 7 images
+    passes = []
+    hook = net.register_forward_pre_hook(lambda _m, args: passes.append(args[0].shape[0]))
+    got = sr._input_jacobian(net, xs)
+    assert passes == [1, 8, 8, 7]  # the measuring pass, then the three
+    monkeypatch.setattr(sr, "_JACOBIAN_BYTES", 23 * 10 * per_image)  # all rows at once
+    passes.clear()
+    batched = sr._input_jacobian(net, xs)
+    hook.remove()
+    assert passes == [1, 23]
+    assert torch.equal(batched, got)
+    xb = xs.clone().requires_grad_(True)
+    logits = net(xb)
+    eye = torch.eye(10)
+    want = torch.autograd.grad(logits, xb, grad_outputs=eye[:, None, :].expand(10, 23, 10),
+                               is_grads_batched=True)[0].flatten(2)
+    assert got.shape == (10, 23, 3 * 32 * 32)
+    assert torch.equal(got, want)
+    smooth = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    jac = sr._input_jacobian(smooth, x)  # (3, 4, 5)
+    for i in range(4):
+        full = torch.autograd.functional.jacobian(smooth, x[i])  # (3, 5)
+        torch.testing.assert_close(jac[:, i], full, rtol=0, atol=1e-12)
+        fd = torch.stack([(smooth(x[i] + h) - smooth(x[i] - h)) / 2e-6
+                          for h in torch.eye(5, dtype=torch.float64) * 1e-6], 1)
+        torch.testing.assert_close(jac[:, i], fd, rtol=1e-6, atol=1e-7)
+
+
 # --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------
 
 
