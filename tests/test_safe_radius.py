@@ -324,6 +324,109 @@ def test_clever_score_fits_only_the_margins_that_can_attain_the_minimum(monkeypa
         assert clever_score(maxima, hh, 10.0) == min(10.0, *every)
 
 
+def test_local_bound_skips_only_points_it_can_never_certify(monkeypatch) -> None:
+    """A point whose rounding allowance exceeds one of its margins at x is not searched by the
+    local bound, and the per-point results are those of a run that searches every point, bit
+    for bit (rounding bounds inflated so that about half the points are such points)."""
+    import robust_cert.metrics.safe_radius as sr
+    from robust_cert.bounds import LipschitzBound
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 3)).eval()
+    x = np.random.default_rng(3).uniform(-1, 1, size=(16, 4)).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x)).double()
+    y = logits.argmax(1).numpy()
+    top2 = logits.topk(2, 1).values
+    gap = float(np.median((top2[:, 0] - top2[:, 1]).numpy()))
+    real = LipschitzBound.rounding
+
+    def inflated(self, xx, radius=None, norm="l2"):
+        # E_ball − E(x) = gap/2 per logit: a point is skipped where a margin is ≤ gap
+        ec, eb = real(self, xx, radius, norm)
+        return ec, (eb + gap / 2 if eb is not None else None)
+
+    monkeypatch.setattr(LipschitzBound, "rounding", inflated)
+    searched: list[int] = []
+    real_local = sr.local_radius
+
+    def counting(bound, x0, *a, **k):
+        searched.append(x0.shape[0])
+        return real_local(bound, x0, *a, **k)
+
+    monkeypatch.setattr(sr, "local_radius", counting)
+    skipped: list[int] = []
+    real_skip = sr._uncertifiable
+
+    def recording(*a):
+        out = real_skip(*a)
+        skipped.append(int(out.sum()))
+        return out
+
+    kw = dict(norms=["l2", "linf"], local_bound="crown-ibp", clever_samples=2,
+              clever_batches=2, estimate_steps=0, bisection_steps=4, attack_steps=5)
+    monkeypatch.setattr(sr, "_uncertifiable", recording)
+    fast = _run(net, x, y, input_range=(-2.0, 2.0), **kw)
+    calls_fast, n_skipped = list(searched), sum(skipped)
+    searched.clear()
+    monkeypatch.setattr(sr, "_uncertifiable",
+                        lambda a, *_: torch.zeros(a.shape[0], dtype=torch.bool))
+    full = _run(net, x, y, input_range=(-2.0, 2.0), **kw)
+    assert 0 < n_skipped < 2 * len(x)  # some points of each norm skipped, not all
+    assert sum(calls_fast) < sum(searched)
+    for nm in ("l2", "linf"):
+        assert np.isfinite(full.per_point[f"lower_local@{nm}"]).any()  # the bound certifies
+    for key, v in full.per_point.items():
+        np.testing.assert_array_equal(fast.per_point[key], v, err_msg=key)
+
+
+def test_clever_jacobian_equals_the_batched_jacobian_bit_for_bit(monkeypatch) -> None:
+    """CLEVER's input Jacobians by forward passes of a few images and C plain backward passes
+    each are exactly, bit for bit, those of one backward batched over the C one-hot rows
+    (what it computes when everything fits its memory budget), on a convolutional network
+    with batch norm and residual blocks, over several sub-batches of images and a remainder;
+    and they are the true Jacobian (float64 finite differences of a smooth network agree)."""
+    import robust_cert.metrics.safe_radius as sr
+    from tests.architectures import ResNet18
+
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=10, width=4).eval()
+    xs = torch.rand(23, 3, 32, 32)
+    per_image, classes = sr._activation_bytes(net, xs)
+    assert per_image > 0
+    view = robust_cert.load_model(net, input_shape=(3, 32, 32)).attack_module()
+    assert sr._activation_bytes(view, xs) == (per_image, classes)  # the view's network
+    assert classes == 10
+    monkeypatch.setattr(sr, "_JACOBIAN_BYTES", 8 * per_image)  # 3 passes: 8, 8, 7 images
+    passes = []
+    hook = net.register_forward_pre_hook(lambda _m, args: passes.append(args[0].shape[0]))
+    got = sr._input_jacobian(net, xs)
+    assert passes == [1, 8, 8, 7]  # the measuring pass, then the three
+    monkeypatch.setattr(sr, "_JACOBIAN_BYTES", 23 * 10 * per_image)  # all rows at once
+    passes.clear()
+    batched = sr._input_jacobian(net, xs)
+    hook.remove()
+    assert passes == [1, 23]
+    assert torch.equal(batched, got)
+    xb = xs.clone().requires_grad_(True)
+    logits = net(xb)
+    eye = torch.eye(10)
+    want = torch.autograd.grad(logits, xb, grad_outputs=eye[:, None, :].expand(10, 23, 10),
+                               is_grads_batched=True)[0].flatten(2)
+    assert got.shape == (10, 23, 3 * 32 * 32)
+    assert torch.equal(got, want)
+    smooth = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    jac = sr._input_jacobian(smooth, x)  # (3, 4, 5)
+    for i in range(4):
+        full = torch.autograd.functional.jacobian(smooth, x[i])  # (3, 5)
+        torch.testing.assert_close(jac[:, i], full, rtol=0, atol=1e-12)
+        fd = torch.stack([(smooth(x[i] + h) - smooth(x[i] - h)) / 2e-6
+                          for h in torch.eye(5, dtype=torch.float64) * 1e-6], 1)
+        torch.testing.assert_close(jac[:, i], fd, rtol=1e-6, atol=1e-7)
+
+
 # --- a gradient twin: the bound would be of the twin, not of the deployed graph --------------
 
 

@@ -526,7 +526,7 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                     r_loc = torch.full_like(r_lip, math.nan)
                     if not local_why:
                         try:
-                            r_loc = self._local_radius(bound, x, a, b.double(), nm, r_lip,
+                            r_loc = self._local_radius(bound, x, a, b.double(), h, nm, r_lip,
                                                        upper, max_r, (lo_r, hi_r))
                         except NotBoundable as exc:  # e.g. an op setting CROWN refuses
                             local_why = str(exc)
@@ -885,8 +885,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         return cache.get(clf.forward, data.input_shape, self.config.power_iterations)
 
     def _local_radius(self, bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor,
-                      b: torch.Tensor, norm: str, r_lip: torch.Tensor, upper: torch.Tensor,
-                      max_r: float, box: tuple[float, float]) -> torch.Tensor:
+                      b: torch.Tensor, h: torch.Tensor, norm: str, r_lip: torch.Tensor,
+                      upper: torch.Tensor, max_r: float,
+                      box: tuple[float, float]) -> torch.Tensor:
         """Per point: the largest radius certified by the local bound, searched on [the
         Lipschitz radius, the witness (``max_r`` without one)]; NaN where it certifies no more
         than the Lipschitz radius. Each of at most ``bound_steps`` steps fits the relaxations
@@ -901,7 +902,17 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         beat the Lipschitz radius by that much, the point's search ends there). A point's
         search ends once its bracket is within ``bound_rtol`` of its upper end. The rounding
         bound of the logits is computed once at the upper end: it grows with the radius, so
-        it covers every step."""
+        it covers every step.
+
+        A point none of whose steps can certify anything is not searched (its result, NaN,
+        is what the search would return): one with a margin j whose exact value at x itself
+        is at most the threshold its bound must beat, |a_j|·E_ball + b_j (E_ball: the
+        rounding bound at the upper end, used by every step). Every step's bound of that
+        margin is a sound lower bound over a ball containing x, so at most its exact value
+        at x, itself at most ĥ_j + |a_j|·E(x) (``h``: the margins of the computed logits,
+        E(x) their rounding bound at x); with a relative allowance of 1e-6 for the float64
+        arithmetic of this test. (On the ResNet-18 of bench_resnet, E(x) is ~10⁷ against
+        margins of ~6: no step there ever certifies a point.)"""
         cfg = self.config
         lo = r_lip.double().clone()
         hi = torch.where(torch.isfinite(upper), upper, torch.full_like(upper, max_r)).double()
@@ -909,8 +920,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         live = hi > lo * (1 + 1e-6)
         if not bool(live.any()) or cfg.bound_steps == 0:
             return torch.full_like(lo, math.nan)
-        _, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
+        e_center, e_ball = bound.rounding(x, hi, "linf" if norm == "linf" else "l2")
         assert e_ball is not None  # with a radius: the ball's bound
+        live &= ~_uncertifiable(a, b, h, e_center, e_ball)
         box_arg = box if cfg.within_box else None
         for step in range(cfg.bound_steps):
             idx = live.nonzero().squeeze(1)
@@ -1129,8 +1141,9 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                box: tuple[float, float]) -> np.ndarray:
         """CLEVER-style estimate per point of a batch: min_j min(h_j(x)/L̂_j, R).
 
-        All ``clever_batches × clever_samples`` samples of a point (and of several points at
-        once) go through one batched input Jacobian; the C Jacobian rows serve every margin.
+        The ``clever_batches × clever_samples`` samples of a point (of several points at
+        once, drawn together per chunk of points) go through batched forward passes and C
+        backward passes each (:func:`_input_jacobian`); the C Jacobian rows serve every margin.
         """
         cfg = self.config
         p = x.shape[0]
@@ -1147,15 +1160,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
         for s in range(0, p, chunk):
             xs = _ball_samples(flat[s:s + chunk], count, cfg.clever_radius, norm, g)
             q = xs.shape[0]
-            xs = xs.clamp(*box).reshape(q * count, *x.shape[1:]).detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = fn(xs)
-                c = logits.shape[1]
-                eye = torch.eye(c, dtype=logits.dtype, device=logits.device)
-                grads = torch.autograd.grad(
-                    logits, xs, grad_outputs=eye[:, None, :].expand(c, q * count, c),
-                    is_grads_batched=True)[0]  # (C, q·count, ...)
-            jac = grads.flatten(2).view(c, q, count, -1).double()
+            xs = xs.clamp(*box).reshape(q * count, *x.shape[1:])
+            jac = _input_jacobian(fn, xs).view(-1, q, count, flat.shape[1]).double()
             gm = torch.einsum("pmc,cpkd->pmkd", a[s:s + chunk], jac)  # (q, m, count, d)
             dual = _dual_norm(gm, norm)
             maxima = dual.view(q, dual.shape[1], cfg.clever_batches, cfg.clever_samples)
@@ -1229,9 +1235,87 @@ def _tensor_attr(t: torch.Tensor, name: str):
 _CERTIFIERS = {False: ("lipschitz", "crown", "crown-ibp", "ibp"), True: ("oracle", "joint")}
 _TWIN_REASON = ("the certified lower bound would be of the PyTorch gradient twin, not of the "
                 "deployed graph (they are checked for parity only at the evaluation points)")
-#: Sample-gradients (samples × classes) one CLEVER chunk back-propagates at once: 2,048
-#: keeps the batched backward of the digits CNN at ~50 MB (8,192: ~170 MB), same speed.
+#: Sample-gradients (samples × classes) of one CLEVER chunk of points: 2,048. The chunks
+#: fix the order of the ball samples drawn (per chunk, seeded per batch), not the memory.
 _CLEVER_IMAGES = 2048
+#: Bytes CLEVER's input Jacobians (:func:`_input_jacobian`) may hold for their backward
+#: passes, estimated by the layers' outputs (:func:`_activation_bytes`), times the C rows
+#: when they are back-propagated together. 88 MiB. The digits CNN's layers output 14 KiB
+#: per image: its 200 samples of a point fit with their 10 rows (27 MiB), one batched
+#: backward as before. The ResNet-18 width 16 (3×32×32) outputs 1.35 MiB per image: forward
+#: passes of 65 images, each followed by 10 plain backward passes (2.61 ms of CPU per row
+#: and image at 64 images, 2.75 at 100, 2.81 at 32; peaks 433, 506 and 368 MB) instead of
+#: one batched backward of 200 images (4.07 ms, 1,108 MB).
+_JACOBIAN_BYTES = 88 << 20
+
+
+def _activation_bytes(fn: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Bytes of the outputs of ``fn``'s leaf modules (submodules, and modules held as plain
+    attributes, as :meth:`Classifier.attack_module`'s view holds the network) for one image
+    (a forward pass without gradients: an estimate of what a pass keeps for its backward, per
+    image) and the number of outputs (classes). (Counting the tensors autograd saves, by
+    ``torch.autograd.graph.saved_tensors_hooks``, would be exact, but on torch 2.13 a later
+    backward batched with ``is_grads_batched`` then leaks ~8 MB a call.)"""
+    total = 0
+
+    def count(_module, _args, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    # the leaf modules, also of modules held as plain attributes (an attack view's network)
+    leaves, seen, stack = [], set(), [fn]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        inner = [*m.children(), *(v for v in vars(m).values() if isinstance(v, nn.Module))]
+        if inner:
+            stack.extend(inner)
+        else:
+            leaves.append(m)
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            classes = fn(x[:1]).shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return total, classes
+
+
+def _input_jacobian(fn: nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """The input Jacobian of ``fn`` at each image of ``xs``: (C, images, d) in the logits'
+    dtype, row j the gradient of logit j (:func:`_activation_bytes` estimates what a forward
+    pass keeps). When all images with their C rows fit :data:`_JACOBIAN_BYTES`: one
+    forward pass and one backward batched over the C one-hot rows (``is_grads_batched``).
+    Otherwise forward passes of as many images as fit, each followed by C plain backward
+    passes of its retained graph (logit j summed over the images: the images do not mix, so
+    each gets its own gradient). Both give the same values, bit for bit (tested); on the
+    ResNet-18 the second takes 0.6× the CPU time of one batched backward and less memory (a
+    vmapped backward materialises all C rows' activation gradients at once)."""
+    per_image, c = _activation_bytes(fn, xs)
+    n = xs.shape[0]
+    if per_image * n * c <= _JACOBIAN_BYTES:
+        xb = xs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = fn(xb)
+            eye = torch.eye(c, dtype=logits.dtype, device=logits.device)
+            grads = torch.autograd.grad(logits, xb, grad_outputs=eye[:, None, :].expand(c, n, c),
+                                        is_grads_batched=True)[0]
+        return grads.flatten(2)
+    step = max(1, _JACOBIAN_BYTES // max(per_image, 1))
+    parts = []
+    for s in range(0, n, step):
+        xb = xs[s:s + step].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = fn(xb)
+            rows = [torch.autograd.grad(logits[:, j].sum(), xb, retain_graph=j < c - 1)[0]
+                    for j in range(c)]
+        parts.append(torch.stack(rows).flatten(2))
+        del logits, rows
+    return torch.cat(parts, 1)
 _BRACKET_LEVELS = 6
 #: Relative shrink of every certified radius: covers the float64 arithmetic of the division.
 _RADIUS_SAFETY = 1.0 - 1e-9
@@ -1260,6 +1344,17 @@ def _certified_radius(bound: LipschitzBound, x: torch.Tensor, a: torch.Tensor, h
              + torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)))
     r = ((h - slack).clamp_min(0) / lip).amin(1) * _RADIUS_SAFETY
     return torch.minimum(r, r0)
+
+
+def _uncertifiable(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, e_center: torch.Tensor,
+                   e_ball: torch.Tensor) -> torch.Tensor:
+    """Per point: some margin j has ĥ_j + |a_j|·E(x) ≤ |a_j|·E_ball + b_j (with a relative
+    allowance of 1e-6 for this float64 test), i.e. its exact value at x is at most the
+    threshold a local bound of it must beat (see :meth:`SafeRadius._local_radius`)."""
+    a_abs = a.abs().double()
+    reach = h.double() + torch.einsum("pmc,pc->pm", a_abs, e_center.to(a_abs.device))
+    thr = torch.einsum("pmc,pc->pm", a_abs, e_ball.to(a_abs.device)) + b
+    return (reach <= thr - 1e-6 * (reach.abs() + thr.abs())).any(1)
 
 
 def _dist(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
