@@ -73,10 +73,10 @@ class Region:
     """What the ops' :meth:`~robust_cert.bounds.BoundOp.interval` and
     :meth:`~robust_cert.bounds.BoundOp.linear` see: ``lower``/``upper`` (the intervals of the
     nodes bounded so far, float64, batch first), ``values`` (every node's value at the centres
-    x0: constants such as sizes are those of this batch), :meth:`rerun`, :meth:`transpose`
-    and :meth:`add_bias`; ``alpha`` (None, or while the margins are back-substituted by
-    alpha-CROWN: relaxed node → the lower-line slopes (batch, specs, *shape) of its unstable
-    elements, each clamped to [0, 1] by the op that reads them)."""
+    x0: constants such as sizes are those of this batch), :meth:`rerun`, :meth:`transpose`,
+    :meth:`moved_back` and :meth:`add_bias`; ``alpha`` (None, or while the margins are
+    back-substituted by alpha-CROWN: relaxed node → the lower-line slopes (batch, specs,
+    *shape) of its unstable elements, each clamped to [0, 1] by the op that reads them)."""
 
     def __init__(self, graph: GraphBound, values: dict, batch: int):
         self.graph = graph
@@ -117,6 +117,23 @@ class Region:
         _, vjp = cast("tuple[Any, Callable]",
                       torch.func.vjp(lambda t: self.rerun(node, {src: t}), z))
         return torch.func.vmap(lambda g: vjp(g)[0], in_dims=1, out_dims=1)(a)
+
+    def moved_back(self, node: torch.fx.Node, src: torch.fx.Node,
+                   a: torch.Tensor) -> torch.Tensor:
+        """Aᵀ of a node that only moves its input's elements (a reshape, view, flatten,
+        squeeze, clone, ...): when the node keeps every element in its row-major place —
+        checked exactly, by running it on the element indices (float64 integers, exact) —
+        the adjoint is a reshape of the rows; any other move goes through
+        :meth:`transpose`. The same values either way (the vector-Jacobian product of a
+        reshape is the reshape of its vector), without torch.func's vmap, whose first use
+        imports torch._dynamo (about 35 MB of the process's peak)."""
+        z = self.value(src)
+        index = torch.arange(z.numel(), dtype=torch.float64, device=z.device).view(z.shape)
+        out = self.rerun(node, {src: index})
+        if out.numel() == index.numel() and out.shape[:1] == z.shape[:1] and \
+                torch.equal(out.reshape(-1), index.reshape(-1)):
+            return a.reshape(*a.shape[:2], *z.shape[1:])
+        return self.transpose(node, src, a)
 
     def add_bias(self, a: torch.Tensor, t) -> None:
         """Add Σ a·t (over the output elements, per point and spec) to the bound's constant;

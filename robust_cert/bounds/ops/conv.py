@@ -200,6 +200,9 @@ def power_iteration(apply, in_shape, w: torch.Tensor, iters: int) -> float:
         vv = v.detach().requires_grad_(True)
         with torch.enable_grad():
             u = apply(vv)
-            (v,) = torch.autograd.grad(u, vv, grad_outputs=u.detach())
+            # Kᵀu as the gradient of <u, stop_grad(u)>: the same values as grad_outputs=u
+            # (the product's backward multiplies ones by u exactly), without the symbolic-
+            # shape check (and sympy import) that autograd runs on given grad_outputs
+            (v,) = torch.autograd.grad((u * u.detach()).sum(), vv)
     return float(u.detach().norm()) if u is not None else 0.0
 

@@ -46,7 +46,7 @@ class Reshape(BoundOp):
         return _moved(call, ctx)
 
     def linear(self, call: OpCall, params: None, a: torch.Tensor, ctx):
-        return [(call.deps[0], ctx.transpose(call.node, call.deps[0], a))]
+        return [(call.deps[0], ctx.moved_back(call.node, call.deps[0], a))]
 
 
 def _moved(call: OpCall, ctx):
