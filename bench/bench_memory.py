@@ -8,7 +8,9 @@ certification runs: import robust_cert, load the model's weights and the 359 dig
 points, record the resident memory (the baseline: what any certification of this model holds
 before its first metric), certify with the policy on one thread and read the peak. (Training
 in the same process would add ~100 MB of its own that a certification never pays.)
-Target (issue 14): digits-adversarial.yaml under 500 MB peak RSS (its first version: 2.1 GB).
+Targets: digits-adversarial.yaml under 500 MB peak RSS (issue 14; its first version: 2.1 GB),
+and at most 200 MB above the same command with an accuracy-only policy (issue 24: the
+policy's metrics, not the imports, model and data they share), measured in the same run.
 
 ``--per-metric`` also runs each metric of the policy alone, each in its own fresh process, and
 prints its increment over the baseline: where the memory goes.
@@ -28,6 +30,8 @@ from harness import finish, load_average, peak_rss_bytes, proc_status, row
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MB = 500.0
+#: the policy's peak above the same command with its accuracy metric alone (issue 24)
+ABOVE_ACCURACY_MB = 200.0
 
 
 def child(policy_path: str, only: str, out: str, state: str) -> None:
@@ -106,6 +110,15 @@ def main() -> int:
         row(f"{args.policy.name}: peak RSS", f"{peak:,.0f} MB (+{peak - base:,.0f} MB over the "
             f"baseline; {whole['seconds']:.0f} s, {whole['verdict']})",
             f"< {TARGET_MB:g} MB", peak < TARGET_MB)
+        acc = measure(args.policy, state, "accuracy")
+        if "error" in acc:
+            row("the same command, accuracy only", f"FAILED: {acc['error']}",
+                f"≤ {ABOVE_ACCURACY_MB:g} MB below", False)
+        else:
+            above = peak - acc["peak"] / mb
+            row("the same command, accuracy only", f"{acc['peak'] / mb:,.0f} MB")
+            row(f"{args.policy.name} above accuracy only", f"+{above:,.0f} MB",
+                f"≤ {ABOVE_ACCURACY_MB:g} MB", above <= ABOVE_ACCURACY_MB)
     if args.per_metric:
         import yaml
 
