@@ -116,15 +116,21 @@ class FullSquare(Square):
             return self._linf_numpy(x, y)
         return self._linf_torch(x, y)
 
+    def _start(self, x, y):
+        """Upstream's first query: vertical stripes of ±ε (one draw per row, channel and
+        column), clipped to [0, 1]; its margin and loss; one query counted per point."""
+        c, w = x.shape[1], x.shape[3]
+        x_best = torch.clamp(x + self.eps * self.random_choice([x.shape[0], c, 1, w]), 0., 1.)
+        margin, loss = self.margin_and_loss(x_best, y)
+        return x_best, margin, loss, torch.ones(x.shape[0], device=self.device)
+
     def _linf_torch(self, x, y):
         """The L∞ loop of :meth:`attack_single_run` in tensor operations (any device)."""
         with torch.no_grad():
             c, h, w = x.shape[1:]
             n_features = c * h * w
             eps = self.eps
-            x_best = torch.clamp(x + eps * self.random_choice([x.shape[0], c, 1, w]), 0., 1.)
-            margin, loss = self.margin_and_loss(x_best, y)
-            n_queries = torch.ones(x.shape[0], device=self.device)
+            x_best, margin, loss, n_queries = self._start(x, y)
             # the rows still attacked, compacted: index, clean, ε-box, label, best, margin, loss
             at = (margin > 0.0).nonzero().flatten()
             xa, ba, ya = x[at], x_best[at], y[at]
@@ -187,9 +193,7 @@ class FullSquare(Square):
             c, h, w = x.shape[1:]
             n_features = c * h * w
             eps = self.eps
-            x_best = torch.clamp(x + eps * self.random_choice([x.shape[0], c, 1, w]), 0., 1.)
-            margin, loss = self.margin_and_loss(x_best, y)
-            n_queries = torch.ones(x.shape[0], device=self.device)
+            x_best, margin, loss, n_queries = self._start(x, y)
             best_np, nq_np = x_best.numpy(), n_queries.numpy()  # views: written back in place
             at = (margin > 0.0).nonzero().flatten().numpy()
             lo_t, hi_t = x - eps, x + eps  # torch's float32 arithmetic, as the tensor loop
