@@ -517,10 +517,15 @@ def test_load_verified_refuses_swapped_artifacts(gated, client, small_model, tmp
     assert _certify(url, name, version, EASY, tmp_path) == 0
     client.set_registered_model_alias(name, "production", version)
     uri = f"models:/{name}@production"
+    import mlflow
+
+    mine = (tmp_path / "callers-store").as_uri()  # a caller's own tracking URI: kept
+    mlflow.set_tracking_uri(mine)
     model = robust_cert.load_verified(uri, tracking_uri=url, flavor="pytorch",
                                       allowed_policies=["digits-production"],
                                       map_location="cpu", weights_only=False)
     assert isinstance(model, torch.nn.Module)
+    assert mlflow.get_tracking_uri() == mine
     with pytest.raises(VerificationError, match="not allowed"):
         robust_cert.load_verified(uri, tracking_uri=url, allowed_policies=["other"])
     with pytest.raises(VerificationError, match="no policy allow-list"):

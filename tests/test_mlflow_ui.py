@@ -7,6 +7,7 @@ Screenshots go to ``$ROBUST_CERT_SCREENSHOTS`` when set (to look at them), else 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -147,6 +148,30 @@ def test_tracking_uri_without_credentials():
         "postgresql://db:5432/mlflow"
     assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_tracking_scope_restores_the_callers_uris(tmp_path, fails):
+    """What connect() sets inside the scope of a Python-API call (the two process-wide URIs,
+    and the variables MLflow exports with them) is put back on exit, on error too."""
+    import mlflow
+
+    from robust_cert.mlflow_plugin.client import tracking_scope
+
+    mine = (tmp_path / "mine").as_uri()
+    mlflow.set_tracking_uri(mine)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    registry_before = mlflow.get_registry_uri()
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext(), tracking_scope():
+        mlflow.set_tracking_uri("http://127.0.0.1:9")
+        mlflow.set_registry_uri("http://127.0.0.1:9")
+        assert os.environ["MLFLOW_REGISTRY_URI"] == "http://127.0.0.1:9"
+        if fails:
+            raise RuntimeError("interrupted")
+    assert mlflow.get_tracking_uri() == mine
+    assert os.environ["MLFLOW_TRACKING_URI"] == mine
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_registry_uri() == registry_before
 
 
 # ---- the demo store ---------------------------------------------------------------------

@@ -3,12 +3,47 @@ credentials."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from robust_cert.errors import TrackingError
+
+#: The environment variables MLflow exports when its tracking / registry URI is set.
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def tracking_scope():
+    """Run the block with MLflow's tracking and registry URIs as they are now, and leave them
+    so afterwards: whatever :func:`connect` (or MLflow's fluent API) sets inside — the two
+    process-wide URIs and the ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` variables
+    MLflow exports with them — is restored on exit, on error and on interrupt too. The Python
+    API's ``tracking_uri=`` arguments therefore apply to that one call, not to the rest of
+    the caller's process (a notebook keeps its own server)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    saved = (getattr(tracking, "_tracking_uri", None), getattr(registry, "_registry_uri", None),
+             {k: os.environ.get(k) for k in _URI_ENV})
+    try:
+        yield
+    finally:
+        if getattr(tracking, "_tracking_uri", None) != saved[0]:
+            mlflow.set_tracking_uri(saved[0])  # (also resets what MLflow keeps per URI)
+        registry._registry_uri = saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def connect(tracking_uri: str | None = None):
     """An MlflowClient for ``tracking_uri`` (also the registry; default: MLflow's own
-    resolution), after checking that the server answers."""
+    resolution), after checking that the server answers. This sets MLflow's process-wide
+    URIs, which the fluent calls of a certification read: callers of the Python API run it
+    inside :func:`tracking_scope`, which puts them back afterwards."""
     import mlflow
     from mlflow.tracking import MlflowClient
 

@@ -42,7 +42,12 @@ from robust_cert.devices import select_device
 from robust_cert.errors import ModelError, TrackingError
 from robust_cert.loaders import REGISTRY as LOADERS_REGISTRY
 from robust_cert.mlflow_plugin.baseline import attach_comparison
-from robust_cert.mlflow_plugin.client import connect, current_tracking_uri, redact_uri
+from robust_cert.mlflow_plugin.client import (
+    connect,
+    current_tracking_uri,
+    redact_uri,
+    tracking_scope,
+)
 from robust_cert.mlflow_plugin.loaders import LOADERS, load_reference
 from robust_cert.mlflow_plugin.names import CERT_TAG, DEFAULT_EXPERIMENT, KIND_TAG, MANIFEST
 from robust_cert.mlflow_plugin.summary import (
@@ -185,12 +190,15 @@ def certify_version(
     version's signed one first: that is refused (TrackingError, before anything runs) when
     the version holds a signed certificate, unless ``allow_unsigned``.
 
+    ``tracking_uri`` applies to this call only: MLflow's process-wide tracking and registry
+    URIs are as before afterwards (:func:`~robust_cert.mlflow_plugin.client.tracking_scope`).
+
     ``announce`` is given the cost estimate before the run (:func:`robust_cert.certify`).
     Under ``torchrun`` every process calls this; the points are sharded
     (:func:`robust_cert.certify`) and rank 0 alone writes to MLflow and disk and returns the
     Certification; the other processes return None.
     """
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), tracking_scope():
         try:
             return _certify_version(uri, policy, data, tracking_uri=tracking_uri,
                                     out_dir=out_dir, device=device, seed=seed, threads=threads,

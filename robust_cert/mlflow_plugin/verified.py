@@ -33,8 +33,19 @@ def load_verified(uri: str, *, allowed_policies=None, keyring=None, client=None,
 
     ``flavor`` names the MLflow flavor module that loads it (``pyfunc`` default, ``pytorch``,
     ``onnx``, ``sklearn``, …; ``load_kwargs`` are passed on). The files are downloaded into
-    ``dst_path`` (kept) or a temporary folder removed after loading.
+    ``dst_path`` (kept) or a temporary folder removed after loading. ``tracking_uri`` applies to
+    this call only: MLflow's process-wide URIs are as before afterwards.
     """
+    from robust_cert.mlflow_plugin.client import tracking_scope
+
+    with tracking_scope():
+        return _load_verified(uri, allowed_policies=allowed_policies, keyring=keyring,
+                              client=client, tracking_uri=tracking_uri, flavor=flavor,
+                              dst_path=dst_path, **load_kwargs)
+
+
+def _load_verified(uri: str, *, allowed_policies, keyring, client, tracking_uri, flavor,
+                   dst_path, **load_kwargs):
     import importlib
 
     from robust_cert.mlflow_plugin.promotion import verify_version
