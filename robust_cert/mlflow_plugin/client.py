@@ -30,7 +30,8 @@ def tracking_scope():
         yield
     finally:
         if getattr(tracking, "_tracking_uri", None) != saved[0]:
-            mlflow.set_tracking_uri(saved[0])  # (also resets what MLflow keeps per URI)
+            # (also resets what MLflow keeps per URI; None, which its code handles, unsets it)
+            mlflow.set_tracking_uri(saved[0])  # pyright: ignore[reportArgumentType]
         registry._registry_uri = saved[1]
         for key, value in saved[2].items():
             if value is None:
