@@ -342,7 +342,7 @@ def bench_suite(work: Path, args, costs: Costs) -> dict[str, float]:
                      " [below 1 in CPU time too: the counts miss work, or a cost is measured "
                      "too high]")
         runs = r.get("runs", 1)
-        if runs > 1:
+        if runs > 1 and t_ideal > 0 and cpu_ideal > 0:
             below += (f" [median of {runs} runs; the first: {r['first_seconds'] * 1e3:.0f} ms = "
                       f"{r['first_seconds'] / t_ideal:.2f}×, CPU "
                       f"{r['first_cpu_seconds'] / cpu_ideal:.2f}×]")
