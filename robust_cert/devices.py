@@ -66,3 +66,53 @@ def library_threads(threads: int):
 
     return threadpool_limits(limits=int(threads))
 
+
+
+#: The thresholds :func:`steady_cpu_allocator` sets: glibc's largest dynamic mmap threshold on
+#: 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB) and the trim threshold glibc pairs
+#: with it (twice that)
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+#: environment variables by which a user configures glibc's allocator: set, they are obeyed
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_allocator: list[bool] = []  # the outcome of the first call, once made
+
+
+def steady_cpu_allocator() -> bool:
+    """Set glibc's malloc thresholds to the steady state it reaches by itself, once per
+    process; True when they are set (now or by an earlier call).
+
+    CPU tensors are malloc'ed. glibc serves a block above its mmap threshold (128 KiB at
+    start) with fresh pages and unmaps it when freed; it raises the threshold to the size of
+    such a freed block (up to 32 MiB) and its trim threshold to twice that, and gives the
+    heap's free top back to the system above the trim threshold. A process that has run only
+    small passes so far therefore returns its working memory after every pass and faults it
+    in again, page by page, at the next: ResNet-18 width 16 on one thread, the surrogates
+    metric on 32 points took 150,000-480,000 minor page faults (0.5-2 s of system time)
+    where the same process with these thresholds takes about 22,000 (its heap growing once).
+    Both are set to what glibc would reach after the first freed block of 32 MiB (which
+    also fixes them: glibc adjusts them no further); blocks of 32 MiB and more are still
+    unmapped when freed, and a heap top of more than 64 MiB is still given back.
+
+    Only the allocator's bookkeeping changes, never a value computed. Nothing is set when
+    libc is not glibc, or when the user configures glibc's allocator (:data:`MALLOC_ENV`).
+    """
+    if not _allocator:
+        _allocator.append(_set_malloc_thresholds())
+    return _allocator[0]
+
+
+def _set_malloc_thresholds() -> bool:
+    import ctypes
+
+    if any(os.environ.get(name) for name in MALLOC_ENV):
+        return False
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):  # no confstr name, no libc symbol
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD))

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robust_cert.data import EvalSet
+from robust_cert.devices import steady_cpu_allocator
 from robust_cert.distributed import World
 from robust_cert.errors import ModelError, RobustCertError
 from robust_cert.inputs import Inputs
@@ -381,7 +382,12 @@ def device_capped(model: Classifier, batch_size: int) -> Classifier:
     such a pass runs at under half the throughput of a batch-sized one (ResNet-18 at width
     16: 240 vs 567 img/s), for the same logits. Below that cap a
     :class:`~robust_cert.models.base.CpuBatchSizer` picks the size of the calls from their
-    measured CPU time per image (a batch of 256 can cost 1.5× per image what 64 cost)."""
+    measured CPU time per image (a batch of 256 can cost 1.5× per image what 64 cost).
+    On CPU it also sets glibc's malloc thresholds to their steady state
+    (:func:`~robust_cert.devices.steady_cpu_allocator`), so that the passes do not give their
+    memory back to the system and fault it in again page by page."""
+    if model.device.type == "cpu":
+        steady_cpu_allocator()
     if model.device.type == "cpu" and model.max_batch is None:
         cap = max(batch_size, CPU_MIN_FORWARD)
         return dataclasses.replace(model, max_batch=cap, batch_sizer=CpuBatchSizer(cap))
