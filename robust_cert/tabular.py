@@ -63,7 +63,7 @@ import torch
 
 from robust_cert.data import EvalSet
 from robust_cert.errors import DataError, PolicyError
-from robust_cert.models.base import Classifier
+from robust_cert.models.base import Classifier, numpy_forward
 
 if TYPE_CHECKING:
     from robust_cert.policy import FeatureSpec, Policy
@@ -274,6 +274,17 @@ class _Decoded:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.fn(self.threat.decode(u))
+
+    def numpy_forward(self):
+        """The decoding in numpy before the wrapped forward's numpy form, when it has one
+        (:func:`robust_cert.models.base.numpy_forward`): what ``self`` gives on a CPU
+        float32 tensor without gradients, which :meth:`FeatureThreat.decode` decodes with
+        the same numpy steps."""
+        inner = numpy_forward(self.fn)
+        if inner is None:
+            return None
+        decode = self.threat._decode_numpy
+        return lambda u: inner(decode(u).reshape(u.shape))
 
 
 def fit(spec: FeatureSpec, data: EvalSet) -> FeatureThreat:

@@ -278,3 +278,106 @@ def test_black_box_forward_reads_tensors_of_any_layout():
     empty = clf.forward(torch.zeros(0, 4))
     assert empty.shape == (0, 3)
     assert calls == []
+
+
+class _TensorQueries(FullSquare):
+    """FullSquare's numpy loop with its queries sent as tensors through ``get_logits`` (the
+    path of a model that declares no numpy form)."""
+
+    def _numpy_query(self):
+        return None
+
+
+def _tabular_model(d: int, classes: int, seed: int):
+    """A black-box Classifier (from_predict) of a softmax-linear model, recording every
+    array its predict gets."""
+    w = np.random.default_rng(seed).normal(size=(d, classes))
+    calls: list[np.ndarray] = []
+
+    def predict(rows):
+        calls.append(rows.copy())
+        z = rows @ w
+        p = np.exp(z - z.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    return from_predict(predict, n_features=d, fmt="sklearn", sha256="0" * 64,
+                        name="linear"), calls
+
+
+@pytest.mark.parametrize(("loss", "targeted", "features"), [
+    ("margin", False, False), ("ce", True, False), ("margin", False, True),
+    ("ce", False, True)])
+def test_numpy_queries_of_a_black_box_model_equal_its_tensor_queries(loss, targeted,
+                                                                      features):
+    """Through the attack view of a black-box Classifier (and under a per-feature threat
+    model, its decoding), the loop's numpy queries reach the model's predict as the same
+    arrays (rows, order, values, dtype) as the tensor queries through ``get_logits``, with
+    the same queries per point and best points; the numpy form is really taken (the view's
+    module is not called per query) and a wrapper that declares none keeps every call."""
+    from robust_cert.data import EvalSet
+    from robust_cert.metrics.adversarial import _UnitRangeView
+
+    d, classes = 12, 3
+    rng = np.random.default_rng(8)
+    x = torch.tensor(rng.uniform(-1, 1, size=(50, d)), dtype=torch.float32)
+    model, calls = _tabular_model(d, classes, seed=1)
+    data = EvalSet(x=x, y=torch.zeros(50, dtype=torch.long), input_range=(-1.5, 1.5),
+                   name="t", source="t", sha256="0" * 64)
+    if features:
+        from robust_cert.policy import FeatureSpec
+        from robust_cert.tabular import fit
+
+        threat = fit(FeatureSpec(scale="std", immutable=[0, 3]), data)
+        model, data = threat.wrap(model), threat.encode(data)
+    xd = data.x
+    assert isinstance(xd, torch.Tensor)
+    with torch.no_grad():
+        y = model.logits(xd).argmax(1)
+    if targeted:
+        y = (y + 1) % classes
+    lo, hi = data.input_range
+    runs = []
+    for cls in (FullSquare, _TensorQueries):
+        view = _UnitRangeView(model.query_module(), lo, hi, data.input_shape)
+        module_calls: list[int] = []
+        view.register_forward_pre_hook(
+            lambda _m, args, seen=module_calls: seen.append(len(args[0])))
+        u = view.to_attack(xd)
+        atk = cls(view, norm="Linf", eps=0.3 / (hi - lo), n_queries=80, loss=loss, seed=0)
+        atk.targeted = targeted
+        atk.init_hyperparam(u)
+        calls.clear()
+        torch.manual_seed(11)
+        n_queries, best = atk.attack_single_run(u, y)
+        runs.append((n_queries, best, list(calls), len(module_calls)))
+    (nq, best, queries, via_module), (nq_t, best_t, queries_t, via_module_t) = runs
+    assert len(queries) == len(queries_t) > 40
+    for q, q_t in zip(queries, queries_t, strict=True):
+        assert q.dtype == q_t.dtype == np.float64
+        np.testing.assert_array_equal(q, q_t)
+    _same(nq, nq_t)
+    _same(best, best_t)
+    assert ((nq > 1) & (nq < 81)).any()
+    assert via_module == 1  # the first query (stripes); then the numpy form
+    assert via_module_t == len(queries_t)
+    # a forward wrapped by something that declares no numpy form: the tensor path
+    counted = []
+
+    def counting(t):
+        counted.append(len(t))
+        return model.forward(t)
+
+    import dataclasses
+
+    wrapped = dataclasses.replace(model, forward=counting)
+    view = _UnitRangeView(wrapped.query_module(), lo, hi, data.input_shape)
+    atk = FullSquare(view, norm="Linf", eps=0.3 / (hi - lo), n_queries=80, loss=loss, seed=0)
+    atk.targeted = targeted
+    atk.init_hyperparam(u)
+    assert atk._numpy_query() is None
+    calls.clear()
+    torch.manual_seed(11)
+    n_queries, best = atk.attack_single_run(u, y)
+    assert len(counted) == len(calls) == len(queries)
+    _same(n_queries, nq)
+    _same(best, best_t)

@@ -29,7 +29,7 @@ from robust_cert.metrics.base import (
     batches,
     value_list,
 )
-from robust_cert.models.base import Classifier
+from robust_cert.models.base import Classifier, numpy_forward
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,16 @@ class _UnitRangeView(nn.Module):
             probe, self.probe = self.probe, None
             u.register_hook(lambda grad: probe.append(grad.detach()))
         return self.inner(self.to_data(u))
+
+    def numpy_forward(self):
+        """:meth:`to_data`'s numpy arithmetic before the inner model's numpy form, when it
+        has one (:func:`robust_cert.models.base.numpy_forward`): on a float32 array, what
+        ``self`` gives on the same array as a CPU tensor without gradients."""
+        inner = numpy_forward(self.inner)
+        if inner is None:
+            return None
+        to_data = self._to_data_numpy
+        return lambda u: inner(to_data(u))
 
 
 def _norms(d: torch.Tensor, norm: str) -> torch.Tensor:

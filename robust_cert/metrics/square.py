@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torchattacks import Square
 
+from robust_cert.models.base import numpy_forward
+
 
 class FullSquare(Square):
     """torchattacks' Square attack with window positions drawn from every valid position.
@@ -185,10 +187,12 @@ class FullSquare(Square):
         scalar promotion as by torch's CPU kernels; min, max and clip propagate NaN alike);
         the draws are the same uniforms in the same order (a query's two positions and its
         signs from one ``torch.rand`` block, which the CPU generator fills exactly as it
-        answers the single calls upstream makes for them, one after another); the model gets each
-        query as a CPU tensor (sharing the query's memory, a fresh array every query) and its
-        logits are read in their own dtype. The cross-entropy loss (``loss="ce"``) is torch's own on
-        those logits."""
+        answers the single calls upstream makes for them, one after another); the model gets
+        each query as a CPU tensor (sharing the query's memory, a fresh array every query) and
+        its logits are read in their own dtype — or, when the model declares a numpy form
+        (:meth:`_numpy_query`: a black-box model behind the attack view), the query array
+        itself, its logits coming back as an array, with no torch operation on the way. The
+        cross-entropy loss (``loss="ce"``) is torch's own on those logits."""
         with torch.no_grad():
             c, h, w = x.shape[1:]
             n_features = c * h * w
@@ -202,6 +206,7 @@ class FullSquare(Square):
             ma, la = margin.numpy()[at], loss.numpy()[at]
             one, zero = np.float32(1.), np.float32(0.)
             targeted, ce = self.targeted, self.loss != "margin"
+            query = self._numpy_query()
             done = 0  # queries made
             for i_iter in range(self.n_queries):
                 keep = ma > zero
@@ -231,10 +236,13 @@ class FullSquare(Square):
                 win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
                 np.minimum(win, hi[:, :, rows, cols], out=win)
                 x_new[:, :, rows, cols] = np.clip(win, zero, one, out=win)
-                logits_t = self.get_logits(torch.from_numpy(x_new))
-                if logits_t.requires_grad or logits_t.device.type != "cpu":
-                    logits_t = logits_t.detach().cpu()
-                logits = logits_t.numpy()
+                if query is not None:
+                    logits = query(x_new)
+                else:
+                    logits_t = self.get_logits(torch.from_numpy(x_new))
+                    if logits_t.requires_grad or logits_t.device.type != "cpu":
+                        logits_t = logits_t.detach().cpu()
+                    logits = logits_t.numpy()
                 done += 1
                 index = np.arange(len(ya)), ya
                 y_corr = logits[index]
@@ -248,7 +256,7 @@ class FullSquare(Square):
                     better = (m < ma).astype(np.float32)  # implies a lower loss: one blend
                     ma = la = better * m + (one - better) * ma
                 else:
-                    xent = F.cross_entropy(logits_t, torch.from_numpy(ya),
+                    xent = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(ya),
                                            reduction="none").numpy()
                     loss_new = xent if targeted else np.float32(-1.) * xent
                     better = (loss_new < la).astype(np.float32)
@@ -259,6 +267,21 @@ class FullSquare(Square):
             best_np[at] = ba
             nq_np[at] += done
         return n_queries, x_best
+
+    def _numpy_query(self):
+        """The model's numpy forward (:func:`robust_cert.models.base.numpy_forward`) where
+        :meth:`get_logits` would only hand it the batch: torchattacks applies no
+        normalisation of its own and ``get_logits`` is FullSquare's; with the per-channel
+        layout the batch is reshaped to it first, as ``get_logits`` does. None otherwise, or
+        when the model declares none: the loop then asks ``get_logits`` with a tensor."""
+        if self._normalization_applied is False or \
+                type(self).get_logits is not FullSquare.get_logits:
+            return None
+        fn = numpy_forward(self.model)
+        layout = self._layout
+        if fn is None or layout is None:
+            return fn
+        return lambda a: fn(a.reshape(a.shape[0], *layout))
 
     def _position(self, high: int) -> int:
         """:meth:`random_int` ``(0, high)`` as a Python int: the same draw (one

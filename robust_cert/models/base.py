@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,6 +201,29 @@ class _AttackView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)
+
+    def numpy_forward(self) -> NumpyForward | None:
+        """The wrapped forward's numpy form (:func:`numpy_forward`), on a CPU view only."""
+        return numpy_forward(self._fn) if self._device_anchor.device.type == "cpu" else None
+
+
+#: A forward in numpy: a float32 array (N, …) on the host → its logits, a float array (N, C).
+NumpyForward = Callable[[np.ndarray], np.ndarray]
+
+
+def numpy_forward(fn) -> NumpyForward | None:
+    """The numpy form of the forward ``fn``, or None when it has none.
+
+    An object declares one with a method ``numpy_forward()`` returning a callable that maps a
+    float32 array ``a`` (N, …) to the same logits as ``fn(torch.from_numpy(a))``, as an
+    array, without torch operations (a black-box model's forward, and the wrappers that only
+    transform its inputs: the attack views, the per-feature decoding). Anything that does
+    not declare it — a wrapper that counts, seeds or splits calls, a PyTorch module — has
+    none, so its callers keep the tensor path and the wrapper keeps seeing every call. The
+    Square attack's loop on the CPU asks its model once per run (see
+    :meth:`robust_cert.metrics.square.FullSquare._numpy_query`)."""
+    get: Callable[[], NumpyForward | None] | None = getattr(fn, "numpy_forward", None)
+    return get() if callable(get) else None
 
 
 def probability_rows(out: torch.Tensor) -> bool:

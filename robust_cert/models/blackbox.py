@@ -161,26 +161,34 @@ class ProbaForward:
         return np.log(out, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        on_cpu = x.device.type == "cpu"
         # a CPU tensor is read in place (numpy), without torch operations: at the Square
         # attack's query batches their dispatch costs more than the reshape itself
         if x.requires_grad:
             x = x.detach()
-        arr = x.numpy() if on_cpu else x.to("cpu").numpy()
+        if x.device.type == "cpu":
+            return torch.from_numpy(self.logits_numpy(x.numpy()))
+        return torch.from_numpy(self.logits_numpy(x.to("cpu").numpy())).to(x.device)
+
+    def logits_numpy(self, arr: np.ndarray) -> np.ndarray:
+        """The float32 logits (N, classes) of a batch ``arr`` (N, …) as an array: what
+        ``self(torch.from_numpy(arr))`` returns, without torch."""
+        n = arr.shape[0]
         rows = arr.reshape(n, math.prod(arr.shape[1:]))
         if rows.shape[1] != self.n_features:
             raise ModelError(f"{self.source}: a sample has {rows.shape[1]} values; the model "
                              f"takes {self.n_features} features")
         if n == 0:  # the model is not asked about zero rows
-            return torch.zeros((0, self.num_classes), dtype=torch.float32, device=x.device)
+            return np.zeros((0, self.num_classes), dtype=np.float32)
         if n <= self.max_batch:
             logits = self._log_probabilities(rows)
         else:
             logits = np.concatenate([self._log_probabilities(rows[s:s + self.max_batch])
                                      for s in range(0, n, self.max_batch)])
-        out = torch.from_numpy(logits.astype(np.float32))
-        return out if on_cpu else out.to(x.device)
+        return logits.astype(np.float32)
+
+    def numpy_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+        """:meth:`logits_numpy` (see :func:`robust_cert.models.base.numpy_forward`)."""
+        return self.logits_numpy
 
 
 def from_predict(
