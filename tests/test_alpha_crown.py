@@ -209,3 +209,138 @@ def test_safe_radius_with_alpha_steps_certifies_at_least_as_much() -> None:
     assert np.isfinite(lo1).all()
     with pytest.raises(pydantic.ValidationError, match="alpha_steps"):
         SafeRadiusConfig(alpha_steps=-1)
+
+
+# ---- alpha-CROWN of the intermediate bounds (``alpha_intermediate``)
+
+
+class _Kinked(nn.Module):
+    """z = relu(x) − x/2 (an intermediate node feeding a ReLU), output relu(z)."""
+
+    def forward(self, x):
+        return torch.relu(torch.relu(x) - 0.5 * x)
+
+
+def _z_interval(net, x, r, norm, steps):
+    """The interval of _Kinked's node z over the ball: CROWN's (steps 0) or alpha-CROWN's."""
+    bound = lipschitz_bound(net, (1,))
+    local = local_analysis(bound)
+    (z,) = [n for n in local.refined if local.slopes_below[n]]
+    rr = torch.full((x.shape[0],), r, dtype=torch.float64)
+    xd = x.double()
+    inp = (xd, rr, xd - r, xd + r, norm, None)
+    with torch.no_grad():
+        values = local.graph._evaluate(x)
+        ctx = local._intervals(values, inp, True, None, steps)
+    return float(ctx.lower[z][0, 0]), float(ctx.upper[z][0, 0])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_an_intermediate_bound_gets_its_exact_minimum(norm) -> None:
+    """x ∈ [0.2 − 0.5, 0.2 + 0.5] = [−0.3, 0.7]: z = relu(x) − x/2 has the exact range
+    [0, 0.35]; IBP gives [−0.35, 0.85]. CROWN's lower slope of relu(x) is 1 (0.7 > 0.3):
+    z ≥ x/2 ≥ −0.15. The best slope, ½, gives z ≥ 0, exact; the upper chord's 0.35 is exact
+    either way."""
+    net = _Kinked().eval()
+    x = torch.tensor([[0.2]])
+    lo0, hi0 = _z_interval(net, x, 0.5, norm, 0)
+    lo1, hi1 = _z_interval(net, x, 0.5, norm, 30)
+    assert lo0 == pytest.approx(-0.15, abs=1e-7)
+    assert hi0 == pytest.approx(0.35, abs=1e-7)
+    assert lo1 <= 0.0
+    assert lo1 == pytest.approx(0.0, abs=1e-6)
+    assert hi1 == pytest.approx(0.35, abs=1e-7)
+    assert hi1 >= 0.35
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_intermediate_alpha_is_sound_and_never_looser_than_crown(norm) -> None:
+    """On a two-conv network with max pooling: every margin's bound with the intermediate
+    bounds optimised (and the margins' too) is at most the sampled and attacked minimum,
+    never below CROWN's, and above it somewhere."""
+    torch.manual_seed(0)
+    model = _pooled(0)
+    x = torch.rand(5, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    with torch.no_grad():
+        spec = default_spec(model(x).double())
+    r = torch.full((5,), {"linf": 0.05, "l2": 0.3, "l1": 0.8}[norm], dtype=torch.float64)
+    crown = local_bounds(bound, x, r, norm, spec, method="crown")
+    inter = local_bounds(bound, x, r, norm, spec, method="crown", alpha_intermediate=10)
+    both = local_bounds(bound, x, r, norm, spec, method="crown", alpha_steps=10,
+                        alpha_intermediate=10)
+    true = _sampled_min(model, x, spec, r, norm)
+    for res in (inter, both):
+        assert (res.exact <= true + 1e-9).all(), float((res.exact - true).max())
+        assert (res.exact >= crown.exact).all()
+        assert (res.lower <= res.exact).all()
+    assert (inter.exact > crown.exact + 1e-6).any()
+
+
+def test_intermediate_alpha_is_sound_through_padded_pooling_and_a_residual() -> None:
+    torch.manual_seed(4)
+    model = PaddedPool().eval()
+    x = torch.rand(4, 2, 8, 8)
+    bound = lipschitz_bound(model, (2, 8, 8))
+    with torch.no_grad():
+        spec = default_spec(model(x).double())
+    for norm, rad in (("linf", 0.03), ("l2", 0.15)):
+        r = torch.full((4,), rad, dtype=torch.float64)
+        crown = local_bounds(bound, x, r, norm, spec, method="crown")
+        inter = local_bounds(bound, x, r, norm, spec, method="crown", alpha_intermediate=8)
+        true = _sampled_min(model, x, spec, r, norm)
+        assert (inter.exact <= true + 1e-9).all(), float((inter.exact - true).max())
+        assert (inter.exact >= crown.exact).all()
+        assert (inter.exact > crown.exact + 1e-6).any()
+
+
+def test_intermediate_alpha_radius_is_at_least_crowns_and_certified_by_a_fresh_bound() -> None:
+    """(Where the radius is strictly larger is a matter of the trial radius: the bounds'
+    test above shows the margins' bounds strictly tighter.)"""
+    torch.manual_seed(0)
+    model = _pooled(1)
+    x = torch.rand(6, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    for norm, big in (("linf", 0.05), ("l2", 0.15)):
+        r0 = local_radius(bound, x, big, norm, method="crown")
+        r1 = local_radius(bound, x, big, norm, method="crown", alpha_intermediate=10)
+        assert (r1 >= r0).all()
+        assert (r1 <= big).all()
+        pos = r1 > 0
+        assert pos.any()
+        fresh = local_bounds(bound, x[pos], r1[pos], norm, method="crown",
+                             alpha_intermediate=10)
+        assert (fresh.lower > 0).all()
+        with torch.no_grad():
+            spec = default_spec(model(x[pos]).double())
+        true = _sampled_min(model, x[pos], spec, r1[pos], norm, count=2000)
+        assert (true > 0).all()
+
+
+def test_intermediate_alpha_without_crowns_intermediate_bounds_changes_nothing() -> None:
+    """crown-ibp and ibp tighten no intermediate node: the setting leaves their bounds."""
+    model = _pooled(0)
+    x = torch.rand(3, 1, 8, 8)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    for method in ("crown-ibp", "ibp"):
+        a = local_bounds(bound, x, 0.05, "linf", method=method)
+        b = local_bounds(bound, x, 0.05, "linf", method=method, alpha_intermediate=5)
+        assert torch.equal(a.exact, b.exact)
+
+
+def test_intermediate_alpha_memory_estimate_and_bad_input() -> None:
+    import pydantic
+
+    from robust_cert.metrics.safe_radius import SafeRadiusConfig
+
+    model = _pooled(0)
+    bound = lipschitz_bound(model, (1, 8, 8))
+    local = local_analysis(bound)
+    assert local.bytes_per_point("crown", 2, alpha_intermediate=5) > \
+        local.bytes_per_point("crown", 2)
+    assert local.bytes_per_point("crown-ibp", 2, alpha_intermediate=5) == \
+        local.bytes_per_point("crown-ibp", 2)
+    with pytest.raises(ValueError, match="alpha_intermediate must be >= 0"):
+        local_bounds(bound, torch.rand(1, 1, 8, 8), 0.01, "linf", alpha_intermediate=-1)
+    with pytest.raises(pydantic.ValidationError, match="alpha_intermediate"):
+        SafeRadiusConfig(alpha_intermediate=-1)

@@ -233,6 +233,14 @@ class LocalBound:
                        and len(graph.calls[s.node][1].deps) == 1]
         self.numel = {n: first(graph.values[n])[0].numel() for n in graph.order
                       if isinstance(first(graph.values[n]), torch.Tensor)}
+        # per refined node, the slope nodes it depends on (alpha-CROWN of its own bounds)
+        below: dict = {graph.input: set()}
+        slopes = set(self.slopes)
+        for step in graph.steps:
+            up = set().union(*(below.get(a, set()) for a in step.inputs))
+            below[step.node] = up | ({step.node} if step.node in slopes else set())
+        self.slopes_below = {n: [m for m in self.slopes if m in below.get(n, set())]
+                             for n in self.refined}
 
     def check(self, method: str) -> None:
         """Raise :class:`NotBoundable` if an op lacks the bound ``method`` needs."""
@@ -242,12 +250,14 @@ class LocalBound:
             raise NotBoundable(self.missing["linear"])
 
     def bytes_per_point(self, method: str, specs: int, alpha_steps: int = 0,
-                        max_rows: int | None = None) -> int:
+                        max_rows: int | None = None, alpha_intermediate: int = 0) -> int:
         """A generous estimate of the memory one point needs (float64 coefficients of the
         widest back-substitution, three live copies, at most ``max_rows`` rows of a node's
         tightening at a time; with ``alpha_steps``, alpha-CROWN's autograd graph of the
         margins' back-substitution: four copies of every node's coefficients, and its
-        slopes with their Adam moments and best values)."""
+        slopes with their Adam moments and best values; with ``alpha_intermediate`` and
+        ``method="crown"``, the same for the rows of each tightened node, counting two
+        parameters per input element of every relaxed op below it)."""
         widest = max(self.numel.values())
         total = sum(self.numel.values()) * 8 * 4
         if method == "ibp":
@@ -260,20 +270,30 @@ class LocalBound:
         if alpha_steps > 0:
             out = max(out, total + specs * 8 * (4 * sum(self.numel.values())
                                                 + 5 * sum(self.numel[n] for n in self.slopes)))
+        if alpha_intermediate > 0 and method == "crown":
+            for n in refined:
+                below = self.slopes_below[n]
+                if not below:
+                    continue
+                k = 2 * self.numel[n] if not max_rows else min(2 * self.numel[n],
+                                                                 max(2, max_rows))
+                params = sum(2 * self.numel[self.graph.calls[m][1].deps[0]] for m in below)
+                out = max(out, total + k * 8 * (4 * sum(self.numel.values()) + 5 * params))
         return out
 
     def margins(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
                 box: tuple[float, float] | None, method: str, alpha_steps: int = 0,
-                max_rows: int | None = None) -> torch.Tensor:
+                max_rows: int | None = None, alpha_intermediate: int = 0) -> torch.Tensor:
         """Lower bounds (float64, (batch, specs)) of spec·f over the region, exact network."""
         ibp, form = self.forms(x0, radius, norm, spec, box, method, alpha_steps=alpha_steps,
-                               max_rows=max_rows)
+                               max_rows=max_rows, alpha_intermediate=alpha_intermediate)
         return ibp if form is None else torch.maximum(ibp, form.lower(radius))
 
     def forms(self, x0: torch.Tensor, radius: torch.Tensor, norm: str, spec: torch.Tensor,
               box: tuple[float, float] | None, method: str,
               threshold: torch.Tensor | None = None, alpha_steps: int = 0,
-              max_rows: int | None = None) -> tuple[torch.Tensor, LinearForm | None]:
+              max_rows: int | None = None,
+              alpha_intermediate: int = 0) -> tuple[torch.Tensor, LinearForm | None]:
         """IBP's lower bounds (float64, (batch, specs)) of spec·f over the region and, but for
         ``method="ibp"``, CROWN's as a :class:`LinearForm` of the input (None for IBP).
 
@@ -290,32 +310,35 @@ class LocalBound:
         max-pooling weights) optimised per point and row at this radius; never below CROWN's
         at any r ≤ ``radius``. With ``max_rows``, ``method="crown"`` tightens an
         intermediate node by at most that many rows at a time (the same bounds, less memory:
-        :meth:`bytes_per_point`)."""
+        :meth:`bytes_per_point`).
+
+        With ``alpha_intermediate`` > 0 and ``method="crown"``, every tightened node whose
+        rows reach a relaxation with free parameters is bounded by alpha-CROWN too
+        (:meth:`_refine`: its own parameters per element and sign, this many steps), so the
+        relaxations after it are fitted to tighter intervals. CROWN's intervals are then
+        computed as well (one more forward pass, without the steps), and CROWN's form of the
+        margins on them is :attr:`LinearForm.alt` of the form returned (at the end of its
+        chain): the bound is never looser than CROWN's."""
         g = self.graph
         with torch.no_grad():
             values = g._evaluate(x0.to(g.dtype))
-            ctx = Region(g, values, x0.shape[0])
             refine = method == "crown"  # "crown-ibp": IBP's intermediate bounds
             x = x0.double()
             r = radius.to(x.device, torch.float64).view(-1, *([1] * (x.ndim - 1)))
             xl, xu = x - r, x + r
             if box is not None:
                 xl, xu = xl.clamp(min=box[0]), xu.clamp(max=box[1])
-            ctx.lower[g.input], ctx.upper[g.input] = _widen(xl, xu)
             inp = (x, r.flatten(), xl, xu, norm, box)
-            for step in g.steps:
-                n = step.node
-                op, call, params = g.calls[n]
-                lo, hi = op.interval(call, params, ctx)
-                ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
-                if refine and n in self.refined and not (norm == "linf"
-                                                         and n in self.box_exact):
-                    self._refine(n, ctx, inp, max_rows)
+            inter = alpha_intermediate if refine and any(
+                self.slopes_below[n] for n in self.refined) else 0
+            ctx = self._intervals(values, inp, refine, max_rows, inter)
+            plain = self._intervals(values, inp, refine, max_rows) if inter else None
             out = g.output
             shape = ctx.lower[out].shape[1:]
             c = spec.to(x.device, torch.float64)
-            lo, hi = ctx.lower[out].flatten(1)[:, None, :], ctx.upper[out].flatten(1)[:, None, :]
-            ibp = (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
+            ibp = _ibp_rows(c, ctx.lower[out], ctx.upper[out])
+            if plain is not None:  # both are sound: the larger
+                ibp = torch.maximum(ibp, _ibp_rows(c, plain.lower[out], plain.upper[out]))
             if method == "ibp":
                 return ibp, None
             rows = valid = goal = None
@@ -335,11 +358,37 @@ class LocalBound:
             if form is None:
                 form = self._backward(out, c, ctx, inp, form=True)
             assert isinstance(form, LinearForm)  # with form
+            if plain is not None:
+                crown = self._backward(out, c, plain, inp, form=True)
+                assert isinstance(crown, LinearForm)  # with form
+                last = form
+                while last.alt is not None:
+                    last = last.alt
+                last.alt = crown
             form.rows, form.valid = rows, valid
             return ibp, form
 
+    def _intervals(self, values: dict, inp, refine: bool, max_rows: int | None,
+                   alpha_intermediate: int = 0) -> Region:
+        """The forward pass of :meth:`forms`: every node's interval over the region of
+        ``inp`` (IBP, and with ``refine`` CROWN's tightening of the nodes in
+        :attr:`refined`, by alpha-CROWN with ``alpha_intermediate`` steps)."""
+        g = self.graph
+        x, _, xl, xu, norm, _ = inp
+        ctx = Region(g, values, x.shape[0])
+        ctx.lower[g.input], ctx.upper[g.input] = _widen(xl, xu)
+        for step in g.steps:
+            n = step.node
+            op, call, params = g.calls[n]
+            lo, hi = op.interval(call, params, ctx)
+            ctx.lower[n], ctx.upper[n] = _widen(lo.double(), hi.double())
+            if refine and n in self.refined and not (norm == "linf" and n in self.box_exact):
+                self._refine(n, ctx, inp, max_rows, alpha_intermediate)
+        return ctx
+
     def _alpha_form(self, out, c: torch.Tensor, ctx: Region, inp, steps: int,
-                    goal: torch.Tensor | None = None) -> LinearForm | None:
+                    goal: torch.Tensor | None = None,
+                    nodes: list | None = None) -> LinearForm | None:
         """alpha-CROWN (Xu et al. 2021) on the margins ``c``: the lower slopes α ∈ [0, 1] of
         the unstable elements of every relaxed op with a free slope
         (:meth:`BoundOp.alpha_init <robust_cert.bounds.BoundOp.alpha_init>`: ReLU), one per
@@ -353,12 +402,14 @@ class LocalBound:
         CROWN's own form when none of them is reached by the margins' coefficients (a
         relaxation by constants before them). With ``goal`` (batch, specs), the steps stop
         once every row's best bound exceeds it (CROWN's form alone when it already does).
-        Intermediate bounds are left as they are."""
+        ``nodes``: the relaxed ops optimised (default: every one in :attr:`slopes`; those
+        ``out`` depends on when it is an intermediate node). Intermediate bounds are left as
+        they are."""
         g = self.graph
         b, s = c.shape[:2]
         alpha: dict[torch.fx.Node, list[torch.Tensor]] = {}
         single: set = set()  # the ops whose alpha_init returned one tensor (not a tuple)
-        for n in self.slopes:
+        for n in self.slopes if nodes is None else nodes:
             op, call, params = g.calls[n]
             src = call.deps[0]
             init = op.alpha_init(call, params, ctx.lower[src], ctx.upper[src])
@@ -420,7 +471,13 @@ class LocalBound:
         final.alt = crown
         return final
 
-    def _refine(self, n, ctx: Region, inp, max_rows: int | None = None) -> None:
+    def _refine(self, n, ctx: Region, inp, max_rows: int | None = None,
+                alpha_steps: int = 0) -> None:
+        """Tighten node ``n``'s interval by CROWN: a backward pass with the rows ±e_i of its
+        elements that a relaxation after it uses, intersected with the interval it has. With
+        ``alpha_steps`` > 0 and a relaxation with free parameters below ``n``, each row is
+        alpha-CROWN's (:meth:`_alpha_form`: the parameters of the relaxed ops ``n`` depends
+        on, one set per point, element and sign, never looser than CROWN's row)."""
         lo, hi = ctx.lower[n], ctx.upper[n]
         mask = None
         for u in self.users[n]:
@@ -460,7 +517,15 @@ class LocalBound:
             kj = part.shape[1]
             a = torch.zeros((b, kj, nel), dtype=torch.float64, device=lo.device)
             a.scatter_(2, part[:, :, None], 1.0)
-            lb = self._backward(n, a.view(b, kj, *lo.shape[1:]), ctx, inp, mirror=True)
+            a = a.view(b, kj, *lo.shape[1:])
+            form = None
+            if alpha_steps > 0 and self.slopes_below[n]:
+                form = self._alpha_form(n, torch.cat([a, -a], 1), ctx, inp, alpha_steps,
+                                        nodes=self.slopes_below[n])
+            if form is not None:
+                lb = form.lower(inp[1])
+            else:
+                lb = self._backward(n, a, ctx, inp, mirror=True)
             assert isinstance(lb, torch.Tensor)  # without form
             parts_lo.append(lb[:, :kj])
             parts_hi.append(-lb[:, kj:])
@@ -515,6 +580,13 @@ class LocalBound:
         lin = LinearForm(None if a_in is None else a_in.flatten(2), bias, mag, x.flatten(1),
                          r, norm, box)
         return lin if form else lin.lower(r)
+
+
+def _ibp_rows(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """IBP's lower bounds (batch, specs) of the rows ``c`` (batch, specs, n) of a node with
+    the interval [lo, hi]."""
+    lo, hi = lo.flatten(1)[:, None, :], hi.flatten(1)[:, None, :]
+    return (c.clamp(min=0) * lo + c.clamp(max=0) * hi).sum(-1)
 
 
 def _compress(need: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -684,7 +756,8 @@ def default_spec(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
-             spec: torch.Tensor | None, method: str, max_memory: int, alpha_steps: int = 0):
+             spec: torch.Tensor | None, method: str, max_memory: int, alpha_steps: int = 0,
+             alpha_intermediate: int = 0):
     """Checked arguments of :func:`local_bounds` and :func:`local_radius`: (analysis, radii
     per point, spec, points per chunk, rows per tightening pass: None for all, or, with
     ``method="crown"``, fewer when all at once would not fit one point in ``max_memory``)."""
@@ -694,6 +767,8 @@ def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if alpha_steps < 0:
         raise ValueError(f"alpha_steps must be >= 0, got {alpha_steps}")
+    if alpha_intermediate < 0:
+        raise ValueError(f"alpha_intermediate must be >= 0, got {alpha_intermediate}")
     local = local_analysis(bound)
     local.check(method)
     b = x0.shape[0]
@@ -708,16 +783,20 @@ def _prepare(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
         spec = default_spec(first(logits).flatten(1).double())
     spec = spec.to(x0.device, torch.float64)
     specs = spec.shape[1]
-    per_point = local.bytes_per_point(method, specs, alpha_steps)
+    per_point = local.bytes_per_point(method, specs, alpha_steps,
+                                      alpha_intermediate=alpha_intermediate)
     max_rows = None
     if per_point > max_memory and method == "crown":
         # tighten intermediate nodes by fewer rows at a time (the same bounds): the most
         # (an even number, both signs of each element) that keep one point within budget
-        floor = local.bytes_per_point(method, specs, alpha_steps, specs + 1)
-        per_row = local.bytes_per_point(method, specs, alpha_steps, specs + 2) - floor
+        floor = local.bytes_per_point(method, specs, alpha_steps, specs + 1,
+                                      alpha_intermediate)
+        per_row = local.bytes_per_point(method, specs, alpha_steps, specs + 2,
+                                        alpha_intermediate) - floor
         fit = specs + 1 + max(0, int((max_memory - floor) // max(1, per_row)))
         max_rows = max(2, fit - fit % 2)
-        per_point = local.bytes_per_point(method, specs, alpha_steps, max_rows)
+        per_point = local.bytes_per_point(method, specs, alpha_steps, max_rows,
+                                          alpha_intermediate)
     if per_point > max_memory:
         raise NotBoundable(f"the {method} bound needs about {per_point / 2**20:.0f} MiB per "
                            f"point, above max_bound_memory ({max_memory / 2**20:.0f} MiB)")
@@ -737,7 +816,8 @@ def _rounding(bound: LipschitzBound, x0: torch.Tensor, radius: torch.Tensor, nor
 def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
                  spec: torch.Tensor | None = None, *, box: tuple[float, float] | None = None,
                  method: str = "crown", max_memory: int = DEFAULT_MAX_MEMORY,
-                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0) -> LocalMargins:
+                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0,
+                 alpha_intermediate: int = 0) -> LocalMargins:
     """Sound lower bounds of the margins spec·f over B_``norm``(x0, radius) (∩ ``box``) for
     each point of the batch ``x0`` (see the module doc for the algorithm and its soundness).
 
@@ -751,14 +831,19 @@ def local_bounds(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     over a ball containing this one (default: :meth:`LipschitzBound.rounding` at this
     radius); ``alpha_steps``: with a CROWN method, the margins' relaxation is alpha-CROWN's
     (:meth:`LocalBound._alpha_form`: this many optimisation steps of the ReLUs' lower
-    slopes; never looser than CROWN's, sound whatever the steps reach; 0: off). Raises
-    :class:`NotBoundable` naming an op without the bound ``method`` needs.
+    slopes; never looser than CROWN's, sound whatever the steps reach; 0: off);
+    ``alpha_intermediate``: with ``method="crown"``, the intermediate nodes' tightening by
+    alpha-CROWN too, this many steps per node (:meth:`LocalBound.forms`; never looser than
+    CROWN's margins; 0: off). Raises :class:`NotBoundable` naming an op without the bound
+    ``method`` needs.
     """
     local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
-                                                     max_memory, alpha_steps)
+                                                     max_memory, alpha_steps,
+                                                     alpha_intermediate)
     b = x0.shape[0]
     parts = [local.margins(x0[i:i + chunk], radius[i:i + chunk], norm, spec[i:i + chunk], box,
-                           method, alpha_steps, max_rows) for i in range(0, b, chunk)]
+                           method, alpha_steps, max_rows, alpha_intermediate)
+             for i in range(0, b, chunk)]
     exact = torch.cat(parts) if parts else torch.zeros((0, spec.shape[1]), dtype=torch.float64)
     rnd = _rounding(bound, x0, radius, norm, spec, ball_error)
     return LocalMargins(exact - rnd, exact, rnd, method)
@@ -772,7 +857,8 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
                  spec: torch.Tensor | None = None, offset: torch.Tensor | None = None, *,
                  box: tuple[float, float] | None = None, method: str = "crown",
                  max_memory: int = DEFAULT_MAX_MEMORY,
-                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0) -> torch.Tensor:
+                 ball_error: torch.Tensor | None = None, alpha_steps: int = 0,
+                 alpha_intermediate: int = 0) -> torch.Tensor:
     """Per point of ``x0``: a radius r ≤ ``radius`` (float64) such that every margin
     spec_j·f − offset_j (offset default 0) is positive over the closed ball B_``norm``(x0, r)
     (∩ ``box``), for the exact network and its float32 evaluation; ``radius`` itself where
@@ -787,12 +873,14 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     network pass), and the returned r is one where positivity was checked: sound, whatever
     the rounding of the bisection. Work that cannot change r is skipped
     (:func:`_radius_on_forms`: rows and points already certified by IBP, rows already
-    positive at ``radius``). ``alpha_steps``: alpha-CROWN's margins, optimised at
-    ``radius`` (:func:`local_bounds`). It is at most the radius a fresh bound at r would
-    certify (tighter intervals at r): call again with a radius between (bisection of
+    positive at ``radius``). ``alpha_steps``, ``alpha_intermediate``: alpha-CROWN's
+    margins and intermediate bounds, optimised at ``radius`` (:func:`local_bounds`). It is
+    at most the radius a fresh bound at r would certify (tighter intervals at r): call again
+    with a radius between (bisection of
     :meth:`SafeRadius._local_radius <robust_cert.metrics.safe_radius.SafeRadius>`)."""
     local, radius, spec, chunk, max_rows = _prepare(bound, x0, radius, norm, spec, method,
-                                                     max_memory, alpha_steps)
+                                                     max_memory, alpha_steps,
+                                                     alpha_intermediate)
     b = x0.shape[0]
     thr = _rounding(bound, x0, radius, norm, spec, ball_error)
     if offset is not None:
@@ -801,14 +889,14 @@ def local_radius(bound: LipschitzBound, x0: torch.Tensor, radius, norm: str,
     for i in range(0, b, chunk):
         sl = slice(i, i + chunk)
         out.append(_radius_on_forms(local, x0[sl], radius[sl], norm, spec[sl], box, method,
-                                    thr[sl], alpha_steps, max_rows))
+                                    thr[sl], alpha_steps, max_rows, alpha_intermediate))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, norm: str,
                      spec: torch.Tensor, box: tuple[float, float] | None, method: str,
                      t: torch.Tensor, alpha_steps: int = 0,
-                     max_rows: int | None = None) -> torch.Tensor:
+                     max_rows: int | None = None, alpha_intermediate: int = 0) -> torch.Tensor:
     """:func:`local_radius` on one chunk of points (thresholds ``t``), with three shortcuts
     that leave its result unchanged, since every bound involved is non-increasing in r
     (fitted at ``big``, valid on every smaller ball):
@@ -831,7 +919,8 @@ def _radius_on_forms(local: LocalBound, x0: torch.Tensor, big: torch.Tensor, nor
             return r_out
         x0, big, spec, t = x0[todo], big[todo], spec[todo], t[todo]
     ibp, form = local.forms(x0, big, norm, spec, box, method, threshold=t,
-                            alpha_steps=alpha_steps, max_rows=max_rows)
+                            alpha_steps=alpha_steps, max_rows=max_rows,
+                            alpha_intermediate=alpha_intermediate)
     if form is None:  # IBP: a constant in r (or no row left to back-substitute)
         good = ((ibp - t) > 0).all(1)
         r_out[todo] = torch.where(good, big, torch.zeros_like(big))

@@ -124,6 +124,10 @@ class SafeRadiusConfig(MetricConfig):
                              "computation; never looser than without (0: off; digits CNN, "
                              "20 steps: crown L∞ 0.45 → 0.50, L2 0.27 → 0.30, crown-ibp L∞ "
                              "0.30 → 0.34, L2 unchanged, at about 5× and 15× the run time)")
+    alpha_intermediate: int = Field(default=0, ge=0, le=1000, description="with crown: "
+                                    "alpha-CROWN steps for each intermediate node's bounds "
+                                    "too (their own parameters per element; 0: off; costly: "
+                                    "see docs/adversarial-suite.md)")
     bound_steps: int = Field(default=12, ge=0, le=60,
                              description="relaxations fitted per point (at most): each a "
                              "bound computation at one trial radius")
@@ -290,7 +294,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
     estimate ``l2_lower`` of each convolution, never part of the bound), local_bound
     (``crown``; ``crown-ibp``, ``ibp`` or ``off``), alpha_steps (0: with ``crown`` or
     ``crown-ibp``, the optimisation steps of alpha-CROWN's relaxation parameters in each
-    bound computation, :func:`~robust_cert.bounds.local_bounds`), bound_steps (12: trial
+    bound computation, :func:`~robust_cert.bounds.local_bounds`), alpha_intermediate (0:
+    with ``crown``, alpha-CROWN's steps for the intermediate bounds too), bound_steps (12: trial
     radii of the local bound per point, at most, each one bound computation), bound_rtol
     (0.02: a point's search ends once its bracket is that close),
     max_bound_memory (1 GiB: points are bounded in chunks within it), within_box (false:
@@ -763,7 +768,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
                                            box=box if cfg.within_box else None,
                                            method=cfg.local_bound,
                                            max_memory=cfg.max_bound_memory,
-                                           alpha_steps=cfg.alpha_steps)
+                                           alpha_steps=cfg.alpha_steps,
+                                           alpha_intermediate=cfg.alpha_intermediate)
                         lo = torch.maximum(lo, res.lower[:, :nk])
                         hi = torch.minimum(hi, -res.lower[:, nk:])
                     except NotBoundable as exc:
@@ -941,7 +947,8 @@ class SafeRadius(Metric[SafeRadiusConfig]):
             r = local_radius(bound, x[idx], trial, norm, a[idx].double(), b[idx],
                              box=box_arg, method=cfg.local_bound,
                              max_memory=cfg.max_bound_memory, ball_error=e_ball[idx],
-                             alpha_steps=cfg.alpha_steps)
+                             alpha_steps=cfg.alpha_steps,
+                             alpha_intermediate=cfg.alpha_intermediate)
             lo[idx] = torch.maximum(lo[idx], r)
             hi[idx] = torch.where(r >= trial, hi[idx], trial)
             live[idx] = hi[idx] - lo[idx] > cfg.bound_rtol * hi[idx]
