@@ -83,15 +83,22 @@ def test_crowns_own_parameters_reproduce_crowns_bound(method) -> None:
             assert (alpha.lower(rr) >= plain.lower(rr) - 1e-10).all()
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
-@pytest.mark.parametrize("box", [None, (0.0, 1.0)])
-def test_alpha_is_sound_and_never_looser_than_crown(norm, box) -> None:
+def _pooled_case(points: int, norm: str):
+    """The pooled network, ``points`` random inputs (from the current generator), its
+    Lipschitz bound, the default margins and a radius per ``norm``."""
     model = _pooled(0)
-    x = torch.rand(6, 1, 8, 8)
+    x = torch.rand(points, 1, 8, 8)
     bound = lipschitz_bound(model, (1, 8, 8))
     with torch.no_grad():
         spec = default_spec(model(x).double())
-    r = torch.full((6,), {"linf": 0.05, "l2": 0.3, "l1": 0.8}[norm], dtype=torch.float64)
+    r = torch.full((points,), {"linf": 0.05, "l2": 0.3, "l1": 0.8}[norm], dtype=torch.float64)
+    return model, x, bound, spec, r
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+@pytest.mark.parametrize("box", [None, (0.0, 1.0)])
+def test_alpha_is_sound_and_never_looser_than_crown(norm, box) -> None:
+    model, x, bound, spec, r = _pooled_case(6, norm)
     crown = local_bounds(bound, x, r, norm, spec, box=box, method="crown-ibp")
     alpha = local_bounds(bound, x, r, norm, spec, box=box, method="crown-ibp", alpha_steps=10)
     if box is None:  # _sampled_min samples the whole ball
@@ -263,12 +270,7 @@ def test_intermediate_alpha_is_sound_and_never_looser_than_crown(norm) -> None:
     bounds optimised (and the margins' too) is at most the sampled and attacked minimum,
     never below CROWN's, and above it somewhere."""
     torch.manual_seed(0)
-    model = _pooled(0)
-    x = torch.rand(5, 1, 8, 8)
-    bound = lipschitz_bound(model, (1, 8, 8))
-    with torch.no_grad():
-        spec = default_spec(model(x).double())
-    r = torch.full((5,), {"linf": 0.05, "l2": 0.3, "l1": 0.8}[norm], dtype=torch.float64)
+    model, x, bound, spec, r = _pooled_case(5, norm)
     crown = local_bounds(bound, x, r, norm, spec, method="crown")
     inter = local_bounds(bound, x, r, norm, spec, method="crown", alpha_intermediate=10)
     both = local_bounds(bound, x, r, norm, spec, method="crown", alpha_steps=10,
