@@ -129,6 +129,10 @@ def per_image(fn, batch: int, windows: int = 4, seconds: float = 0.25) -> tuple[
     return wall, cpu
 
 
+#: the kinds of work a :class:`Costs` prices, in the order of :meth:`Costs.ideal`'s arguments
+KINDS = ("fwd", "bwd", "jac", "hvp")
+
+
 @dataclass
 class Costs:
     """Measured cost per image (seconds of wall time; ``cpu_*``: CPU seconds) of what a metric
@@ -144,6 +148,8 @@ class Costs:
 
     The ideal time of a metric is forward images × ``fwd`` + backward passes × ``bwd`` + Jacobian
     rows × ``jac`` + HVPs × ``hvp``: what the model alone costs for what the metric really runs.
+    A kind that was not measured is NaN (:meth:`from_samples`); a term whose count is 0 is left
+    out, so the ideal is NaN only when the metric ran work whose cost is unknown.
     """
 
     fwd: float
@@ -159,10 +165,54 @@ class Costs:
 
     def ideal(self, forward: float, bwd: float = 0, jac: float = 0, hvp: float = 0,
               cpu: bool = False) -> float:
-        if cpu:
-            return (forward * self.cpu_fwd + bwd * self.cpu_bwd + jac * self.cpu_jac
-                    + hvp * self.cpu_hvp)
-        return forward * self.fwd + bwd * self.bwd + jac * self.jac + hvp * self.hvp
+        prices = ((self.cpu_fwd, self.cpu_bwd, self.cpu_jac, self.cpu_hvp) if cpu else
+                  (self.fwd, self.bwd, self.jac, self.hvp))
+        return sum((n * c for n, c in zip((forward, bwd, jac, hvp), prices, strict=True) if n),
+                   0.0)
+
+    @classmethod
+    def from_samples(cls, samples: dict[str, tuple[float, float]]) -> Costs:
+        """The costs of :func:`sample_costs`'s (wall, CPU) seconds per image by kind (a missing
+        kind is NaN); the Jacobian row is charged at most a backward pass, as in
+        :func:`measure_costs`."""
+        nan = (math.nan, math.nan)
+        f, b, j, h = (samples.get(k, nan) for k in KINDS)
+
+        def cap(jac: float, bwd: float) -> float:
+            return jac if math.isnan(bwd) else min(jac, bwd)
+
+        return cls(fwd=f[0], bwd=b[0], jac=cap(j[0], b[0]), hvp=h[0], cpu_fwd=f[1],
+                   cpu_bwd=b[1], cpu_jac=cap(j[1], b[1]), cpu_hvp=h[1], best_batch=0,
+                   jac_measured=j[0])
+
+
+def _passes(model: torch.nn.Module, input_shape, classes: int, batch: int) -> dict:
+    """The passes whose costs :class:`Costs` holds, on ``batch`` random images: name → (the
+    pass, the images per call it is charged for): ``fwd`` (no gradients), ``fb`` (forward with
+    gradients + backward to the input), ``jac`` (a batched ``classes``-row Jacobian of
+    batch ÷ classes images: as many backward rows as the batch) and ``hvp``."""
+    x = torch.rand(batch, *input_shape)
+    xg = x.clone().requires_grad_(True)
+    images = max(1, batch // classes)
+    xj = xg[:images].detach().clone().requires_grad_(True)
+    eye = torch.eye(classes)[:, None, :].expand(classes, images, classes)
+    v = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def fb():
+        torch.autograd.grad(model(xg).sum(), xg)
+
+    def jac():
+        torch.autograd.grad(model(xj), xj, grad_outputs=eye, is_grads_batched=True)
+
+    def hvp():
+        (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg, create_graph=True)
+        torch.autograd.grad(g, xg, grad_outputs=v)
+
+    return {"fwd": (fwd, batch), "fb": (fb, batch), "jac": (jac, images), "hvp": (hvp, batch)}
 
 
 def measure_costs(model: torch.nn.Module, input_shape, classes: int,
@@ -178,39 +228,51 @@ def measure_costs(model: torch.nn.Module, input_shape, classes: int,
         return False
 
     for batch in batches:
-        x = torch.rand(batch, *input_shape)
-        xg = x.clone().requires_grad_(True)
-        # the Jacobian on batch ÷ C images: C rows each, as many backward rows as the batch
-        images = max(1, batch // classes)
-        xj = xg[:images].detach().clone().requires_grad_(True)
-        eye = torch.eye(classes)[:, None, :].expand(classes, images, classes)
-        v = torch.randn_like(x)
-
-        def fwd(x=x):
-            with torch.no_grad():
-                model(x)
-
-        def fb(xg=xg):
-            torch.autograd.grad(model(xg).sum(), xg)
-
-        def jac(xj=xj, eye=eye):
-            torch.autograd.grad(model(xj), xj, grad_outputs=eye, is_grads_batched=True)
-
-        def hvp(xg=xg, v=v):
-            (g,) = torch.autograd.grad(model(xg).logsumexp(1).sum(), xg, create_graph=True)
-            torch.autograd.grad(g, xg, grad_outputs=v)
-
-        if keep("fwd", per_image(fwd, batch)):
+        passes = _passes(model, input_shape, classes, batch)
+        if keep("fwd", per_image(passes["fwd"][0], batch)):
             best_batch = batch
-        keep("fb", per_image(fb, batch))
-        keep("jac", per_image(jac, images, windows=3))
-        keep("hvp", per_image(hvp, batch, windows=3))
+        keep("fb", per_image(passes["fb"][0], batch))
+        keep("jac", per_image(*passes["jac"], windows=3))
+        keep("hvp", per_image(*passes["hvp"], windows=3))
     (f, cf), (fb_, cfb), (j, cj), (h, ch) = best["fwd"], best["fb"], best["jac"], best["hvp"]
     bwd, cpu_bwd = max(fb_ - f, 0.0), max(cfb - cf, 0.0)
     jac_row, cpu_jac = max(j - f, 0.0) / classes, max(cj - cf, 0.0) / classes
     return Costs(fwd=f, bwd=bwd, jac=min(jac_row, bwd), hvp=max(h - f, 0.0), cpu_fwd=cf,
                  cpu_bwd=cpu_bwd, cpu_jac=min(cpu_jac, cpu_bwd), cpu_hvp=max(ch - cf, 0.0),
                  best_batch=best_batch, jac_measured=jac_row)
+
+
+def sample_costs(model: torch.nn.Module, input_shape, classes: int, kinds,
+                 batches=(32, 128), windows: int = 3,
+                 seconds: float = 0.1) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds per image of each kind in ``kinds`` (of :data:`KINDS`, priced as in
+    :class:`Costs`: ``bwd`` = forward-backward − forward, ``jac`` = (batched Jacobian −
+    forward) ÷ ``classes``, uncapped, ``hvp`` = its time − forward), each the best of
+    ``windows`` short windows at each of ``batches``; ``fwd`` is always measured, the others
+    are differences from it. Fewer, shorter windows than :func:`measure_costs`: it is meant to
+    be run right before and right after a metric, in the metric's own process, and only for
+    the kinds the metric's counts need."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds of work {sorted(unknown)}: expected some of {KINDS}")
+    wanted = ["fwd"] + [{"bwd": "fb"}.get(k, k) for k in KINDS[1:] if k in kinds]
+    best: dict[str, tuple[float, float]] = {}
+    for batch in batches:
+        passes = _passes(model, input_shape, classes, batch)
+        for name in wanted:
+            wall, cpu = per_image(*passes[name], windows=windows, seconds=seconds)
+            prev = best.get(name, (wall, cpu))
+            best[name] = (min(wall, prev[0]), min(cpu, prev[1]))
+    f, cf = best["fwd"]
+    out = {"fwd": (f, cf)}
+    if "fb" in best:
+        out["bwd"] = (max(best["fb"][0] - f, 0.0), max(best["fb"][1] - cf, 0.0))
+    if "jac" in best:
+        out["jac"] = (max(best["jac"][0] - f, 0.0) / classes,
+                      max(best["jac"][1] - cf, 0.0) / classes)
+    if "hvp" in best:
+        out["hvp"] = (max(best["hvp"][0] - f, 0.0), max(best["hvp"][1] - cf, 0.0))
+    return out
 
 
 def proc_status(field: str) -> int:
@@ -231,6 +293,32 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to its RSS now (Linux ≥ 4.0: ``5`` written to
+    ``/proc/self/clear_refs``); False where that is not possible, and the peak then still
+    counts what ran before."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        proc_status("VmHWM")
+    except (OSError, KeyError):
+        return False
+    return True
+
+
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the system (glibc's ``malloc_trim(0)``), so that
+    the RSS read next does not hold what a finished measurement freed; False without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class ImageCounter:
     """Counts what a metric really runs through ``module`` (hooks on the module itself, so it
     stays the same object for metrics that trace it):
@@ -244,6 +332,21 @@ class ImageCounter:
       half of a Hessian-vector product; the second half (the double backward, which reaches the
       output again where the loss is not linear in the logits) is part of the measured HVP
       cost and not counted again.
+
+    It also times the model's own work inside the metric (wall seconds):
+
+    * ``fwd_seconds``: every forward call of the module, from its pre-hook to its hook;
+    * ``bwd_seconds``: every ``torch.autograd.grad`` / ``torch.autograd.backward`` call (and so
+      ``Tensor.backward``) during which a backward pass reached the module's output: the
+      whole call, so it includes the loss's own backward on the logits and whatever the call
+      back-propagates beyond the model's input (a few element-wise operations in the metrics
+      of this suite). A module that is called by code holding its own reference to the
+      original ``torch.autograd.grad`` is not timed there.
+
+    ``fwd_seconds + bwd_seconds`` is the model's time inside the metric, the metric's wall time
+    minus it the metric's own work: a diagnostic of overhead that does not depend on the
+    per-image costs measured elsewhere. While ``active`` is False nothing is counted or timed
+    (a bench measuring the costs on the same module).
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -251,10 +354,15 @@ class ImageCounter:
         self.bwd = 0
         self.jac = 0
         self.hvp = 0
+        self.fwd_seconds = 0.0
+        self.bwd_seconds = 0.0
+        self.active = True
         self.legacy_batch = 1  # the batch of an is_grads_batched backward in progress
         self._handles = [module.register_forward_pre_hook(self._pre),
                          module.register_forward_hook(self._post)]
         self._pending = 0
+        self._started = 0.0
+        self._reached = 0  # backward passes that reached the output so far
         self._patch_batched_grad()
 
     @staticmethod
@@ -269,9 +377,15 @@ class ImageCounter:
         return inner.numel() // per_row
 
     def _pre(self, _module, args) -> None:
+        if not self.active:
+            return
         self._pending = self._physical_rows(args[0])
+        self._started = time.perf_counter()
 
     def _post(self, _module, _args, out) -> None:
+        if not self.active:
+            return
+        self.fwd_seconds += time.perf_counter() - self._started
         self.forward += self._pending
         if not (torch.is_grad_enabled() and out.requires_grad):
             return
@@ -281,6 +395,9 @@ class ImageCounter:
         def hook(grad):
             import torch._C._functorch as ft
 
+            if not self.active:
+                return
+            self._reached += 1
             if torch.is_grad_enabled():  # create_graph=True: a Hessian-vector product
                 self.hvp += rows
                 in_hvp[0] = True
@@ -294,26 +411,53 @@ class ImageCounter:
 
         out.register_hook(hook)
 
+    def _timed_backward(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` (a backward call), its time added to ``bwd_seconds`` when a
+        backward pass reached the module's output during it (calls within it not again)."""
+        if not self.active or self._in_backward:
+            return fn(*args, **kwargs)
+        self._in_backward = True
+        reached, started = self._reached, time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self._reached != reached and self.active:
+                self.bwd_seconds += time.perf_counter() - started
+            self._in_backward = False
+
+    _in_backward = False
+
     def _patch_batched_grad(self) -> None:
         """``torch.autograd.grad(..., is_grads_batched=True)`` vmaps its backward with the
-        legacy batching rule, whose tensors hide their batch: remember it while it runs."""
-        grad = torch.autograd.grad
+        legacy batching rule, whose tensors hide their batch: remember it while it runs. Both
+        ``torch.autograd.grad`` and ``torch.autograd.backward`` are timed
+        (:meth:`_timed_backward`)."""
+        grad, backward = torch.autograd.grad, torch.autograd.backward
 
         def counted_grad(*args, **kwargs):
             if not kwargs.get("is_grads_batched"):
-                return grad(*args, **kwargs)
+                return self._timed_backward(grad, *args, **kwargs)
             go = kwargs.get("grad_outputs", args[2] if len(args) > 2 else None)
             go = go[0] if isinstance(go, (list, tuple)) else go
             self.legacy_batch = int(go.shape[0])
             try:
-                return grad(*args, **kwargs)
+                return self._timed_backward(grad, *args, **kwargs)
             finally:
                 self.legacy_batch = 1
 
+        def timed_backward(*args, **kwargs):
+            return self._timed_backward(backward, *args, **kwargs)
+
         torch.autograd.grad = counted_grad
+        torch.autograd.backward = timed_backward
 
     def reset(self) -> None:
         self.forward = self.bwd = self.jac = self.hvp = 0
+        self.fwd_seconds = self.bwd_seconds = 0.0
+
+    def model_seconds(self) -> float:
+        """The module's time inside what ran since the last :meth:`reset` (see the class)."""
+        return self.fwd_seconds + self.bwd_seconds
 
     def totals(self) -> dict[str, int]:
         return {"forward": self.forward, "bwd": self.bwd, "jac": self.jac, "hvp": self.hvp}
