@@ -78,7 +78,6 @@ from harness import (
     ImageCounter,
     finish,
     load_average,
-    measure_costs,
     peak_rss_bytes,
     proc_status,
     reset_peak_rss,
@@ -359,17 +358,15 @@ def yardstick(r: dict) -> dict:
                                                  strict=True)) for k in after}
     counts = (r["forward"], r["bwd"], r["jac"], r["hvp"])
     best, first, last = (Costs.from_samples(c) for c in (lowest, {**after, **before}, after))
-    ideal_first, ideal_last = first.ideal(*counts), last.ideal(*counts)
+    ends = first.ideal(*counts), last.ideal(*counts)
     return {"ideal": best.ideal(*counts), "cpu_ideal": best.ideal(*counts, cpu=True),
-            "drift": max(ideal_first, ideal_last) / min(ideal_first, ideal_last) - 1
-            if min(ideal_first, ideal_last) > 0 else 0.0,
-            "after_only": [k for k, n in zip(KINDS, counts, strict=True)
-                           if n and k not in before]}
+            "lowest": lowest, "drift": max(ends) / min(ends) - 1 if min(ends) > 0 else 0.0}
 
 
-def bench_suite(work: Path, args) -> dict[str, float]:
+def bench_suite(work: Path, args) -> dict:
     """Every row of the suite in its own process; returns the suite's totals (seconds, ideal
-    seconds) over the 13 metrics, for the summary row."""
+    seconds) over the 13 metrics, for the summary row, and the wall costs per image each row
+    was priced with (by kind)."""
     from robust_cert.metrics import REGISTRY
 
     print(f"Production suite: one fresh process per metric, {args.points} points", flush=True)
@@ -378,7 +375,7 @@ def bench_suite(work: Path, args) -> dict[str, float]:
     jobs += [(name, "analytical_robustness", cfg) for name, cfg in HAN_ALONE.items()]
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only.split(",")]
-    total = {"seconds": 0.0, "ideal": 0.0}
+    total: dict = {"seconds": 0.0, "ideal": 0.0, "costs": {}}
     for name, metric, cfg in jobs:
         if args.max_forward_images and "max_forward_images" in REGISTRY[metric].Config.model_fields:
             cfg = {**cfg, "max_forward_images": args.max_forward_images}
@@ -398,6 +395,9 @@ def bench_suite(work: Path, args) -> dict[str, float]:
                 if y2["drift"] < y["drift"]:
                     r, y = again, y2
         t_ideal, cpu_ideal = y["ideal"], y["cpu_ideal"]
+        for k, n in zip(KINDS, (r["forward"], r["bwd"], r["jac"], r["hvp"]), strict=True):
+            if n:
+                total["costs"].setdefault(k, []).append(y["lowest"][k][0])
         ratio = r["seconds"] / t_ideal if t_ideal > 0 else float("inf")
         cpu_ratio = r["cpu_seconds"] / cpu_ideal if cpu_ideal > 0 else float("inf")
         if name in SUITE["metrics"]:
@@ -559,25 +559,15 @@ def main(argv=None) -> int:
           f"points, clean accuracy {acc:.3f}; {args.threads} thread(s), {os.cpu_count()} CPUs")
     row("model", f"ResNet-18 width {args.width}, {params:,} parameters; clean accuracy "
         f"{acc:.3f} on {args.points} points ({CLASSES} classes: chance 0.1)")
-    # the costs in this process, for reference: each row's ideal is priced with the costs its
-    # own process measures right before and after the metric (the machine's speed drifts by
-    # up to ~25% over tens of seconds, so costs measured here minutes earlier are not its)
-    costs = measure_costs(model, INPUT_SHAPE, CLASSES)
-    row("forward, per image (this process, for reference)", f"{costs.fwd * 1e3:.3f} ms "
-        f"({1 / costs.fwd:,.0f} img/s, best batch {costs.best_batch}); CPU "
-        f"{costs.cpu_fwd * 1e3:.3f} ms")
-    row("backward pass to the input, per image", f"{costs.bwd * 1e3:.3f} ms "
-        f"(= {costs.bwd / costs.fwd:.2f} forwards); CPU {costs.cpu_bwd * 1e3:.3f} ms")
-    row(f"Jacobian row ({CLASSES}-row batched VJP), per image and row",
-        f"{costs.jac_measured * 1e3:.3f} ms measured (= {costs.jac_measured / costs.bwd:.2f} "
-        f"backward passes), charged {costs.jac * 1e3:.3f} ms")
-    row("Hessian-vector product beyond its forward, per image",
-        f"{costs.hvp * 1e3:.3f} ms (= {costs.hvp / costs.bwd:.2f} backward passes)")
     with tempfile.TemporaryDirectory(prefix="bench_resnet_") as tmp:
         work = Path(tmp)
         torch.save(model.state_dict(), work / "model.pt")
         np.savez(work / "data.npz", x=x, y=y)
         suite = bench_suite(work, args)
+    if suite["costs"]:
+        row("costs per image, in the rows' own processes (lowest / highest row)", "; ".join(
+            f"{k} {min(v) * 1e3:.3f} / {max(v) * 1e3:.3f} ms"
+            for k, v in suite["costs"].items()))
     if suite["ideal"] > 0 and not args.only:
         row("the suite (13 metrics)", f"{suite['seconds']:.0f} s = "
             f"{suite['seconds'] / suite['ideal']:.2f}× its ideal {suite['ideal']:.0f} s")

@@ -243,7 +243,7 @@ def measure_costs(model: torch.nn.Module, input_shape, classes: int,
 
 
 def sample_costs(model: torch.nn.Module, input_shape, classes: int, kinds,
-                 batches=(32, 128), windows: int = 3,
+                 batches=(32, 64, 128, 256), windows: int = 2,
                  seconds: float = 0.1) -> dict[str, tuple[float, float]]:
     """(wall, CPU) seconds per image of each kind in ``kinds`` (of :data:`KINDS`, priced as in
     :class:`Costs`: ``bwd`` = forward-backward − forward, ``jac`` = (batched Jacobian −

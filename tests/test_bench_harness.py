@@ -1,0 +1,98 @@
+"""bench/harness.py's yardstick: the prices of :class:`Costs`, the counter's timing of the
+model's own work, and bench_resnet's ideal from the costs measured before and after a metric
+(known answers on hand-made numbers and a small linear model)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+
+
+def test_costs_from_samples_prices_only_what_ran():
+    c = harness.Costs.from_samples({"fwd": (2e-3, 1e-3), "bwd": (3e-3, 2e-3),
+                                    "jac": (5e-3, 1e-3)})
+    # the Jacobian row is charged at most a backward pass; the HVP was not measured
+    assert c.jac == 3e-3
+    assert c.cpu_jac == 1e-3
+    assert c.jac_measured == 5e-3
+    assert math.isnan(c.hvp)
+    assert c.ideal(10, 4, 2) == pytest.approx(10 * 2e-3 + 4 * 3e-3 + 2 * 3e-3)
+    assert c.ideal(10, 4, 2, cpu=True) == pytest.approx(10 * 1e-3 + 4 * 2e-3 + 2 * 1e-3)
+    # work whose cost is unknown makes the ideal unknown, never cheaper
+    assert math.isnan(c.ideal(10, 0, 0, 1))
+
+
+def test_counter_times_forward_and_only_backwards_that_reach_the_model(monkeypatch):
+    # the counter wraps torch.autograd.grad and .backward: restored after the test
+    monkeypatch.setattr(torch.autograd, "grad", torch.autograd.grad)
+    monkeypatch.setattr(torch.autograd, "backward", torch.autograd.backward)
+    model = torch.nn.Linear(4, 3)
+    counter = harness.ImageCounter(model)
+    slow = [0.0]
+
+    def pause(_module, _args):
+        time.sleep(slow[0])
+
+    model.register_forward_pre_hook(pause)
+    x = torch.rand(5, 4, requires_grad=True)
+    slow[0] = 0.02
+    out = model(x)
+    assert counter.forward == 5
+    assert counter.fwd_seconds >= 0.02
+    torch.autograd.grad(out.sum(), x)
+    assert counter.bwd == 5
+    assert counter.bwd_seconds > 0
+    # a backward that does not pass through the model is not its time
+    before = counter.bwd_seconds
+    z = torch.rand(1000, requires_grad=True)
+    torch.autograd.grad((z * z).sum(), z)
+    (z * 3).sum().backward()
+    assert counter.bwd_seconds == before
+    # Tensor.backward through the model is timed too
+    model(x).sum().backward()
+    assert counter.bwd == 10
+    assert counter.bwd_seconds > before
+    # inactive: nothing counted, nothing timed
+    counter.reset()
+    counter.active = False
+    torch.autograd.grad(model(x).sum(), x)
+    assert counter.totals() == {"forward": 0, "bwd": 0, "jac": 0, "hvp": 0}
+    assert counter.model_seconds() == 0.0
+
+
+def test_sample_costs_measures_the_kinds_asked():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    got = harness.sample_costs(model, (3, 4), 3, ("fwd", "bwd"), batches=(4,), windows=1,
+                               seconds=1e-4)
+    assert set(got) == {"fwd", "bwd"}
+    assert got["fwd"][0] > 0
+    assert min(got["bwd"]) >= 0
+    with pytest.raises(ValueError, match="unknown kinds"):
+        harness.sample_costs(model, (3, 4), 3, ("fwd", "hessian"))
+
+
+def test_yardstick_prices_each_kind_at_its_lower_side():
+    import bench_resnet
+
+    r = {"forward": 100, "bwd": 10, "jac": 0, "hvp": 2,
+         "before": {"fwd": (2e-3, 2e-3), "bwd": (1e-3, 1e-3)},
+         "after": {"fwd": (1e-3, 1.5e-3), "bwd": (3e-3, 3e-3), "hvp": (8e-3, 8e-3)}}
+    y = bench_resnet.yardstick(r)
+    # fwd from after, bwd from before, hvp measured after only
+    assert y["ideal"] == pytest.approx(100 * 1e-3 + 10 * 1e-3 + 2 * 8e-3)
+    assert y["cpu_ideal"] == pytest.approx(100 * 1.5e-3 + 10 * 1e-3 + 2 * 8e-3)
+    first = 100 * 2e-3 + 10 * 1e-3 + 2 * 8e-3
+    last = 100 * 1e-3 + 10 * 3e-3 + 2 * 8e-3
+    assert y["drift"] == pytest.approx(first / last - 1)
+    assert y["ideal"] <= min(first, last)
