@@ -15,16 +15,25 @@ Every figure is measured in the same run, with ``--threads`` intra-op threads (d
 robust_cert's own default: on a shared 2-core machine two threads collapse to a fraction of
 one as soon as another process runs):
 
-* the model's costs per image (:func:`harness.measure_costs`, the best over batch sizes
-  32-256): a forward pass, one backward pass to the input (forward-backward − forward), one
-  row of a batched 10-row Jacobian (charged at most one backward pass: C plain backward passes
-  give the same rows), and one Hessian-vector product beyond its forward;
 * each metric of the production suite (:data:`SUITE`, a policy dict validated by
   :func:`robust_cert.load_policy`) runs in a fresh subprocess, which counts what it really
   runs through the model (:class:`ImageCounter`, hooks on the ResNet module): forward images
   (every forward pass, with gradients or without), backward passes (vector-Jacobian products
   reaching the output), Jacobian rows (batched products: a C-row Jacobian of P images is P
-  forward images and P·C rows) and Hessian-vector products. Then
+  forward images and P·C rows) and Hessian-vector products;
+* the model's costs per image, measured **in that subprocess, right before and right after
+  the metric** (:func:`harness.sample_costs`: the best of 2 short windows at each batch size
+  32-256, only for the kinds of work the row needs, :data:`NEEDS`): a forward pass, one
+  backward pass to the input (forward-backward − forward), one row of a batched 10-row
+  Jacobian (charged at most one backward pass: C plain backward passes give the same rows),
+  and one Hessian-vector product beyond its forward. Each kind is priced at the lower of its
+  two measurements (:func:`yardstick`), so the ideal is never above what the model costs on
+  either side of the metric. The machine's speed drifts by up to ~25% over tens of seconds:
+  costs measured once, minutes before a row ran, made ratios near the target coin flips.
+  When the ideals from the two sides differ by more than :data:`DRIFT`, the row ran on a
+  drifting machine: a row whose process took at most :data:`RERUN_MAX_S` runs once more and
+  the run whose costs drifted less is kept (chosen by the spread, blind to the ratio); a row
+  that still drifts is printed ``DRIFTING``. Then
 
       ideal = forward images × forward + backward passes × backward
               + Jacobian rows × Jacobian row + HVPs × HVP          (per-image costs above)
@@ -35,9 +44,14 @@ one as soon as another process runs):
   metric ≤ 1.5× ideal; below 0.9× the counting misses work the metric does, which fails
   too. Beside it, "CPU time" is the same ratio with the process's CPU time and costs in
   CPU-seconds: other processes on a shared machine inflate wall times more than CPU times;
-* peak memory of each metric's subprocess: its peak RSS (``VmHWM``, see :func:`peak_rss_bytes`)
-  and the increment over the RSS right after imports, model construction, data loading and a
-  warm-up (one forward, one backward, one batched gradient);
+* the model's own time inside the metric (the counter times every forward call and every
+  backward call that reaches the model's output) and the metric's own work (wall time minus
+  it): the direct measure of the metric's overhead, independent of the costs per image and
+  of their drift;
+* peak memory of each metric's subprocess: its peak RSS (``VmHWM``, reset after the cost
+  windows, see :func:`harness.reset_peak_rss`) and the increment over the RSS right after
+  imports, model construction, data loading and a warm-up (one forward, one backward, one
+  batched gradient; the cost windows' freed heap is given back before it);
 * robust_accuracy with ``[pgd]`` and with ``[apgd_ce]`` against a plain torchattacks loop
   (same points, batch size, model, input range, seed; the loop attacks the clean-correct
   points, as robust_accuracy does, and judges by argmax), :data:`PLAIN_REPS` runs of each
@@ -47,7 +61,7 @@ one as soon as another process runs):
 Everything runs in the allocator state of a certification on CPU
 (:func:`robust_cert.devices.steady_cpu_allocator`, which ``engine.device_capped`` sets).
 
-Results are ratios measured in the same run; no absolute time is asserted; the exit status is
+Results are ratios measured in the same process; no absolute time is asserted; the exit status is
 1 when a target is missed (:func:`harness.finish`). ``--quick`` runs the suite at the reduced
 budgets of :data:`QUICK` on 8 points (minutes, not ~11: it checks the counting, the ratios and
 the exit status). ``--profile
