@@ -316,7 +316,7 @@ def child(spec_path: str) -> None:
            "base_rss": base_rss, "peak_reset": peak_reset, "status": res.status,
            "reason": res.reason, "summary": summary, "before": before, "after": after,
            "model_fwd_seconds": float(np.median(fwd_s)),
-           "model_bwd_seconds": float(np.median(bwd_s))}
+           "model_bwd_seconds": float(np.median(bwd_s)), "fwd_calls": counter.fwd_calls}
     Path(spec["out"]).write_text(json.dumps(out))
 
 
@@ -447,7 +447,9 @@ def bench_suite(work: Path, args) -> dict:
                   else f"peak {r['peak_rss'] / mb:,.0f} MB (with the cost windows: the peak "
                        "could not be reset)")
         row(name, f"{secs} = {ratio:.2f}× ideal{below}{rerun} (CPU time {cpu_ratio:.2f}×); "
-            f"model inside {span(model_s)} (forward {span(r['model_fwd_seconds'])}, backward "
+            f"model inside {span(model_s)} (forward {span(r['model_fwd_seconds'])} in "
+            f"{r['fwd_calls']:,} calls of {r['forward'] / max(r['fwd_calls'], 1):.0f} img on "
+            f"average, backward "
             f"{span(r['model_bwd_seconds'])}; {model_s / t_ideal:.2f}× ideal), own work "
             f"{span(own)} ({own / r['seconds']:.0%}); costs per image before / after: {priced}, "
             f"drift {y['drift']:.0%}{drifting}; {r['forward']:,} fwd img, {r['bwd']:,} bwd, "

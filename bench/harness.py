@@ -335,7 +335,8 @@ class ImageCounter:
 
     It also times the model's own work inside the metric (wall seconds):
 
-    * ``fwd_seconds``: every forward call of the module, from its pre-hook to its hook;
+    * ``fwd_seconds``: every forward call of the module, from its pre-hook to its hook
+      (``fwd_calls`` of them: ``forward / fwd_calls`` is the mean batch it ran at);
     * ``bwd_seconds``: every ``torch.autograd.grad`` / ``torch.autograd.backward`` call (and so
       ``Tensor.backward``) during which a backward pass reached the module's output: the
       whole call, so it includes the loss's own backward on the logits and whatever the call
@@ -356,6 +357,7 @@ class ImageCounter:
         self.hvp = 0
         self.fwd_seconds = 0.0
         self.bwd_seconds = 0.0
+        self.fwd_calls = 0
         self.active = True
         self.legacy_batch = 1  # the batch of an is_grads_batched backward in progress
         self._handles = [module.register_forward_pre_hook(self._pre),
@@ -386,6 +388,7 @@ class ImageCounter:
         if not self.active:
             return
         self.fwd_seconds += time.perf_counter() - self._started
+        self.fwd_calls += 1
         self.forward += self._pending
         if not (torch.is_grad_enabled() and out.requires_grad):
             return
@@ -454,6 +457,7 @@ class ImageCounter:
     def reset(self) -> None:
         self.forward = self.bwd = self.jac = self.hvp = 0
         self.fwd_seconds = self.bwd_seconds = 0.0
+        self.fwd_calls = 0
 
     def model_seconds(self) -> float:
         """The module's time inside what ran since the last :meth:`reset` (see the class)."""

@@ -49,6 +49,7 @@ def test_counter_times_forward_and_only_backwards_that_reach_the_model(monkeypat
     slow[0] = 0.02
     out = model(x)
     assert counter.forward == 5
+    assert counter.fwd_calls == 1
     assert counter.fwd_seconds >= 0.02
     torch.autograd.grad(out.sum(), x)
     assert counter.bwd == 5
