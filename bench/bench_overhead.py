@@ -21,6 +21,9 @@ run itself, in one process and one time window, so nothing drifts between the tw
   (the best of the three), alternating, CPU time, best of :data:`REPLAY_ROUNDS` rounds each:
   what the call sizes cost beyond the best batch, independent of the metric's own work. A
   run with many calls is replayed on every k-th call (at most :data:`REPLAY_IMAGES` images).
+  Beside it, the model's CPU time in the run (the same hooks and timers) against the replay
+  at the calls' own sizes, scaled to the replayed share: above 1, the model's passes ran
+  slower inside the metric than alone (caches the metric's own work evicts, or load).
 
 Each row runs in a fresh subprocess (as in bench_resnet) on the model and points bench_resnet
 trains and draws, with the suite's configurations (``--quick``: its reduced budgets).
@@ -58,9 +61,10 @@ class ModelClock:
     def __init__(self, module: torch.nn.Module):
         self.forward_s = 0.0
         self.backward_s = 0.0
+        self.cpu_s = 0.0  # CPU seconds of the same forward and backward calls
         self.calls: list[tuple[int, bool]] = []
         self._depth = 0
-        self._t = 0.0
+        self._t = self._c = 0.0
         self._in_backward = 0
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
@@ -69,13 +73,14 @@ class ModelClock:
     def _pre(self, _module, args) -> None:
         self._depth += 1
         if self._depth == 1:
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.process_time()
 
     def _post(self, _module, args, out) -> None:
         self._depth -= 1
         if self._depth or self._in_backward:
             return
         self.forward_s += time.perf_counter() - self._t
+        self.cpu_s += time.process_time() - self._c
         self.calls.append((int(args[0].shape[0]), bool(torch.is_grad_enabled()
                                                           and out.requires_grad)))
 
@@ -84,11 +89,12 @@ class ModelClock:
             if self._in_backward:
                 return fn(*args, **kwargs)
             self._in_backward += 1
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.backward_s += time.perf_counter() - t
+                self.cpu_s += time.process_time() - c
                 self._in_backward -= 1
         return run
 
@@ -128,7 +134,8 @@ def child(spec_path: str) -> None:
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     calls = list(clock.calls)
     out = {"wall": wall, "cpu": cpu, "forward_s": clock.forward_s,
-           "backward_s": clock.backward_s, "calls": calls, **replay(model, calls)}
+           "backward_s": clock.backward_s, "model_cpu_s": clock.cpu_s, "calls": calls,
+           **replay(model, calls)}
     Path(spec["out"]).write_text(json.dumps(out))
 
 
@@ -170,7 +177,9 @@ def replay(model: torch.nn.Module, calls: list[tuple[int, bool]]) -> dict:
             fn()
             best[name] = min(best[name], time.process_time() - c)
     top = min((v, b) for b, v in best.items() if b != "own sizes")
-    return {"replayed_calls": len(sample), "replay_stride": k,
+    # the replayed share of the run's model work (a grad call is a forward and a backward)
+    share = sum(n * (1 + g) for n, g in sample) / max(1, sum(n * (1 + g) for n, g in calls))
+    return {"replayed_calls": len(sample), "replay_stride": k, "replay_share": share,
             "replay_own_s": best["own sizes"], "replay_best_s": top[0], "replay_best": top[1]}
 
 
@@ -233,11 +242,15 @@ def main(argv=None) -> int:
             model_s = r["forward_s"] + r["backward_s"]
             own = r["wall"] - model_s
             penalty = r["replay_own_s"] / r["replay_best_s"]
+            # the model's CPU time in the run against the same calls replayed alone
+            inside = r["model_cpu_s"] * r["replay_share"] / r["replay_own_s"]
             row(name, f"{r['wall']:.1f} s (CPU {r['cpu']:.1f} s): model {model_s:.1f} s "
                 f"(forward {r['forward_s']:.1f}, backward {r['backward_s']:.1f}), own "
                 f"{own:.2f} s = {own / r['wall']:.1%}; {sizes_line(r['calls'])}; call sizes "
                 f"cost {penalty:.2f}× batch {r['replay_best']} (replay of every "
-                f"{r['replay_stride']}. call, CPU)", target, own <= OWN_TARGET * r["wall"])
+                f"{r['replay_stride']}. call, CPU); the model's calls cost {inside:.2f}× in "
+                f"the run what they cost replayed alone (CPU)", target,
+                own <= OWN_TARGET * r["wall"])
     return finish(f"bench_overhead: ResNet-18 width {args.width}, {points} points"
                   f"{' (--quick budgets)' if args.quick else ''}, 1 thread; load average at the "
                   f"start {load0}, at the end {load_average()}")
