@@ -61,7 +61,8 @@ BENCHES = bench_probabilistic.py \
 	bench_blackbox.py \
 	bench_cli.py \
 	bench_bounds.py \
-	bench_images.py
+	bench_images.py \
+	bench_overhead.py
 # bench_probabilistic  MC sampling and smoothing <= 1.5x ideal, Han et al. <= 5x at MAE <= 0.005
 # bench_adversarial    CLEVER <= 2x ideal, PGD <= 1.1x torchattacks, corruptions <= 1.5x ideal
 #                      (the ART comparison rows need adversarial-robustness-toolbox)
@@ -76,6 +77,8 @@ BENCHES = bench_probabilistic.py \
 # bench_bounds         safe radius: median certified/witnessed >= 0.4 (digits CNN, L2 and Linf),
 #                      0 sandwich violations, 0 flips, bound cost <= 3x a forward-backward
 # bench_images         20,000 vs 2,000 RGB 64x64 uint8 images: peak <= 1.5x the uint8 data size
+# bench_overhead       ResNet-18 w16: each sampling/attack metric's own time (outside the model's
+#                      forward and backward calls, same run) <= 10% (~8 min idle; --quick)
 bench: $(STAMP)
 	@status=0; for b in $(BENCHES); do \
 	  echo "== bench/$$b"; $(PY) bench/$$b || { echo "== bench/$$b: a target was missed"; status=1; }; \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ import robust_cert
 from robust_cert import engine
 from robust_cert.metrics.base import RunContext
 from robust_cert.metrics.divergence import DivergenceBound, DivergenceConfig, kl_softmax
+from robust_cert.models.base import CpuBatchSizer
 from tests.linear_models import binary_linear
 from tests.test_shard_misc import (
     BATCH,
@@ -93,6 +95,30 @@ def test_decision_surface_data() -> None:
         assert s["axis"] == pytest.approx([-0.6, -0.3, 0.0, 0.3, 0.6])
     again = _run(x, y, eps=[0.3], surface_points=3, surface_grid=5, seed=2)
     assert again.diagnostics == res.diagnostics
+
+
+def test_surface_grid_runs_in_the_models_pieces() -> None:
+    """On a capped CPU model (as engine.device_capped makes it: at most max_batch images per
+    call, of the size its batch sizer picks) the surface grid runs in pieces of at most that
+    size, not in one G²-image call, and its margins are those of the uncapped model bit for
+    bit."""
+    data = digits_points(6)
+    net = small_cnn()
+    calls: list[int] = []
+    net.register_forward_pre_hook(lambda _m, a: calls.append(a[0].shape[0]))
+    cfg = DivergenceConfig(eps=[0.1], surface_points=2, surface_grid=9, steps=2, restarts=0)
+    ctx = RunContext(CPU, batch_size=BATCH, seed=3)
+    plain = robust_cert.load_model(net, input_shape=(1, 8, 8))
+    whole = DivergenceBound(cfg).run(plain, data, ctx)
+    assert 81 in calls  # uncapped: each 9×9 grid in one call
+    calls.clear()
+    capped = dataclasses.replace(plain, max_batch=16, batch_sizer=CpuBatchSizer(16))
+    pieces = DivergenceBound(cfg).run(capped, data, ctx)
+    assert max(calls) <= 16
+    assert len(calls) > 10
+    assert pieces.diagnostics["surface"] == whole.diagnostics["surface"]
+    for key, arr in whole.per_point.items():
+        np.testing.assert_array_equal(pieces.per_point[key], arr)
 
 
 def test_kl_helper_and_config() -> None:
