@@ -63,12 +63,19 @@ class Classifier:
         """Logits for a batch already on ``self.device``, in forward calls of at most
         ``max_batch`` images (of the size ``batch_sizer`` picks, when set); checks each call's
         output shape."""
+        return self.in_calls(self._logits, x)
+
+    def in_calls(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` (a function of a batch that is row-wise: each output row depends on its
+        input row only, as a model in eval mode) computed in calls of the sizes :meth:`logits`
+        uses: at most ``max_batch`` images each, of the size ``batch_sizer`` picks when set.
+        Only the split changes, never a row's value."""
         cap = self.max_batch
         if self.batch_sizer is not None and x.shape[0] > 2:
-            return self.batch_sizer.run(self._logits, x, cap)
+            return self.batch_sizer.run(fn, x, cap)
         if cap is not None and x.shape[0] > cap:
-            return torch.cat([self._logits(x[s:s + cap]) for s in range(0, x.shape[0], cap)])
-        return self._logits(x)
+            return torch.cat([fn(x[s:s + cap]) for s in range(0, x.shape[0], cap)])
+        return fn(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
