@@ -7,10 +7,10 @@ in other time windows; on a shared machine those costs drift (about 25% over an 
 its ratios mix the metric's own work with the machine's state. This bench splits a metric's
 run itself, in one process and one time window, so nothing drifts between the two sides:
 
-* **model time**: the wall time spent inside the ResNet module's forward calls (hooks on the
-  module: every forward, with gradients or without) and inside backward calls
-  (``torch.autograd.grad``, ``Tensor.backward``, ``torch.autograd.backward``; what they run
-  beyond the model, a loss's backward, is a few operations on (N, 10) logits);
+* **model time**: the wall time spent inside the ResNet module's forward calls and inside
+  the backward calls that reach its output, as :class:`harness.ImageCounter` (bench_resnet's
+  counter) times them (what those calls run beyond the model, a loss's backward, is a few
+  operations on (N, 10) logits);
 * **own time** = the run's wall time − model time: everything the metric does besides the
   model's passes (noise, attacks' projections and bookkeeping, statistics, copies). Target:
   ≤ :data:`OWN_TARGET` of the run;
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_resnet import BATCH, CLASSES, INPUT_SHAPE, QUICK, SUITE, architectures, train_model
-from harness import finish, load_average, row
+from harness import ImageCounter, finish, load_average, row
 
 #: the metric's own time (outside the model's passes) ≤ this share of its run
 OWN_TARGET = 0.10
@@ -52,56 +52,6 @@ ROWS = ("robust_accuracy", "probabilistic_robustness", "local_probabilistic_robu
         "divergence")
 REPLAY_IMAGES = 2000
 REPLAY_ROUNDS = 3
-
-
-class ModelClock:
-    """Wall time inside ``module``'s forward calls (outermost only) and inside backward calls;
-    the size and grad mode of every forward call."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.forward_s = 0.0
-        self.backward_s = 0.0
-        self.cpu_s = 0.0  # CPU seconds of the same forward and backward calls
-        self.calls: list[tuple[int, bool]] = []
-        self._depth = 0
-        self._t = self._c = 0.0
-        self._in_backward = 0
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-        self._patch()
-
-    def _pre(self, _module, args) -> None:
-        self._depth += 1
-        if self._depth == 1:
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-    def _post(self, _module, args, out) -> None:
-        self._depth -= 1
-        if self._depth or self._in_backward:
-            return
-        self.forward_s += time.perf_counter() - self._t
-        self.cpu_s += time.process_time() - self._c
-        self.calls.append((int(args[0].shape[0]), bool(torch.is_grad_enabled()
-                                                          and out.requires_grad)))
-
-    def _timed(self, fn):
-        def run(*args, **kwargs):
-            if self._in_backward:
-                return fn(*args, **kwargs)
-            self._in_backward += 1
-            t, c = time.perf_counter(), time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.backward_s += time.perf_counter() - t
-                self.cpu_s += time.process_time() - c
-                self._in_backward -= 1
-        return run
-
-    def _patch(self) -> None:
-        torch.autograd.grad = self._timed(torch.autograd.grad)
-        torch.autograd.backward = self._timed(torch.autograd.backward)
-        torch.Tensor.backward = self._timed(torch.Tensor.backward)
 
 
 def child(spec_path: str) -> None:
@@ -128,14 +78,15 @@ def child(spec_path: str) -> None:
     cls = REGISTRY[spec["metric"]]
     metric = cls(cls.Config.model_validate(spec["config"]))
     ctx = RunContext(device=torch.device("cpu"), batch_size=BATCH, seed=0, gradient_twin=twin)
-    clock = ModelClock(model)
+    clock = ImageCounter(model)  # times the model's forward and backward calls
     t, c = time.perf_counter(), time.process_time()
     metric.run(clf, data, ctx)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    clock.active = False  # the replay below is not the metric's
     calls = list(clock.calls)
-    out = {"wall": wall, "cpu": cpu, "forward_s": clock.forward_s,
-           "backward_s": clock.backward_s, "model_cpu_s": clock.cpu_s, "calls": calls,
-           **replay(model, calls)}
+    out = {"wall": wall, "cpu": cpu, "forward_s": clock.fwd_seconds,
+           "backward_s": clock.bwd_seconds, "model_cpu_s": clock.model_cpu_seconds,
+           "calls": calls, **replay(model, calls)}
     Path(spec["out"]).write_text(json.dumps(out))
 
 

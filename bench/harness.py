@@ -344,6 +344,9 @@ class ImageCounter:
       of this suite). A module that is called by code holding its own reference to the
       original ``torch.autograd.grad`` is not timed there.
 
+    ``model_cpu_seconds`` is the CPU time of the same calls, and ``calls`` lists every forward
+    call as (images, with gradients) in order.
+
     ``fwd_seconds + bwd_seconds`` is the model's time inside the metric, the metric's wall time
     minus it the metric's own work: a diagnostic of overhead that does not depend on the
     per-image costs measured elsewhere. While ``active`` is False nothing is counted or timed
@@ -358,12 +361,14 @@ class ImageCounter:
         self.fwd_seconds = 0.0
         self.bwd_seconds = 0.0
         self.fwd_calls = 0
+        self.model_cpu_seconds = 0.0
+        self.calls: list[tuple[int, bool]] = []
         self.active = True
         self.legacy_batch = 1  # the batch of an is_grads_batched backward in progress
         self._handles = [module.register_forward_pre_hook(self._pre),
                          module.register_forward_hook(self._post)]
         self._pending = 0
-        self._started = 0.0
+        self._started = self._cpu_started = 0.0
         self._reached = 0  # backward passes that reached the output so far
         self._patch_batched_grad()
 
@@ -382,15 +387,18 @@ class ImageCounter:
         if not self.active:
             return
         self._pending = self._physical_rows(args[0])
-        self._started = time.perf_counter()
+        self._started, self._cpu_started = time.perf_counter(), time.process_time()
 
     def _post(self, _module, _args, out) -> None:
         if not self.active:
             return
         self.fwd_seconds += time.perf_counter() - self._started
+        self.model_cpu_seconds += time.process_time() - self._cpu_started
         self.fwd_calls += 1
         self.forward += self._pending
-        if not (torch.is_grad_enabled() and out.requires_grad):
+        grad = torch.is_grad_enabled() and out.requires_grad
+        self.calls.append((self._pending, bool(grad)))
+        if not grad:
             return
         rows = self._pending
         in_hvp = [False]
@@ -420,12 +428,13 @@ class ImageCounter:
         if not self.active or self._in_backward:
             return fn(*args, **kwargs)
         self._in_backward = True
-        reached, started = self._reached, time.perf_counter()
+        reached, started, cpu = self._reached, time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             if self._reached != reached and self.active:
                 self.bwd_seconds += time.perf_counter() - started
+                self.model_cpu_seconds += time.process_time() - cpu
             self._in_backward = False
 
     _in_backward = False
@@ -458,6 +467,8 @@ class ImageCounter:
         self.forward = self.bwd = self.jac = self.hvp = 0
         self.fwd_seconds = self.bwd_seconds = 0.0
         self.fwd_calls = 0
+        self.model_cpu_seconds = 0.0
+        self.calls = []
 
     def model_seconds(self) -> float:
         """The module's time inside what ran since the last :meth:`reset` (see the class)."""
