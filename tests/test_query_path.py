@@ -381,3 +381,63 @@ def test_numpy_queries_of_a_black_box_model_equal_its_tensor_queries(loss, targe
     assert len(counted) == len(calls) == len(queries)
     _same(n_queries, nq)
     _same(best, best_t)
+
+
+@pytest.mark.parametrize(("shape", "eps", "chunk", "draws_too", "whole"), [
+    ((12,), 0.15, 7, False, True),  # a tabular row: one sign per query; blocks of 7
+    ((3, 4, 4), 0.03, 16, False, True),  # an image: a sign per channel
+    ((3, 4, 4), 0.15, 16, False, False),  # all broken early: the last block partly used
+    ((12,), 0.15, 7, True, True),  # a model that draws from torch's generator itself
+])
+def test_draws_in_blocks_equal_one_draw_per_query(monkeypatch, shape, eps, chunk, draws_too,
+                                                  whole):
+    """The numpy loop's draws taken a block of queries at a time (``_Draws``) give the same
+    queries (rows, order, values), queries per point and best points as one ``torch.rand``
+    per query (the tensor queries' loop), and leave torch's generator in the same state (the
+    next draw after the attack is the same). A model whose predict draws from the generator
+    too is caught and the attack rerun with one draw per query: the same result again. An
+    attack that ends within a block rewinds the generator to the draws it used."""
+    from robust_cert.metrics import square
+    from robust_cert.metrics.adversarial import _UnitRangeView
+
+    monkeypatch.setattr(square._Draws, "CHUNK", chunk)
+    d, classes = int(np.prod(shape)), 3
+    w = np.random.default_rng(1).normal(size=(d, classes))
+    calls: list[np.ndarray] = []
+
+    def predict(rows):
+        calls.append(rows.copy())
+        if draws_too:
+            torch.rand(1)
+        z = rows.reshape(len(rows), -1) @ w
+        p = np.exp(z - z.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    model = from_predict(predict, n_features=d, fmt="sklearn", sha256="0" * 64, name="m",
+                         input_shape=shape)
+    x = torch.tensor(np.random.default_rng(8).uniform(-1, 1, size=(40, *shape)),
+                     dtype=torch.float32)
+    with torch.no_grad():
+        y = model.logits(x).argmax(1)
+    runs = []
+    for cls in (FullSquare, _TensorQueries):
+        view = _UnitRangeView(model.query_module(), -1.5, 1.5, shape)
+        u = view.to_attack(x)
+        atk = cls(view, norm="Linf", eps=eps, n_queries=60, seed=0)
+        atk.init_hyperparam(u)
+        calls.clear()
+        torch.manual_seed(11)
+        n_queries, best = atk.attack_single_run(u, y)
+        runs.append((n_queries, best, list(calls), torch.rand(5)))
+    (nq, best, queries, after), (nq_t, best_t, queries_t, after_t) = runs
+    if draws_too:  # the first query and the first block's, then the rerun's
+        assert len(queries) == 1 + chunk + len(queries_t)
+        queries = queries[1 + chunk:]
+    assert len(queries) == len(queries_t) > chunk + 1
+    for q, q_t in zip(queries, queries_t, strict=True):
+        np.testing.assert_array_equal(q, q_t)
+    _same(nq, nq_t)
+    _same(best, best_t)
+    _same(after, after_t)
+    assert ((nq > 1) & (nq < 61)).any()  # some stopped during the search
+    assert bool((nq == 61).any()) == whole  # some ran the whole budget, or none did

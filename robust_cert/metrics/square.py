@@ -193,6 +193,19 @@ class FullSquare(Square):
         (:meth:`_numpy_query`: a black-box model behind the attack view), the query array
         itself, its logits coming back as an array, with no torch operation on the way. The
         cross-entropy loss (``loss="ce"``) is torch's own on those logits."""
+        query = self._numpy_query()
+        if query is not None:
+            state = torch.get_rng_state()
+            try:
+                return self._linf_numpy_loop(x, y, query, chunked=True)
+            except _GeneratorShared:  # the model drew too: again, one draw per query
+                torch.set_rng_state(state)
+        return self._linf_numpy_loop(x, y, query, chunked=False)
+
+    def _linf_numpy_loop(self, x, y, query, chunked: bool):
+        """:meth:`_linf_numpy` with the model's numpy form ``query`` (or None: tensors through
+        :meth:`get_logits`); ``chunked``: the draws from :class:`_Draws` (raises
+        :class:`_GeneratorShared` when something else drew from the generator meanwhile)."""
         with torch.no_grad():
             c, h, w = x.shape[1:]
             n_features = c * h * w
@@ -206,7 +219,7 @@ class FullSquare(Square):
             ma, la = margin.numpy()[at], loss.numpy()[at]
             one, zero = np.float32(1.), np.float32(0.)
             targeted, ce = self.targeted, self.loss != "margin"
-            query = self._numpy_query()
+            draws = _Draws(self, (c, h, w)) if chunked else None
             done = 0  # queries made
             for i_iter in range(self.n_queries):
                 keep = ma > zero
@@ -218,19 +231,23 @@ class FullSquare(Square):
                     ma, la = ma[keep], la[keep]
                 if at.size == 0:
                     break
-                p = self.p_selection(i_iter)
-                s = max(int(round(math.sqrt(p * n_features / c))), 1)
-                # the query's draws in one call: upstream draws two positions, then c signs,
-                # one torch.rand each (nothing in between), and the CPU generator gives a
-                # block of n uniforms equal to n single draws, in order
-                t = torch.rand([2 + c]).numpy()
-                vh, vw = _position_at(h - s, float(t[0])), _position_at(w - s, float(t[1]))
-                if c == 1:  # one sign, as a number: upstream's sign(2t − 1) · 2ε in float32
-                    t2 = float(t[2])
-                    delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
-                else:  # random_choice's sign(2t − 1) in float32
-                    signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
-                    delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
+                if draws is not None:
+                    s, vh, vw, delta = draws.step(i_iter)
+                else:
+                    p = self.p_selection(i_iter)
+                    s = max(int(round(math.sqrt(p * n_features / c))), 1)
+                    # the query's draws in one call: upstream draws two positions, then c
+                    # signs, one torch.rand each (nothing in between), and the CPU generator
+                    # gives a block of n uniforms equal to n single draws, in order
+                    t = torch.rand([2 + c]).numpy()
+                    vh = _position_at(h - s, float(t[0]))
+                    vw = _position_at(w - s, float(t[1]))
+                    if c == 1:  # one sign, a number: upstream's sign(2t − 1) · 2ε in float32
+                        t2 = float(t[2])
+                        delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
+                    else:  # random_choice's sign(2t − 1) in float32
+                        signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
+                        delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
                 rows, cols = slice(vh, vh + s), slice(vw, vw + s)
                 x_new = ba.copy()
                 win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
@@ -264,6 +281,8 @@ class FullSquare(Square):
                     better = np.maximum(better, (m <= zero).astype(np.float32))
                     ma = better * m + (one - better) * ma
                 ba = np.where(better.reshape(-1, 1, 1, 1) > zero, x_new, ba)
+            if draws is not None:
+                draws.finish()
             best_np[at] = ba
             nq_np[at] += done
         return n_queries, x_best
@@ -298,6 +317,96 @@ class FullSquare(Square):
         span = max(int(high) - int(low) + 1, 1)
         t = torch.rand(list(shape))
         return (low + torch.floor(span * t).clamp(max=span - 1)).long()
+
+
+class _GeneratorShared(Exception):
+    """Something other than the attack drew from torch's CPU generator during the loop."""
+
+
+class _Draws:
+    """The L∞ loop's draws (window side, two positions and the signs of each query),
+    :data:`CHUNK` queries at a time: one ``torch.rand`` block of ``CHUNK · (2 + c)`` uniforms
+    instead of one call per query.
+
+    Guarantee: :meth:`step` gives query ``i`` exactly what the per-query draws give (torch's
+    CPU generator fills a block of n uniforms as n single draws, in order; the side is
+    :meth:`~torchattacks.Square.p_selection`'s; positions and signs are computed with
+    :func:`_position_at`'s and ``random_choice``'s float32 arithmetic, element by element),
+    and :meth:`finish` leaves the generator where the per-query draws would have left it
+    (rewound to the start of the last block, then advanced by the uniforms used). Only valid
+    when nothing else draws from the generator during the loop — the case of a model's numpy
+    form, which computes logits only; a change of the generator state since the last block
+    is detected (compared at every block and at the end) and raises
+    :class:`_GeneratorShared`, on which the caller reruns the attack with one draw per
+    query."""
+
+    #: queries per block of draws
+    CHUNK = 128
+
+    def __init__(self, attack: Square, shape: tuple[int, int, int]):
+        self.attack, (self.c, self.h, self.w) = attack, shape
+        self.first = self.k = self.used = 0  # the block: its first query, queries, used
+        # per query of the block: window side, row, column; the deltas (float32)
+        self.sides: list[int] = []
+        self.vh: list[int] = []
+        self.vw: list[int] = []
+        self.delta = np.zeros(0, dtype=np.float32)
+        self.before: torch.Tensor | None = None  # generator state before the block
+        self.after: torch.Tensor | None = None  # and after it
+
+    def _check(self) -> None:
+        if self.after is not None and not torch.equal(torch.get_rng_state(), self.after):
+            raise _GeneratorShared
+
+    def _draw(self, first: int) -> None:
+        self._check()
+        atk, c, h, w = self.attack, self.c, self.h, self.w
+        k = min(self.CHUNK, atk.n_queries - first)
+        n_features = c * h * w
+        sides = np.array([max(int(round(math.sqrt(atk.p_selection(i) * n_features / c))), 1)
+                          for i in range(first, first + k)], dtype=np.int64)
+        self.before = torch.get_rng_state()
+        t = torch.rand([k * (2 + c)]).numpy().reshape(k, 2 + c)
+        self.after = torch.get_rng_state()
+        self.first, self.k, self.sides = first, k, sides.tolist()
+        self.vh = _positions_at(h - sides, t[:, 0]).tolist()
+        self.vw = _positions_at(w - sides, t[:, 1]).tolist()
+        two_eps = np.float32(2. * atk.eps)
+        if c == 1:  # upstream's sign(2t − 1) · 2ε in float32, as a number
+            t2 = t[:, 2]
+            self.delta = two_eps * ((t2 > 0.5).astype(np.float32)
+                                    - (t2 < 0.5).astype(np.float32))
+        else:  # random_choice's sign(2t − 1) in float32
+            signs = np.sign(np.float32(2.) * t[:, 2:] - np.float32(1.))
+            self.delta = two_eps * signs.reshape(k, c, 1, 1)
+
+    def step(self, i: int):
+        """(side, row, column, delta) of query ``i`` (queries asked in order from 0)."""
+        if i >= self.first + self.k:
+            self._draw(i)
+        j = i - self.first
+        self.used = j + 1
+        return self.sides[j], self.vh[j], self.vw[j], self.delta[j]
+
+    def finish(self) -> None:
+        """Check the generator, then leave it where the per-query draws would have."""
+        if self.before is None:  # nothing drawn
+            return
+        self._check()
+        used = self.used
+        if used < self.k:
+            torch.set_rng_state(self.before)
+            if used:
+                torch.rand([used * (2 + self.c)])
+
+
+def _positions_at(high: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """:func:`_position_at` element by element: ``floor(float32(span · t))`` with ``span =
+    max(high + 1, 1)`` and ``t`` float32 uniforms, the product in float64 (a Python float
+    times an int), at most ``span − 1``."""
+    span = np.maximum(high + 1, 1)
+    pos = np.floor((span.astype(np.float64) * t.astype(np.float64)).astype(np.float32))
+    return np.minimum(pos.astype(np.int64), span - 1)
 
 
 def _position_at(high: int, t: float) -> int:
