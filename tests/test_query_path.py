@@ -96,10 +96,38 @@ def test_linf_loop_makes_upstreams_queries_and_result(loop, shape, eps, loss, ta
     assert len(queries) == len(queries_up)
     for q, q_up in zip(queries, queries_up, strict=True):
         _same(q, q_up)
+        assert q.numpy().tobytes() == q_up.numpy().tobytes()  # the signs of zeros too
     _same(nq, nq_up)
     _same(best, best_up)
     assert ((nq > 1) & (nq < 121)).any()  # some stopped during the search
     assert (nq == 121).any()  # some ran the whole budget
+
+
+@pytest.mark.parametrize("loop", [FullSquare, _TensorLoop], ids=["numpy", "tensor"])
+def test_linf_loop_on_inputs_outside_the_unit_box_makes_upstreams_queries(loop):
+    """Inputs further than ε outside [0, 1] (whose ε-box misses [0, 1]: the numpy loop's one
+    clip to the intersection does not apply there, and it clips twice as upstream does): the
+    same queries (to the sign of zeros), queries per point and best points as upstream."""
+    x = torch.tensor(np.random.default_rng(5).uniform(-0.6, 1.6, size=(40, 1, 1, 9)),
+                     dtype=torch.float32)
+    runs = []
+    for cls in (loop, _UpstreamLoop):
+        model = _Recorded(9, 3, seed=4)
+        with torch.no_grad():
+            y = model.net(x).argmax(1)
+        atk = cls(model, norm="Linf", eps=0.1, n_queries=50, seed=0)
+        atk.init_hyperparam(x)
+        model.queries.clear()
+        torch.manual_seed(2)
+        n_queries, best = atk.attack_single_run(x, y)
+        runs.append((n_queries, best, model.queries))
+    (nq, best, queries), (nq_up, best_up, queries_up) = runs
+    assert len(queries) == len(queries_up) > 2
+    for q, q_up in zip(queries, queries_up, strict=True):
+        assert q.numpy().tobytes() == q_up.numpy().tobytes()
+    _same(nq, nq_up)
+    _same(best, best_up)
+    assert ((best < 0) | (best > 1)).sum() == 0  # every query was clipped into [0, 1]
 
 
 def test_full_attack_with_restarts_equals_upstreams_loop():

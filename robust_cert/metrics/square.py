@@ -218,17 +218,26 @@ class FullSquare(Square):
             lo, hi = lo_t.numpy()[at], hi_t.numpy()[at]
             ma, la = margin.numpy()[at], loss.numpy()[at]
             one, zero = np.float32(1.), np.float32(0.)
+            # the window's clip to the ε-box and then to [0, 1] is one clip to their
+            # intersection, with the same values (max and min only select), when every
+            # box meets [0, 1] (as it does for inputs in [0, 1]); else the two clips
+            fused = bool(np.all(hi >= zero) and np.all(lo <= one))
+            if fused:
+                lo, hi = np.maximum(lo, zero), np.minimum(hi, one)
             targeted, ce = self.targeted, self.loss != "margin"
             draws = _Draws(self, (c, h, w)) if chunked else None
+            # per live row: its label's column among the logits (bool), its index
+            label, live = None, np.arange(0)
             done = 0  # queries made
             for i_iter in range(self.n_queries):
-                keep = ma > zero
-                if not keep.all():  # some rows stop: write them back, compact the rest
+                # a live row has margin > 0; ma.min() is NaN when a margin is
+                if at.size and not ma.min() > zero:  # rows stop: write back, compact the rest
+                    keep = ma > zero
                     gone = ~keep
                     best_np[at[gone]] = ba[gone]
                     nq_np[at[gone]] += done
                     at, ba, ya, lo, hi = at[keep], ba[keep], ya[keep], lo[keep], hi[keep]
-                    ma, la = ma[keep], la[keep]
+                    ma, la, label = ma[keep], la[keep], None
                 if at.size == 0:
                     break
                 if draws is not None:
@@ -250,9 +259,12 @@ class FullSquare(Square):
                         delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
                 rows, cols = slice(vh, vh + s), slice(vw, vw + s)
                 x_new = ba.copy()
-                win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
+                win = np.add(ba[:, :, rows, cols], delta)
+                np.maximum(win, lo[:, :, rows, cols], out=win)
                 np.minimum(win, hi[:, :, rows, cols], out=win)
-                x_new[:, :, rows, cols] = np.clip(win, zero, one, out=win)
+                if not fused:
+                    np.clip(win, zero, one, out=win)
+                x_new[:, :, rows, cols] = win
                 if query is not None:
                     logits = query(x_new)
                 else:
@@ -261,26 +273,27 @@ class FullSquare(Square):
                         logits_t = logits_t.detach().cpu()
                     logits = logits_t.numpy()
                 done += 1
-                index = np.arange(len(ya)), ya
-                y_corr = logits[index]
-                others = logits.copy()
-                others[index] = -np.inf
-                y_others = others.max(1)
+                if label is None:
+                    label = ya[:, None] == np.arange(logits.shape[1])
+                    live = np.arange(len(ya))
+                y_corr = logits[live, ya]
+                y_others = np.where(label, -np.inf, logits).max(1)
                 m = y_others - y_corr if targeted else y_corr - y_others
                 # upstream's blend, not a select: a NaN or infinite margin or loss of the new
-                # query makes the kept one NaN there (0 · inf), and the row then stops
+                # query makes the kept one NaN there (0 · inf), and the row then stops; the
+                # weights are booleans (numpy multiplies them as 0. and 1.)
                 if not ce:  # loss = margin, and on a live row margin ≤ 0
-                    better = (m < ma).astype(np.float32)  # implies a lower loss: one blend
-                    ma = la = better * m + (one - better) * ma
+                    better = m < ma  # implies a lower loss: one blend
+                    ma = la = better * m + ~better * ma
                 else:
                     xent = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(ya),
                                            reduction="none").numpy()
                     loss_new = xent if targeted else np.float32(-1.) * xent
-                    better = (loss_new < la).astype(np.float32)
-                    la = better * loss_new + (one - better) * la
-                    better = np.maximum(better, (m <= zero).astype(np.float32))
-                    ma = better * m + (one - better) * ma
-                ba = np.where(better.reshape(-1, 1, 1, 1) > zero, x_new, ba)
+                    better = loss_new < la
+                    la = better * loss_new + ~better * la
+                    better |= m <= zero
+                    ma = better * m + ~better * ma
+                ba = np.where(better[:, None, None, None], x_new, ba)
             if draws is not None:
                 draws.finish()
             best_np[at] = ba
