@@ -22,12 +22,14 @@ The L∞ search loop is re-implemented (:meth:`FullSquare.attack_single_run`) fo
 query, not to change the algorithm: upstream spends about 0.7 ms of tensor bookkeeping per
 query on CPU (whole-batch gathers and scatters, a full-image delta, a cross-entropy its margin
 loss discards), which is the model's own time for a tree ensemble on a few dozen rows. The
-re-implementation draws the same random numbers in the same order, sends the model the same
-inputs (same rows, same order, same values) and keeps the same best points, so the attack's
-queries and result are upstream's (``tests/test_query_path.py`` compares the two on fixed
-seeds). On the CPU its per-query bookkeeping is numpy on views of the same memory (at a few
-dozen rows a torch operation costs several microseconds of dispatch, a numpy one about
-one); elsewhere (a GPU) it is tensor operations. The L2 loop is upstream's.
+re-implementation draws the same random numbers in the same order (for a black-box model, a
+block of queries' draws at once, leaving torch's generator where upstream's draws leave it),
+sends the model the same inputs (same rows, same order, same values) and keeps the same best
+points, so the attack's queries and result are upstream's (``tests/test_query_path.py``
+compares the two on fixed seeds). On the CPU its per-query bookkeeping is numpy on views of
+the same memory (at a few dozen rows a torch operation costs several microseconds of
+dispatch, a numpy one about one); elsewhere (a GPU) it is tensor operations. The L2 loop is
+upstream's.
 """
 
 from __future__ import annotations
@@ -192,7 +194,16 @@ class FullSquare(Square):
         its logits are read in their own dtype — or, when the model declares a numpy form
         (:meth:`_numpy_query`: a black-box model behind the attack view), the query array
         itself, its logits coming back as an array, with no torch operation on the way. The
-        cross-entropy loss (``loss="ce"``) is torch's own on those logits."""
+        cross-entropy loss (``loss="ce"``) is torch's own on those logits.
+
+        With a numpy form the draws of :data:`_Draws.CHUNK` queries come from one
+        ``torch.rand`` block (:class:`_Draws`): the first torch operation after a tree
+        model's ``predict_proba`` costs tens of microseconds, once per query otherwise. The
+        generator is left where the per-query draws leave it. Should the model itself draw
+        from torch's CPU generator during the loop (seen as a changed generator state at the
+        next block or at the end), the attack is rerun from its start with one draw per
+        query, after restoring the generator: the same queries and result as upstream, at the
+        cost of the up to ``1 + CHUNK`` queries made before the change was seen."""
         query = self._numpy_query()
         if query is not None:
             state = torch.get_rng_state()
