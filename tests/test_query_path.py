@@ -96,10 +96,38 @@ def test_linf_loop_makes_upstreams_queries_and_result(loop, shape, eps, loss, ta
     assert len(queries) == len(queries_up)
     for q, q_up in zip(queries, queries_up, strict=True):
         _same(q, q_up)
+        assert q.numpy().tobytes() == q_up.numpy().tobytes()  # the signs of zeros too
     _same(nq, nq_up)
     _same(best, best_up)
     assert ((nq > 1) & (nq < 121)).any()  # some stopped during the search
     assert (nq == 121).any()  # some ran the whole budget
+
+
+@pytest.mark.parametrize("loop", [FullSquare, _TensorLoop], ids=["numpy", "tensor"])
+def test_linf_loop_on_inputs_outside_the_unit_box_makes_upstreams_queries(loop):
+    """Inputs further than ε outside [0, 1] (whose ε-box misses [0, 1]: the numpy loop's one
+    clip to the intersection does not apply there, and it clips twice as upstream does): the
+    same queries (to the sign of zeros), queries per point and best points as upstream."""
+    x = torch.tensor(np.random.default_rng(5).uniform(-0.6, 1.6, size=(40, 1, 1, 9)),
+                     dtype=torch.float32)
+    runs = []
+    for cls in (loop, _UpstreamLoop):
+        model = _Recorded(9, 3, seed=4)
+        with torch.no_grad():
+            y = model.net(x).argmax(1)
+        atk = cls(model, norm="Linf", eps=0.1, n_queries=50, seed=0)
+        atk.init_hyperparam(x)
+        model.queries.clear()
+        torch.manual_seed(2)
+        n_queries, best = atk.attack_single_run(x, y)
+        runs.append((n_queries, best, model.queries))
+    (nq, best, queries), (nq_up, best_up, queries_up) = runs
+    assert len(queries) == len(queries_up) > 2
+    for q, q_up in zip(queries, queries_up, strict=True):
+        assert q.numpy().tobytes() == q_up.numpy().tobytes()
+    _same(nq, nq_up)
+    _same(best, best_up)
+    assert ((best < 0) | (best > 1)).sum() == 0  # every query was clipped into [0, 1]
 
 
 def test_full_attack_with_restarts_equals_upstreams_loop():
@@ -381,3 +409,63 @@ def test_numpy_queries_of_a_black_box_model_equal_its_tensor_queries(loss, targe
     assert len(counted) == len(calls) == len(queries)
     _same(n_queries, nq)
     _same(best, best_t)
+
+
+@pytest.mark.parametrize(("shape", "eps", "chunk", "draws_too", "whole"), [
+    ((12,), 0.15, 7, False, True),  # a tabular row: one sign per query; blocks of 7
+    ((3, 4, 4), 0.03, 16, False, True),  # an image: a sign per channel
+    ((3, 4, 4), 0.15, 16, False, False),  # all broken early: the last block partly used
+    ((12,), 0.15, 7, True, True),  # a model that draws from torch's generator itself
+])
+def test_draws_in_blocks_equal_one_draw_per_query(monkeypatch, shape, eps, chunk, draws_too,
+                                                  whole):
+    """The numpy loop's draws taken a block of queries at a time (``_Draws``) give the same
+    queries (rows, order, values), queries per point and best points as one ``torch.rand``
+    per query (the tensor queries' loop), and leave torch's generator in the same state (the
+    next draw after the attack is the same). A model whose predict draws from the generator
+    too is caught and the attack rerun with one draw per query: the same result again. An
+    attack that ends within a block rewinds the generator to the draws it used."""
+    from robust_cert.metrics import square
+    from robust_cert.metrics.adversarial import _UnitRangeView
+
+    monkeypatch.setattr(square._Draws, "CHUNK", chunk)
+    d, classes = int(np.prod(shape)), 3
+    w = np.random.default_rng(1).normal(size=(d, classes))
+    calls: list[np.ndarray] = []
+
+    def predict(rows):
+        calls.append(rows.copy())
+        if draws_too:
+            torch.rand(1)
+        z = rows.reshape(len(rows), -1) @ w
+        p = np.exp(z - z.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    model = from_predict(predict, n_features=d, fmt="sklearn", sha256="0" * 64, name="m",
+                         input_shape=shape)
+    x = torch.tensor(np.random.default_rng(8).uniform(-1, 1, size=(40, *shape)),
+                     dtype=torch.float32)
+    with torch.no_grad():
+        y = model.logits(x).argmax(1)
+    runs = []
+    for cls in (FullSquare, _TensorQueries):
+        view = _UnitRangeView(model.query_module(), -1.5, 1.5, shape)
+        u = view.to_attack(x)
+        atk = cls(view, norm="Linf", eps=eps, n_queries=60, seed=0)
+        atk.init_hyperparam(u)
+        calls.clear()
+        torch.manual_seed(11)
+        n_queries, best = atk.attack_single_run(u, y)
+        runs.append((n_queries, best, list(calls), torch.rand(5)))
+    (nq, best, queries, after), (nq_t, best_t, queries_t, after_t) = runs
+    if draws_too:  # the first query and the first block's, then the rerun's
+        assert len(queries) == 1 + chunk + len(queries_t)
+        queries = queries[1 + chunk:]
+    assert len(queries) == len(queries_t) > chunk + 1
+    for q, q_t in zip(queries, queries_t, strict=True):
+        np.testing.assert_array_equal(q, q_t)
+    _same(nq, nq_t)
+    _same(best, best_t)
+    _same(after, after_t)
+    assert ((nq > 1) & (nq < 61)).any()  # some stopped during the search
+    assert bool((nq == 61).any()) == whole  # some ran the whole budget, or none did

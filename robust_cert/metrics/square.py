@@ -22,12 +22,14 @@ The L∞ search loop is re-implemented (:meth:`FullSquare.attack_single_run`) fo
 query, not to change the algorithm: upstream spends about 0.7 ms of tensor bookkeeping per
 query on CPU (whole-batch gathers and scatters, a full-image delta, a cross-entropy its margin
 loss discards), which is the model's own time for a tree ensemble on a few dozen rows. The
-re-implementation draws the same random numbers in the same order, sends the model the same
-inputs (same rows, same order, same values) and keeps the same best points, so the attack's
-queries and result are upstream's (``tests/test_query_path.py`` compares the two on fixed
-seeds). On the CPU its per-query bookkeeping is numpy on views of the same memory (at a few
-dozen rows a torch operation costs several microseconds of dispatch, a numpy one about
-one); elsewhere (a GPU) it is tensor operations. The L2 loop is upstream's.
+re-implementation draws the same random numbers in the same order (for a black-box model, a
+block of queries' draws at once, leaving torch's generator where upstream's draws leave it),
+sends the model the same inputs (same rows, same order, same values) and keeps the same best
+points, so the attack's queries and result are upstream's (``tests/test_query_path.py``
+compares the two on fixed seeds). On the CPU its per-query bookkeeping is numpy on views of
+the same memory (at a few dozen rows a torch operation costs several microseconds of
+dispatch, a numpy one about one); elsewhere (a GPU) it is tensor operations. The L2 loop is
+upstream's.
 """
 
 from __future__ import annotations
@@ -192,7 +194,29 @@ class FullSquare(Square):
         its logits are read in their own dtype — or, when the model declares a numpy form
         (:meth:`_numpy_query`: a black-box model behind the attack view), the query array
         itself, its logits coming back as an array, with no torch operation on the way. The
-        cross-entropy loss (``loss="ce"``) is torch's own on those logits."""
+        cross-entropy loss (``loss="ce"``) is torch's own on those logits.
+
+        With a numpy form the draws of :data:`_Draws.CHUNK` queries come from one
+        ``torch.rand`` block (:class:`_Draws`): the first torch operation after a tree
+        model's ``predict_proba`` costs tens of microseconds, once per query otherwise. The
+        generator is left where the per-query draws leave it. Should the model itself draw
+        from torch's CPU generator during the loop (seen as a changed generator state at the
+        next block or at the end), the attack is rerun from its start with one draw per
+        query, after restoring the generator: the same queries and result as upstream, at the
+        cost of the up to ``1 + CHUNK`` queries made before the change was seen."""
+        query = self._numpy_query()
+        if query is not None:
+            state = torch.get_rng_state()
+            try:
+                return self._linf_numpy_loop(x, y, query, chunked=True)
+            except _GeneratorShared:  # the model drew too: again, one draw per query
+                torch.set_rng_state(state)
+        return self._linf_numpy_loop(x, y, query, chunked=False)
+
+    def _linf_numpy_loop(self, x, y, query, chunked: bool):
+        """:meth:`_linf_numpy` with the model's numpy form ``query`` (or None: tensors through
+        :meth:`get_logits`); ``chunked``: the draws from :class:`_Draws` (raises
+        :class:`_GeneratorShared` when something else drew from the generator meanwhile)."""
         with torch.no_grad():
             c, h, w = x.shape[1:]
             n_features = c * h * w
@@ -205,37 +229,53 @@ class FullSquare(Square):
             lo, hi = lo_t.numpy()[at], hi_t.numpy()[at]
             ma, la = margin.numpy()[at], loss.numpy()[at]
             one, zero = np.float32(1.), np.float32(0.)
+            # the window's clip to the ε-box and then to [0, 1] is one clip to their
+            # intersection, with the same values (max and min only select), when every
+            # box meets [0, 1] (as it does for inputs in [0, 1]); else the two clips
+            fused = bool(np.all(hi >= zero) and np.all(lo <= one))
+            if fused:
+                lo, hi = np.maximum(lo, zero), np.minimum(hi, one)
             targeted, ce = self.targeted, self.loss != "margin"
-            query = self._numpy_query()
+            draws = _Draws(self, (c, h, w)) if chunked else None
+            # per live row: its label's column among the logits (bool), its index
+            label, live = None, np.arange(0)
             done = 0  # queries made
             for i_iter in range(self.n_queries):
-                keep = ma > zero
-                if not keep.all():  # some rows stop: write them back, compact the rest
+                # a live row has margin > 0; ma.min() is NaN when a margin is
+                if at.size and not ma.min() > zero:  # rows stop: write back, compact the rest
+                    keep = ma > zero
                     gone = ~keep
                     best_np[at[gone]] = ba[gone]
                     nq_np[at[gone]] += done
                     at, ba, ya, lo, hi = at[keep], ba[keep], ya[keep], lo[keep], hi[keep]
-                    ma, la = ma[keep], la[keep]
+                    ma, la, label = ma[keep], la[keep], None
                 if at.size == 0:
                     break
-                p = self.p_selection(i_iter)
-                s = max(int(round(math.sqrt(p * n_features / c))), 1)
-                # the query's draws in one call: upstream draws two positions, then c signs,
-                # one torch.rand each (nothing in between), and the CPU generator gives a
-                # block of n uniforms equal to n single draws, in order
-                t = torch.rand([2 + c]).numpy()
-                vh, vw = _position_at(h - s, float(t[0])), _position_at(w - s, float(t[1]))
-                if c == 1:  # one sign, as a number: upstream's sign(2t − 1) · 2ε in float32
-                    t2 = float(t[2])
-                    delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
-                else:  # random_choice's sign(2t − 1) in float32
-                    signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
-                    delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
+                if draws is not None:
+                    s, vh, vw, delta = draws.step(i_iter)
+                else:
+                    p = self.p_selection(i_iter)
+                    s = max(int(round(math.sqrt(p * n_features / c))), 1)
+                    # the query's draws in one call: upstream draws two positions, then c
+                    # signs, one torch.rand each (nothing in between), and the CPU generator
+                    # gives a block of n uniforms equal to n single draws, in order
+                    t = torch.rand([2 + c]).numpy()
+                    vh = _position_at(h - s, float(t[0]))
+                    vw = _position_at(w - s, float(t[1]))
+                    if c == 1:  # one sign, a number: upstream's sign(2t − 1) · 2ε in float32
+                        t2 = float(t[2])
+                        delta = np.float32(2. * eps) * np.float32((t2 > 0.5) - (t2 < 0.5))
+                    else:  # random_choice's sign(2t − 1) in float32
+                        signs = np.sign(np.float32(2.) * t[2:] - np.float32(1.))
+                        delta = np.float32(2. * eps) * signs.reshape(c, 1, 1)
                 rows, cols = slice(vh, vh + s), slice(vw, vw + s)
                 x_new = ba.copy()
-                win = np.maximum(ba[:, :, rows, cols] + delta, lo[:, :, rows, cols])
+                win = np.add(ba[:, :, rows, cols], delta)
+                np.maximum(win, lo[:, :, rows, cols], out=win)
                 np.minimum(win, hi[:, :, rows, cols], out=win)
-                x_new[:, :, rows, cols] = np.clip(win, zero, one, out=win)
+                if not fused:
+                    np.clip(win, zero, one, out=win)
+                x_new[:, :, rows, cols] = win
                 if query is not None:
                     logits = query(x_new)
                 else:
@@ -244,26 +284,29 @@ class FullSquare(Square):
                         logits_t = logits_t.detach().cpu()
                     logits = logits_t.numpy()
                 done += 1
-                index = np.arange(len(ya)), ya
-                y_corr = logits[index]
-                others = logits.copy()
-                others[index] = -np.inf
-                y_others = others.max(1)
+                if label is None:
+                    label = ya[:, None] == np.arange(logits.shape[1])
+                    live = np.arange(len(ya))
+                y_corr = logits[live, ya]
+                y_others = np.where(label, -np.inf, logits).max(1)
                 m = y_others - y_corr if targeted else y_corr - y_others
                 # upstream's blend, not a select: a NaN or infinite margin or loss of the new
-                # query makes the kept one NaN there (0 · inf), and the row then stops
+                # query makes the kept one NaN there (0 · inf), and the row then stops; the
+                # weights are booleans (numpy multiplies them as 0. and 1.)
                 if not ce:  # loss = margin, and on a live row margin ≤ 0
-                    better = (m < ma).astype(np.float32)  # implies a lower loss: one blend
-                    ma = la = better * m + (one - better) * ma
+                    better = m < ma  # implies a lower loss: one blend
+                    ma = la = better * m + ~better * ma
                 else:
                     xent = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(ya),
                                            reduction="none").numpy()
                     loss_new = xent if targeted else np.float32(-1.) * xent
-                    better = (loss_new < la).astype(np.float32)
-                    la = better * loss_new + (one - better) * la
-                    better = np.maximum(better, (m <= zero).astype(np.float32))
-                    ma = better * m + (one - better) * ma
-                ba = np.where(better.reshape(-1, 1, 1, 1) > zero, x_new, ba)
+                    better = loss_new < la
+                    la = better * loss_new + ~better * la
+                    better |= m <= zero
+                    ma = better * m + ~better * ma
+                ba = np.where(better[:, None, None, None], x_new, ba)
+            if draws is not None:
+                draws.finish()
             best_np[at] = ba
             nq_np[at] += done
         return n_queries, x_best
@@ -298,6 +341,96 @@ class FullSquare(Square):
         span = max(int(high) - int(low) + 1, 1)
         t = torch.rand(list(shape))
         return (low + torch.floor(span * t).clamp(max=span - 1)).long()
+
+
+class _GeneratorShared(Exception):
+    """Something other than the attack drew from torch's CPU generator during the loop."""
+
+
+class _Draws:
+    """The L∞ loop's draws (window side, two positions and the signs of each query),
+    :data:`CHUNK` queries at a time: one ``torch.rand`` block of ``CHUNK · (2 + c)`` uniforms
+    instead of one call per query.
+
+    Guarantee: :meth:`step` gives query ``i`` exactly what the per-query draws give (torch's
+    CPU generator fills a block of n uniforms as n single draws, in order; the side is
+    :meth:`~torchattacks.Square.p_selection`'s; positions and signs are computed with
+    :func:`_position_at`'s and ``random_choice``'s float32 arithmetic, element by element),
+    and :meth:`finish` leaves the generator where the per-query draws would have left it
+    (rewound to the start of the last block, then advanced by the uniforms used). Only valid
+    when nothing else draws from the generator during the loop — the case of a model's numpy
+    form, which computes logits only; a change of the generator state since the last block
+    is detected (compared at every block and at the end) and raises
+    :class:`_GeneratorShared`, on which the caller reruns the attack with one draw per
+    query."""
+
+    #: queries per block of draws
+    CHUNK = 128
+
+    def __init__(self, attack: Square, shape: tuple[int, int, int]):
+        self.attack, (self.c, self.h, self.w) = attack, shape
+        self.first = self.k = self.used = 0  # the block: its first query, queries, used
+        # per query of the block: window side, row, column; the deltas (float32)
+        self.sides: list[int] = []
+        self.vh: list[int] = []
+        self.vw: list[int] = []
+        self.delta = np.zeros(0, dtype=np.float32)
+        self.before: torch.Tensor | None = None  # generator state before the block
+        self.after: torch.Tensor | None = None  # and after it
+
+    def _check(self) -> None:
+        if self.after is not None and not torch.equal(torch.get_rng_state(), self.after):
+            raise _GeneratorShared
+
+    def _draw(self, first: int) -> None:
+        self._check()
+        atk, c, h, w = self.attack, self.c, self.h, self.w
+        k = min(self.CHUNK, atk.n_queries - first)
+        n_features = c * h * w
+        sides = np.array([max(int(round(math.sqrt(atk.p_selection(i) * n_features / c))), 1)
+                          for i in range(first, first + k)], dtype=np.int64)
+        self.before = torch.get_rng_state()
+        t = torch.rand([k * (2 + c)]).numpy().reshape(k, 2 + c)
+        self.after = torch.get_rng_state()
+        self.first, self.k, self.sides = first, k, sides.tolist()
+        self.vh = _positions_at(h - sides, t[:, 0]).tolist()
+        self.vw = _positions_at(w - sides, t[:, 1]).tolist()
+        two_eps = np.float32(2. * atk.eps)
+        if c == 1:  # upstream's sign(2t − 1) · 2ε in float32, as a number
+            t2 = t[:, 2]
+            self.delta = two_eps * ((t2 > 0.5).astype(np.float32)
+                                    - (t2 < 0.5).astype(np.float32))
+        else:  # random_choice's sign(2t − 1) in float32
+            signs = np.sign(np.float32(2.) * t[:, 2:] - np.float32(1.))
+            self.delta = two_eps * signs.reshape(k, c, 1, 1)
+
+    def step(self, i: int):
+        """(side, row, column, delta) of query ``i`` (queries asked in order from 0)."""
+        if i >= self.first + self.k:
+            self._draw(i)
+        j = i - self.first
+        self.used = j + 1
+        return self.sides[j], self.vh[j], self.vw[j], self.delta[j]
+
+    def finish(self) -> None:
+        """Check the generator, then leave it where the per-query draws would have."""
+        if self.before is None:  # nothing drawn
+            return
+        self._check()
+        used = self.used
+        if used < self.k:
+            torch.set_rng_state(self.before)
+            if used:
+                torch.rand([used * (2 + self.c)])
+
+
+def _positions_at(high: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """:func:`_position_at` element by element: ``floor(float32(span · t))`` with ``span =
+    max(high + 1, 1)`` and ``t`` float32 uniforms, the product in float64 (a Python float
+    times an int), at most ``span − 1``."""
+    span = np.maximum(high + 1, 1)
+    pos = np.floor((span.astype(np.float64) * t.astype(np.float64)).astype(np.float32))
+    return np.minimum(pos.astype(np.int64), span - 1)
 
 
 def _position_at(high: int, t: float) -> int:
