@@ -6,6 +6,8 @@ per-column reference."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,32 @@ class _Recorded(nn.Module):
         if self.nan_above is not None:
             out = torch.where((x.flatten(1)[:, :1] > self.nan_above), float("nan"), out)
         return out
+
+
+def _labels(model: _Recorded, x: torch.Tensor) -> torch.Tensor:
+    """The model's own predictions on ``x`` (the points' labels: every point starts robust)."""
+    with torch.no_grad():
+        return model.net(x).argmax(1)
+
+
+def _single_runs(loop, x, model, seed: int, targeted: bool = False, **attack):
+    """``attack_single_run`` of ``loop`` and of upstream's loop on ``x``, each on a fresh
+    ``model()`` (a :class:`_Recorded`) with torch's generator at ``seed``: [(queries per
+    point, best points, the queries the model saw)] for the two, in that order."""
+    runs = []
+    for cls in (loop, _UpstreamLoop):
+        net = model()
+        y = _labels(net, x)
+        if targeted:
+            y = (y + 1) % net.net[-1].out_features
+        atk = cls(net, norm="Linf", seed=0, **attack)
+        atk.targeted = targeted
+        atk.init_hyperparam(x)
+        net.queries.clear()
+        torch.manual_seed(seed)
+        n_queries, best = atk.attack_single_run(x, y)
+        runs.append((n_queries, best, net.queries))
+    return runs
 
 
 class _TensorLoop(FullSquare):
@@ -78,21 +106,9 @@ def test_linf_loop_makes_upstreams_queries_and_result(loop, shape, eps, loss, ta
     d = int(np.prod(shape))
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.uniform(0, 1, size=(40, *shape)), dtype=torch.float32)
-    runs = []
-    for cls in (loop, _UpstreamLoop):
-        model = _Recorded(d, 4, seed=5, nan_above=nan_above, double=double)
-        with torch.no_grad():
-            y = model.net(x).argmax(1)
-        if targeted:
-            y = (y + 1) % 4
-        atk = cls(model, norm="Linf", eps=eps, n_queries=120, loss=loss, seed=0)
-        atk.targeted = targeted
-        atk.init_hyperparam(x)
-        model.queries.clear()
-        torch.manual_seed(11)
-        n_queries, best = atk.attack_single_run(x, y)
-        runs.append((n_queries, best, model.queries))
-    (nq, best, queries), (nq_up, best_up, queries_up) = runs
+    model = functools.partial(_Recorded, d, 4, seed=5, nan_above=nan_above, double=double)
+    (nq, best, queries), (nq_up, best_up, queries_up) = _single_runs(
+        loop, x, model, 11, targeted=targeted, eps=eps, n_queries=120, loss=loss)
     assert len(queries) == len(queries_up)
     for q, q_up in zip(queries, queries_up, strict=True):
         _same(q, q_up)
@@ -110,18 +126,8 @@ def test_linf_loop_on_inputs_outside_the_unit_box_makes_upstreams_queries(loop):
     same queries (to the sign of zeros), queries per point and best points as upstream."""
     x = torch.tensor(np.random.default_rng(5).uniform(-0.6, 1.6, size=(40, 1, 1, 9)),
                      dtype=torch.float32)
-    runs = []
-    for cls in (loop, _UpstreamLoop):
-        model = _Recorded(9, 3, seed=4)
-        with torch.no_grad():
-            y = model.net(x).argmax(1)
-        atk = cls(model, norm="Linf", eps=0.1, n_queries=50, seed=0)
-        atk.init_hyperparam(x)
-        model.queries.clear()
-        torch.manual_seed(2)
-        n_queries, best = atk.attack_single_run(x, y)
-        runs.append((n_queries, best, model.queries))
-    (nq, best, queries), (nq_up, best_up, queries_up) = runs
+    (nq, best, queries), (nq_up, best_up, queries_up) = _single_runs(
+        loop, x, functools.partial(_Recorded, 9, 3, seed=4), 2, eps=0.1, n_queries=50)
     assert len(queries) == len(queries_up) > 2
     for q, q_up in zip(queries, queries_up, strict=True):
         assert q.numpy().tobytes() == q_up.numpy().tobytes()
@@ -138,8 +144,7 @@ def test_full_attack_with_restarts_equals_upstreams_loop():
     outs = []
     for cls in (FullSquare, _UpstreamLoop):
         model = _Recorded(10, 3, seed=2)
-        with torch.no_grad():
-            y = model.net(x).argmax(1)
+        y = _labels(model, x)
         outs.append(cls(model, norm="Linf", eps=0.2, n_queries=60, n_restarts=2, seed=9)(x, y))
     _same(outs[0], outs[1])
 
