@@ -22,7 +22,8 @@ whole command (wall time of the subprocess: start, imports, loading, certificati
 certificate written). Each side runs ``--rounds`` times (default 2), interleaved (1, N, then
 N, 1, ...), and the best run of each side is compared: the machine's speed drifts by up to
 ~25% over minutes, and one run per side, minutes apart, let that drift decide a verdict (two
-idle runs gave 1.59× and 1.87× on the ResNet set). Targets (issue 24): speed-up of N = 2 processes over one ≥ 1.8× on the
+idle runs gave 1.59× and 1.87× on the ResNet set). Targets (issue 24): speed-up of N = 2
+processes over one ≥ 1.8× on the
 certification and ≥ 1.5× on the whole command, on 2 idle cores; the two certificates must
 be identical but for ``issued_at`` and ``environment.processes``. The exit status is 1 when a
 target is missed or the certificates differ. Load-independent rows say where the N processes'
