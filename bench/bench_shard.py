@@ -23,10 +23,10 @@ certificate written). Each side runs ``--rounds`` times (default 2), interleaved
 N, 1, ...), and the best run of each side is compared: the machine's speed drifts by up to
 ~25% over minutes, and one run per side, minutes apart, let that drift decide a verdict (two
 idle runs gave 1.59× and 1.87× on the ResNet set). Targets (issue 24): speed-up of N = 2
-processes over one ≥ 1.8× on the
-certification and ≥ 1.5× on the whole command, on 2 idle cores; the two certificates must
-be identical but for ``issued_at`` and ``environment.processes``. The exit status is 1 when a
-target is missed or the certificates differ. Load-independent rows say where the N processes'
+processes over one ≥ 1.8× on the certification and ≥ 1.5× on the whole command, on 2 idle
+cores; the certificates must be identical but for ``issued_at`` and
+``environment.processes``. The exit status is 1 when a target is missed or the certificates
+differ. Load-independent rows say where the N processes'
 time goes: per metric, each process's CPU seconds in its ``Metric.run`` calls, their max / mean
 (1.00: balanced) and their sum against the one process's (above 1: work sharding adds or
 repeats); the same for the whole certification; and each process's wall time waiting in
