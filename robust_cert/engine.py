@@ -118,7 +118,8 @@ def seeded_forwards(model: Classifier, seed: int) -> Classifier:
 
     grad = model.gradient_forward
     return dataclasses.replace(
-        model, forward=SeededForward(model.forward, seed, model.device, "forward"),
+        model, seeded_calls=True,
+        forward=SeededForward(model.forward, seed, model.device, "forward"),
         gradient_forward=(SeededForward(grad, seed, model.device, "gradient_forward")
                           if grad is not None else None))
 
@@ -385,12 +386,18 @@ def device_capped(model: Classifier, batch_size: int) -> Classifier:
     measured CPU time per image (a batch of 256 can cost 1.5× per image what 64 cost).
     On CPU it also sets glibc's malloc thresholds to their steady state
     (:func:`~robust_cert.devices.steady_cpu_allocator`), so that the passes do not give their
-    memory back to the system and fault it in again page by page."""
+    memory back to the system and fault it in again page by page.
+
+    A model whose forward passes are seeded per call (:func:`seeded_forwards`: a declared
+    stochastic model) gets the cap but no sizer: its outputs depend on how a batch is split
+    into calls, and a split chosen from timings would make them depend on the machine's
+    load."""
     if model.device.type == "cpu":
         steady_cpu_allocator()
     if model.device.type == "cpu" and model.max_batch is None:
         cap = max(batch_size, CPU_MIN_FORWARD)
-        return dataclasses.replace(model, max_batch=cap, batch_sizer=CpuBatchSizer(cap))
+        return dataclasses.replace(model, max_batch=cap, batch_sizer=None
+                                   if model.seeded_calls else CpuBatchSizer(cap))
     return model
 
 

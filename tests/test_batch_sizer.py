@@ -1,15 +1,20 @@
 """The CPU batch sizer (``models.base.CpuBatchSizer``): which sizes it tries, which it keeps
 (from a fake clock with known costs per image), that it only splits a batch (pieces of at
-most the cap, never one image alone, the same logits), and that the engine sets it on CPU."""
+most the cap, never one image alone, the same logits, the same input gradients through the
+attack views), and that the engine sets it on CPU (but for a model seeded per call)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import robust_cert
 from robust_cert import engine
+from robust_cert.metrics.adversarial import RobustAccuracy, RobustAccuracyConfig
 from robust_cert.metrics.probabilistic import (
     ProbabilisticRobustness,
     ProbabilisticRobustnessConfig,
@@ -17,6 +22,7 @@ from robust_cert.metrics.probabilistic import (
 from robust_cert.models.base import CpuBatchSizer
 from tests.helpers import assert_identical
 from tests.test_shard_misc import digits_points, small_cnn
+from tests.test_soundness_checks import DropoutOn
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -134,3 +140,76 @@ def test_a_metric_through_the_sizer_is_bit_identical():
     for _ in range(3):
         assert_identical(metric.run(capped, data, ctx), plain)
     assert np.isfinite(plain.proportions[0].estimate)
+
+
+class Recorded:
+    """A forward that records the size of each call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.fn(x)
+
+
+def test_the_attack_views_split_as_the_logits_and_the_gradients_do_not_change():
+    """The attack and query views of a classifier with a sizer run a batch in the sizer's
+    calls, inside one autograd graph; the input gradients are those of one call, bit for bit
+    (a row depends on its own input only)."""
+    clf = robust_cert.load_model(small_cnn(), input_shape=(1, 8, 8), device=CPU)
+    capped = engine.device_capped(clf, 256)
+    recorded = Recorded(capped.forward)
+    capped = dataclasses.replace(capped, forward=recorded)
+    x = torch.rand(250, 1, 8, 8)
+
+    def grad(view) -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(view(xr).logsumexp(1).sum(), xr)
+        return g
+
+    whole = grad(clf.attack_module())
+    for _ in range(12):  # through the trial sizes to the chosen one
+        torch.testing.assert_close(grad(capped.attack_module()), whole, rtol=0, atol=0)
+    assert max(recorded.calls) < 250  # split: the trials use pieces of 32 to 128
+    recorded.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(capped.query_module()(x), clf.logits(x), rtol=0, atol=0)
+    assert sum(recorded.calls) == 250
+    assert len(recorded.calls) > 1
+    assert clf.attack_module()._split is None  # no sizer: one call, as the metric passes it
+
+
+def test_attacks_through_the_sizer_are_bit_identical(digits_model):
+    """robust_accuracy (PGD, APGD-CE) on 40 points in one batch: the sizer runs each gradient
+    pass in pieces (32 + 8 while it tries 32), and every per-point result is the same."""
+    data = digits_points(40)
+    clf = robust_cert.load_model(digits_model, input_shape=(1, 8, 8), device=CPU)
+    metric = RobustAccuracy(RobustAccuracyConfig(eps=[0.05, 0.2], attacks=["pgd", "apgd_ce"],
+                                                 steps=5))
+    ctx = robust_cert.metrics.base.RunContext(CPU, batch_size=256, seed=3)
+    plain = metric.run(clf, data, ctx)
+    capped = engine.device_capped(clf, 256)
+    assert_identical(metric.run(capped, data, ctx), plain)
+    assert capped.batch_sizer is not None
+    assert capped.batch_sizer.timings
+    assert 0 < plain.proportions[0].k < 40  # some points broken, some not: a real test
+
+
+def test_a_model_seeded_per_call_gets_a_fixed_split():
+    """A declared stochastic model's outputs depend on how a batch is split into calls (each
+    call is seeded anew), so the engine caps its calls but lets no timing choose the split."""
+    clf = robust_cert.load_model(DropoutOn(nn.Linear(4, 3)), input_shape=(4,), device=CPU)
+    seeded = engine.seeded_forwards(clf, seed=0)
+    x = torch.ones(100, 4)
+    in_one = seeded.logits(x)
+    in_two = dataclasses.replace(engine.seeded_forwards(clf, seed=0), max_batch=50).logits(x)
+    assert not torch.equal(in_one, in_two)  # why the split must not depend on timings
+    capped = engine.device_capped(engine.seeded_forwards(clf, seed=0), 64)
+    assert capped.seeded_calls
+    assert capped.max_batch == 64
+    assert capped.batch_sizer is None
+    assert engine.device_capped(clf, 64).batch_sizer is not None
+    first = capped.logits(x)  # calls of 64 + 36, whatever the timings
+    again = engine.device_capped(engine.seeded_forwards(clf, seed=0), 64)
+    torch.testing.assert_close(again.logits(x), first, rtol=0, atol=0)
