@@ -153,14 +153,17 @@ class Recorded:
         return self.fn(x)
 
 
-def test_the_attack_views_split_as_the_logits_and_the_gradients_do_not_change():
-    """The attack and query views of a classifier with a sizer run a batch in the sizer's
-    calls, inside one autograd graph; the input gradients are those of one call, bit for bit
-    (a row depends on its own input only)."""
+def test_the_attack_views_split_at_the_chosen_size_and_the_gradients_do_not_change():
+    """The attack and query views of a classifier with a sizer run a batch in one call until
+    the sizer has chosen a size (from the logits' calls), then in pieces of it, inside one
+    autograd graph; the input gradients are those of one call, bit for bit (a row depends on
+    its own input only). The views' calls never time a size."""
     clf = robust_cert.load_model(small_cnn(), input_shape=(1, 8, 8), device=CPU)
     capped = engine.device_capped(clf, 256)
     recorded = Recorded(capped.forward)
     capped = dataclasses.replace(capped, forward=recorded)
+    sizer = capped.batch_sizer
+    assert sizer is not None
     x = torch.rand(250, 1, 8, 8)
 
     def grad(view) -> torch.Tensor:
@@ -169,20 +172,30 @@ def test_the_attack_views_split_as_the_logits_and_the_gradients_do_not_change():
         return g
 
     whole = grad(clf.attack_module())
-    for _ in range(12):  # through the trial sizes to the chosen one
-        torch.testing.assert_close(grad(capped.attack_module()), whole, rtol=0, atol=0)
-    assert max(recorded.calls) < 250  # split: the trials use pieces of 32 to 128
+    torch.testing.assert_close(grad(capped.attack_module()), whole, rtol=0, atol=0)
+    assert recorded.calls == [250]  # nothing chosen yet: one call
+    assert sizer.timings == {}  # and nothing timed
+    # as if chosen from the logits' calls, at 0.1 ms per image: a piece takes 6.4 ms, under
+    # PIECE_SECONDS, so the views still run one call (the cost per call would dominate)
+    sizer.best, sizer.timings = 64, {64: [1.0, 1e-4, 1e-4]}
+    recorded.calls.clear()
+    torch.testing.assert_close(grad(capped.attack_module()), whole, rtol=0, atol=0)
+    assert recorded.calls == [250]
+    sizer.timings = {64: [1.0, 2e-4, 1e-3]}  # 12.8 ms a piece: split
+    recorded.calls.clear()
+    torch.testing.assert_close(grad(capped.attack_module()), whole, rtol=0, atol=0)
+    assert recorded.calls == [64, 64, 64, 58]
     recorded.calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(capped.query_module()(x), clf.logits(x), rtol=0, atol=0)
-    assert sum(recorded.calls) == 250
-    assert len(recorded.calls) > 1
+    assert recorded.calls == [64, 64, 64, 58]
+    assert sizer.timings == {64: [1.0, 2e-4, 1e-3]}  # the views timed nothing
     assert clf.attack_module()._split is None  # no sizer: one call, as the metric passes it
 
 
 def test_attacks_through_the_sizer_are_bit_identical(digits_model):
-    """robust_accuracy (PGD, APGD-CE) on 40 points in one batch: the sizer runs each gradient
-    pass in pieces (32 + 8 while it tries 32), and every per-point result is the same."""
+    """robust_accuracy (PGD, APGD-CE) on 40 points in one batch, the gradient passes in
+    pieces of 16, gives every per-point result of the passes in one call."""
     data = digits_points(40)
     clf = robust_cert.load_model(digits_model, input_shape=(1, 8, 8), device=CPU)
     metric = RobustAccuracy(RobustAccuracyConfig(eps=[0.05, 0.2], attacks=["pgd", "apgd_ce"],
@@ -190,9 +203,13 @@ def test_attacks_through_the_sizer_are_bit_identical(digits_model):
     ctx = robust_cert.metrics.base.RunContext(CPU, batch_size=256, seed=3)
     plain = metric.run(clf, data, ctx)
     capped = engine.device_capped(clf, 256)
-    assert_identical(metric.run(capped, data, ctx), plain)
     assert capped.batch_sizer is not None
-    assert capped.batch_sizer.timings
+    # as if chosen from the logits' calls, at 1 ms per image (16 ms a piece)
+    capped.batch_sizer.best, capped.batch_sizer.timings = 16, {16: [1.0, 1e-3, 1e-3]}
+    recorded = Recorded(capped.forward)
+    capped = dataclasses.replace(capped, forward=recorded)
+    assert_identical(metric.run(capped, data, ctx), plain)
+    assert max(recorded.calls) == 16  # every pass was split
     assert 0 < plain.proportions[0].k < 40  # some points broken, some not: a real test
 
 

@@ -99,12 +99,17 @@ class Classifier:
         reaches a torch.export GraphModule (whose ``eval()`` raises). A zero-size parameter pins
         the device, which torchattacks reads from ``next(model.parameters())``.
 
-        With a ``batch_sizer`` (the engine sets one on CPU) the view runs a batch in the calls
-        :meth:`logits` uses (:meth:`in_calls`), inside the one autograd graph: a gradient
-        pass of an attack's 256 points then works on pieces that fit the caches (ResNet-18 at
-        width 16, one thread: 1.9 against 2.4-2.9 ms per image, forward and backward). A row
-        and its input gradient depend on that row only, so the split changes no value
-        (tests/test_batch_sizer.py compares the gradients and an attack bit for bit).
+        With a ``batch_sizer`` (the engine sets one on CPU) that has chosen the size of
+        :meth:`logits`' calls, the view runs a batch in pieces of that size, inside the one
+        autograd graph: a gradient pass of an attack's 256 points then works on pieces that
+        fit the caches (ResNet-18 at width 16, one thread: 1.9 against 2.4-2.9 ms per image,
+        forward and backward). Until it has chosen, and when a piece's forward would take
+        less than 10 ms (the small digits CNN, whose passes are dominated by the cost per
+        call: :meth:`CpuBatchSizer.run_chosen`), a batch runs in one call. The views' calls
+        never time sizes: their backward passes, which the sizer cannot see, would be left
+        out. A row and its input gradient depend on that
+        row only, so the split changes no value (tests/test_batch_sizer.py compares the
+        gradients and an attack bit for bit).
         """
         if not self.differentiable:
             raise ModelError(f"{self.format} model has no input gradients")
@@ -117,9 +122,9 @@ class Classifier:
         return _AttackView(self.forward, self.device, self._split())
 
     def _split(self):
-        """How the views run a batch: as :meth:`logits` does when a ``batch_sizer`` picks the
-        sizes (else in one call, as the metric passes it)."""
-        return self.in_calls if self.batch_sizer is not None else None
+        """How the views run a batch: in pieces of the size ``batch_sizer`` has chosen for
+        :meth:`logits`, once it has (else in one call, as the metric passes it)."""
+        return self.batch_sizer.run_chosen if self.batch_sizer is not None else None
 
 
 class CpuBatchSizer:
@@ -149,6 +154,8 @@ class CpuBatchSizer:
     CALLS = 3
     #: the smallest candidate size
     SMALLEST = 32
+    #: :meth:`run_chosen` splits calls only into pieces whose forward takes at least this
+    PIECE_SECONDS = 0.01
 
     def __init__(self, cap: int):
         if cap < 1:
@@ -193,6 +200,26 @@ class CpuBatchSizer:
         self._trying += 1
         if self._trying == len(self.sizes):
             self.best = size
+
+    def run_chosen(self, fn: Callable[[torch.Tensor], torch.Tensor],
+                   x: torch.Tensor) -> torch.Tensor:
+        """``fn`` on ``x`` in pieces of the chosen size (as :meth:`run` splits them) once it
+        is chosen and a piece's forward takes at least :data:`PIECE_SECONDS`, else in one
+        call; times nothing. This serves calls the sizer cannot time whole, such as gradient
+        passes (their backward runs later): the cache effects a size was chosen for apply to
+        the backward as well, and the cost each extra call adds (forward and backward, some
+        tens of microseconds) is then at most ~1% of the piece's work. Shorter pieces (the
+        small digits CNN: under a millisecond) would pay it on every call, for too little."""
+        best = self.best
+        if best is None or x.shape[0] <= 2 or best * self.seconds_per_image(best) < \
+                self.PIECE_SECONDS:
+            return fn(x)
+        return self.run(fn, x, None)
+
+    def seconds_per_image(self, size: int) -> float:
+        """The best CPU time per image measured at ``size`` (0 when not measured)."""
+        seen = self.timings.get(size, [])[1:]
+        return min(seen) if seen else 0.0
 
     def run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             cap: int | None) -> torch.Tensor:
