@@ -107,9 +107,8 @@ class Classifier:
         less than 10 ms (the small digits CNN, whose passes are dominated by the cost per
         call: :meth:`CpuBatchSizer.run_chosen`), a batch runs in one call. The views' calls
         never time sizes: their backward passes, which the sizer cannot see, would be left
-        out. A row and its input gradient depend on that
-        row only, so the split changes no value (tests/test_batch_sizer.py compares the
-        gradients and an attack bit for bit).
+        out. A row and its input gradient depend on that row only, so the split changes no
+        value (tests/test_batch_sizer.py compares the gradients and an attack bit for bit).
         """
         if not self.differentiable:
             raise ModelError(f"{self.format} model has no input gradients")
@@ -243,7 +242,8 @@ class CpuBatchSizer:
 
 class _AttackView(nn.Module):
     _fn: Callable[[torch.Tensor], torch.Tensor]  # a plain attribute, not a submodule
-    #: ``split(fn, x)``: ``fn`` on ``x`` in the calls it chooses (``Classifier.in_calls``)
+    #: ``split(fn, x)``: ``fn`` on ``x`` in the calls it chooses
+    #: (``CpuBatchSizer.run_chosen``); None: one call
     _split: Callable | None
 
     def __init__(self, fn, device: torch.device, split: Callable | None = None):
