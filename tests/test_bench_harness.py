@@ -97,3 +97,35 @@ def test_yardstick_prices_each_kind_at_its_lower_side():
     last = 100 * 1e-3 + 10 * 3e-3 + 2 * 8e-3
     assert y["drift"] == pytest.approx(first / last - 1)
     assert y["ideal"] <= min(first, last)
+
+
+@pytest.mark.parametrize(("one", "pair", "parts", "ok", "judged"), [
+    # idle cores (ceiling 2.0): the speed-ups themselves are judged
+    ((20.0, 22.0), (10.5, 13.0), (10.0, 11.0), True, True),
+    # idle (ceiling 1.905), efficiency 0.92 holds, but the speed-up 1.75x misses 1.8x
+    ((20.0, 22.0), (11.4, 13.0), (10.5, 11.0), False, True),
+    # a contended machine (ceiling 1.6): 1.5x is not judged, the efficiency 0.94 holds
+    ((20.0, 22.0), (13.3, 15.5), (12.5, 13.5), True, False),
+    # the same machine, sharding that loses 20% to coordination: efficiency 0.8, missed
+    ((20.0, 22.0), (15.6, 15.5), (12.5, 13.5), False, False),
+])
+def test_shard_judges_efficiency_always_and_speed_ups_on_idle_cores(one, pair, parts, ok,
+                                                                     judged):
+    import bench_shard
+
+    runs = {1: {"seconds": one[0]}, 2: {"seconds": pair[0]},
+            bench_shard.PARTS: {"seconds": parts[0]}}
+    walls = {1: [one[1], one[1] + 5], 2: [pair[1]], bench_shard.PARTS: [parts[1]]}
+    harness.ROWS.clear()
+    try:
+        assert bench_shard.judge("set", 2, runs, walls) is ok
+        rows = {name: (value, met) for name, value, _, met in harness.ROWS}
+    finally:
+        harness.ROWS.clear()
+    ceiling, met = rows["set: machine's ceiling, certification (1 process ÷ 2 independent parts)"]
+    assert ceiling.startswith(f"{one[0] / parts[0]:.2f}×")
+    speed, met = rows["set: speed-up, certification"]
+    assert (met != "") is judged
+    assert ("not judged" in speed) is not judged
+    efficiency, met = rows["set: sharding's efficiency, certification (speed-up ÷ ceiling)"]
+    assert float(efficiency) == pytest.approx(parts[0] / pair[0], abs=0.005)
