@@ -104,6 +104,9 @@ def test_yardstick_prices_each_kind_at_its_lower_side():
     ((20.0, 22.0), (10.5, 13.0), (10.0, 11.0), True, True),
     # idle (ceiling 1.905), efficiency 0.92 holds, but the speed-up 1.75x misses 1.8x
     ((20.0, 22.0), (11.4, 13.0), (10.5, 11.0), False, True),
+    # idle by the certification's ceiling (2.0): the whole command's 1.375x is judged, and
+    # misses 1.5x, though its efficiency (0.875) holds
+    ((20.0, 22.0), (10.5, 16.0), (10.0, 14.0), False, True),
     # a contended machine (ceiling 1.6): 1.5x is not judged, the efficiency 0.94 holds
     ((20.0, 22.0), (13.3, 15.5), (12.5, 13.5), True, False),
     # the same machine, sharding that loses 20% to coordination: efficiency 0.8, missed
