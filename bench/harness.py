@@ -1,5 +1,6 @@
-"""What every benchmark in bench/ shares: timing, the model's measured throughput (the
-"ideal" every cost is expressed against), and the result table.
+"""What every benchmark in bench/ shares: timing, the model's measured costs per image and
+the counts of what a metric runs through it (the "ideal" every cost is expressed against),
+and the result table.
 
 A script imports it as ``from harness import ...``: ``python bench/<script>.py`` puts bench/ on
 the import path.
@@ -82,36 +83,6 @@ def best_of(fn, reps: int = 3):
         out, t = timed(fn)
         best = min(best, t)
     return out, best
-
-
-def throughput(fn, batch: int, windows: int = 6, seconds: float = 0.25) -> float:
-    """Images/s of ``fn`` on ``batch`` images: the best of several short windows, so that
-    load from other processes on a shared machine does not inflate the ideal time."""
-    fn()  # warm-up
-    best = 0.0
-    for _ in range(windows):
-        t, reps = time.perf_counter(), 0
-        while time.perf_counter() - t < seconds:
-            fn()
-            reps += 1
-        best = max(best, batch * reps / (time.perf_counter() - t))
-    return best
-
-
-def measure_model(model: torch.nn.Module, input_shape=(1, 8, 8),
-                  batches=(256, 512, 1024, 2048)) -> tuple[float, float, int]:
-    """Best forward and forward-backward (to the input) throughput in images/s over a few
-    batch sizes, and the batch size of the best forward throughput."""
-    fwd, fb, best_batch = 0.0, 0.0, batches[0]
-    for batch in batches:
-        x = torch.rand(batch, *input_shape)
-        with torch.no_grad():
-            f = throughput(lambda x=x: model(x), batch)
-        if f > fwd:
-            fwd, best_batch = f, batch
-        xg = torch.rand(batch, *input_shape, requires_grad=True)
-        fb = max(fb, throughput(lambda xg=xg: torch.autograd.grad(model(xg).sum(), xg), batch))
-    return fwd, fb, best_batch
 
 
 def per_image(fn, batch: int, windows: int = 4, seconds: float = 0.25) -> tuple[float, float]:
@@ -464,6 +435,20 @@ class ImageCounter:
 
         torch.autograd.grad = counted_grad
         torch.autograd.backward = timed_backward
+        self._restore = (grad, backward, counted_grad, timed_backward)
+
+    def close(self) -> None:
+        """Stop counting for good: the module's hooks removed, ``torch.autograd.grad`` and
+        ``backward`` given back (where nothing has replaced this counter's since), so that
+        what runs next is timed without the counter's own cost."""
+        for handle in self._handles:
+            handle.remove()
+        grad, backward, mine_grad, mine_backward = self._restore
+        if torch.autograd.grad is mine_grad:
+            torch.autograd.grad = grad
+        if torch.autograd.backward is mine_backward:
+            torch.autograd.backward = backward
+        self.active = False
 
     def reset(self) -> None:
         self.forward = self.bwd = self.jac = self.hvp = 0

@@ -132,3 +132,21 @@ def test_shard_judges_efficiency_always_and_speed_ups_on_idle_cores(one, pair, p
     assert ("not judged" in speed) is not judged
     efficiency, met = rows["set: sharding's efficiency, certification (speed-up ÷ ceiling)"]
     assert float(efficiency) == pytest.approx(parts[0] / pair[0], abs=0.005)
+
+
+def test_counter_close_removes_its_hooks_and_gives_autograd_back():
+    grad, backward = torch.autograd.grad, torch.autograd.backward
+    model = torch.nn.Linear(4, 3)
+    counter = harness.ImageCounter(model)
+    try:
+        assert torch.autograd.grad is not grad
+        model(torch.rand(2, 4))
+        assert counter.forward == 2
+    finally:
+        counter.close()
+    assert torch.autograd.grad is grad
+    assert torch.autograd.backward is backward
+    model(torch.rand(5, 4))
+    assert counter.forward == 2  # nothing counted after close
+    assert not model._forward_hooks
+    assert not model._forward_pre_hooks
