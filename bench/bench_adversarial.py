@@ -39,6 +39,7 @@ from harness import (
     best_of,
     finish,
     load_average,
+    lower_costs,
     row,
     sample_costs,
 )
@@ -87,9 +88,8 @@ def bench_clever(model, data, before: dict) -> None:
     # backward's cost is a difference of two timings, and one measurement alone moved from
     # 6.2 to 11.5 µs between runs
     after = model_costs(model, data.input_shape)
-    lowest = {k: (min(a[0], b[0]), min(a[1], b[1]))
-              for k, a in after.items() for b in [before.get(k, a)]}
-    ideal_t = Costs.from_samples(lowest).ideal(n["forward"], n["bwd"], n["jac"], n["hvp"])
+    ideal_t = Costs.from_samples(lower_costs(before, after)).ideal(
+        n["forward"], n["bwd"], n["jac"], n["hvp"])
     row("cost per image before / after CLEVER: forward, backward",
         f"{before['fwd'][0] * 1e6:.2f} / {after['fwd'][0] * 1e6:.2f} µs, "
         f"{before['bwd'][0] * 1e6:.2f} / {after['bwd'][0] * 1e6:.2f} µs (the lower is used)")

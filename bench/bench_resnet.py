@@ -92,6 +92,7 @@ from harness import (
     ImageCounter,
     finish,
     load_average,
+    lower_costs,
     peak_rss_bytes,
     proc_status,
     reset_peak_rss,
@@ -368,8 +369,7 @@ def yardstick(r: dict) -> dict:
     fastest the model ran in that process, so the ideal is never higher than either side's),
     and ``drift`` is how far the two sides' ideals differ (max ÷ min − 1)."""
     before, after = r["before"], r["after"]
-    lowest = {k: tuple(min(a, b) for a, b in zip(after[k], before.get(k, after[k]),
-                                                 strict=True)) for k in after}
+    lowest = lower_costs(before, after)
     counts = (r["forward"], r["bwd"], r["jac"], r["hvp"])
     best, first, last = (Costs.from_samples(c) for c in (lowest, {**after, **before}, after))
     ends = first.ideal(*counts), last.ideal(*counts)

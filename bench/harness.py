@@ -215,6 +215,15 @@ def measure_costs(model: torch.nn.Module, input_shape, classes: int,
                  best_batch=best_batch, jac_measured=jac_row)
 
 
+def lower_costs(before: dict, after: dict) -> dict[str, tuple[float, float]]:
+    """Per kind of :func:`sample_costs`' results, the lower (wall, CPU) of the costs measured
+    before and after a metric (each side's best windows: the fastest the model ran around
+    it, so an ideal priced with them is never higher than either side's). Kinds measured
+    after only are kept as they are."""
+    return {k: (min(a[0], before.get(k, a)[0]), min(a[1], before.get(k, a)[1]))
+            for k, a in after.items()}
+
+
 def sample_costs(model: torch.nn.Module, input_shape, classes: int, kinds,
                  batches=(32, 64, 128, 256), windows: int = 2,
                  seconds: float = 0.1) -> dict[str, tuple[float, float]]:
