@@ -190,10 +190,9 @@ class CpuBatchSizer:
         seen.append(seconds_per_image)
         if len(seen) < self.CALLS:
             return
-        mine = min(seen[1:])
         if self._trying > 0:
             before = self.sizes[self._trying - 1]
-            if mine >= min(self.timings[before][1:]):
+            if self.seconds_per_image(size) >= self.seconds_per_image(before):
                 self.best = before
                 return
         self._trying += 1
